@@ -1,0 +1,68 @@
+"""Policies: YAML files parsed into strict, frozen pydantic models.
+
+A typo in a policy file is an error naming the field, never a silent default.
+Each stage defines its own policy model beside its logic (``tasks/drift.py``,
+``tasks/gate.py`` ...); this module only loads and fingerprints them. The
+files shipped with refit live in ``refit/policies/``; a path overrides them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from refit.errors import RefitError
+
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+
+
+class StrictModel(BaseModel):
+    """Base for policies and scenarios: strict types, frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+M = TypeVar("M", bound=StrictModel)
+
+
+def resolve(name_or_path: str | Path, directory: Path = POLICY_DIR) -> Path:
+    """A shipped file by name (``gate`` → ``refit/policies/gate.yaml``) or a path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise RefitError(f"policy file {path} does not exist")
+        return path
+    shipped = directory / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+        raise RefitError(f"no policy named {name_or_path!r} in {directory} (known: {known})")
+    return shipped
+
+
+def load_yaml_model(model: type[M], path: Path) -> M:
+    """Parse ``path`` into ``model``; errors name the file and the field."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RefitError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise RefitError(f"{path}: {problems}") from exc
+
+
+def load_policy(model: type[M], name_or_path: str | Path) -> tuple[M, Path]:
+    path = resolve(name_or_path)
+    return load_yaml_model(model, path), path
+
+
+def file_hash(path: Path) -> str:
+    """Short SHA-256 of a file: the policy hash recorded on every run that used it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -1,0 +1,102 @@
+"""Settings: environment variables with the ``REFIT_`` prefix, or a YAML file.
+
+Defaults run everything on one machine with no setup: a local directory as the
+object store, a SQLite MLflow store and Prefect's local API, all under
+``REFIT_HOME`` (``./.refit``). Production points the same fields at S3, a
+Postgres-backed MLflow and a Prefect server.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_data_dir() -> Path:
+    # A checkout sits beside ../shared; an installed copy is told by REFIT_DATA_DIR.
+    return PROJECT_ROOT.parent / "shared" / "data" / "clinc150"
+
+
+class Settings(BaseSettings):
+    """Where things live and what they cost. Secrets come from the environment only."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="REFIT_", extra="forbid", frozen=True, yaml_file=os.environ.get("REFIT_CONFIG")
+    )
+
+    home: Path = Field(Path(".refit"), description="Root of every embedded default.")
+    model_name: str = "intent-classifier"
+    scenario: str = Field("clinc-shift", description="Scenario name or path to a YAML file.")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="CLINC150 directory.")
+
+    store: Literal["local", "s3"] = "local"
+    store_root: Path | None = Field(None, description="Local store directory (default HOME/store).")
+    s3_bucket: str = "refit"
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(None, description="MinIO or a local endpoint; None for AWS.")
+    s3_region: str = "us-east-1"
+
+    mlflow_tracking_uri: str | None = Field(None, description="Default: SQLite under HOME.")
+    mlflow_experiment: str = "refit"
+
+    cpu_usd_per_hour: float = Field(0.048, description="Price of one CPU core-hour.")
+    gpu_usd_per_hour: float = Field(2.50, description="Price of one GPU-hour.")
+    monthly_budget_usd: float = Field(25.0, description="Ceiling on update spend per calendar month.")
+
+    seed: int = 0
+    torch_threads: int | None = Field(None, description="Default: all cores.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @cached_property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def local_store_root(self) -> Path:
+        return (self.store_root or self.home_dir / "store").expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        """Where MLflow keeps artifacts: beside the store, so one setting moves both."""
+        if self.store == "s3":
+            prefix = f"{self.s3_prefix.strip('/')}/" if self.s3_prefix.strip("/") else ""
+            return f"s3://{self.s3_bucket}/{prefix}mlflow-artifacts"
+        return (self.home_dir / "mlflow-artifacts").as_uri()
+
+    def apply_environment(self) -> None:
+        """Export what MLflow, boto3 and the hub libraries read from the environment.
+
+        Called by the CLI and test fixtures, never at import time.
+        """
+        for key, value in OFFLINE_ENV.items():
+            os.environ.setdefault(key, value)
+        if self.store == "s3" and self.s3_endpoint_url:
+            os.environ["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        os.environ.setdefault("AWS_DEFAULT_REGION", self.s3_region)
+
+
+# No network beyond 127.0.0.1 at run time: hubs offline, telemetry off.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}

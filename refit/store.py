@@ -1,0 +1,188 @@
+"""The object store: S3 through boto3, or a local directory with the same layout.
+
+Keys are ``/``-separated paths such as
+``inference/model=intent-classifier/date=2026-11-26/part-000001.parquet``.
+Both backends implement the same small interface and pass the same contract
+tests, so every stage is written once against ``ObjectStore``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from refit.errors import RefitError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from refit.settings import Settings
+
+
+class ObjectStore(ABC):
+    """Bytes under keys. Writes are atomic: a reader sees all of an object or none."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Write ``data`` at ``key``; returns the object's URI."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read the object at ``key``; ``KeyError`` if there is none."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix``, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key`` if it exists."""
+
+    @abstractmethod
+    def uri(self, key: str = "") -> str:
+        """A URI a person or another tool can open: ``s3://...`` or ``file://...``."""
+
+    def exists(self, key: str) -> bool:
+        return key in self.list(key)
+
+    def put_parquet(self, key: str, frame: pd.DataFrame) -> str:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return self.put_bytes(key, buffer.getvalue())
+
+    def get_parquet(self, key: str) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.read_parquet(io.BytesIO(self.get_bytes(key)))
+
+    def read_parquet_prefix(self, prefix: str) -> pd.DataFrame:
+        """Concatenate every Parquet part under ``prefix`` (empty frame if none)."""
+        import pandas as pd
+
+        parts = [self.get_parquet(k) for k in self.list(prefix) if k.endswith(".parquet")]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or ".." in key.split("/"):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class LocalStore(ObjectStore):
+    """A directory laid out exactly like the bucket. The embedded default."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).expanduser().resolve()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path.as_uri()
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyError(key)
+        return path.read_bytes()
+
+    def list(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = (
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+        return sorted(k for k in keys if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def uri(self, key: str = "") -> str:
+        return (self.root / key).as_uri() if key else self.root.as_uri()
+
+
+class S3Store(ObjectStore):
+    """An S3 bucket through boto3: AWS, MinIO or any endpoint that speaks S3."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None, *, endpoint_url: str | None = None, region: str = "us-east-1"):
+        import boto3
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + _check_key(key)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (a fresh MinIO or test endpoint)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        return self.uri(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise KeyError(key) from exc
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The store the settings name; S3 is checked to answer before any work starts."""
+    if settings.store == "local":
+        return LocalStore(settings.local_store_root)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    store = S3Store(
+        settings.s3_bucket, settings.s3_prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )
+    try:
+        store.ensure_bucket()
+    except (BotoCoreError, ClientError) as exc:
+        where = settings.s3_endpoint_url or "AWS"
+        raise RefitError(f"S3 store s3://{settings.s3_bucket} at {where} is not reachable: {exc}") from exc
+    return store
