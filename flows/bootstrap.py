@@ -1,0 +1,91 @@
+"""bootstrap: train champion v1, register it, and snapshot its reference."""
+
+from __future__ import annotations
+
+import mlflow
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import open_context, user_error
+from refit import modeling
+from refit.data import fingerprint
+from refit.errors import RefitError
+from refit.policy import file_hash
+from refit.scenario import build, load_scenario, load_source
+from registry import versions
+from registry.tracking import RUN_TYPE, code_revision, flat_params, log_json, log_policy
+from tasks.deploy import promote, write_reference
+from tasks.evaluate import evaluate
+from tasks.finetune import fine_tune, load_update_policy
+
+EVAL_PREFIX = "evaluation/model={model}/"
+
+
+def write_evaluation_sets(ctx, golden, shifted) -> dict[str, str]:
+    prefix = EVAL_PREFIX.format(model=ctx.model_name)
+    return {"golden": ctx.store.put_parquet(prefix + "golden.parquet", golden),
+            "shifted": ctx.store.put_parquet(prefix + "shifted.parquet", shifted)}
+
+
+def read_evaluation_sets(ctx) -> dict:
+    prefix = EVAL_PREFIX.format(model=ctx.model_name)
+    try:
+        return {name: ctx.store.get_parquet(f"{prefix}{name}.parquet") for name in ("golden", "shifted")}
+    except KeyError as exc:
+        raise RefitError(f"no evaluation sets under {ctx.store.uri(prefix)}: run bootstrap first") from exc
+
+
+@flow(name="bootstrap", log_prints=True)
+def bootstrap(scenario: str | None = None) -> dict:
+    """Train the first champion on the scenario's reference data.
+
+    Registers it in MLflow with alias ``champion`` and writes the reference
+    snapshot and the evaluation sets to the object store.
+    """
+    try:
+        ctx = open_context()
+        spec, spec_path = load_scenario(scenario or ctx.settings.scenario)
+        data = build(spec, load_source(spec.source, ctx.settings.data_dir))
+        policy, policy_path = load_update_policy()
+    except RefitError as exc:
+        return user_error(exc)
+
+    name = ctx.model_name
+    tags = {RUN_TYPE: "bootstrap", "refit.model": name, "refit.scenario": spec.name}
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="bootstrap", tags=tags) as run:
+        mlflow.log_params(flat_params("recipe", policy.bootstrap) | {"scenario": spec.name, "train_rows": len(data.train),
+                                                                    "labels": len(data.labels)})
+        log_policy(policy_path)
+        log_policy(spec_path, "scenario")
+        eval_uris = write_evaluation_sets(ctx, data.golden, data.shifted_eval)
+        trained = fine_tune(data.train, policy.bootstrap, ctx.rates, labels=data.labels, seed=ctx.settings.seed)
+        mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
+        evaluation = evaluate(trained.adapter_dir, {"golden": data.golden, "shifted": data.shifted_eval}, ctx.rates)
+        mlflow.log_metrics(trained.cost.metrics() | evaluation.metrics("champion"))
+        version = versions.register(name, run.info.run_id, {
+            "refit.parent_version": "none",
+            "refit.train_data_fingerprint": fingerprint(data.train),
+            "refit.eval_uris": str(eval_uris),
+            "refit.code_revision": code_revision(),
+            "refit.base_model_sha256": modeling.base_model_hash(),
+            "refit.policy_hash": file_hash(policy_path),
+            "refit.gate_verdict": "bootstrap (no gate)",
+            "refit.update_cost_usd": trained.cost.usd,
+            "refit.golden_accuracy": round(evaluation.slices["golden"].accuracy, 4),
+            "refit.shifted_accuracy": round(evaluation.slices["shifted"].accuracy, 4),
+        })
+        model = modeling.load_model(trained.adapter_dir)
+        reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(),
+                                        pool=data.train, trained_on=data.train, seed=ctx.settings.seed)
+        versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
+        promote(name, version, versions.alias_version(name, versions.CHAMPION))
+        result = {"version": version, "run_id": run.info.run_id, "reference_uri": reference_uri,
+                  "golden_accuracy": evaluation.slices["golden"].accuracy,
+                  "shifted_accuracy": evaluation.slices["shifted"].accuracy,
+                  "train_cpu_seconds": trained.cost.cpu_seconds, "train_cost_usd": trained.cost.usd}
+        log_json(result, "bootstrap.json")
+    create_markdown_artifact(
+        f"# Bootstrap: {name} v{version} is champion\n\n| metric | value |\n|---|---|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in result.items()),
+        key="bootstrap", description=f"{name} v{version}")
+    return result

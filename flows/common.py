@@ -1,0 +1,57 @@
+"""What every flow sets up: settings, the object store, MLflow and prices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from prefect.logging import get_run_logger
+from prefect.states import Failed, State
+
+from refit.cost import Rates
+from refit.errors import RefitError
+from refit.settings import Settings
+from refit.store import ObjectStore, open_store
+from registry.tracking import configure
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    store: ObjectStore
+    experiment_id: str
+    rates: Rates
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
+
+
+def open_context() -> Context:
+    """Settings from the environment, then the store and MLflow they name."""
+    settings = Settings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    store = open_store(settings)
+    experiment_id = configure(settings)
+    return Context(settings, store, experiment_id, Rates(settings.cpu_usd_per_hour, settings.gpu_usd_per_hour))
+
+
+def user_error(exc: RefitError) -> State:
+    """End the flow Failed with the one-line reason, without a traceback."""
+    get_run_logger().error("%s", exc)
+    return Failed(message=str(exc))
+
+
+def parse_time(value: str | datetime | None) -> datetime:
+    """An ISO time (naive means UTC), or now."""
+    if value is None:
+        return datetime.now(timezone.utc)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise RefitError(f"not an ISO time: {value!r}") from exc
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

@@ -1,0 +1,109 @@
+"""monitor: validate the newest traffic window, measure drift, decide what to do.
+
+When an update is warranted it emits the Prefect event ``refit.drift.detected``;
+on a Prefect server the ``update`` deployment is triggered by that event.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import mlflow
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from flows.common import open_context, parse_time, user_error
+from refit import requestlog
+from refit.errors import RefitError
+from refit.policy import file_hash
+from registry import versions
+from registry.tracking import RUN_TYPE, flat_params, last_checked_window_end, log_json, log_policy
+from tasks.deploy import read_reference
+from tasks.drift import check_drift, load_drift_policy
+from tasks.finetune import load_update_policy
+from tasks.ingest import labelled_window
+from tasks.validate import validate_window
+
+DRIFT_EVENT = "refit.drift.detected"
+
+
+def next_action(drift_detected: bool, labelled: int, min_labelled: int) -> str:
+    """What refit does about a verdict: nothing, wait for labels, or update."""
+    if not drift_detected:
+        return "none"
+    return "update" if labelled >= min_labelled else "wait for labels"
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(window_end: str | None = None, window_hours: float | None = None, policy: str = "drift") -> dict:
+    """Check the traffic window ending at ``window_end`` (default now).
+
+    With ``window_hours`` unset the window starts where the previous check
+    ended (at most 24 hours back), so a window is never measured twice.
+    """
+    try:
+        ctx = open_context()
+        name = ctx.model_name
+        drift_policy, policy_path = load_drift_policy(policy)
+        update_policy, _ = load_update_policy()
+        champion = versions.alias_version(name, versions.CHAMPION)
+        if champion is None:
+            raise RefitError(f"model {name} has no champion: run bootstrap first")
+        end = parse_time(window_end)
+        start = end - timedelta(hours=window_hours or 24)
+        if window_hours is None:
+            last = last_checked_window_end(ctx.experiment_id, name)
+            start = max(start, parse_time(last)) if last else start
+        if start >= end:
+            raise RefitError(f"window {start.isoformat()} .. {end.isoformat()} is empty: already checked")
+        window = requestlog.read_inference(ctx.store, name, start, end)
+        validated = validate_window(ctx.store, name, window, drift_policy.min_window_rows)
+        reference, _ = read_reference(ctx.store, name, champion)
+    except RefitError as exc:
+        return user_error(exc)
+
+    uri = requestlog.window_uri(ctx.store, name, start, end)
+    tags = {RUN_TYPE: "drift-check", "refit.model": name, "refit.champion_version": str(champion),
+            "refit.window_start": start.isoformat(), "refit.window_end": end.isoformat(), "refit.window_uri": uri}
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="drift-check", tags=tags) as run:
+        mlflow.log_params(flat_params("drift", drift_policy) | {"policy_hash": file_hash(policy_path)})
+        log_policy(policy_path)
+        result = check_drift(reference, validated.kept, drift_policy)
+        labelled = len(labelled_window(ctx.store, name, start, end)) if result.drift_detected else 0
+        action = next_action(result.drift_detected, labelled, update_policy.min_new_examples)
+        verdict = result.to_dict() | {
+            "action": action, "window_uri": uri, "champion_version": champion, "labelled_rows": labelled,
+            "rows_in": validated.rows_in, "rows_quarantined": validated.rows_quarantined,
+            "quarantine_reasons": validated.reasons, "drift_run_id": run.info.run_id,
+        }
+        metrics = {f"signal_{n}": s.value for n, s in result.signals.items()}
+        metrics |= {"rows_in": validated.rows_in, "rows_kept": len(validated.kept),
+                    "rows_quarantined": validated.rows_quarantined, "drift_detected": float(result.drift_detected),
+                    "labelled_rows": labelled}
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(result.report_html, "drift_report.html")
+        log_json(verdict, "verdict.json")
+        mlflow.set_tags({"refit.drift_detected": str(result.drift_detected), "refit.severity": result.severity,
+                         "refit.action": action})
+    create_markdown_artifact(_markdown(name, verdict, result), key="drift-verdict",
+                             description=f"{name} drift check: {action}")
+    if action == "update":
+        emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"},
+                   payload={"window_start": start.isoformat(), "window_end": end.isoformat(), "window_uri": uri,
+                            "severity": result.severity, "model_version": champion,
+                            "drift_run_id": run.info.run_id})
+    print(f"drift {'detected' if result.drift_detected else 'not detected'} "
+          f"(severity {result.severity}) on {len(validated.kept)} rows: action {action}")
+    return verdict
+
+
+def _markdown(name: str, verdict: dict, result) -> str:
+    rows = "".join(
+        f"| {s.name} | {s.value:.4f} | {s.direction} {s.threshold} | {'**yes**' if s.drifted else 'no'} |\n"
+        for s in result.signals.values())
+    return (f"# Drift check for {name}: {'DRIFT' if result.drift_detected else 'no drift'}\n\n"
+            f"Severity **{result.severity}**, action **{verdict['action']}**. Window `{verdict['window_uri']}`: "
+            f"{verdict['rows_in']} rows in, {verdict['rows_quarantined']} quarantined, "
+            f"{verdict['labelled_rows']} labelled.\n\n"
+            f"| signal | value | threshold | drifted |\n|---|---|---|---|\n{rows}")

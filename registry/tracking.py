@@ -1,0 +1,109 @@
+"""MLflow tracking: where runs go, and the facts every run records.
+
+Nothing here runs at import time; ``configure`` is called by each flow with
+its settings, so tests and production point the same code at different stores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from refit.settings import PROJECT_ROOT, Settings
+
+RUN_TYPE = "refit.run_type"
+
+
+def configure(settings: Settings) -> str:
+    """Point MLflow at the settings' store and return the experiment id.
+
+    The experiment is created with its artifact location beside the object
+    store (a local directory or ``s3://bucket/mlflow-artifacts``).
+    """
+    settings.apply_environment()
+    if settings.tracking_uri.startswith("sqlite:///"):
+        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(settings.mlflow_experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(settings.mlflow_experiment, artifact_location=settings.artifact_location)
+
+
+def code_revision() -> str:
+    """The git commit of the running code, or the package version outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from refit import __version__
+
+        return f"refit-{__version__}"
+
+
+def log_json(obj, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(obj, indent=2, default=str), artifact_file)
+
+
+def log_policy(path: Path, artifact_dir: str = "policies") -> None:
+    """Every run logs the policy files it used, so a decision can be replayed."""
+    mlflow.log_artifact(str(path), artifact_dir)
+
+
+def flat_params(prefix: str, obj) -> dict[str, str]:
+    """A pydantic model or dict flattened to MLflow params (``gate.min_improvement``)."""
+    data = obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flat_params(name, value))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+def month_spend(experiment_id: str, model_name: str, month_start_ms: int) -> float:
+    """Update spend this month: the ledger is the update runs themselves."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
+                       f"and attributes.start_time >= {month_start_ms}"),
+        max_results=5000,
+    )
+    return float(sum(run.data.metrics.get("update_cost_usd", 0.0) for run in runs))
+
+
+def last_checked_window_end(experiment_id: str, model_name: str) -> str | None:
+    """End of the newest window a drift check has measured (ISO), for incremental windows."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_TYPE}` = 'drift-check' and tags.`refit.model` = '{model_name}'",
+        max_results=200,
+    )
+    ends = [r.data.tags["refit.window_end"] for r in runs if "refit.window_end" in r.data.tags]
+    return max(ends) if ends else None
+
+
+def measured_cpu_seconds_per_example(experiment_id: str, model_name: str) -> float | None:
+    """Throughput of the newest finished update, for the next update's estimate."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
+                       "and metrics.train_examples_seen > 0"),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    metrics = runs[0].data.metrics
+    return metrics["train_cpu_seconds"] / metrics["train_examples_seen"]

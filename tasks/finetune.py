@@ -1,0 +1,149 @@
+"""Fine-tune: assemble the training set, train a LoRA adapter, meter the cost.
+
+An update warm-starts from the champion's adapter and trains on the new
+labelled examples plus a replay sample of what the champion already knew, so
+it learns the shift without forgetting. Bootstrap trains the first adapter
+from the base model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from refit import modeling
+from refit.cost import Meter, Rates, TrainingCost
+from refit.data import text_hash
+from refit.errors import RefitError
+from refit.policy import StrictModel, load_policy
+
+
+class Recipe(StrictModel):
+    """How one training run is done."""
+
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    epochs: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class UpdatePolicy(StrictModel):
+    """The training side of an update: recipes, replay and the cost estimate."""
+
+    bootstrap: Recipe
+    update: Recipe
+    replay_ratio: float = Field(ge=0, description="Replay rows per new labelled row.")
+    min_new_examples: int = Field(ge=1)
+    cpu_seconds_per_example: float = Field(gt=0, description="Prior for the estimate before any update was measured.")
+
+
+def load_update_policy(name_or_path: str = "update") -> tuple[UpdatePolicy, Path]:
+    return load_policy(UpdatePolicy, name_or_path)
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    frame: pd.DataFrame
+    new_rows: int
+    replay_rows: int
+    duplicates_dropped: int
+    leaked_dropped: int
+    fingerprint: str
+
+
+def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str], replay_ratio: float,
+             seed: int) -> TrainingSet:
+    """New labelled rows plus a label-stratified replay sample, deduplicated and leak-free.
+
+    Any row whose text is in an evaluation set is dropped (leakage guard by
+    text hash), so the gate never scores a model on what it was trained on.
+    """
+    from datasets import Dataset
+
+    new = new[["text", "label"]]
+    key = new["text"].str.strip().str.lower()
+    deduped = new[~key.duplicated()]
+    duplicates = len(new) - len(deduped)
+    leaked = deduped["text"].map(text_hash).isin(eval_texts)
+    clean = deduped[~leaked]
+    if clean.empty:
+        raise RefitError("no labelled examples left after removing duplicates and evaluation texts")
+
+    pool = replay_pool[["text", "label"]]
+    pool = pool[~pool["text"].str.strip().str.lower().isin(set(key))]
+    n_replay = min(len(pool), round(len(clean) * replay_ratio))
+    replay = pool.iloc[0:0]
+    if n_replay:
+        rng = np.random.default_rng(seed)
+        share = n_replay / len(pool)
+        parts = []
+        for _, part in pool.groupby("label", sort=True):
+            take = max(1, round(len(part) * share))
+            parts.append(part.iloc[rng.choice(len(part), min(take, len(part)), replace=False)])
+        replay = pd.concat(parts)
+    frame = pd.concat([clean.assign(origin="new"), replay.assign(origin="replay")], ignore_index=True)
+    dataset = Dataset.from_pandas(frame, preserve_index=False)
+    return TrainingSet(frame, len(clean), len(replay), duplicates, int(leaked.sum()), dataset._fingerprint)
+
+
+@dataclass(frozen=True)
+class Trained:
+    adapter_dir: Path
+    cost: TrainingCost
+    steps: int
+    final_loss: float
+
+
+def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: list[str] | None = None,
+                  warm_start: Path | None = None, seed: int = 0, on_step=None) -> Trained:
+    """Train from the champion's adapter (``warm_start``) or a fresh one over the base."""
+    import torch
+
+    tokenizer = modeling.load_tokenizer()
+    if warm_start is not None:
+        model = modeling.load_model(warm_start, trainable=True)
+    else:
+        model = modeling.new_model(labels, modeling.LoraSpec(rank=recipe.rank, alpha=recipe.alpha), seed=seed)
+    label_ids = {label: i for i, label in enumerate(modeling.model_labels(model))}
+    unknown = sorted(set(frame["label"]) - set(label_ids))
+    if unknown:
+        raise RefitError(f"labels unknown to the model: {unknown[:5]}")
+    with Meter(on_gpu=torch.cuda.is_available()) as meter:
+        stats = modeling.train(model, tokenizer, frame["text"].tolist(), frame["label"].map(label_ids).tolist(),
+                               epochs=recipe.epochs, learning_rate=recipe.learning_rate,
+                               batch_size=recipe.batch_size, seed=seed, on_step=on_step)
+    out = Path(tempfile.mkdtemp(prefix="refit-adapter-"))
+    modeling.save_model(model, out)
+    return Trained(out, TrainingCost.from_meter(meter, rates, stats.examples_seen, stats.tokens_seen),
+                   stats.steps, stats.final_loss)
+
+
+def _progress_logger(label: str):
+    """Log training progress at every tenth of the run through Prefect's logger."""
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    marks: set[int] = set()
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        tenth = step * 10 // total
+        if tenth not in marks:
+            marks.add(tenth)
+            logger.info("%s: step %d/%d (%d%%), loss %.3f", label, step, total, tenth * 10, loss)
+
+    return on_step
+
+
+@task(name="fine-tune", cache_policy=NO_CACHE)
+def fine_tune(frame: pd.DataFrame, recipe: Recipe, rates: Rates, labels: list[str] | None = None,
+              warm_start: Path | None = None, seed: int = 0) -> Trained:
+    return train_adapter(frame, recipe, rates, labels=labels, warm_start=warm_start, seed=seed,
+                         on_step=_progress_logger("fine-tune"))
