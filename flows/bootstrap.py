@@ -10,6 +10,7 @@ from flows.common import open_context, user_error
 from refit import modeling
 from refit.data import fingerprint
 from refit.errors import RefitError
+from refit.settings import Settings
 from refit.policy import file_hash
 from refit.scenario import build, load_scenario, load_source
 from registry import versions
@@ -35,7 +36,7 @@ def read_evaluation_sets(ctx) -> dict:
         raise RefitError(f"no evaluation sets under {ctx.store.uri(prefix)}: run bootstrap first") from exc
 
 
-@flow(name="bootstrap", log_prints=True)
+@flow(name="bootstrap")
 def bootstrap(scenario: str | None = None) -> dict:
     """Train the first champion on the scenario's reference data.
 
@@ -43,9 +44,10 @@ def bootstrap(scenario: str | None = None) -> dict:
     snapshot and the evaluation sets to the object store.
     """
     try:
-        ctx = open_context()
-        spec, spec_path = load_scenario(scenario or ctx.settings.scenario)
-        data = build(spec, load_source(spec.source, ctx.settings.data_dir))
+        settings = Settings()
+        spec, spec_path = load_scenario(scenario or settings.scenario)
+        data = build(spec, load_source(spec.source, settings.data_dir))
+        ctx = open_context(settings)
         policy, policy_path = load_update_policy()
     except RefitError as exc:
         return user_error(exc)

@@ -27,9 +27,9 @@ class Context:
         return self.settings.model_name
 
 
-def open_context() -> Context:
-    """Settings from the environment, then the store and MLflow they name."""
-    settings = Settings()
+def open_context(settings: Settings | None = None) -> Context:
+    """Settings (from the environment by default), then the store and MLflow they name."""
+    settings = settings or Settings()
     if settings.torch_threads:
         import torch
 

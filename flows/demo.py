@@ -21,6 +21,7 @@ from flows.monitor import monitor
 from flows.update import update
 from refit import modeling
 from refit.errors import RefitError
+from refit.settings import Settings
 from refit.scenario import build, load_scenario, load_source, poison
 from registry import versions
 from tasks.ingest import replay_traffic
@@ -49,13 +50,14 @@ def _subflow(stages: Stages, stage: str, flow_fn, **params) -> dict:
     return state.result()
 
 
-@flow(name="demo", log_prints=True)
+@flow(name="demo")
 def demo(scenario: str | None = None) -> dict:
     """Run the loop and return the summary the CLI prints with ``--json``."""
     try:
-        ctx = open_context()
-        spec, _ = load_scenario(scenario or ctx.settings.scenario)
-        data = build(spec, load_source(spec.source, ctx.settings.data_dir))
+        settings = Settings()
+        spec, _ = load_scenario(scenario or settings.scenario)
+        data = build(spec, load_source(spec.source, settings.data_dir))
+        ctx = open_context(settings)
     except RefitError as exc:
         return user_error(exc)
     stages = Stages()

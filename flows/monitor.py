@@ -12,6 +12,7 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
+from prefect.logging import get_run_logger
 
 from flows.common import open_context, parse_time, user_error
 from refit import requestlog
@@ -35,7 +36,7 @@ def next_action(drift_detected: bool, labelled: int, min_labelled: int) -> str:
     return "update" if labelled >= min_labelled else "wait for labels"
 
 
-@flow(name="monitor", log_prints=True)
+@flow(name="monitor")
 def monitor(window_end: str | None = None, window_hours: float | None = None, policy: str = "drift") -> dict:
     """Check the traffic window ending at ``window_end`` (default now).
 
@@ -93,7 +94,7 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
                    payload={"window_start": start.isoformat(), "window_end": end.isoformat(), "window_uri": uri,
                             "severity": result.severity, "model_version": champion,
                             "drift_run_id": run.info.run_id})
-    print(f"drift {'detected' if result.drift_detected else 'not detected'} "
+    get_run_logger().info(f"drift {'detected' if result.drift_detected else 'not detected'} "
           f"(severity {result.severity}) on {len(validated.kept)} rows: action {action}")
     return verdict
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from prefect import flow
+from prefect.logging import get_run_logger
 
 from flows.common import open_context, user_error
 from refit.errors import RefitError
 from registry import versions
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback")
 def rollback(reason: str = "manual rollback") -> dict:
     """Move ``champion`` back to ``previous`` and tag the demoted version with ``reason``."""
     try:
@@ -23,5 +24,5 @@ def rollback(reason: str = "manual rollback") -> dict:
         versions.set_tags(name, current, {"refit.rolled_back": reason, "refit.deployed": "rolled back"})
     except RefitError as exc:
         return user_error(exc)
-    print(f"rolled back {name}: champion v{current} -> v{previous} ({reason})")
+    get_run_logger().info(f"rolled back {name}: champion v{current} -> v{previous} ({reason})")
     return {"champion": previous, "rolled_back": current, "reason": reason}

@@ -12,6 +12,7 @@ import mlflow
 import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
 
 from flows.bootstrap import read_evaluation_sets
 from flows.common import open_context, parse_time, user_error
@@ -20,10 +21,10 @@ from refit.data import text_hashes
 from refit.errors import RefitError
 from refit.policy import file_hash
 from registry import versions
-from registry.tracking import (RUN_TYPE, code_revision, flat_params, log_json, log_policy,
+from registry.tracking import (RUN_TYPE, code_revision, flat_params, log_json, log_policy, log_training_input,
                                measured_cpu_seconds_per_example, month_spend)
 from tasks.deploy import promote, read_reference, write_reference
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate_pair
 from tasks.finetune import assemble, fine_tune, load_update_policy
 from tasks.gate import gate, load_gate_policy
 from tasks.ingest import labelled_window, read_labelled_file
@@ -34,7 +35,7 @@ def _month_start_ms() -> int:
     return int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
 
 
-@flow(name="update", log_prints=True)
+@flow(name="update")
 def update(window_start: str | None = None, window_end: str | None = None, labels_path: str | None = None,
            drift_run_id: str | None = None, gate_policy: str = "gate") -> dict:
     """Fine-tune, evaluate against the champion, gate on quality and cost, promote on a pass.
@@ -91,16 +92,14 @@ def update(window_start: str | None = None, window_end: str | None = None, label
                       f"${spent:.4f} past the budget ${ctx.settings.monthly_budget_usd:.2f}")
             mlflow.set_tags({"refit.gate_verdict": "refused", "refit.gate_reasons": reason})
             mlflow.log_metric("update_cost_usd", 0.0)
-            print(reason)
+            get_run_logger().info(reason)
             return {"promoted": False, "version": None, "champion": champion, "reason": reason, "run_id": run.info.run_id}
 
-        mlflow.log_input(mlflow.data.from_pandas(training.frame, source=source, name=f"train-{training.fingerprint}"),
-                         context="training")
+        log_training_input(training.frame, source, training.fingerprint)
         champion_dir = versions.download_adapter(name, champion)
         trained = fine_tune(training.frame, policy.update, ctx.rates, warm_start=champion_dir, seed=ctx.settings.seed)
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
-        before = evaluate(champion_dir, sets, ctx.rates)
-        after = evaluate(trained.adapter_dir, sets, ctx.rates)
+        before, after = evaluate_pair(champion_dir, trained.adapter_dir, sets, ctx.rates)
         verdict = gate(before, after, trained.cost.usd, rules)
         mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
             "update_cost_usd": trained.cost.usd,
@@ -150,7 +149,7 @@ def update(window_start: str | None = None, window_end: str | None = None, label
                              + f"\nTraining: {trained.cost.cpu_seconds:.1f} CPU-s, ${trained.cost.usd:.5f}; "
                                f"{training.new_rows} new + {training.replay_rows} replay rows.\n",
                              key="gate-verdict", description=f"{name} v{version}: {verdict.summary[:100]}")
-    print(f"{kind}: v{version} {'promoted to champion' if verdict.passed else 'refused'}: {verdict.summary}")
+    get_run_logger().info(f"{kind}: v{version} {'promoted to champion' if verdict.passed else 'refused'}: {verdict.summary}")
     return result
 
 

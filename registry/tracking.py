@@ -107,3 +107,13 @@ def measured_cpu_seconds_per_example(experiment_id: str, model_name: str) -> flo
         return None
     metrics = runs[0].data.metrics
     return metrics["train_cpu_seconds"] / metrics["train_examples_seen"]
+
+
+def log_training_input(frame, source: str, fingerprint: str) -> None:
+    """Record the training set as the run's MLflow dataset input (lineage)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
+        dataset = mlflow.data.from_pandas(frame, source=source, name=f"train-{fingerprint}")
+    mlflow.log_input(dataset, context="training")

@@ -1,8 +1,8 @@
-"""Evaluate: score a model on the golden and shifted sets, and price its predictions."""
+"""Evaluate: score models on the golden and shifted sets, and price their predictions."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +11,9 @@ from prefect.cache_policies import NO_CACHE
 
 from refit import modeling
 from refit.cost import Meter, Rates
+
+COST_SAMPLE_ROWS = 256
+COST_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -36,15 +39,13 @@ class Evaluation:
         return out
 
 
-def score(model, tokenizer, sets: dict[str, pd.DataFrame], rates: Rates) -> Evaluation:
-    """Accuracy, macro-F1 and confidence on each set; CPU cost per 1,000 predictions."""
+def quality(model, tokenizer, sets: dict[str, pd.DataFrame]) -> dict[str, SliceMetrics]:
+    """Accuracy, macro-F1 and mean confidence on each set."""
     from sklearn.metrics import f1_score
 
-    slices, rows, cpu = {}, 0, 0.0
+    slices = {}
     for name, frame in sets.items():
-        with Meter() as meter:
-            predicted, confidence = modeling.predict(model, tokenizer, frame["text"].tolist())
-        rows, cpu = rows + len(frame), cpu + meter.cpu_seconds
+        predicted, confidence = modeling.predict(model, tokenizer, frame["text"].tolist())
         truth = frame["label"].tolist()
         slices[name] = SliceMetrics(
             rows=len(frame),
@@ -52,11 +53,47 @@ def score(model, tokenizer, sets: dict[str, pd.DataFrame], rates: Rates) -> Eval
             macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)),
             mean_confidence=float(confidence.mean()) if len(frame) else 0.0,
         )
-    per_1k = cpu / max(1, rows) * 1000
-    return Evaluation(slices, round(per_1k, 4), round(rates.price(per_1k), 8))
+    return slices
+
+
+def cpu_seconds_per_1k(models: dict[str, object], tokenizer, texts: list[str],
+                       repeats: int = COST_REPEATS) -> dict[str, float]:
+    """CPU-seconds per 1,000 predictions for each model, measured side by side.
+
+    The models take turns on the same texts and each keeps its fastest
+    repeat, so a busy machine does not make one look dearer than the other.
+    """
+    best = {name: float("inf") for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            with Meter() as meter:
+                modeling.predict(model, tokenizer, texts)
+            best[name] = min(best[name], meter.cpu_seconds)
+    return {name: seconds / max(1, len(texts)) * 1000 for name, seconds in best.items()}
+
+
+def _cost_texts(sets: dict[str, pd.DataFrame]) -> list[str]:
+    texts = pd.concat([frame["text"] for frame in sets.values()])
+    return texts.sample(n=min(COST_SAMPLE_ROWS, len(texts)), random_state=0).tolist()
+
+
+def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], rates: Rates) -> dict[str, Evaluation]:
+    """Quality and inference cost of each adapter on the same sets."""
+    tokenizer = modeling.load_tokenizer()
+    models = {name: modeling.load_model(path) for name, path in adapter_dirs.items()}
+    cpu = cpu_seconds_per_1k(models, tokenizer, _cost_texts(sets))
+    return {name: Evaluation(quality(model, tokenizer, sets), round(cpu[name], 4), round(rates.price(cpu[name]), 8))
+            for name, model in models.items()}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(adapter_dir: Path, sets: dict[str, pd.DataFrame], rates: Rates) -> Evaluation:
-    model = modeling.load_model(adapter_dir)
-    return score(model, modeling.load_tokenizer(), sets, rates)
+    return score_models({"model": adapter_dir}, sets, rates)["model"]
+
+
+@task(name="evaluate-pair", cache_policy=NO_CACHE)
+def evaluate_pair(champion_dir: Path, challenger_dir: Path, sets: dict[str, pd.DataFrame],
+                  rates: Rates) -> tuple[Evaluation, Evaluation]:
+    """Champion and challenger on the same sets, their costs measured in turns."""
+    scored = score_models({"champion": champion_dir, "challenger": challenger_dir}, sets, rates)
+    return scored["champion"], scored["challenger"]

@@ -1,0 +1,146 @@
+"""The whole loop through the real CLI, at reduced size, on both store backends.
+
+Each run is a fresh process with its own REFIT_HOME: a SQLite MLflow store,
+Prefect's temporary local API, and the local directory or the moto S3
+endpoint as object store. Afterwards the test opens the MLflow store the demo
+left behind, as a reviewer would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.e2e
+REFIT = [sys.executable, "-m", "refit.cli"]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(REFIT + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory, data_dir):
+    home = tmp_path_factory.mktemp("demo-local")
+    env = os.environ | {"REFIT_HOME": str(home), "REFIT_DATA_DIR": str(data_dir)}
+    proc = run_cli(["demo", "--json", "--scenario", "clinc-shift-small"], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return home, env, last_json(proc.stdout)
+
+
+def test_demo_closes_the_loop(demo_home):
+    _, _, result = demo_home
+    assert result["no_drift_window_triggered"] is False
+    assert result["drift_detected_on_shift"] is True
+    assert result["champion_after"] == result["champion_before"] + 1, result["update_verdict"]
+    assert result["shifted_accuracy_after"] - result["shifted_accuracy_before"] >= 0.15
+    assert result["golden_accuracy_before"] - result["golden_accuracy_after"] <= 0.02
+    assert result["poisoned_hotfix_promoted"] is False
+    assert "golden_accuracy_loss failed" in result["poisoned_hotfix_verdict"]
+    assert result["update_cpu_seconds"] > 0 and result["update_cost_usd"] > 0
+
+
+def test_mlflow_keeps_every_run_report_and_version(demo_home):
+    home, _, result = demo_home
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(result["mlflow_tracking_uri"])
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("refit")
+    runs = client.search_runs([experiment.experiment_id])
+    kinds = sorted(r.data.tags["refit.run_type"] for r in runs)
+    assert kinds == ["bootstrap", "drift-check", "drift-check", "update", "update"]
+    drift = [r for r in runs if r.data.tags["refit.run_type"] == "drift-check"]
+    for run in drift:
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"drift_report.html", "verdict.json"} <= files
+        html = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="drift_report.html"))
+        assert "evidently" in html.read_text().lower()
+    versions = client.search_model_versions("name='intent-classifier'")
+    assert len(versions) == 3
+    refused = next(v for v in versions if v.tags.get("refit.kind") == "hotfix")
+    assert refused.tags["refit.gate_verdict"] == "refused"
+    assert "golden_accuracy_loss failed" in refused.tags["refit.gate_reasons"]
+    champion = client.get_model_version_by_alias("intent-classifier", "champion")
+    assert int(champion.version) == result["champion_after"]
+    assert champion.tags["refit.parent_version"] == str(result["champion_before"])
+    for key in ("refit.train_data_fingerprint", "refit.code_revision", "refit.update_cost_usd", "refit.drift_run_id"):
+        assert champion.tags[key] not in ("", "none"), key
+    adapter = Path(mlflow.artifacts.download_artifacts(champion.source))
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not list(adapter.glob("*.bin")) and not list(adapter.glob("*.pkl"))
+
+
+def _state(home: Path, tracking_uri: str) -> tuple[int, list[str]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("refit")
+    store = sorted(str(p.relative_to(home)) for p in (home / "store").rglob("*") if p.is_file())
+    return len(client.search_runs([experiment.experiment_id])), store
+
+
+def test_empty_window_is_one_line_error_and_writes_nothing(demo_home):
+    home, env, result = demo_home
+    before = _state(home, result["mlflow_tracking_uri"])
+    proc = run_cli(["monitor", "--window-end", "2030-01-01T00:00:00", "--window-hours", "1"], env)
+    assert proc.returncode != 0
+    assert "window is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert _state(home, result["mlflow_tracking_uri"]) == before
+
+
+def test_window_without_text_column_is_rejected(demo_home):
+    home, env, result = demo_home
+    part = home / "store/inference/model=intent-classifier/date=2031-01-01/part-1.parquet"
+    part.parent.mkdir(parents=True)
+    pd.DataFrame({"request_id": ["a", "b"], "timestamp": pd.to_datetime(["2031-01-01T00:10", "2031-01-01T00:20"], utc=True),
+                  "prompt": ["hi", "there"]}).to_parquet(part)
+    before = _state(home, result["mlflow_tracking_uri"])
+    proc = run_cli(["monitor", "--window-end", "2031-01-01T01:00:00", "--window-hours", "1"], env)
+    assert proc.returncode != 0
+    assert "no column 'text'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert _state(home, result["mlflow_tracking_uri"]) == before
+
+
+def test_missing_data_directory_is_one_line_error(tmp_path, data_dir):
+    env = os.environ | {"REFIT_HOME": str(tmp_path / "home"), "REFIT_DATA_DIR": str(tmp_path / "nowhere")}
+    proc = run_cli(["demo", "--json", "--scenario", "clinc-shift-small"], env)
+    assert proc.returncode != 0
+    assert f"data directory {tmp_path / 'nowhere'} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "home" / "store").exists()
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}").get_experiment_by_name("refit")
+    assert experiment is None or not MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}").search_runs(
+        [experiment.experiment_id])
+
+
+def test_demo_on_s3_store(tmp_path, data_dir, s3_endpoint):
+    env = os.environ | {"REFIT_HOME": str(tmp_path / "home"), "REFIT_DATA_DIR": str(data_dir),
+                        "REFIT_S3_ENDPOINT_URL": s3_endpoint, "REFIT_S3_BUCKET": "refit-e2e"}
+    proc = run_cli(["demo", "--json", "--store", "s3", "--scenario", "clinc-shift-small"], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = last_json(proc.stdout)
+    assert result["store_uri"].startswith("s3://refit-e2e")
+    assert result["drift_detected_on_shift"] and not result["poisoned_hotfix_promoted"]
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="refit-e2e", MaxKeys=1000)["Contents"]]
+    assert any(k.startswith("inference/model=intent-classifier/") for k in keys)
+    assert any(k.startswith("mlflow-artifacts/") and k.endswith("adapter_model.safetensors") for k in keys)
+    assert not (tmp_path / "home" / "store").exists()

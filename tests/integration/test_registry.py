@@ -1,0 +1,143 @@
+"""The registry against a real MLflow store (SQLite in tmp_path), with local or S3 artifacts."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from refit.settings import Settings
+from refit.store import S3Store
+from registry import tracking, versions
+
+MODEL = "intent-classifier-test"
+
+
+def _month_start_ms() -> int:
+    now = datetime.now(timezone.utc)
+    return int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
+
+
+def _run_with_adapter(experiment_id: str, tmp_path: Path, content: str) -> str:
+    """A finished run whose artifacts hold ``adapter/`` with two small files."""
+    adapter = tmp_path / f"adapter-src-{uuid.uuid4().hex[:6]}"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_text(content)
+    (adapter / "labels.json").write_text('["a", "b"]')
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_artifacts(str(adapter), versions.ADAPTER_DIR)
+        mlflow.log_artifact(str(adapter / "labels.json"), "elsewhere")
+    return run.info.run_id
+
+
+def _exercise_registry(experiment_id: str, tmp_path: Path) -> list[str]:
+    """Register, alias, promote (guarded), tag and download; returns the versions' sources."""
+    assert versions.alias_version(MODEL, versions.CHAMPION) is None  # no such model yet
+
+    run1 = _run_with_adapter(experiment_id, tmp_path, "weights-1")
+    v1 = versions.register(MODEL, run1, {"refit.kind": "bootstrap", "refit.cost": 0.25})
+    assert v1 == 1
+    assert versions.version_tags(MODEL, v1) == {"refit.kind": "bootstrap", "refit.cost": "0.25"}
+    assert versions.alias_version(MODEL, versions.CHAMPION) is None
+
+    assert versions.promote(MODEL, v1, expected_champion=None) is None
+    assert versions.alias_version(MODEL, versions.CHAMPION) == 1
+    assert versions.alias_version(MODEL, versions.PREVIOUS) is None
+
+    run2 = _run_with_adapter(experiment_id, tmp_path, "weights-2")
+    v2 = versions.register(MODEL, run2, {"refit.parent_version": str(v1)})
+    assert v2 == 2
+    versions.set_alias(MODEL, versions.CHALLENGER, v2)
+    assert versions.alias_version(MODEL, versions.CHALLENGER) == 2
+
+    # The champion moved since the gate looked: the stale promotion is refused and changes nothing.
+    for stale in (None, 2, 7):
+        with pytest.raises(versions.PromotionConflict) as info:
+            versions.promote(MODEL, v2, expected_champion=stale)
+        assert "v1" in str(info.value)
+        assert versions.alias_version(MODEL, versions.CHAMPION) == 1
+        assert versions.alias_version(MODEL, versions.PREVIOUS) is None
+
+    assert versions.promote(MODEL, v2, expected_champion=1) == 1
+    assert versions.alias_version(MODEL, versions.CHAMPION) == 2
+    assert versions.alias_version(MODEL, versions.PREVIOUS) == 1
+
+    versions.set_tags(MODEL, v2, {"refit.deployed": "champion", "refit.long": "x" * 6000})
+    tags = versions.version_tags(MODEL, v2)
+    assert tags["refit.deployed"] == "champion"
+    assert tags["refit.parent_version"] == "1"
+    assert len(tags["refit.long"]) == 5000  # truncated to what MLflow stores
+    assert "refit.deployed" not in versions.version_tags(MODEL, v1)
+
+    for version, content in ((v1, "weights-1"), (v2, "weights-2")):
+        local = versions.download_adapter(MODEL, version)
+        assert sorted(p.name for p in local.iterdir()) == ["adapter_model.safetensors", "labels.json"]
+        assert (local / "adapter_model.safetensors").read_text() == content
+
+    client = MlflowClient()
+    return [client.get_model_version(MODEL, str(v)).source for v in (v1, v2)]
+
+
+def test_registry_on_sqlite_with_local_artifacts(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    experiment_id = tracking.configure(settings)
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert (tmp_path / "home" / "mlflow.db").is_file()
+    experiment = MlflowClient().get_experiment(experiment_id)
+    assert experiment.artifact_location == settings.artifact_location
+    assert tracking.configure(settings) == experiment_id  # idempotent
+
+    sources = _exercise_registry(experiment_id, tmp_path)
+    for source in sources:
+        assert source.startswith((tmp_path / "home" / "mlflow-artifacts").as_uri())
+        assert source.endswith("/adapter")
+
+
+def test_registry_with_s3_artifacts(tmp_path, s3_endpoint, monkeypatch):
+    # configure() exports MLFLOW_S3_ENDPOINT_URL; register it with monkeypatch so it is undone.
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://unset.invalid")
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+    S3Store(bucket=bucket, endpoint_url=s3_endpoint).ensure_bucket()
+    settings = Settings(store="s3", s3_bucket=bucket, s3_endpoint_url=s3_endpoint, home=tmp_path / "home")
+    experiment_id = tracking.configure(settings)
+    import os
+
+    assert os.environ["MLFLOW_S3_ENDPOINT_URL"] == s3_endpoint
+    assert MlflowClient().get_experiment(experiment_id).artifact_location == f"s3://{bucket}/mlflow-artifacts"
+
+    sources = _exercise_registry(experiment_id, tmp_path)
+    for source in sources:
+        assert source.startswith(f"s3://{bucket}/mlflow-artifacts/")
+        assert source.endswith("/adapter")
+    keys = S3Store(bucket=bucket, endpoint_url=s3_endpoint).list("mlflow-artifacts/")
+    assert sum(k.endswith("/adapter/adapter_model.safetensors") for k in keys) == 2
+
+
+def test_month_spend_sums_this_months_updates_of_one_model(tmp_path):
+    experiment_id = tracking.configure(Settings(home=tmp_path / "home"))
+    client = MlflowClient()
+
+    def run(tags: dict[str, str], cost: float | None, start_ms: int | None = None) -> None:
+        created = client.create_run(experiment_id, start_time=start_ms, tags=tags)
+        if cost is not None:
+            client.log_metric(created.info.run_id, "update_cost_usd", cost)
+        client.set_terminated(created.info.run_id)
+
+    update = {tracking.RUN_TYPE: "update", "refit.model": MODEL}
+    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == 0.0
+    run(update, 0.125)
+    run(update, 0.25)
+    run(update, None)  # refused before any metric was logged
+    run(update | {"refit.model": "some-other-model"}, 10.0)
+    run({tracking.RUN_TYPE: "drift-check", "refit.model": MODEL}, 5.0)
+    run({"refit.model": MODEL}, 7.0)  # not tagged as an update at all
+    last_month = _month_start_ms() - int(timedelta(days=3).total_seconds() * 1000)
+    run(update, 100.0, start_ms=last_month)
+
+    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.375)
+    assert tracking.month_spend(experiment_id, "some-other-model", _month_start_ms()) == pytest.approx(10.0)
+    assert tracking.month_spend(experiment_id, MODEL, last_month) == pytest.approx(100.375)

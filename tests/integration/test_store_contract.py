@@ -1,0 +1,239 @@
+"""One contract, two backends: every test runs on the local directory and on a real S3 endpoint."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pandas as pd
+import pytest
+
+from refit import requestlog
+from refit.errors import RefitError
+from refit.settings import Settings
+from refit.store import open_store
+
+KEYS = ["a/b", "a/b/x.txt", "a/b/y/z.txt", "a/bc/w.txt", "a/c.txt", "top.txt"]
+
+
+def test_put_get_bytes_roundtrip(store):
+    uri = store.put_bytes("dir/sub/file.bin", b"\x00hello\xff")
+    assert store.get_bytes("dir/sub/file.bin") == b"\x00hello\xff"
+    assert uri == store.uri("dir/sub/file.bin")
+    store.put_bytes("dir/sub/file.bin", b"v2")
+    assert store.get_bytes("dir/sub/file.bin") == b"v2"
+
+
+def test_get_missing_key_raises_keyerror(store):
+    with pytest.raises(KeyError):
+        store.get_bytes("no/such/key")
+    store.put_bytes("no/such/other", b"x")
+    with pytest.raises(KeyError):
+        store.get_bytes("no/such/key")
+
+
+def test_list_is_sorted_and_by_prefix_string(store):
+    # "a/b" exists both as an object and beside objects under "a/b/" only on S3;
+    # a directory cannot be a file, so keep the local layout representable.
+    keys = [k for k in KEYS if k != "a/b"]
+    for key in reversed(keys):
+        store.put_bytes(key, key.encode())
+    assert store.list() == sorted(keys)
+    assert store.list("a/") == ["a/b/x.txt", "a/b/y/z.txt", "a/bc/w.txt", "a/c.txt"]
+    # Prefixes are strings, not directories: "a/b" also matches the sibling "a/bc/".
+    assert store.list("a/b") == ["a/b/x.txt", "a/b/y/z.txt", "a/bc/w.txt"]
+    assert store.list("a/b/") == ["a/b/x.txt", "a/b/y/z.txt"]
+    assert store.list("a/b/y") == ["a/b/y/z.txt"]
+    assert store.list("t") == ["top.txt"]
+    assert store.list("nothing/") == []
+    assert store.list("a/nothing") == []
+
+
+def test_list_of_empty_store(store):
+    assert store.list() == []
+    assert store.list("x/") == []
+
+
+def test_delete_and_exists(store):
+    store.put_bytes("d/one.txt", b"1")
+    store.put_bytes("d/one.txt.bak", b"2")
+    assert store.exists("d/one.txt")
+    assert not store.exists("d/one")  # a prefix of a key is not a key
+    assert not store.exists("d/")
+    store.delete("d/one.txt")
+    assert not store.exists("d/one.txt")
+    assert store.exists("d/one.txt.bak")
+    with pytest.raises(KeyError):
+        store.get_bytes("d/one.txt")
+    store.delete("d/one.txt")  # deleting a missing key is not an error
+    assert store.list("d/") == ["d/one.txt.bak"]
+
+
+def test_parquet_roundtrip(store):
+    frame = pd.DataFrame({"text": ["hi", "there", "ünïcode"], "n": [1, 2, 3], "x": [0.5, None, 2.0]})
+    store.put_parquet("p/frame.parquet", frame)
+    back = store.get_parquet("p/frame.parquet")
+    pd.testing.assert_frame_equal(back, frame)
+
+
+def test_read_parquet_prefix_concatenates_parts(store):
+    store.put_parquet("parts/x/part-1.parquet", pd.DataFrame({"a": [1, 2]}))
+    store.put_parquet("parts/x/part-2.parquet", pd.DataFrame({"a": [3]}))
+    store.put_bytes("parts/x/README.txt", b"not parquet")
+    store.put_parquet("parts/y/part-1.parquet", pd.DataFrame({"a": [99]}))
+    frame = store.read_parquet_prefix("parts/x/")
+    assert sorted(frame["a"].tolist()) == [1, 2, 3]
+    assert list(frame.index) == [0, 1, 2]
+    empty = store.read_parquet_prefix("parts/none/")
+    assert isinstance(empty, pd.DataFrame) and empty.empty
+
+
+@pytest.mark.parametrize("key", ["/abs", "a/../b", "", "..", "a/.."])
+def test_invalid_keys_raise_valueerror(store, key):
+    with pytest.raises(ValueError):
+        store.put_bytes(key, b"x")
+    with pytest.raises(ValueError):
+        store.get_bytes(key)
+    with pytest.raises(ValueError):
+        store.delete(key)
+
+
+def test_uri_scheme(store):
+    uri = store.uri("k/v.txt")
+    assert uri.startswith(("file://", "s3://"))
+    assert uri.endswith("k/v.txt")
+    assert store.put_bytes("k/v.txt", b"x") == uri
+    if uri.startswith("s3://"):
+        assert uri == f"s3://{store.bucket}/k/v.txt"
+    else:
+        assert uri == (store.root / "k/v.txt").as_uri()
+
+
+def test_same_contract_on_both_backends(tmp_path, s3_endpoint):
+    """The same sequence of calls gives the same answers on the two backends."""
+    import uuid
+
+    from refit.store import LocalStore, S3Store
+
+    local = LocalStore(tmp_path / "cmp")
+    s3 = S3Store(bucket=f"cmp-{uuid.uuid4().hex[:12]}", endpoint_url=s3_endpoint)
+    s3.ensure_bucket()
+    keys = [k for k in KEYS if k != "a/b"] + ["a/b-", "a/b.txt", "ab/c"]
+    answers = []
+    for backend in (local, s3):
+        for key in keys:
+            backend.put_bytes(key, key.encode())
+        backend.delete("a/c.txt")
+        answers.append({p: backend.list(p) for p in ["", "a", "a/", "a/b", "a/b/", "ab", "a/c", "zzz"]}
+                       | {"exists": [backend.exists(k) for k in keys]})
+    assert answers[0] == answers[1]
+
+
+def test_s3_store_prefix_is_invisible_in_keys(s3_endpoint):
+    import uuid
+
+    from refit.store import S3Store
+
+    bucket = f"pfx-{uuid.uuid4().hex[:12]}"
+    inner = S3Store(bucket=bucket, prefix="/team/x/", endpoint_url=s3_endpoint)
+    inner.ensure_bucket()
+    outer = S3Store(bucket=bucket, endpoint_url=s3_endpoint)
+    assert inner.put_bytes("k.txt", b"1") == f"s3://{bucket}/team/x/k.txt"
+    assert inner.list() == ["k.txt"]
+    assert outer.list() == ["team/x/k.txt"]
+    assert inner.get_bytes("k.txt") == b"1"
+
+
+# --- the request log, written and read through each backend ---------------------------------
+
+
+def _requests(start: datetime, n: int, step: timedelta, tag: str) -> pd.DataFrame:
+    return pd.DataFrame({
+        "request_id": [f"{tag}-{i}" for i in range(n)],
+        "timestamp": [start + i * step for i in range(n)],
+        "text": [f"text {tag} {i}" for i in range(n)],
+        "predicted_label": ["balance"] * n,
+        "confidence": [0.9] * n,
+        "model_version": ["1"] * n,
+        "extra": ["dropped"] * n,
+    })
+
+
+def test_inference_log_time_range_is_half_open(store):
+    day1 = datetime(2026, 3, 1, 20, 0, tzinfo=timezone.utc)
+    rows = _requests(day1, 10, timedelta(hours=5), "r")  # every 5 h from 20:00 on day 1 to 17:00 on day 3
+    uris = requestlog.write_inference(store, "m", rows)
+    assert len(uris) == 3  # one part per day spanned
+    keys = store.list("inference/model=m/")
+    assert [k.split("/")[2] for k in keys] == ["date=2026-03-01", "date=2026-03-02", "date=2026-03-03"]
+    assert all(k.endswith(".parquet") for k in keys)
+
+    # Exactly on r-2 (included) .. exactly on r-7 (excluded), across a day boundary.
+    start, end = day1 + timedelta(hours=10), day1 + timedelta(hours=35)
+    got = requestlog.read_inference(store, "m", start, end)
+    assert got["request_id"].tolist() == ["r-2", "r-3", "r-4", "r-5", "r-6"]
+    assert list(got.columns) == requestlog.INFERENCE_COLUMNS
+    ts = pd.to_datetime(got["timestamp"], utc=True)
+    assert (ts >= start).all() and (ts < end).all()
+
+    everything = requestlog.read_inference(store, "m", day1, day1 + timedelta(days=3))
+    assert len(everything) == 10
+    assert requestlog.read_inference(store, "other-model", day1, day1 + timedelta(days=3)).empty
+    none = requestlog.read_inference(store, "m", day1 + timedelta(days=10), day1 + timedelta(days=11))
+    assert none.empty and list(none.columns) == requestlog.INFERENCE_COLUMNS
+
+
+def test_inference_log_appends_parts(store):
+    t0 = datetime(2026, 3, 1, 10, 0, tzinfo=timezone.utc)
+    requestlog.write_inference(store, "m", _requests(t0, 3, timedelta(minutes=1), "a"))
+    requestlog.write_inference(store, "m", _requests(t0 + timedelta(minutes=10), 2, timedelta(minutes=1), "b"))
+    assert len(store.list("inference/model=m/date=2026-03-01/")) == 2
+    got = requestlog.read_inference(store, "m", t0, t0 + timedelta(hours=1))
+    assert sorted(got["request_id"]) == ["a-0", "a-1", "a-2", "b-0", "b-1"]
+
+
+def test_labels_roundtrip(store):
+    assert requestlog.read_labels(store, "m").empty
+    assert list(requestlog.read_labels(store, "m").columns) == requestlog.LABEL_COLUMNS
+    first = pd.DataFrame({"request_id": ["a", "b"], "label": ["x", "y"], "source": ["feedback"] * 2})
+    second = pd.DataFrame({"request_id": ["c"], "label": ["z"], "source": ["feedback"], "junk": [1]})
+    from datetime import date
+
+    requestlog.write_labels(store, "m", first, day=date(2026, 3, 1))
+    [key] = store.list("labels/")
+    assert key.startswith("labels/model=m/date=2026-03-01/part-") and key.endswith(".parquet")
+    requestlog.write_labels(store, "m", second)
+    requestlog.write_labels(store, "other", first)
+    got = requestlog.read_labels(store, "m").sort_values("request_id").reset_index(drop=True)
+    assert list(got.columns) == requestlog.LABEL_COLUMNS
+    assert got["request_id"].tolist() == ["a", "b", "c"]
+    assert got["label"].tolist() == ["x", "y", "z"]
+
+
+# --- opening a store from settings ----------------------------------------------------------
+
+
+def test_open_store_local(tmp_path):
+    store = open_store(Settings(home=tmp_path / "home"))
+    store.put_bytes("k", b"v")
+    assert (tmp_path / "home" / "store" / "k").read_bytes() == b"v"
+
+
+def test_open_store_s3_creates_bucket(s3_endpoint):
+    import uuid
+
+    bucket = f"open-{uuid.uuid4().hex[:12]}"
+    store = open_store(Settings(store="s3", s3_bucket=bucket, s3_endpoint_url=s3_endpoint))
+    assert store.uri("k") == f"s3://{bucket}/k"
+    store.put_bytes("k", b"v")
+    assert store.get_bytes("k") == b"v"
+
+
+def test_open_store_unreachable_endpoint_names_it(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    endpoint = "http://127.0.0.1:1"
+    with pytest.raises(RefitError) as info:
+        open_store(Settings(store="s3", s3_bucket="nowhere", s3_endpoint_url=endpoint))
+    assert endpoint in str(info.value)
+    assert "not reachable" in str(info.value)
