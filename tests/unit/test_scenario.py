@@ -1,0 +1,154 @@
+"""Scenarios: the shipped YAML files load, and build() cuts leak-free frames from the real data."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from refit import data, scenario
+from refit.data import text_hashes
+from refit.errors import RefitError
+
+SHIPPED = ["clinc-shift", "clinc-shift-small"]
+
+
+@pytest.fixture(scope="module")
+def clinc(data_dir) -> pd.DataFrame:
+    return data.load_clinc150(data_dir)
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def built(request, clinc):
+    sc, _ = scenario.load_scenario(request.param)
+    return sc, scenario.build(sc, clinc)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_scenarios_load(name):
+    sc, path = scenario.load_scenario(name)
+    assert sc.name == name
+    assert path == scenario.SCENARIO_DIR / f"{name}.yaml"
+    assert sc.source.kind == "clinc150"
+    assert not set(sc.reference.groups) & set(sc.shift.groups)
+
+
+def test_small_scenario_is_smaller():
+    full, _ = scenario.load_scenario("clinc-shift")
+    small, _ = scenario.load_scenario("clinc-shift-small")
+    assert small.windows.shifted_rows < full.windows.shifted_rows
+    assert small.evaluation.golden_max_rows < full.evaluation.golden_max_rows
+    assert small.reference.max_per_label is not None and full.reference.max_per_label is None
+
+
+def test_evaluation_sets_come_from_the_test_split_of_their_groups(built, clinc):
+    sc, d = built
+    test_texts = set(clinc.loc[clinc["split"] == "test", "text"])
+    assert set(d.golden["text"]) <= test_texts
+    assert set(d.shifted_eval["text"]) <= test_texts
+    assert set(d.golden["group"]) == set(sc.reference.groups)
+    assert set(d.shifted_eval["group"]) == set(sc.shift.groups)
+    assert len(d.golden) > 0 and len(d.shifted_eval) > 0
+
+
+def test_evaluation_sets_never_overlap_what_is_trained_or_served(built):
+    _, d = built
+    evaluated = text_hashes(pd.concat([d.golden, d.shifted_eval])["text"])
+    for name in ("train", "no_drift_window", "shifted_window", "hotfix"):
+        seen = text_hashes(getattr(d, name)["text"])
+        assert not evaluated & seen, f"{name} shares {len(evaluated & seen)} texts with the evaluation sets"
+
+
+def test_train_covers_every_label(built, clinc):
+    sc, d = built
+    assert d.labels == sorted(clinc["label"].unique()) and len(d.labels) == 151
+    assert set(d.train["label"]) == set(d.labels)
+    sparse = d.train[~d.train["group"].isin(sc.reference.groups)]
+    assert sparse.groupby("label").size().max() <= sc.reference.sparse_per_label
+    if sc.reference.max_per_label:
+        dense = d.train[d.train["group"].isin(sc.reference.groups)]
+        assert dense.groupby("label").size().max() <= sc.reference.max_per_label
+
+
+def test_windows_have_the_configured_size_and_shift(built):
+    sc, d = built
+    w = sc.windows
+    assert len(d.no_drift_window) == w.no_drift_rows
+    assert set(d.no_drift_window["group"]) <= set(sc.reference.groups)
+    assert len(d.shifted_window) == w.shifted_rows
+    share = d.shifted_window["group"].isin(sc.shift.groups).mean()
+    assert share == pytest.approx(w.shifted_share, abs=0.02)
+    assert not set(d.no_drift_window["text"]) & set(d.shifted_window["text"])
+    assert len(d.hotfix) == sc.hotfix.rows
+    assert set(d.hotfix["group"]) <= set(sc.shift.groups)
+    assert not set(d.hotfix["text"]) & set(d.shifted_window["text"])
+
+
+def test_build_is_deterministic(clinc):
+    sc, _ = scenario.load_scenario("clinc-shift-small")
+    a, b = scenario.build(sc, clinc), scenario.build(sc, clinc)
+    for name in ("train", "golden", "shifted_eval", "shifted_window", "hotfix"):
+        pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name))
+    other = scenario.build(sc.model_copy(update={"seed": 1}), clinc)
+    assert not other.shifted_window["text"].equals(a.shifted_window["text"])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: scenario._stratified rounds every label up to >= 1 row and never "
+                   "caps the total, so clinc-shift-small's golden set has 423 rows for golden_max_rows=400")
+def test_evaluation_sets_respect_their_max_rows(clinc):
+    sc, _ = scenario.load_scenario("clinc-shift-small")
+    d = scenario.build(sc, clinc)
+    assert len(d.golden) <= sc.evaluation.golden_max_rows
+    assert len(d.shifted_eval) <= sc.evaluation.shifted_max_rows
+
+
+def test_unknown_group_is_refused(clinc):
+    sc, _ = scenario.load_scenario("clinc-shift-small")
+    broken = sc.model_copy(update={"shift": scenario.Shift(groups=["travel", "no_such_domain"])})
+    with pytest.raises(RefitError, match="shift.groups") as info:
+        scenario.build(broken, clinc)
+    assert "no_such_domain" in str(info.value)
+
+
+def _yaml_variant(tmp_path, mutate) -> str:
+    raw = yaml.safe_load((scenario.SCENARIO_DIR / "clinc-shift-small.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    path = _yaml_variant(tmp_path, lambda raw: raw["windows"].update(shifted_shair=0.5))
+    with pytest.raises(RefitError, match="windows.shifted_shair"):
+        scenario.load_scenario(path)
+
+
+def test_wrong_value_is_named(tmp_path):
+    path = _yaml_variant(tmp_path, lambda raw: raw["windows"].update(shifted_share=1.5))
+    with pytest.raises(RefitError, match="windows.shifted_share"):
+        scenario.load_scenario(path)
+
+
+def test_a_path_scenario_loads(tmp_path):
+    path = _yaml_variant(tmp_path, lambda raw: raw.update(name="mine"))
+    sc, resolved = scenario.load_scenario(path)
+    assert sc.name == "mine" and str(resolved) == path
+
+
+def test_unknown_scenario_name_lists_known_ones():
+    with pytest.raises(RefitError) as info:
+        scenario.load_scenario("clinc-shfit")
+    assert "clinc-shift-small" in str(info.value)
+
+
+def test_poison_changes_every_label(built):
+    _, d = built
+    poisoned = scenario.poison(d.hotfix, d.labels, seed=3)
+    assert (poisoned["label"] != d.hotfix["label"]).all()
+    assert set(poisoned["label"]) <= set(d.labels)
+    assert poisoned["text"].tolist() == d.hotfix["text"].tolist()
+    assert scenario.poison(d.hotfix, d.labels, seed=3)["label"].tolist() == poisoned["label"].tolist()
+    assert d.hotfix["label"].tolist() != poisoned["label"].tolist()  # the input frame is not changed in place
+    two = scenario.poison(pd.DataFrame({"text": ["x", "y"], "label": ["a", "b"]}), ["a", "b"], seed=0)
+    assert two["label"].tolist() == ["b", "a"]
