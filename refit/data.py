@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from refit.errors import RefitError
@@ -107,10 +108,33 @@ def load_table(
     for column in (text_column, label_column, split_column, group_column):
         if column is not None and column not in frame.columns:
             raise RefitError(f"{path} has no column {column!r} (columns: {', '.join(map(str, frame.columns))})")
+    missing = frame[text_column].isna() | frame[label_column].isna()
+    if missing.any():
+        raise RefitError(f"{path}: {int(missing.sum())} rows have an empty {text_column!r} or {label_column!r}")
     out = pd.DataFrame({"text": frame[text_column].astype(str), "label": frame[label_column].astype(str)})
     out["split"] = frame[split_column].astype(str).replace({"validation": "val"}) if split_column else out["text"].map(_hash_split)
     out["group"] = frame[group_column].astype(str) if group_column else out["label"]
     return out
+
+
+def stratified_sample(frame: pd.DataFrame, n: int, seed: int | np.random.Generator,
+                      column: str = "label") -> pd.DataFrame:
+    """Exactly ``min(n, len(frame))`` rows keeping each ``column`` value's share.
+
+    Shares are split by largest remainder, so small strata are neither
+    forced in nor overweighted and the total never exceeds ``n``.
+    """
+    if len(frame) <= n:
+        return frame
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    groups = list(frame.groupby(column, sort=True).indices.items())
+    exact = np.array([len(idx) for _, idx in groups]) * n / len(frame)
+    take = np.floor(exact).astype(int)
+    remainder = exact - take
+    for i in np.argsort(-remainder, kind="stable")[: n - take.sum()]:
+        take[i] += 1
+    picked = [rng.choice(idx, k, replace=False) for (_, idx), k in zip(groups, take) if k]
+    return frame.iloc[np.sort(np.concatenate(picked))] if picked else frame.iloc[0:0]
 
 
 def fingerprint(frame: pd.DataFrame, columns: list[str] | None = None) -> str:

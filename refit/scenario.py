@@ -111,15 +111,6 @@ def _per_label(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.Data
     return pd.concat([_sample(part, n, rng) for _, part in frame.groupby("label", sort=True)])
 
 
-def _stratified(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
-    """About ``n`` rows keeping each label's share."""
-    if len(frame) <= n:
-        return frame
-    share = n / len(frame)
-    picks = [_sample(part, max(1, round(len(part) * share)), rng) for _, part in frame.groupby("label", sort=True)]
-    return pd.concat(picks)
-
-
 def build(scenario: Scenario, frame: pd.DataFrame) -> ScenarioData:
     """Cut the scenario's frames out of the loaded data, deterministically."""
     known = set(frame["group"])
@@ -152,8 +143,8 @@ def build(scenario: Scenario, frame: pd.DataFrame) -> ScenarioData:
     hotfix = shift_pool.iloc[n_shift : n_shift + scenario.hotfix.rows]
 
     e = scenario.evaluation
-    golden = _stratified(frame[ref & (split == "test")], e.golden_max_rows, rng)
-    shifted_eval = _stratified(frame[shifted & (split == "test")], e.shifted_max_rows, rng)
+    golden = data.stratified_sample(frame[ref & (split == "test")], e.golden_max_rows, rng)
+    shifted_eval = data.stratified_sample(frame[shifted & (split == "test")], e.shifted_max_rows, rng)
     keep = ["text", "label", "group"]
     return ScenarioData(
         labels=sorted(frame["label"].unique()),
@@ -168,6 +159,8 @@ def build(scenario: Scenario, frame: pd.DataFrame) -> ScenarioData:
 
 def poison(frame: pd.DataFrame, labels: list[str], seed: int) -> pd.DataFrame:
     """Every label replaced by a different one: a hotfix file gone wrong."""
+    if len(set(labels)) < 2:
+        raise RefitError("poisoning needs at least two labels")
     rng = np.random.default_rng(seed)
     out = frame.copy()
     choices = np.array(labels)

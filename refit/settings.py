@@ -28,8 +28,7 @@ class Settings(BaseSettings):
     """Where things live and what they cost. Secrets come from the environment only."""
 
     model_config = SettingsConfigDict(
-        env_prefix="REFIT_", extra="forbid", frozen=True, yaml_file=os.environ.get("REFIT_CONFIG")
-    )
+        env_prefix="REFIT_", extra="forbid", frozen=True)
 
     home: Path = Field(Path(".refit"), description="Root of every embedded default.")
     model_name: str = "intent-classifier"
@@ -55,7 +54,9 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+        # REFIT_CONFIG is read per instance, not when the class is defined.
+        return (init_settings, env_settings,
+                YamlConfigSettingsSource(settings_cls, yaml_file=os.environ.get("REFIT_CONFIG")))
 
     @cached_property
     def home_dir(self) -> Path:

@@ -102,6 +102,8 @@ class LocalStore(ObjectStore):
         return path.read_bytes()
 
     def list(self, prefix: str = "") -> list[str]:
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"invalid prefix {prefix!r}")
         if not self.root.is_dir():
             return []
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root

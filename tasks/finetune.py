@@ -20,7 +20,7 @@ from pydantic import Field
 
 from refit import modeling
 from refit.cost import Meter, Rates, TrainingCost
-from refit.data import text_hash
+from refit.data import stratified_sample, text_hash
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
 
@@ -78,17 +78,8 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
         raise RefitError("no labelled examples left after removing duplicates and evaluation texts")
 
     pool = replay_pool[["text", "label"]]
-    pool = pool[~pool["text"].str.strip().str.lower().isin(set(key))]
-    n_replay = min(len(pool), round(len(clean) * replay_ratio))
-    replay = pool.iloc[0:0]
-    if n_replay:
-        rng = np.random.default_rng(seed)
-        share = n_replay / len(pool)
-        parts = []
-        for _, part in pool.groupby("label", sort=True):
-            take = max(1, round(len(part) * share))
-            parts.append(part.iloc[rng.choice(len(part), min(take, len(part)), replace=False)])
-        replay = pd.concat(parts)
+    pool = pool[~pool["text"].str.strip().str.lower().isin(set(key)) & ~pool["text"].map(text_hash).isin(eval_texts)]
+    replay = stratified_sample(pool, min(len(pool), round(len(clean) * replay_ratio)), seed)
     frame = pd.concat([clean.assign(origin="new"), replay.assign(origin="replay")], ignore_index=True)
     dataset = Dataset.from_pandas(frame, preserve_index=False)
     return TrainingSet(frame, len(clean), len(replay), duplicates, int(leaked.sum()), dataset._fingerprint)
@@ -128,9 +119,15 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
 
 def _progress_logger(label: str):
     """Log training progress at every tenth of the run through Prefect's logger."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
-    logger = get_run_logger()
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called as a plain function, outside a flow
+        logger = logging.getLogger(__name__)
     marks: set[int] = set()
 
     def on_step(step: int, total: int, loss: float) -> None:

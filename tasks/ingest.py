@@ -63,16 +63,12 @@ def read_labelled_file(path: str, known_labels: list[str]) -> pd.DataFrame:
     """A hand-supplied labelled file (the hotfix path): text and label columns."""
     from pathlib import Path
 
-    from refit.data import read_table
+    from refit.data import load_table
 
-    frame = read_table(Path(path))
-    missing = [c for c in ("text", "label") if c not in frame.columns]
-    if missing:
-        raise RefitError(f"hotfix file {path} has no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns))})")
-    frame = frame[["text", "label"]].astype(str)
+    frame = load_table(Path(path))[["text", "label"]]
+    if frame.empty:
+        raise RefitError(f"hotfix file {path} has no rows")
     unknown = sorted(set(frame["label"]) - set(known_labels))
     if unknown:
         raise RefitError(f"hotfix file {path} has labels the model does not know: {unknown[:5]}")
-    if frame.empty:
-        raise RefitError(f"hotfix file {path} has no rows")
     return frame

@@ -7,6 +7,7 @@ rejected with a sentence that says why, not a traceback.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -61,7 +62,7 @@ def validate_window(store: ObjectStore, model_name: str, frame: pd.DataFrame, mi
     kept, bad = split_bad_rows(frame, text_column)
     uri = None
     if len(bad):
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S")
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S.%f") + "-" + uuid.uuid4().hex[:8]
         bad = bad.astype({c: str for c in bad.columns if bad[c].dtype == object})
         uri = store.put_parquet(f"quarantine/model={model_name}/inference/{stamp}.parquet", bad)
     if len(kept) < min_rows:

@@ -143,8 +143,6 @@ def test_s3_store_prefix_is_invisible_in_keys(s3_endpoint):
     assert inner.get_bytes("k.txt") == b"1"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: LocalStore.list does not check its prefix, so list('../') and "
-                   "exists('../x') reach files outside the store root (S3 answers [] / False)")
 def test_local_store_never_lists_outside_its_root(tmp_path):
     from refit.store import LocalStore
 

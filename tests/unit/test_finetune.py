@@ -90,8 +90,6 @@ def test_assemble_with_nothing_left_raises():
         assemble(new, pool_frame(), text_hashes(new["text"]), 1.0, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: assemble's leakage guard checks only the new rows; replay rows whose "
-                   "text is in an evaluation set go into training")
 def test_replay_pool_rows_in_evaluation_sets_are_not_trained_on():
     pool = pool_frame(labels=2, per_label=5)
     eval_texts = text_hashes(pool["text"].iloc[:3])
@@ -99,8 +97,6 @@ def test_replay_pool_rows_in_evaluation_sets_are_not_trained_on():
     assert not set(out.frame["text"].map(text_hash)) & eval_texts
 
 
-@pytest.mark.xfail(strict=True, reason="bug: assemble takes at least one replay row per label, so a small update "
-                   "over many labels replays far more than replay_ratio x new rows (e.g. 50 rows for 5)")
 def test_replay_ratio_holds_when_there_are_more_labels_than_replay_rows():
     out = assemble(new_frame(5), pool_frame(labels=50, per_label=4), set(), replay_ratio=1.0, seed=0)
     assert out.replay_rows <= 2 * 5
@@ -179,8 +175,6 @@ def test_train_adapter_warm_start_and_unknown_labels(tiny):
         train_adapter(frame.assign(label="not-a-label"), recipe, Rates(0.048, 2.5), warm_start=adapter_dir)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fine_tune's body calls prefect.get_run_logger(), so fine_tune.fn(...) "
-                   "raises MissingContextError outside a flow run")
 def test_fine_tune_task_plain_function_runs_without_prefect(tiny):
     *_, adapter_dir = tiny
     frame = pd.DataFrame({"text": TEXTS[:4], "label": [LABELS[i] for i in LABEL_IDS[:4]]})

@@ -84,8 +84,6 @@ def test_several_failures_are_all_reported():
         assert f"{name} failed" in verdict.summary
 
 
-@pytest.mark.xfail(strict=True, reason="bug: gate compares unrounded float differences, so a loss of exactly "
-                   "the limit (0.90-0.88 = 0.020000000000000018) fails and reads '+0.0200 (must be <= +0.0200)'")
 def test_value_exactly_at_the_limit_passes():
     at_limit = decide(evaluation(golden=0.90, shifted=0.10), evaluation(golden=0.88, shifted=0.15), 0.10, POLICY)
     assert at_limit.passed, at_limit.summary

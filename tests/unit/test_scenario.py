@@ -93,8 +93,6 @@ def test_build_is_deterministic(clinc):
     assert not other.shifted_window["text"].equals(a.shifted_window["text"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: scenario._stratified rounds every label up to >= 1 row and never "
-                   "caps the total, so clinc-shift-small's golden set has 423 rows for golden_max_rows=400")
 def test_evaluation_sets_respect_their_max_rows(clinc):
     sc, _ = scenario.load_scenario("clinc-shift-small")
     d = scenario.build(sc, clinc)

@@ -113,8 +113,6 @@ def test_yaml_config_file(tmp_path):
     assert _python(code, {"REFIT_CONFIG": str(config), "REFIT_MODEL_NAME": "from-env"}) == "from-env 7.0"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: refit/settings.py reads REFIT_CONFIG once, when the class is "
-                   "defined, so setting it after `import refit.settings` is ignored")
 def test_yaml_config_file_set_after_import(tmp_path, monkeypatch):
     config = tmp_path / "refit.yaml"
     config.write_text("model_name: from-yaml\n")

@@ -120,8 +120,6 @@ class _FrozenClock:
         return datetime(2026, 3, 1, 12, 0, 0, tzinfo=tz or timezone.utc)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: validate_window names the quarantine file by the second only, so a "
-                   "second window validated in the same second overwrites the first window's quarantined rows")
 def test_two_windows_in_one_second_keep_both_quarantines(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, "datetime", _FrozenClock)
     store = LocalStore(tmp_path / "store")
