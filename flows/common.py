@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -27,8 +28,25 @@ class Context:
         return self.settings.model_name
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """A RefitError is the user's to fix: log its sentence, not the engine's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RefitError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_UserErrorsWithoutTraceback())
+
+
 def open_context(settings: Settings | None = None) -> Context:
     """Settings (from the environment by default), then the store and MLflow they name."""
+    _quiet_user_errors()
     settings = settings or Settings()
     if settings.torch_threads:
         import torch

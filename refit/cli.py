@@ -159,6 +159,192 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
                          "--host", "127.0.0.1", "--port", str(port)])
 
 
+def _drift_files(reference_path: Path, current_path: Path, policy_name: str, text_column: str,
+                 optional_columns: dict[str, tuple[str, bool]]) -> dict:
+    """Read, validate and measure two files; the verdict as a JSON-ready dict.
+
+    ``optional_columns`` maps refit's name (``predicted_label``, ``confidence``,
+    ``label``) to the file's name and whether the user named it: a named
+    column must be in both files, a default one is used when both have it.
+    """
+    from refit.data import read_table
+
+    paths = {"reference": reference_path, "current": current_path}
+    frames = {side: read_table(path) for side, path in paths.items()}
+    for side, frame in frames.items():
+        path = paths[side]
+        if frame.empty:
+            raise RefitError(f"{side} file {path} has no rows")
+        if text_column not in frame.columns:
+            raise RefitError(f"{side} file {path} has no column {text_column!r} "
+                             f"(columns: {', '.join(map(str, frame.columns))}); name it with --text-column")
+    rename = {text_column: "text"}
+    skipped = {}
+    for ours, (theirs, named) in optional_columns.items():
+        lacking = [side for side, frame in frames.items() if theirs not in frame.columns]
+        if theirs in rename:
+            if named:
+                raise RefitError(f"column {theirs!r} is already read as {rename[theirs]!r}: "
+                                 "each column option must name a different column")
+            skipped[ours] = f"column {theirs!r} is read as {rename[theirs]!r}"
+        elif not lacking:
+            rename[theirs] = ours
+        elif named:
+            side = lacking[0]
+            raise RefitError(f"{side} file {paths[side]} has no column "
+                             f"{theirs!r} (columns: {', '.join(map(str, frames[side].columns))})")
+        else:
+            skipped[ours] = f"no column {theirs!r} in the {' and '.join(lacking)} file"
+    signal_of = {"predicted_label": "prediction", "confidence": "confidence"}
+    skipped = {signal_of[ours]: why for ours, why in skipped.items() if ours in signal_of}
+    reference, current = (frames[side][list(rename)].rename(columns=rename) for side in ("reference", "current"))
+
+    # Prefect comes in with the task modules (their @task decorators); nothing starts a flow or a server.
+    from tasks.drift import load_drift_policy, measure_drift
+    from tasks.validate import split_bad_inference_rows
+
+    policy, policy_path = load_drift_policy(policy_name)
+
+    reference_kept, reference_bad = split_bad_inference_rows(reference, required=["text"])
+    if len(reference_kept) < 2:
+        raise RefitError(f"reference file {reference_path} has {len(reference_kept)} usable rows of {len(reference)} "
+                         f"({_reasons(reference_bad)}): it needs at least 2")
+    kept, bad = split_bad_inference_rows(current, required=["text"])
+    if len(kept) < policy.min_window_rows:
+        raise RefitError(f"window rejected: {len(kept)} usable rows of {len(current)} in {current_path}, "
+                         f"policy needs at least {policy.min_window_rows}"
+                         + (f" ({len(bad)} quarantined: {_reasons(bad)})" if len(bad) else ""))
+    result = measure_drift(reference_kept, kept, policy)
+    verdict = result.to_dict() | {
+        "rows_checked": len(current),
+        "rows_kept": len(kept),
+        "rows_quarantined": len(bad),
+        "quarantine_reasons": _reasons(bad),
+        "reference_rows_dropped": len(reference_bad),
+        "reference_drop_reasons": _reasons(reference_bad),
+        "signals_skipped": skipped | {name: "disabled in the policy" for name in ("text", "prediction", "confidence")
+                                      if not getattr(policy, name).enabled},
+        "reference": str(reference_path),
+        "current": str(current_path),
+        "policy": str(policy_path),
+    }
+    if "label" in rename.values():
+        verdict["labels"] = _label_summary(reference_kept, kept)
+    return verdict
+
+
+def _reasons(bad) -> dict[str, int]:
+    return {str(k): int(v) for k, v in bad["reason"].value_counts().items()} if len(bad) else {}
+
+
+def _label_summary(reference, current) -> dict:
+    """Labelled rows on each side and, with predictions, their accuracy: reported, never part of the verdict."""
+    summary = {}
+    for side, frame in (("reference", reference), ("current", current)):
+        labelled = frame[frame["label"].notna() & (frame["label"].astype(str).str.strip() != "")]
+        summary[f"{side}_labelled_rows"] = len(labelled)
+        if "predicted_label" in frame.columns and len(labelled):
+            hits = labelled["predicted_label"].astype(str) == labelled["label"].astype(str)
+            summary[f"{side}_accuracy"] = round(float(hits.mean()), 4)
+    return summary
+
+
+def _signal_table(verdict: dict, title: str) -> Table:
+    table = Table(title=title, caption=(
+        f"{verdict['rows_checked']} rows checked, {verdict['rows_quarantined']} quarantined, "
+        f"{verdict['rows_kept']} measured against {verdict['rows_reference']} reference rows "
+        f"(sampling: {verdict['sample_method']})"))
+    for column, justify in (("signal", "left"), ("method", "left"), ("value", "right"), ("threshold", "right"),
+                            ("drifted", "left")):
+        table.add_column(column, justify=justify)
+    for name, signal in verdict["signals"].items():
+        table.add_row(name, signal["method"], f"{signal['value']:.4f}",
+                      f"{'>' if signal['direction'] == 'above' else '<'} {signal['threshold']}",
+                      "[bold red]yes[/]" if signal["drifted"] else "no")
+    for name, why in verdict["signals_skipped"].items():
+        table.add_row(name, "-", "-", "-", f"skipped: {why}")
+    return table
+
+
+@app.command()
+def drift(reference: Annotated[Path, typer.Argument(help="Reference table: .parquet, .csv or .jsonl.")],
+          current: Annotated[Path, typer.Argument(help="Window to check, same formats.")],
+          as_json: JsonOption = False,
+          text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+          prediction_column: Annotated[Optional[str], typer.Option(
+              help="Predicted-label column [default: predicted_label, used when both files have it].")] = None,
+          confidence_column: Annotated[Optional[str], typer.Option(
+              help="Confidence column [default: confidence, used when both files have it].")] = None,
+          label_column: Annotated[Optional[str], typer.Option(
+              help="True-label column, reported only [default: label, used when both files have it].")] = None,
+          policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift") -> None:
+    """Check a window against a reference, with no server: validate it, measure the drift signals, print the verdict.
+
+    Example: refit drift reference.parquet window.csv --text-column utterance --json
+    """
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    optional = {ours: (given or ours, given is not None) for ours, given in
+                (("predicted_label", prediction_column), ("confidence", confidence_column), ("label", label_column))}
+    verdict = _drift_files(reference, current, policy, text_column, optional)
+    heading = (f"Drift check: {'DRIFT' if verdict['drift_detected'] else 'no drift'} "
+               f"(severity {verdict['severity']})")
+    (err if as_json else Console()).print(_signal_table(verdict, heading))
+    if as_json:
+        print(json.dumps(verdict, default=str))
+
+
+bench_app = typer.Typer(help="Benchmarks that print the numbers the README quotes.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    """``"200,500,2000"`` → ``[200, 500, 2000]``; an empty value or ``none`` is an empty list."""
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        numbers = [int(part.replace("_", "")) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise RefitError(f"{option} takes comma-separated whole numbers, not {value!r}") from None
+    if any(n < 2 for n in numbers):
+        raise RefitError(f"{option} sizes must be at least 2, got {value!r}")
+    return numbers
+
+
+@bench_app.command("drift")
+def bench_drift(as_json: JsonOption = False,
+                pairs: Annotated[int, typer.Option(min=1, help="Quiet and shifted window pairs per size.")] = 40,
+                sizes: Annotated[str, typer.Option(help="Window sizes to calibrate, comma-separated.")] = "200,500,2000",
+                scale: Annotated[str, typer.Option(help="Window sizes to time, comma-separated ('' skips).")] = "10000,100000",
+                baseline_pairs: Annotated[int, typer.Option(
+                    min=0, help="Pairs per size also checked by Evidently's default text drift (~2-4 s each).")] = 10,
+                shift_share: Annotated[float, typer.Option(
+                    min=0.01, max=1.0, help="Share of a shifted window from the domains the reference lacks.")] = 0.3,
+                policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift") -> None:
+    """False alarms, detections and cost of the drift check on real CLINC150 windows.
+
+    Example: refit bench drift --pairs 40 --sizes 500 --scale "" --json
+    """
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    size_list, scale_list = _int_list(sizes, "--sizes"), _int_list(scale, "--scale")
+    data_dir = Settings().data_dir
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from refit.bench_drift import run_benchmark, tables
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        job = bar.add_task("drift benchmark", total=2 * pairs * len(size_list) + len(scale_list))
+        result = run_benchmark(data_dir, pairs, size_list, scale_list, baseline_pairs, shift_share, policy,
+                               progress=lambda what, n: bar.update(job, advance=n, description=what))
+    out = err if as_json else Console()
+    for table in tables(result):
+        out.print(table)
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
 def main() -> None:
     try:
         app()

@@ -60,15 +60,23 @@ def cpu_seconds_per_1k(models: dict[str, object], tokenizer, texts: list[str],
                        repeats: int = COST_REPEATS) -> dict[str, float]:
     """CPU-seconds per 1,000 predictions for each model, measured side by side.
 
-    The models take turns on the same texts and each keeps its fastest
-    repeat, so a busy machine does not make one look dearer than the other.
+    The models take turns on the same texts, each keeps its fastest repeat,
+    and all run on one thread: with several, threads spin while they wait
+    for a busy core, and that spinning would be billed as inference.
     """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     best = {name: float("inf") for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            with Meter() as meter:
-                modeling.predict(model, tokenizer, texts)
-            best[name] = min(best[name], meter.cpu_seconds)
+    try:
+        for _ in range(repeats):
+            for name, model in models.items():
+                with Meter() as meter:
+                    modeling.predict(model, tokenizer, texts)
+                best[name] = min(best[name], meter.cpu_seconds)
+    finally:
+        torch.set_num_threads(threads)
     return {name: seconds / max(1, len(texts)) * 1000 for name, seconds in best.items()}
 
 
