@@ -19,21 +19,15 @@ from refit import requestlog
 from refit.errors import RefitError
 from refit.policy import file_hash
 from registry import versions
-from registry.tracking import RUN_TYPE, flat_params, last_checked_window_end, log_json, log_policy
+from registry.tracking import (RUN_TYPE, flat_params, last_checked_window_end, log_json, log_policy,
+                               update_triggers)
 from tasks.deploy import read_reference
-from tasks.drift import check_drift, load_drift_policy
+from tasks.drift import check_drift, decide_action, load_drift_policy
 from tasks.finetune import load_update_policy
 from tasks.ingest import labelled_window
 from tasks.validate import validate_window
 
 DRIFT_EVENT = "refit.drift.detected"
-
-
-def next_action(drift_detected: bool, labelled: int, min_labelled: int) -> str:
-    """What refit does about a verdict: nothing, wait for labels, or update."""
-    if not drift_detected:
-        return "none"
-    return "update" if labelled >= min_labelled else "wait for labels"
 
 
 @flow(name="monitor")
@@ -72,9 +66,11 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
         log_policy(policy_path)
         result = check_drift(reference, validated.kept, drift_policy)
         labelled = len(labelled_window(ctx.store, name, start, end)) if result.drift_detected else 0
-        action = next_action(result.drift_detected, labelled, update_policy.min_new_examples)
+        action, why = decide_action(result, start.isoformat(), end.isoformat(), labelled,
+                                    update_policy.min_new_examples, update_triggers(ctx.experiment_id, name, champion),
+                                    drift_policy.cooldown_minutes)
         verdict = result.to_dict() | {
-            "action": action, "window_uri": uri, "champion_version": champion, "labelled_rows": labelled,
+            "action": action, "action_reason": why, "window_uri": uri, "champion_version": champion, "labelled_rows": labelled,
             "rows_in": validated.rows_in, "rows_quarantined": validated.rows_quarantined,
             "quarantine_reasons": validated.reasons, "drift_run_id": run.info.run_id,
         }
@@ -95,7 +91,7 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
                             "severity": result.severity, "model_version": champion,
                             "drift_run_id": run.info.run_id})
     get_run_logger().info(f"drift {'detected' if result.drift_detected else 'not detected'} "
-          f"(severity {result.severity}) on {len(validated.kept)} rows: action {action}")
+          f"(severity {result.severity}) on {len(validated.kept)} rows: action {action} ({why})")
     return verdict
 
 
@@ -104,7 +100,7 @@ def _markdown(name: str, verdict: dict, result) -> str:
         f"| {s.name} | {s.value:.4f} | {s.direction} {s.threshold} | {'**yes**' if s.drifted else 'no'} |\n"
         for s in result.signals.values())
     return (f"# Drift check for {name}: {'DRIFT' if result.drift_detected else 'no drift'}\n\n"
-            f"Severity **{result.severity}**, action **{verdict['action']}**. Window `{verdict['window_uri']}`: "
+            f"Severity **{result.severity}**, action **{verdict['action']}** ({verdict['action_reason']}). Window `{verdict['window_uri']}`: "
             f"{verdict['rows_in']} rows in, {verdict['rows_quarantined']} quarantined, "
             f"{verdict['labelled_rows']} labelled.\n\n"
             f"| signal | value | threshold | drifted |\n|---|---|---|---|\n{rows}")

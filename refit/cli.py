@@ -197,7 +197,11 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
             skipped[ours] = f"no column {theirs!r} in the {' and '.join(lacking)} file"
     signal_of = {"predicted_label": "prediction", "confidence": "confidence"}
     skipped = {signal_of[ours]: why for ours, why in skipped.items() if ours in signal_of}
-    reference, current = (frames[side][list(rename)].rename(columns=rename) for side in ("reference", "current"))
+    # Request ids and timestamps are not measured, but they are validated (duplicates, bad times) where present.
+    checked_only = [c for c in ("request_id", "timestamp") if c not in rename and c not in rename.values()]
+    reference, current = (
+        frames[side][list(rename) + [c for c in checked_only if c in frames[side].columns]].rename(columns=rename)
+        for side in ("reference", "current"))
 
     # Prefect comes in with the task modules (their @task decorators); nothing starts a flow or a server.
     from tasks.drift import load_drift_policy, measure_drift
@@ -272,11 +276,11 @@ def drift(reference: Annotated[Path, typer.Argument(help="Reference table: .parq
           as_json: JsonOption = False,
           text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
           prediction_column: Annotated[Optional[str], typer.Option(
-              help="Predicted-label column [default: predicted_label, used when both files have it].")] = None,
+              help="Predicted-label column (default: predicted_label, used when both files have it).")] = None,
           confidence_column: Annotated[Optional[str], typer.Option(
-              help="Confidence column [default: confidence, used when both files have it].")] = None,
+              help="Confidence column (default: confidence, used when both files have it).")] = None,
           label_column: Annotated[Optional[str], typer.Option(
-              help="True-label column, reported only [default: label, used when both files have it].")] = None,
+              help="True-label column, reported only (default: label, used when both files have it).")] = None,
           policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift") -> None:
     """Check a window against a reference, with no server: validate it, measure the drift signals, print the verdict.
 
@@ -314,8 +318,10 @@ def _int_list(value: str, option: str) -> list[int]:
 @bench_app.command("drift")
 def bench_drift(as_json: JsonOption = False,
                 pairs: Annotated[int, typer.Option(min=1, help="Quiet and shifted window pairs per size.")] = 40,
-                sizes: Annotated[str, typer.Option(help="Window sizes to calibrate, comma-separated.")] = "200,500,2000",
-                scale: Annotated[str, typer.Option(help="Window sizes to time, comma-separated ('' skips).")] = "10000,100000",
+                sizes: Annotated[str, typer.Option(
+                    help="Window sizes to calibrate, comma-separated ('' skips).")] = "200,500,2000",
+                scale: Annotated[str, typer.Option(
+                    help="Window sizes to time, comma-separated ('' skips).")] = "10000,100000",
                 baseline_pairs: Annotated[int, typer.Option(
                     min=0, help="Pairs per size also checked by Evidently's default text drift (~2-4 s each).")] = 10,
                 shift_share: Annotated[float, typer.Option(

@@ -45,6 +45,7 @@ from pydantic import Field, model_validator
 
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
+from registry.tracking import Trigger
 
 Direction = Literal["above", "below"]
 
@@ -87,6 +88,7 @@ class DriftPolicy(StrictModel):
     text: SignalPolicy
     prediction: SignalPolicy
     confidence: SignalPolicy
+    cooldown_minutes: float = Field(ge=0, description="No second update within this time unless severity rises.")
 
     @model_validator(mode="after")
     def _known_methods(self) -> DriftPolicy:
@@ -386,3 +388,29 @@ def _describe_sampling(reference: pd.DataFrame, current: pd.DataFrame, ref: pd.D
 def check_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy, **columns: str) -> DriftResult:
     """Prefect task around ``measure_drift``; ``columns`` passes the column names through."""
     return measure_drift(reference, current, policy, **columns)
+
+
+SEVERITY_RANK = {"none": 0, "low": 1, "high": 2}
+
+
+def decide_action(result: DriftResult, window_start: str, window_end: str, labelled: int, min_labelled: int,
+                  earlier: list[Trigger], cooldown_minutes: float) -> tuple[str, str]:
+    """What refit does about a verdict, and why: ``none``, ``wait for labels`` or ``update``.
+
+    The same window never triggers twice, and within the cooldown only a
+    rise in severity triggers again, so one drift costs one fine-tune.
+    """
+    if not result.drift_detected:
+        return "none", "no drift"
+    same = next((t for t in earlier if (t.window_start, t.window_end) == (window_start, window_end)), None)
+    if same:
+        return "none", f"this window already started an update (drift run {same.run_id})"
+    recent = [t for t in earlier if t.minutes_ago < cooldown_minutes]
+    if recent and SEVERITY_RANK[result.severity] <= max(SEVERITY_RANK[t.severity] for t in recent):
+        newest = min(recent, key=lambda t: t.minutes_ago)
+        return "none", (f"cooldown: an update started {newest.minutes_ago:.0f} min ago (drift run {newest.run_id}) "
+                        f"at severity {newest.severity}; cooldown is {cooldown_minutes:g} min")
+    if labelled < min_labelled:
+        return "wait for labels", f"{labelled} labelled rows in the window, an update needs {min_labelled}"
+    return "update", f"drift at severity {result.severity} with {labelled} labelled rows"
+

@@ -56,8 +56,9 @@ def split_bad_inference_rows(frame: pd.DataFrame,
     """``split_bad_rows`` for a window of served requests, with its schema and types checked too.
 
     A missing ``required`` column rejects the whole window. Row by row, on
-    top of the text checks, every one of the request log's columns that is
-    present is checked: a missing request id, a timestamp that is not a time,
+    top of the text checks (where a null text, which is how an empty CSV cell
+    reads, is "text is missing"), every one of the request log's columns
+    that is present is checked: a missing request id, a timestamp that is not a time,
     an empty predicted label, a confidence that is not a number in [0, 1].
     Each bad row gets one reason, the first that applies, so the reasons add
     up to the rows quarantined. The standalone check passes
@@ -68,7 +69,7 @@ def split_bad_inference_rows(frame: pd.DataFrame,
     """
     _require_rows(frame)
     check_columns(frame, list(dict.fromkeys(["text", *required])))
-    reason = _text_reasons(frame, "text")
+    reason = _text_reasons(frame, "text", missing="text is missing")
     if "request_id" in frame.columns:
         _mark(reason, frame["request_id"].map(_is_blank), "request_id is missing")
     if "timestamp" in frame.columns:
@@ -193,11 +194,13 @@ def _number_or_none(value):
     return value
 
 
-def _text_reasons(frame: pd.DataFrame, text_column: str) -> pd.Series:
+def _text_reasons(frame: pd.DataFrame, text_column: str, missing: str = "text is not a string") -> pd.Series:
+    """The text checks; ``missing`` is the reason given to a null text (None, NaN)."""
     text = frame[text_column]
     reason = pd.Series("", index=frame.index, dtype=object)
     not_str = ~text.map(lambda v: isinstance(v, str))
     reason[not_str] = "text is not a string"
+    reason[text.isna()] = missing
     stripped = text.where(~not_str, "").str.strip()
     reason[(reason == "") & (stripped == "")] = "text is empty"
     reason[(reason == "") & (stripped.str.len() > MAX_TEXT_CHARS)] = f"text longer than {MAX_TEXT_CHARS} characters"

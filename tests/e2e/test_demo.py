@@ -145,3 +145,28 @@ def test_demo_on_s3_store(tmp_path, data_dir, s3_endpoint):
     assert any(k.startswith("inference/model=intent-classifier/") for k in keys)
     assert any(k.startswith("mlflow-artifacts/") and k.endswith("adapter_model.safetensors") for k in keys)
     assert not (tmp_path / "home" / "store").exists()
+
+
+def test_same_drifted_window_never_triggers_twice(demo_home):
+    home, env, result = demo_home
+    from datetime import datetime
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    experiment = client.get_experiment_by_name("refit")
+    trigger = client.search_runs([experiment.experiment_id], "tags.`refit.action` = 'update'")[0].data.tags
+    start, end = (datetime.fromisoformat(trigger[k]) for k in ("refit.window_start", "refit.window_end"))
+    champion = client.get_model_version_by_alias("intent-classifier", "champion")
+    # Ask about the drifted window against the champion that saw it (v1) by moving the alias back first.
+    client.set_registered_model_alias("intent-classifier", "champion", str(result["champion_before"]))
+    try:
+        proc = run_cli(["monitor", "--json", "--window-end", end.isoformat(),
+                        "--window-hours", str((end - start).total_seconds() / 3600)], env)
+    finally:
+        client.set_registered_model_alias("intent-classifier", "champion", champion.version)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verdict = last_json(proc.stdout)
+    assert verdict["drift_detected"] is True
+    assert verdict["action"] == "none"
+    assert "already started an update" in verdict["action_reason"]

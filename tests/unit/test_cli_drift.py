@@ -1,0 +1,204 @@
+"""`refit drift` and `refit bench drift` as a user runs them: a subprocess, files on disk, no server.
+
+The files are CLINC150 windows built the way the benchmark builds them
+(``refit.bench_drift``): a 1,000-text reference of the scenario's five
+domains plus ``oos`` from the training split, and a window of other texts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from refit import bench_drift
+from refit.cli import _int_list
+from refit.errors import RefitError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def refit(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFIT_")}
+    env |= {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "refit.cli", *map(str, args)], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+@pytest.fixture(scope="module")
+def pools(data_dir) -> bench_drift.Pools:
+    return bench_drift.load_pools(data_dir)
+
+
+def renamed(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns as another team might name them, with the true intent as a label column."""
+    renamed_ = frame.rename(columns={"text": "utterance", "predicted_label": "intent"})
+    return renamed_.assign(label=frame["predicted_label"])
+
+
+def test_same_distribution_window_is_not_drift_and_bad_rows_are_counted(pools, tmp_path):
+    reference, current = bench_drift.pair(pools, 500, index=0, kind=bench_drift.QUIET)
+    current = renamed(current)
+    current.insert(0, "request_id", [f"r{i}" for i in range(len(current))])
+    bad = pd.DataFrame({"request_id": ["x1", "x2", "r0"], "utterance": ["", "   ", "a duplicate of r0's id"],
+                        "intent": ["balance"] * 3, "confidence": [0.9] * 3, "label": ["balance"] * 3})
+    pd.concat([current, bad], ignore_index=True).to_csv(tmp_path / "window.csv", index=False)
+    renamed(reference).to_parquet(tmp_path / "reference.parquet")
+
+    proc = refit("drift", tmp_path / "reference.parquet", tmp_path / "window.csv", "--json",
+                 "--text-column", "utterance", "--prediction-column", "intent")
+    verdict = last_json(proc)
+
+    assert (verdict["drift_detected"], verdict["severity"]) == (False, "none"), verdict
+    assert set(verdict["signals"]) == {"text", "prediction", "confidence"}
+    for signal in verdict["signals"].values():
+        assert set(signal) >= {"value", "threshold", "drifted"} and not signal["drifted"]
+    assert verdict["rows_checked"] == 503 == verdict["rows_kept"] + verdict["rows_quarantined"]
+    assert verdict["rows_quarantined"] == 3
+    # an empty CSV cell reads as a missing text, a blank one as empty
+    assert verdict["quarantine_reasons"] == {"text is missing": 1, "text is empty": 1, "duplicate request_id": 1}
+    assert (verdict["rows_current"], verdict["rows_reference"]) == (500, 1000)
+    assert verdict["signals_skipped"] == {}
+    assert verdict["labels"]["current_labelled_rows"] == 500
+    assert "domain_classifier_novelty" in proc.stderr  # with --json the table goes to stderr
+
+
+def test_forty_percent_shifted_window_is_drift(pools, tmp_path):
+    rng = np.random.default_rng(40)
+    reference = bench_drift.reference_window(pools, rng)
+    current = bench_drift.window(pools, 500, rng, shift_share=0.4)
+    reference.to_json(tmp_path / "reference.jsonl", orient="records", lines=True)
+    current.to_parquet(tmp_path / "window.parquet")
+
+    verdict = last_json(refit("drift", tmp_path / "reference.jsonl", tmp_path / "window.parquet", "--json"))
+
+    assert verdict["drift_detected"] and verdict["severity"] == "high", verdict
+    assert verdict["signals"]["text"]["drifted"] and verdict["signals"]["prediction"]["drifted"]
+    assert verdict["rows_checked"] == 500 and verdict["rows_quarantined"] == 0
+
+
+def test_without_json_a_table_is_printed_and_absent_default_columns_are_skipped(pools, tmp_path):
+    reference, current = bench_drift.pair(pools, 300, index=1, kind=bench_drift.SHIFTED)
+    reference[["text", "predicted_label"]].to_csv(tmp_path / "reference.csv", index=False)
+    current[["text", "predicted_label"]].to_csv(tmp_path / "window.csv", index=False)
+
+    proc = refit("drift", tmp_path / "reference.csv", tmp_path / "window.csv")
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Drift check:" in proc.stdout and "label_shift" in proc.stdout
+    assert "skipped: no column 'confidence'" in proc.stdout
+    assert not proc.stdout.strip().splitlines()[-1].startswith("{")
+
+
+@pytest.mark.parametrize("option, column, side", [
+    ((), "text", "reference"),
+    (("--text-column", "utterance", "--prediction-column", "predicted"), "predicted", "current"),
+    (("--text-column", "utterance", "--label-column", "gold"), "gold", "reference"),
+])
+def test_missing_column_is_one_line_naming_it(tmp_path, option, column, side):
+    pd.DataFrame({"utterance": ["hi", "there"], "predicted_label": ["a", "b"], "predicted": ["a", "b"]}).to_csv(
+        tmp_path / "reference.csv", index=False)
+    pd.DataFrame({"utterance": ["hi", "you"], "predicted_label": ["a", "b"]}).to_csv(tmp_path / "window.csv",
+                                                                                     index=False)
+
+    line = one_line_error(refit("drift", tmp_path / "reference.csv", tmp_path / "window.csv", *option))
+
+    assert f"no column {column!r}" in line and f"{side} file" in line
+
+
+def test_missing_file_is_one_line(tmp_path):
+    pd.DataFrame({"text": ["hi"]}).to_csv(tmp_path / "reference.csv", index=False)
+
+    line = one_line_error(refit("drift", tmp_path / "reference.csv", tmp_path / "nowhere.parquet", "--json"))
+
+    assert "nowhere.parquet does not exist" in line
+
+
+def test_empty_file_is_one_line(tmp_path):
+    pd.DataFrame({"text": ["hi"]}).to_csv(tmp_path / "reference.csv", index=False)
+    (tmp_path / "window.csv").write_text("text,predicted_label\n")
+    (tmp_path / "blank.csv").write_text("")
+
+    assert "current file" in one_line_error(refit("drift", tmp_path / "reference.csv", tmp_path / "window.csv"))
+    assert "blank.csv" in one_line_error(refit("drift", tmp_path / "reference.csv", tmp_path / "blank.csv"))
+
+
+def test_window_with_too_few_usable_rows_is_rejected_with_its_reasons(tmp_path):
+    pd.DataFrame({"text": [f"text {i}" for i in range(400)]}).to_csv(tmp_path / "reference.csv", index=False)
+    pd.DataFrame({"text": ["fine"] * 250 + [""] * 100}).to_csv(tmp_path / "window.csv", index=False)
+
+    line = one_line_error(refit("drift", tmp_path / "reference.csv", tmp_path / "window.csv", "--json"))
+
+    assert "window rejected: 250 usable rows of 350" in line and "at least 300" in line
+    assert "100 quarantined" in line and "text is missing" in line
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+
+
+def test_benchmark_pairs_are_repeatable_and_shaped_as_described(pools):
+    reference, quiet = bench_drift.pair(pools, 500, index=3, kind=bench_drift.QUIET)
+    again, quiet_again = bench_drift.pair(pools, 500, index=3, kind=bench_drift.QUIET)
+    _, shifted = bench_drift.pair(pools, 500, index=3, kind=bench_drift.SHIFTED)
+
+    pd.testing.assert_frame_equal(quiet, quiet_again)
+    pd.testing.assert_frame_equal(reference, again)
+    assert (len(reference), len(quiet), len(shifted)) == (1000, 500, 500)
+    assert set(reference["text"]).issubset(set(pools.reference["text"]))
+    assert not set(quiet["text"]) & set(reference["text"])  # other texts ...
+    assert set(quiet["predicted_label"]).issubset(set(pools.label_shares.index))  # ... of the same intents
+    unseen = ~shifted["text"].isin(pools.quiet["text"])
+    assert unseen.sum() == 150 and set(shifted["text"][unseen]).issubset(set(pools.shifted["text"]))
+    # quiet windows keep the training split's out-of-scope share (1.3%), not the held-out splits' 23%
+    assert (quiet["predicted_label"] == "oos").mean() < 0.05
+
+
+def test_int_list_option():
+    assert _int_list("200,500, 2000", "--sizes") == [200, 500, 2000]
+    assert _int_list("100_000", "--scale") == [100_000]
+    assert _int_list("", "--scale") == [] and _int_list("none", "--scale") == []
+    with pytest.raises(RefitError, match="--sizes"):
+        _int_list("200,lots", "--sizes")
+
+
+def test_bench_drift_prints_one_json_object_last(tmp_path, data_dir):
+    proc = refit("bench", "drift", "--json", "--pairs", "1", "--sizes", "300", "--scale", "2000,4000",
+                 "--baseline-pairs", "1")
+    result = last_json(proc)
+
+    [row] = result["calibration"]
+    assert row["size"] == 300 and row["pairs"] == 1
+    assert row["quiet"]["detected"] + row["shifted"]["detected"] <= 2
+    assert row["evidently_default"]["pairs"] == 1 and "quiet" in row["evidently_default"]
+    runs = result["scale"]["runs"]
+    assert [r["rows"] for r in runs] == [2000, 4000]
+    assert all(r["rows_sampled"] == result["setup"]["max_sample_rows"] for r in runs)
+    assert result["scale"]["time_ratio"] > 0
+    assert "Drift calibration" in proc.stderr and "Drift check cost" in proc.stderr
+
+
+def test_bench_module_imports_nothing_heavy():
+    code = ("import refit.bench_drift, sys; "
+            "print([m for m in ('prefect', 'torch', 'mlflow', 'evidently') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stderr[-2000:]
