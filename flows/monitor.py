@@ -53,7 +53,7 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
         if start >= end:
             raise RefitError(f"window {start.isoformat()} .. {end.isoformat()} is empty: already checked")
         window = requestlog.read_inference(ctx.store, name, start, end)
-        validated = validate_window(ctx.store, name, window, drift_policy.min_window_rows)
+        validated = validate_window(ctx.store, name, window, drift_policy.min_window_rows, check_schema=True)
         reference, _ = read_reference(ctx.store, name, champion)
     except RefitError as exc:
         return user_error(exc)

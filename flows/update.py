@@ -65,7 +65,7 @@ def update(window_start: str | None = None, window_end: str | None = None, label
                 raise RefitError("give a window (window_start and window_end) or a labelled file (labels_path)")
             start, end = parse_time(window_start), parse_time(window_end)
             source = f"labelled requests {start.isoformat()} .. {end.isoformat()}"
-            new = labelled_window(ctx.store, name, start, end)
+            new = labelled_window(ctx.store, name, start, end, known_labels=_labels_of(name, champion))
         if len(new) < policy.min_new_examples:
             raise RefitError(f"only {len(new)} labelled examples in {source}; policy needs {policy.min_new_examples}")
         eval_texts = text_hashes(pd.concat(sets.values())["text"])

@@ -35,7 +35,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,9 @@ from pydantic import Field, model_validator
 
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
-from registry.tracking import Trigger
+
+if TYPE_CHECKING:
+    from registry.tracking import Trigger
 
 Direction = Literal["above", "below"]
 

@@ -8,7 +8,7 @@ to the requests they belong to.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from refit import modeling, requestlog
 from refit.errors import RefitError
 from refit.store import ObjectStore
+from tasks.validate import validate_labels
 
 
 def score_traffic(model, tokenizer, texts: list[str], version: int, start: datetime, end: datetime,
@@ -51,10 +52,21 @@ def replay_traffic(store: ObjectStore, model_name: str, model, tokenizer, versio
 
 
 @task(name="labelled-window", cache_policy=NO_CACHE)
-def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: datetime) -> pd.DataFrame:
-    """Texts of the window's requests that have a delayed label, with that label."""
+def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: datetime,
+                    known_labels: list[str] | None = None) -> pd.DataFrame:
+    """Texts of the window's requests that have a delayed label, with that label.
+
+    With ``known_labels``, label feedback the model cannot learn from (unknown
+    or empty label, no request id) goes to quarantine with its reason first.
+    """
     served = requestlog.read_inference(store, model_name, start, end)
     labels = requestlog.read_labels(store, model_name)
+    if known_labels is not None and len(labels):
+        labels, rejected = validate_labels(labels, known_labels)
+        if len(rejected):
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S.%f")
+            store.put_parquet(f"quarantine/model={model_name}/labels/{stamp}-{uuid.uuid4().hex[:8]}.parquet",
+                              rejected.astype(str))
     joined = served.merge(labels.drop_duplicates("request_id", keep="last"), on="request_id", how="inner")
     return joined[["text", "label"]].reset_index(drop=True)
 
