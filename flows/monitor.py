@@ -64,7 +64,12 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="drift-check", tags=tags) as run:
         mlflow.log_params(flat_params("drift", drift_policy) | {"policy_hash": file_hash(policy_path)})
         log_policy(policy_path)
-        result = check_drift(reference, validated.kept, drift_policy)
+        current = validated.kept
+        if drift_policy.performance.enabled and "request_id" in current.columns:
+            # delayed labels, where they have arrived, for the performance signal
+            labels = requestlog.read_labels(ctx.store, name)[["request_id", "label"]]
+            current = current.merge(labels.drop_duplicates("request_id", keep="last"), on="request_id", how="left")
+        result = check_drift(reference, current, drift_policy)
         labelled = len(labelled_window(ctx.store, name, start, end)) if result.drift_detected else 0
         action, why = decide_action(result, start.isoformat(), end.isoformat(), labelled,
                                     update_policy.min_new_examples, update_triggers(ctx.experiment_id, name, champion),

@@ -24,6 +24,33 @@ an Evidently ``ValueDrift`` metric, so the HTML report shows its evidence:
   never changes severity: the reference confidences are the champion's scores
   on its own training rows, which sit above its scores on unseen traffic.
 
+Further signals are reported beside them (value, threshold, drifted) but
+change severity only where the policy sets ``counts_toward_verdict``:
+
+* ``embedding``, what texts mean. Mean-pooled all-MiniLM-L6-v2 sentence
+  embeddings of the base model (no LoRA) of up to ``embedding.max_rows``
+  sampled rows a side, compared with Evidently's embedding drift method
+  (``MMDDriftMethod``, ``ModelDriftMethod`` or ``DistanceDriftMethod``, the
+  methods behind ``EmbeddingsDrift``) called directly on the two embedding
+  frames. The ``EmbeddingsDrift`` metric itself is not used: in Evidently
+  0.7.23 it always fits a t-SNE of up to 2 x 5,000 rows for its plot, 20-40 s
+  on 2 cores, whatever the method.
+* ``descriptor_length``, ``descriptor_oov``, ``descriptor_non_letter``: text
+  length in characters, the share of words that are not whole words of the
+  base tokenizer's ``vocab.txt``, and the share of non-space characters that
+  are not letters; each an Evidently ``ValueDrift`` (normed Wasserstein by
+  default) on its descriptor column, in the same HTML report.
+* ``performance``, accuracy drop against the reference when the window has
+  delayed labels (at least ``performance.min_labelled``): accuracy and macro
+  F1 of the predictions against the labels from Evidently's ``Accuracy`` and
+  ``F1Score`` metrics on each side; the value is reference accuracy minus
+  current accuracy.
+* ``performance_estimate``, a label-free estimate in the spirit of NannyML's
+  CBPE: with calibrated confidences the expected accuracy is the mean
+  confidence, so the value is the mean confidence on the reference minus that
+  on the window. The reference's calibration gap (mean confidence minus
+  accuracy) is reported with it when the reference has labels.
+
 The thresholds in ``refit/policies/drift.yaml`` were measured on CLINC150 with
 a reference of 1,000 rows from five domains plus ``oos`` and true intents
 standing in for predictions; the numbers are in that file.
@@ -32,8 +59,9 @@ standing in for predictions; the numbers are in that file.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
-from functools import cache
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -72,6 +100,20 @@ SIGNAL_METHODS: dict[str, dict[str, Direction]] = {
 }
 SEVERITY_SIGNALS = ("text", "prediction")
 
+EMBEDDING_METHODS: dict[str, Direction] = {"mmd": "above", "model": "above", "distance": "above"}
+PERFORMANCE_METHODS: dict[str, Direction] = {"accuracy_drop": "above"}
+ESTIMATE_METHODS: dict[str, Direction] = {"mean_confidence_drop": "above"}
+DESCRIPTOR_SIGNALS = ("descriptor_length", "descriptor_oov", "descriptor_non_letter")
+EXTRA_SIGNAL_METHODS: dict[str, dict[str, Direction]] = {
+    "embedding": EMBEDDING_METHODS,
+    **{name: NUMERICAL_METHODS for name in DESCRIPTOR_SIGNALS},
+    "performance": PERFORMANCE_METHODS,
+    "performance_estimate": ESTIMATE_METHODS,
+}
+EMBEDDING_MAX_LENGTH = 64
+EMBEDDING_BATCH = 128
+WORD = re.compile(r"[^\W\d_]+")
+
 
 class SignalPolicy(StrictModel):
     """One drift signal: whether it runs, how it is measured and where it fires."""
@@ -79,6 +121,25 @@ class SignalPolicy(StrictModel):
     enabled: bool = Field(description="False skips the signal: it is neither measured nor reported.")
     method: str = Field(description="Evidently stat test name, or one of refit's (see tasks/drift.py).")
     threshold: float = Field(gt=0, description="Compared with the value on the side the method's direction names.")
+
+
+class ExtraSignalPolicy(SignalPolicy):
+    """A signal beyond text, prediction and confidence: reported, and in the verdict only when opted in."""
+
+    counts_toward_verdict: bool = Field(
+        default=False, description="True: when it fires, severity is at least low. False: reported only.")
+
+
+class EmbeddingSignalPolicy(ExtraSignalPolicy):
+    max_rows: int = Field(default=500, ge=2, description="Rows a side embedded (a sample of the sampled rows).")
+
+
+class PerformanceSignalPolicy(ExtraSignalPolicy):
+    min_labelled: int = Field(default=50, ge=1, description="Fewer labelled rows in the window: not measured.")
+
+
+def _off(kind: type[ExtraSignalPolicy], method: str, threshold: float):
+    return Field(default_factory=lambda: kind(enabled=False, method=method, threshold=threshold))
 
 
 class DriftPolicy(StrictModel):
@@ -90,11 +151,17 @@ class DriftPolicy(StrictModel):
     text: SignalPolicy
     prediction: SignalPolicy
     confidence: SignalPolicy
+    embedding: EmbeddingSignalPolicy = _off(EmbeddingSignalPolicy, "mmd", 0.0012)
+    descriptor_length: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
+    descriptor_oov: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
+    descriptor_non_letter: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
+    performance: PerformanceSignalPolicy = _off(PerformanceSignalPolicy, "accuracy_drop", 0.05)
+    performance_estimate: ExtraSignalPolicy = _off(ExtraSignalPolicy, "mean_confidence_drop", 0.05)
     cooldown_minutes: float = Field(ge=0, description="No second update within this time unless severity rises.")
 
     @model_validator(mode="after")
     def _known_methods(self) -> DriftPolicy:
-        for name, methods in SIGNAL_METHODS.items():
+        for name, methods in (SIGNAL_METHODS | EXTRA_SIGNAL_METHODS).items():
             method = getattr(self, name).method
             if method not in methods:
                 raise ValueError(f"{name}.method {method!r} is not one of: {', '.join(sorted(methods))}")
@@ -123,6 +190,8 @@ class Signal:
     drifted: bool
     method: str
     direction: Direction
+    counts_toward_verdict: bool = True
+    details: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -262,7 +331,104 @@ def _severity(signals: dict[str, Signal]) -> str:
     fired = [name for name in SEVERITY_SIGNALS if name in signals and signals[name].drifted]
     if len(fired) == len(SEVERITY_SIGNALS):
         return "high"
-    return "low" if fired else "none"
+    opted_in = any(s.drifted and s.counts_toward_verdict for name, s in signals.items()
+                   if name in EXTRA_SIGNAL_METHODS)
+    return "low" if fired or opted_in else "none"
+
+
+@cache
+def _base_encoder():
+    """The packaged all-MiniLM-L6-v2 (no adapter, no head) and its tokenizer, loaded once per process."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from refit.modeling import _quiet, base_model_path
+
+    _quiet()
+    path = base_model_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+@cache
+def _base_vocabulary() -> frozenset[str]:
+    """Whole words of the base tokenizer's ``vocab.txt`` (word pieces ``##..`` and ``[..]`` tokens left out)."""
+    from refit.modeling import base_model_path
+
+    lines = (base_model_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    return frozenset(w for w in lines if w and not w.startswith("##") and not w.startswith("["))
+
+
+def sentence_embeddings(texts: list[str] | tuple[str, ...]) -> np.ndarray:
+    """Mean-pooled, L2-normalised base-model embeddings, batched by length (max 64 tokens)."""
+    import torch
+
+    tokenizer, model = _base_encoder()
+    input_ids = tokenizer(list(texts), truncation=True, max_length=EMBEDDING_MAX_LENGTH)["input_ids"]
+    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), EMBEDDING_BATCH):
+            batch = order[start:start + EMBEDDING_BATCH]
+            features = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+            hidden = model(**features).last_hidden_state
+            mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+    return out
+
+
+@lru_cache(maxsize=4)
+def _reference_embeddings(texts: tuple[str, ...]) -> np.ndarray:
+    """The reference changes only with the champion: its embeddings are kept for the next checks."""
+    return sentence_embeddings(texts)
+
+
+def embedding_drift(reference: pd.Series, current: pd.Series, method: str, threshold: float) -> float:
+    """Evidently's embedding drift method (the one behind ``EmbeddingsDrift``) on base-model embeddings."""
+    from evidently.metrics.embeddings import DistanceDriftMethod, MMDDriftMethod, ModelDriftMethod
+
+    drift_method = {"mmd": MMDDriftMethod, "model": ModelDriftMethod,
+                    "distance": DistanceDriftMethod}[method](threshold=threshold)
+    ref = _reference_embeddings(tuple(reference.astype(str)))
+    cur = sentence_embeddings(list(current.astype(str)))
+    columns = [f"e{i}" for i in range(ref.shape[1])]
+    value, _, _ = drift_method(pd.DataFrame(cur, columns=columns), pd.DataFrame(ref, columns=columns))
+    return float(value)
+
+
+def text_descriptors(texts: pd.Series) -> pd.DataFrame:
+    """Per-text length (characters), out-of-vocabulary word share and non-letter share of non-space characters."""
+    vocabulary = _base_vocabulary()
+    texts = texts.astype(str)
+    words = texts.str.lower().map(WORD.findall)
+    oov = words.map(lambda ws: sum(w not in vocabulary for w in ws) / len(ws) if ws else 0.0)
+    visible = texts.str.count(r"\S")
+    letters = texts.str.count(r"[^\W\d_]")
+    return pd.DataFrame({
+        "descriptor_length": texts.str.len().astype(float),
+        "descriptor_oov": oov.astype(float),
+        "descriptor_non_letter": ((visible - letters) / visible.where(visible > 0, 1)).astype(float),
+    })
+
+
+def classification_quality(frame: pd.DataFrame, label_column: str, prediction_column: str) -> dict[str, float]:
+    """Accuracy and macro F1 of the predictions against the labels, from Evidently's classification metrics."""
+    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently.metrics import Accuracy, F1Score
+
+    rows = pd.DataFrame({"target": frame[label_column].astype(str), "prediction": frame[prediction_column].astype(str)})
+    definition = DataDefinition(categorical_columns=["target", "prediction"], classification=[
+        MulticlassClassification(target="target", prediction_labels="prediction")])
+    accuracy, f1 = Accuracy(), F1Score(conf_matrix=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"(sklearn|evidently)\..*")
+        snapshot = Report([accuracy, f1]).run(Dataset.from_pandas(rows, data_definition=definition), None)
+    return {"accuracy": float(snapshot.metric_results[accuracy.metric_id].value),
+            "macro_f1": float(snapshot.metric_results[f1.metric_id].value)}
+
+
+def _labelled(frame: pd.DataFrame, label_column: str) -> pd.DataFrame:
+    labels = frame[label_column]
+    return frame[labels.notna() & (labels.astype(str).str.strip() != "")]
 
 
 def measure_drift(
@@ -273,6 +439,7 @@ def measure_drift(
     text_column: str = "text",
     prediction_column: str = "predicted_label",
     confidence_column: str = "confidence",
+    label_column: str = "label",
 ) -> DriftResult:
     """Compare ``current`` with ``reference`` under ``policy``.
 
@@ -287,7 +454,12 @@ def measure_drift(
     content and the model's answers moved: a real shift, not noise in one
     view), ``low`` when one of them fires and ``none`` otherwise; drift is
     detected unless it is ``none``. Confidence is reported only (see the
-    module docstring).
+    module docstring). The further signals (embedding, descriptors,
+    performance, performance estimate) run when enabled in the policy and
+    their inputs are there (performance: a ``label_column`` on both sides with
+    at least ``performance.min_labelled`` labels in the window); a fired one
+    raises severity from ``none`` to ``low`` only when its policy sets
+    ``counts_toward_verdict``.
 
     Raises:
         RefitError: a frame has no text column.
@@ -307,6 +479,10 @@ def measure_drift(
     measured = [name for name in SIGNAL_METHODS if has[name] and getattr(policy, name).enabled]
     stratify_by = prediction_column if has["prediction"] else None
     columns = [column_of[name] for name in SIGNAL_METHODS if has[name]]
+    wants_labels = (policy.performance.enabled and has["prediction"] and label_column in reference.columns
+                    and label_column in current.columns and label_column not in columns)
+    if wants_labels:
+        columns.append(label_column)
     ref = sample_frame(_measured_columns(reference, columns, stratify_by), policy.max_sample_rows, policy.seed,
                        stratify_by)
     cur = sample_frame(_measured_columns(current, columns, stratify_by), policy.max_sample_rows, policy.seed,
@@ -321,7 +497,19 @@ def measure_drift(
         categorical_columns=[prediction_column] if "prediction" in measured else [],
         numerical_columns=[confidence_column] if "confidence" in measured else [],
     )
-    kept = [column_of[name] for name in measured] or [text_column]
+    descriptors = [name for name in DESCRIPTOR_SIGNALS if getattr(policy, name).enabled]
+    if descriptors:
+        ref = pd.concat([ref, text_descriptors(ref[text_column])[descriptors]], axis=1)
+        cur = pd.concat([cur, text_descriptors(cur[text_column])[descriptors]], axis=1)
+        for name in descriptors:
+            metrics[name] = ValueDrift(column=name, method=getattr(policy, name).method,
+                                       threshold=getattr(policy, name).threshold)
+        definition = DataDefinition(
+            text_columns=[text_column],
+            categorical_columns=list(definition.categorical_columns or []),
+            numerical_columns=list(definition.numerical_columns or []) + descriptors,
+        )
+    kept = [column_of[name] for name in measured] + descriptors or [text_column]
     with warnings.catch_warnings():
         # Evidently's typical-words panel refits its own classifier on drifted text and trips
         # sklearn convergence and pandas chained-assignment warnings that say nothing about the data.
@@ -343,8 +531,11 @@ def measure_drift(
             threshold=float(settings.threshold),
             drifted=any(t.status.value == "FAIL" for t in result.tests),
             method=settings.method,
-            direction=SIGNAL_METHODS[name][settings.method],
+            direction=(SIGNAL_METHODS | EXTRA_SIGNAL_METHODS)[name][settings.method],
+            counts_toward_verdict=name in SEVERITY_SIGNALS or getattr(settings, "counts_toward_verdict", False),
         )
+    signals |= _model_signals(ref, cur, policy, text_column, prediction_column, confidence_column,
+                              label_column if wants_labels else None, has)
     severity = _severity(signals)
     return DriftResult(
         drift_detected=severity != "none",
@@ -356,6 +547,51 @@ def measure_drift(
         sample_method=sample_method,
         report_html=report_html,
     )
+
+
+def _extra_signal(name: str, value: float, settings: ExtraSignalPolicy, **details: float) -> Signal:
+    direction = EXTRA_SIGNAL_METHODS[name][settings.method]
+    drifted = value > settings.threshold if direction == "above" else value < settings.threshold
+    return Signal(name=name, value=float(value), threshold=float(settings.threshold), drifted=bool(drifted),
+                  method=settings.method, direction=direction, counts_toward_verdict=settings.counts_toward_verdict,
+                  details={k: float(v) for k, v in details.items()})
+
+
+def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, text_column: str,
+                   prediction_column: str, confidence_column: str, label_column: str | None,
+                   has: dict[str, bool]) -> dict[str, Signal]:
+    """Embedding, performance and performance-estimate signals, on the already sampled frames."""
+    signals: dict[str, Signal] = {}
+    settings = policy.embedding
+    if settings.enabled:
+        stratify_by = prediction_column if has["prediction"] else None
+        ref_rows = sample_frame(ref, settings.max_rows, policy.seed, stratify_by)[text_column]
+        cur_rows = sample_frame(cur, settings.max_rows, policy.seed, stratify_by)[text_column]
+        value = embedding_drift(ref_rows, cur_rows, settings.method, settings.threshold)
+        signals["embedding"] = _extra_signal("embedding", value, settings, rows_reference=len(ref_rows),
+                                             rows_current=len(cur_rows))
+    settings = policy.performance
+    if settings.enabled and label_column is not None:
+        ref_labelled, cur_labelled = _labelled(ref, label_column), _labelled(cur, label_column)
+        if len(cur_labelled) >= settings.min_labelled and len(ref_labelled):
+            before = classification_quality(ref_labelled, label_column, prediction_column)
+            after = classification_quality(cur_labelled, label_column, prediction_column)
+            signals["performance"] = _extra_signal(
+                "performance", before["accuracy"] - after["accuracy"], settings,
+                accuracy_reference=before["accuracy"], accuracy_current=after["accuracy"],
+                macro_f1_reference=before["macro_f1"], macro_f1_current=after["macro_f1"],
+                macro_f1_drop=before["macro_f1"] - after["macro_f1"], labelled_rows=len(cur_labelled))
+    settings = policy.performance_estimate
+    if settings.enabled and has["confidence"]:
+        expected_ref = float(pd.to_numeric(ref[confidence_column], errors="coerce").mean())
+        expected_cur = float(pd.to_numeric(cur[confidence_column], errors="coerce").mean())
+        details = {"estimated_accuracy_reference": expected_ref, "estimated_accuracy_current": expected_cur}
+        if label_column is not None and len(labelled := _labelled(ref, label_column)):
+            accuracy = float((labelled[label_column].astype(str) == labelled[prediction_column].astype(str)).mean())
+            details["reference_calibration_gap"] = expected_ref - accuracy
+        signals["performance_estimate"] = _extra_signal("performance_estimate", expected_ref - expected_cur,
+                                                        settings, **details)
+    return signals
 
 
 def _titled(report_html: str) -> str:

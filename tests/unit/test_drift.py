@@ -151,6 +151,9 @@ def test_signals_without_their_columns_are_skipped(clinc, policy):
     result = measure_drift(reference[["text"]], current, policy)
 
     assert set(result.signals) == {"text"}
+    with_all = policy.model_copy(update={n: getattr(policy, n).model_copy(update={"enabled": True})
+                                         for n in ("descriptor_length", "performance", "performance_estimate")})
+    assert set(measure_drift(reference[["text"]], current, with_all).signals) == {"text", "descriptor_length"}
 
 
 def test_window_above_the_sample_limit_is_sampled_by_label(clinc, policy):
@@ -229,3 +232,96 @@ def test_decide_action_dedupes_cools_down_and_waits_for_labels():
     assert decide_action(_result("low"), "s2", "e2", 500, 50, earlier, 20)[0] == "update"   # cooldown over
     action, why = decide_action(_result("low"), "s2", "e2", 10, 50, [], 60)
     assert action == "wait for labels" and "10 labelled" in why
+
+
+EXTRA_SIGNALS = ("embedding", "descriptor_length", "descriptor_oov", "descriptor_non_letter", "performance",
+                 "performance_estimate")
+
+
+def _enabled(policy: DriftPolicy, *names: str, **changes) -> DriftPolicy:
+    return policy.model_copy(update={n: getattr(policy, n).model_copy(update={"enabled": True} | changes)
+                                     for n in names})
+
+
+def _labelled(frame: pd.DataFrame, wrong_share: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """``label`` is the true intent; ``wrong_share`` of predictions are swapped for another row's."""
+    out = frame.assign(label=frame["predicted_label"])
+    rng = np.random.default_rng(seed)
+    wrong = rng.choice(len(out), round(wrong_share * len(out)), replace=False)
+    predicted = out["predicted_label"].to_numpy().copy()
+    predicted[wrong] = np.roll(predicted[wrong], 1)
+    return out.assign(predicted_label=predicted)
+
+
+def test_shipped_policy_reports_only_the_three_signals_and_extras_do_not_count(policy):
+    assert all(not getattr(policy, n).enabled and not getattr(policy, n).counts_toward_verdict
+               for n in EXTRA_SIGNALS)
+
+
+def test_every_extra_signal_is_reported_and_none_changes_a_quiet_verdict(clinc, policy):
+    reference, current = windows(clinc, seed=0)
+
+    result = measure_drift(_labelled(reference), _labelled(current), _enabled(policy, *EXTRA_SIGNALS))
+
+    assert set(result.signals) == {"text", "prediction", "confidence", *EXTRA_SIGNALS}
+    verdict = json.loads(json.dumps(result.to_dict()))
+    for name in EXTRA_SIGNALS:
+        signal = verdict["signals"][name]
+        assert set(signal) >= {"value", "threshold", "drifted"} and not signal["counts_toward_verdict"]
+        assert not signal["drifted"], verdict
+    assert (result.drift_detected, result.severity) == (False, "none")
+    performance = result.signals["performance"].details
+    assert performance["accuracy_reference"] == performance["accuracy_current"] == 1.0
+    assert performance["macro_f1_current"] == 1.0
+    estimate = result.signals["performance_estimate"].details
+    assert 0.6 < estimate["estimated_accuracy_current"] < 1.0
+    assert "Drift in descriptor_length" in result.report_html or "descriptor_length" in result.report_html
+
+
+def test_embedding_signal_is_larger_on_a_shifted_window(clinc, policy):
+    only_embedding = _enabled(policy, "embedding")
+    quiet = measure_drift(*windows(clinc, seed=0), only_embedding).signals["embedding"]
+    shifted = measure_drift(*windows(clinc, seed=1, shifted_share=0.4), only_embedding).signals["embedding"]
+
+    assert shifted.value > 3 * max(quiet.value, 1e-4) and shifted.drifted and not quiet.drifted, (quiet, shifted)
+    assert shifted.details["rows_current"] == policy.embedding.max_rows
+
+
+def test_performance_drift_fires_on_a_large_accuracy_drop_and_needs_enough_labels(clinc, policy):
+    reference, current = windows(clinc, seed=4)
+    with_performance = _enabled(policy, "performance")
+
+    result = measure_drift(_labelled(reference), _labelled(current, wrong_share=0.3), with_performance)
+
+    signal = result.signals["performance"]
+    assert signal.drifted and 0.25 < signal.value < 0.35, signal
+    assert signal.details["macro_f1_drop"] > 0.2
+    assert result.severity == "none"  # reported only unless the policy opts in
+    few = _labelled(current, wrong_share=0.3)
+    few.loc[few.index[policy.performance.min_labelled - 1:], "label"] = None
+    assert "performance" not in measure_drift(_labelled(reference), few, with_performance).signals
+    opted_in = _enabled(policy, "performance", counts_toward_verdict=True)
+    result = measure_drift(_labelled(reference), _labelled(current, wrong_share=0.3), opted_in)
+    assert (result.drift_detected, result.severity) == (True, "low")
+
+
+def test_performance_estimate_sees_falling_confidence(clinc, policy):
+    reference, current = windows(clinc, seed=4)
+    current = current.assign(confidence=current["confidence"] - 0.3)
+
+    signal = measure_drift(reference, current, _enabled(policy, "performance_estimate")).signals["performance_estimate"]
+
+    assert signal.drifted and 0.25 < signal.value < 0.35
+    assert signal.details["estimated_accuracy_current"] < 0.6
+
+
+def test_descriptors_fire_on_very_long_texts(clinc, policy):
+    reference, current = windows(clinc, seed=9)
+    current = current.assign(text=current["text"] + " " + current["text"] + " " + current["text"] + " 42 !!")
+    descriptors = ("descriptor_length", "descriptor_oov", "descriptor_non_letter")
+
+    result = measure_drift(reference, current, _enabled(policy, *descriptors))
+
+    assert result.signals["descriptor_length"].drifted, result.to_dict()
+    assert result.signals["descriptor_non_letter"].drifted
+    assert {"embedding", "performance", "performance_estimate"}.isdisjoint(result.signals)
