@@ -170,3 +170,21 @@ def test_same_drifted_window_never_triggers_twice(demo_home):
     assert verdict["drift_detected"] is True
     assert verdict["action"] == "none"
     assert "already started an update" in verdict["action_reason"]
+
+
+def test_update_over_budget_is_refused_before_training(demo_home):
+    home, env, result = demo_home
+    from mlflow import MlflowClient
+
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    versions_before = len(client.search_model_versions("name='intent-classifier'"))
+    labels = home / "demo" / "hotfix-poisoned.csv"
+    proc = run_cli(["update", "--json", "--labels", str(labels)], env | {"REFIT_MONTHLY_BUDGET_USD": "0.000001"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = last_json(proc.stdout)
+    assert refused["promoted"] is False and refused["reason"].startswith("refused before training")
+    assert "fine-tune" not in proc.stderr  # no training task ran
+    run = client.get_run(refused["run_id"])
+    assert run.data.tags["refit.gate_verdict"] == "refused"
+    assert run.data.metrics["update_cost_usd"] == 0.0
+    assert len(client.search_model_versions("name='intent-classifier'")) == versions_before
