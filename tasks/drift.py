@@ -34,7 +34,9 @@ change severity only where the policy sets ``counts_toward_verdict``:
   methods behind ``EmbeddingsDrift``) called directly on the two embedding
   frames. The ``EmbeddingsDrift`` metric itself is not used: in Evidently
   0.7.23 it always fits a t-SNE of up to 2 x 5,000 rows for its plot, 20-40 s
-  on 2 cores, whatever the method.
+  on 2 cores, whatever the method. MMD (the default) read 0.0000-0.0002 on
+  20 quiet benchmark pairs of 500 rows and 0.0015-0.0029 on 20 pairs with
+  30% from unseen domains.
 * ``descriptor_length``, ``descriptor_oov``, ``descriptor_non_letter``: text
   length in characters, the share of words that are not whole words of the
   base tokenizer's ``vocab.txt``, and the share of non-space characters that
@@ -58,8 +60,8 @@ standing in for predictions; the numbers are in that file.
 
 from __future__ import annotations
 
-import warnings
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -151,7 +153,7 @@ class DriftPolicy(StrictModel):
     text: SignalPolicy
     prediction: SignalPolicy
     confidence: SignalPolicy
-    embedding: EmbeddingSignalPolicy = _off(EmbeddingSignalPolicy, "mmd", 0.0012)
+    embedding: EmbeddingSignalPolicy = _off(EmbeddingSignalPolicy, "mmd", 0.0008)
     descriptor_length: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
     descriptor_oov: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
     descriptor_non_letter: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
