@@ -56,16 +56,18 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         if champion is None:
             raise RefitError(f"model {name} has no champion: run bootstrap first")
         sets = read_evaluation_sets(ctx)
+        champion_dir = versions.download_adapter(name, champion)
+        known_labels = modeling.read_labels(champion_dir)
         _, pool = read_reference(ctx.store, name, champion)
         if labels_path:
             source = labels_path
-            new = read_labelled_file(labels_path, _labels_of(name, champion))
+            new = read_labelled_file(labels_path, known_labels)
         else:
             if not (window_start and window_end):
                 raise RefitError("give a window (window_start and window_end) or a labelled file (labels_path)")
             start, end = parse_time(window_start), parse_time(window_end)
             source = f"labelled requests {start.isoformat()} .. {end.isoformat()}"
-            new = labelled_window(ctx.store, name, start, end, known_labels=_labels_of(name, champion))
+            new = labelled_window(ctx.store, name, start, end, known_labels=known_labels)
         if len(new) < policy.min_new_examples:
             raise RefitError(f"only {len(new)} labelled examples in {source}; policy needs {policy.min_new_examples}")
         eval_texts = text_hashes(pd.concat(sets.values())["text"])
@@ -96,7 +98,6 @@ def update(window_start: str | None = None, window_end: str | None = None, label
             return {"promoted": False, "version": None, "champion": champion, "reason": reason, "run_id": run.info.run_id}
 
         log_training_input(training.frame, source, training.fingerprint)
-        champion_dir = versions.download_adapter(name, champion)
         trained = fine_tune(training.frame, policy.update, ctx.rates, warm_start=champion_dir, seed=ctx.settings.seed)
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         before, after = evaluate_pair(champion_dir, trained.adapter_dir, sets, ctx.rates)
@@ -151,7 +152,3 @@ def update(window_start: str | None = None, window_end: str | None = None, label
                              key="gate-verdict", description=f"{name} v{version}: {verdict.summary[:100]}")
     get_run_logger().info(f"{kind}: v{version} {'promoted to champion' if verdict.passed else 'refused'}: {verdict.summary}")
     return result
-
-
-def _labels_of(name: str, version: int) -> list[str]:
-    return modeling.read_labels(versions.download_adapter(name, version))
