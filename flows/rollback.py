@@ -1,4 +1,4 @@
-"""rollback: put the previous champion back, by hand or when a guard fails."""
+"""rollback: put the previous champion back by hand; the server does the same on its own when a guard fails."""
 
 from __future__ import annotations
 
@@ -7,22 +7,19 @@ from prefect.logging import get_run_logger
 
 from flows.common import open_context, user_error
 from refit.errors import RefitError
-from registry import versions
+from registry.rollout import roll_back
+from tasks.deploy import notify_server
 
 
 @flow(name="rollback")
 def rollback(reason: str = "manual rollback") -> dict:
-    """Move ``champion`` back to ``previous`` and tag the demoted version with ``reason``."""
+    """Move ``champion`` back to ``previous``, tag the demoted version with ``reason``, tell the server."""
     try:
         ctx = open_context()
-        name = ctx.model_name
-        current = versions.alias_version(name, versions.CHAMPION)
-        previous = versions.alias_version(name, versions.PREVIOUS)
-        if current is None or previous is None:
-            raise RefitError(f"model {name} has no previous champion to roll back to")
-        versions.promote(name, previous, current)
-        versions.set_tags(name, current, {"refit.rolled_back": reason, "refit.deployed": "rolled back"})
+        result = roll_back(ctx.model_name, None, reason, experiment_id=ctx.experiment_id, source="manual")
     except RefitError as exc:
         return user_error(exc)
-    get_run_logger().info(f"rolled back {name}: champion v{current} -> v{previous} ({reason})")
-    return {"champion": previous, "rolled_back": current, "reason": reason}
+    server = notify_server(ctx.settings)
+    get_run_logger().info(f"rolled back {ctx.model_name}: champion v{result['rolled_back']} -> "
+                          f"v{result['champion']} ({reason}); server: {server}")
+    return result | {"server": server}

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,19 @@ class Settings(BaseSettings):
 
     seed: int = 0
     torch_threads: int | None = Field(None, description="Default: all cores.")
+
+    serve_host: str = Field("127.0.0.1", description="Address `refit serve` binds; 0.0.0.0 only inside a container.")
+    serve_port: int = Field(8000, ge=1, le=65535)
+    serve_url: str | None = Field(None, description="Where deploy and rollback tell the server to reload; None: "
+                                                    "they tell nobody and the server's alias poll finds the change.")
+    serve_admin_token: SecretStr | None = Field(None, description="Bearer token of /admin/*; None disables them.")
+    serve_poll_seconds: float = Field(15.0, ge=0, description="How often the server checks the champion alias; 0 never.")
+    serve_max_texts: int = Field(64, ge=1, description="Most texts one /predict request may carry.")
+    serve_max_text_chars: int = Field(2000, ge=1, description="Longest text accepted (the monitor's limit too).")
+    serve_batch_size: int = Field(32, ge=1, description="Most texts in one forward pass (micro-batching).")
+    serve_log_flush_rows: int = Field(2000, ge=1, description="Request-log rows buffered before a Parquet part.")
+    serve_log_flush_seconds: float = Field(30.0, gt=0, description="Longest a logged row waits in the buffer.")
+    serve_rollout_policy: str = Field("rollout", description="Rollout policy name or YAML path (canary, guards).")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

@@ -1,17 +1,25 @@
-"""Deploy: write the champion's reference snapshot and move the aliases.
+"""Deploy: write the champion's reference snapshot, move the aliases, tell the server.
 
 Promotion is guarded: ``champion`` moves only if it still points at the
 version the gate compared against. The old champion becomes ``previous``,
-which is where rollback returns to.
+which is where rollback returns to. The running server is then told to load
+the new champion (``REFIT_SERVE_URL``); it serves it as a canary and rolls it
+back on its own if a live guard fails (``serving/rollout.py``). A server that
+cannot be reached is not an error here: its alias poll finds the change.
 """
 
 from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
 
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from refit import modeling
+from refit.settings import Settings
 from refit.store import ObjectStore
 from registry import versions
 
@@ -52,4 +60,42 @@ def promote(model_name: str, version: int, expected_champion: int | None) -> int
     """Move ``champion`` to ``version`` (guarded); returns the old champion."""
     previous = versions.promote(model_name, version, expected_champion)
     versions.set_tags(model_name, version, {"refit.deployed": "champion"})
+    _log(f"{model_name} v{version} is champion; server: {notify_server()}")
     return previous
+
+
+def notify_server(settings: Settings | None = None, timeout: float = 60.0) -> str:
+    """Ask the running server to load the champion now; says what happened, never raises.
+
+    The server answers once the new version is loaded and its canary (or
+    direct swap) has started.
+    """
+    settings = settings or Settings()
+    if not settings.serve_url:
+        return "not told (no REFIT_SERVE_URL); it will see the alias at its next poll"
+    if settings.serve_admin_token is None:
+        return "not told (no REFIT_SERVE_ADMIN_TOKEN); it will see the alias at its next poll"
+    request = urllib.request.Request(
+        settings.serve_url.rstrip("/") + "/admin/reload", data=b"{}", method="POST",
+        headers={"Authorization": f"Bearer {settings.serve_admin_token.get_secret_value()}",
+                 "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            status = json.loads(answer.read())
+        return f"serving v{status.get('loaded')} ({status.get('adopted')})"
+    except urllib.error.HTTPError as exc:
+        return f"refused the reload: HTTP {exc.code} {exc.read()[:200]!r}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"not reached at {settings.serve_url} ({exc}); it will see the alias at its next poll"
+
+
+def _log(message: str) -> None:
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().info(message)
+    except MissingContextError:
+        logging.getLogger(__name__).info(message)

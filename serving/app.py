@@ -1,0 +1,315 @@
+"""The inference service: ``/predict`` on the ``champion`` alias, with canary, guards and rollback.
+
+Endpoints: ``POST /predict`` ({"texts": [...]}: a label, confidence, request
+id and model version per text), ``GET /healthz`` (alive), ``GET /readyz``
+(a model is loaded), ``GET /metrics`` (Prometheus), ``GET /rollout`` (routing
+state and the last guard verdict), ``POST /admin/reload`` (bearer token: load
+the champion now; what deploy calls after a promotion).
+
+Background work, all started and stopped by the app's lifespan: the
+micro-batching engine, the request-log flusher, the alias poll and the guard
+check. A clean stop answers every request already received, then writes
+every logged row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from refit.errors import RefitError
+from refit.settings import Settings
+from refit.store import ObjectStore
+from serving.engine import Engine
+from serving.guards import GuardVerdict, LiveStats, RolloutPolicy, load_rollout_policy
+from serving.metrics import Metrics
+from serving.model import ServedModel, load_version
+from serving.requestlog import RequestLog
+from serving.rollout import Rollout, Slot
+from serving.schema import BadRequest, Limits, parse_texts
+
+log = logging.getLogger("refit.serving")
+
+
+class Server:
+    """Everything one app holds: settings, model routing, engine, request log, metrics."""
+
+    def __init__(self, settings: Settings, store: ObjectStore, policy: RolloutPolicy, policy_path: Path | None):
+        self.settings, self.store, self.policy, self.policy_path = settings, store, policy, policy_path
+        self.model_name = settings.model_name
+        self.limits = Limits(settings.serve_max_texts, settings.serve_max_text_chars)
+        self.metrics = Metrics()
+        self.stats: dict[int, LiveStats] = {}
+        self.rollout = Rollout(policy, lambda: LiveStats(settings.cpu_usd_per_hour), self._on_rollback)
+        self.engine = Engine(settings.serve_batch_size, self._on_pass)
+        self.request_log = RequestLog(store, self.model_name, settings.serve_log_flush_rows,
+                                      settings.serve_log_flush_seconds)
+        self.experiment_id: str | None = None
+        self._tokenizer = None
+        self._loading = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+
+    # -- models ------------------------------------------------------------
+    def _load(self, version: int) -> ServedModel:
+        from refit import modeling
+
+        self._tokenizer = self._tokenizer or modeling.load_tokenizer()
+        return load_version(self.model_name, version, self.settings.serve_batch_size, self._tokenizer)
+
+    async def reload(self) -> dict:
+        """Serve the version behind the champion alias, if it is not the one served already."""
+        from registry import versions
+
+        async with self._loading:
+            version = await asyncio.to_thread(versions.alias_version, self.model_name, versions.CHAMPION)
+            if version is None:
+                return {"loaded": None, "adopted": "nothing: no champion registered yet"}
+            if version == self.rollout.serving_version:
+                return {"loaded": version, "adopted": "already serving"}
+            if version in self.rollout.refused:
+                return {"loaded": self.rollout.serving_version, "adopted": f"v{version} was rolled back here"}
+            started = time.monotonic()
+            model = await asyncio.to_thread(self._load, version)
+            adopted = self.rollout.adopt(model)
+            self._update_version_gauges()
+            log.info("loaded v%d in %.1fs (%s)", version, time.monotonic() - started, adopted)
+            return {"loaded": version, "adopted": adopted, "load_seconds": round(time.monotonic() - started, 2)}
+
+    def _update_version_gauges(self) -> None:
+        status = self.rollout.status()
+        self.metrics.model_version.labels("champion").set(status["champion"] or 0)
+        self.metrics.model_version.labels("candidate").set(status["candidate"] or 0)
+
+    # -- rollback ----------------------------------------------------------
+    def _on_rollback(self, verdict: GuardVerdict, phase: str) -> None:
+        """The guard failed and the old version already answers; now make the registry agree."""
+        self.metrics.rollbacks.inc()
+        self._update_version_gauges()
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._record_rollback, verdict, phase))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _record_rollback(self, verdict: GuardVerdict, phase: str) -> None:
+        from registry.rollout import roll_back
+
+        title = f"Automatic rollback of {self.model_name} v{verdict.new_version} ({phase})"
+        try:
+            result = roll_back(self.model_name, verdict.new_version, f"guard failed during {phase}: {verdict.summary}",
+                               experiment_id=self.experiment_id, source=f"refit serve ({phase} guard)",
+                               guard_html=verdict.html(title), guard_markdown=f"# {title}\n\n{verdict.markdown()}",
+                               guard_json=verdict.to_dict() | {"policy": self.policy.model_dump()})
+            log.warning("rolled back in MLflow: %s", result)
+        except RefitError as exc:  # the champion moved on meanwhile: nothing of ours to undo
+            log.warning("rollback of v%d not recorded in MLflow: %s", verdict.new_version, exc)
+
+    # -- inference ---------------------------------------------------------
+    def _on_pass(self, slot: Slot, texts: int, cpu_seconds: float) -> None:
+        self.metrics.batch_texts.observe(texts)
+        slot.stats.record_inference(texts, cpu_seconds)
+
+    async def predict(self, texts: list[str]) -> dict:
+        received = time.perf_counter()
+        slot, shadow = self.rollout.route()
+        if slot is None:
+            raise BadRequest(503, "no model loaded yet: the server is starting or no champion is registered")
+        try:
+            labels, confidence = await self.engine.predict(slot, texts)
+        except Exception:
+            slot.stats.record_request(time.perf_counter() - received, None)
+            raise
+        latency = time.perf_counter() - received
+        slot.stats.record_request(latency, confidence)
+        if shadow is not None:
+            self._mirror(shadow, texts)
+        version = str(slot.version)
+        now = datetime.now(timezone.utc)
+        rows = [{"request_id": uuid.uuid4().hex, "timestamp": now, "text": text, "predicted_label": label,
+                 "confidence": float(conf), "model_version": version}
+                for text, label, conf in zip(texts, labels, confidence)]
+        self.request_log.append(rows)
+        self._observe(version, latency, labels, confidence)
+        return {"model_version": slot.version, "predictions": [
+            {"request_id": r["request_id"], "label": r["predicted_label"], "confidence": round(r["confidence"], 6),
+             "model_version": slot.version} for r in rows]}
+
+    def _mirror(self, slot: Slot, texts: list[str]) -> None:
+        """Shadow: the new version scores a copy; its answer is measured, never returned or logged."""
+        async def score() -> None:
+            started = time.perf_counter()
+            try:
+                _, confidence = await self.engine.predict(slot, texts)
+            except Exception:
+                slot.stats.record_request(time.perf_counter() - started, None)
+                return
+            slot.stats.record_request(time.perf_counter() - started, confidence)
+
+        task = asyncio.get_running_loop().create_task(score())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _observe(self, version: str, latency: float, labels: list[str], confidence) -> None:
+        m = self.metrics
+        m.requests.labels("200").inc()
+        m.latency.labels(version).observe(latency)
+        for label in labels:
+            m.predictions.labels(label, version).inc()
+        m.confidence_sum.labels(version).inc(float(confidence.sum()))
+
+    def refresh_gauges(self) -> None:
+        for slot in (self.rollout.champion, self.rollout.candidate):
+            if slot is not None and slot.stats.requests:
+                figures = slot.stats.figures()
+                self.metrics.mean_confidence.labels(str(slot.version)).set(figures.mean_confidence)
+                self.metrics.cost_per_1k.labels(str(slot.version)).set(figures.cost_per_1k_usd)
+        self.metrics.log_rows.set(self.request_log.rows_logged)
+        self.metrics.log_buffered.set(self.request_log.buffered)
+
+    # -- background --------------------------------------------------------
+    async def _every(self, seconds: float, what, name: str) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await what()
+            except Exception:
+                log.exception("%s failed; trying again in %.0fs", name, seconds)
+
+    async def _check_guards(self) -> None:
+        if self.rollout.check() is not None:
+            self._update_version_gauges()
+
+    async def start(self) -> None:
+        from registry.tracking import configure
+
+        self.experiment_id = await asyncio.to_thread(configure, self.settings)
+        self.request_log.start()
+        self.engine.start()
+        self._tasks.append(asyncio.create_task(self._first_load(), name="first-load"))
+        self._tasks.append(asyncio.create_task(
+            self._every(self.policy.check_every_seconds, self._check_guards, "guard check"), name="guards"))
+        if self.settings.serve_poll_seconds > 0:
+            self._tasks.append(asyncio.create_task(
+                self._every(self.settings.serve_poll_seconds, self.reload, "alias poll"), name="poll"))
+
+    async def _first_load(self) -> None:
+        try:
+            log.info("champion: %s", await self.reload())
+        except Exception:
+            log.exception("loading the champion failed; the alias poll will try again")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self.engine.stop()
+        await asyncio.to_thread(self.request_log.close)
+        log.info("stopped: %d request-log rows written in %d parts", self.request_log.rows_logged,
+                 self.request_log.parts_written)
+
+
+def create_app(settings: Settings | None = None, store: ObjectStore | None = None,
+               policy: str | None = None) -> FastAPI:
+    """The app for ``settings`` (default: from the environment); nothing connects until it starts."""
+    from refit.store import open_store
+
+    settings = settings or Settings()
+    rollout_policy, policy_path = load_rollout_policy(policy or settings.serve_rollout_policy)
+    server = Server(settings, store or open_store(settings), rollout_policy, policy_path)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    app = FastAPI(title="refit serving", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        server.metrics.requests.labels(str(exc.status)).inc()
+        server.metrics.errors.labels("unavailable" if exc.status == 503 else "bad_request").inc()
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        """{"texts": ["book a flight to Paris"]} -> a label, confidence and model version per text."""
+        body = await _read_body(request, server.limits.max_body_bytes)
+        texts = parse_texts(body, server.limits)
+        try:
+            return JSONResponse(await server.predict(texts))
+        except BadRequest:
+            raise
+        except Exception as exc:
+            log.exception("prediction failed")
+            server.metrics.requests.labels("500").inc()
+            server.metrics.errors.labels("inference").inc()
+            return JSONResponse({"error": f"prediction failed: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        version = server.rollout.serving_version
+        if version is None:
+            return JSONResponse({"status": "not ready: no model loaded"}, status_code=503)
+        return JSONResponse({"status": "ready", "model_version": version})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        server.refresh_gauges()
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/rollout")
+    async def rollout() -> dict:
+        return server.rollout.status() | {"policy": server.policy.model_dump(), "policy_file": str(server.policy_path)}
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> JSONResponse:
+        _authorize(request, settings)
+        return JSONResponse(await server.reload() | {"rollout": server.rollout.status()["phase"]})
+
+    @app.post("/admin/flush")
+    async def flush(request: Request) -> JSONResponse:
+        _authorize(request, settings)
+        rows = await asyncio.to_thread(server.request_log.flush)
+        return JSONResponse({"rows_written": rows, "rows_logged": server.request_log.rows_logged})
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes ``limit`` bytes (never read whole into memory)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"request body is {int(declared):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"request body is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _authorize(request: Request, settings: Settings) -> None:
+    if settings.serve_admin_token is None:
+        raise BadRequest(403, "admin endpoints are disabled: set REFIT_SERVE_ADMIN_TOKEN")
+    given = request.headers.get("authorization", "")
+    expected = f"Bearer {settings.serve_admin_token.get_secret_value()}"
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise BadRequest(401, "admin endpoints need the header 'Authorization: Bearer <REFIT_SERVE_ADMIN_TOKEN>'")
