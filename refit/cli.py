@@ -351,6 +351,12 @@ def bench_drift(as_json: JsonOption = False,
         print(json.dumps(result, default=str))
 
 
+# `refit stack up|down|status|env`: the local Prefect server, worker and MLflow server (refit/stack.py).
+from refit.stack import app as stack_app  # noqa: E402  (typer only: no Prefect or MLflow import)
+
+app.add_typer(stack_app, name="stack")
+
+
 def main() -> None:
     try:
         app()
