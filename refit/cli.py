@@ -357,6 +357,13 @@ from refit.stack import app as stack_app  # noqa: E402  (typer only: no Prefect 
 app.add_typer(stack_app, name="stack")
 
 
+# The serving commands live with the server; serving.cli imports only typer at module level.
+from serving.cli import bench_serve, serve  # noqa: E402
+
+app.command("serve")(serve)
+bench_app.command("serve")(bench_serve)
+
+
 def main() -> None:
     try:
         app()

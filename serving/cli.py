@@ -30,3 +30,43 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Address to bind (def
     app = create_app(settings, policy=policy)
     uvicorn.run(app, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info",
                 timeout_graceful_shutdown=60, access_log=False)
+
+
+def bench_serve(seconds: Annotated[float, typer.Option(min=5, help="Length of the load.")] = 60,
+                concurrency: Annotated[int, typer.Option(min=1, help="Client threads, each one request at a time.")] = 8,
+                texts_per_request: Annotated[str, typer.Option(help="Texts per request, MIN-MAX.")] = "1-8",
+                swap_at: Annotated[float, typer.Option(help="Second at which a copy of the champion is promoted "
+                                                            "(a swap under load); negative: none.")] = 15,
+                bad_at: Annotated[float, typer.Option(help="Second at which a bad version is promoted; negative: none.")] = 35,
+                as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")] = False,
+                ) -> None:
+    """Load-test the real server: latency, throughput, 5xx, request-log rows, swap, automatic rollback, and a
+    transformers.pipeline comparison. Registers two bench versions; use a scratch REFIT_HOME.
+
+    Example: REFIT_HOME=/tmp/bench refit bench serve --seconds 60 --concurrency 8
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from refit.cli import _prepare
+    from refit.errors import RefitError
+    from serving.loadtest import run
+
+    settings = _prepare()
+    try:
+        low, high = (int(x) for x in texts_per_request.split("-"))
+        assert 1 <= low <= high <= settings.serve_max_texts
+    except (ValueError, AssertionError):
+        raise RefitError(f"--texts-per-request must be MIN-MAX within 1-{settings.serve_max_texts}, "
+                         f"not {texts_per_request!r}") from None
+    err = Console(stderr=True)
+    result = run(settings, seconds, concurrency, (low, high), swap_at if swap_at >= 0 else None,
+                 bad_at if bad_at >= 0 else None, progress=lambda message: err.print(f"[dim]{message}[/]"))
+    table = Table(title="refit bench serve", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    (err if as_json else Console()).print(table)
+    if as_json:
+        print(json.dumps(result, default=str))

@@ -1,0 +1,261 @@
+"""``refit bench serve``: a load test of the real server, with a hot swap and a bad version under load.
+
+It starts ``refit serve`` as a subprocess on a free 127.0.0.1 port, sends
+real CLINC150 texts from ``concurrency`` client threads for ``seconds``, and
+meanwhile promotes (through the deploy step, which tells the server) a copy
+of the champion (a swap that must drop nothing) and a deliberately bad
+version (an untrained head: far less confident) that the guards must roll
+back on their own. It then stops the server cleanly and counts the request
+log, and times a plain ``transformers.pipeline`` against the server's own
+predictor on the same merged model and batch size, side by side.
+
+It registers two versions in the configured registry (tagged
+``refit.kind=bench-copy`` / ``bench-bad``) and puts the original champion
+back at the end: point ``REFIT_HOME`` at a scratch home for a clean run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from refit.errors import RefitError
+from refit.settings import Settings
+
+
+@dataclass
+class Load:
+    """What the clients saw: one entry per request."""
+
+    sent: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    status: list[int] = field(default_factory=list)
+    texts: list[int] = field(default_factory=list)
+    version: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, sent: float, latency: float, status: int, texts: int, version: int) -> None:
+        with self.lock:
+            self.sent.append(sent)
+            self.latency.append(latency)
+            self.status.append(status)
+            self.texts.append(texts)
+            self.version.append(version)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _client(url: str, texts: list[str], per_request: tuple[int, int], stop: threading.Event, load: Load,
+            seed: int) -> None:
+    import httpx
+
+    rng = random.Random(seed)
+    with httpx.Client(timeout=60) as client:
+        while not stop.is_set():
+            batch = rng.sample(texts, rng.randint(*per_request))
+            sent = time.perf_counter()
+            try:
+                answer = client.post(url + "/predict", json={"texts": batch})
+                status = answer.status_code
+                version = answer.json().get("model_version", 0) if status == 200 else 0
+            except Exception:  # a dropped connection counts as a failure, like a 5xx
+                status, version = 599, 0
+            load.add(sent, time.perf_counter() - sent, status, len(batch), version)
+
+
+def _register_bench_versions(settings: Settings, experiment_id: str, champion: int) -> tuple[int, int]:
+    """A copy of the champion (a swap that must pass) and a version with an untrained head (must fail)."""
+    import mlflow
+
+    from refit import modeling
+    from registry import versions
+
+    source = versions.download_adapter(settings.model_name, champion)
+    bad_dir = Path(tempfile.mkdtemp(prefix="refit-bench-bad-"))
+    modeling.save_model(modeling.new_model(modeling.read_labels(source), modeling.LoraSpec(), seed=1), bad_dir)
+    made = []
+    for kind, path in (("bench-copy", source), ("bench-bad", bad_dir)):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=kind, tags={"refit.kind": kind}) as run:
+            mlflow.log_artifacts(str(path), versions.ADAPTER_DIR)
+        made.append(versions.register(settings.model_name, run.info.run_id,
+                                      {"refit.kind": kind, "refit.parent_version": str(champion)}))
+    return made[0], made[1]
+
+
+def _bench_policy(window_seconds: float, watch_seconds: float) -> Path:
+    """The shipped rollout policy with a window that fits inside the test."""
+    import yaml
+
+    from refit.policy import POLICY_DIR
+
+    policy = yaml.safe_load((POLICY_DIR / "rollout.yaml").read_text())
+    policy.update({"window_seconds": window_seconds, "watch_seconds": watch_seconds})
+    path = Path(tempfile.mkdtemp(prefix="refit-bench-")) / "rollout.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RefitError(f"refit serve exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RefitError(f"refit serve at {url} was not ready within {timeout:.0f}s")
+
+
+def pipeline_vs_served(adapter_dir: Path, texts: list[str], batch_size: int, repeats: int = 3) -> dict:
+    """Texts per second of ``transformers.pipeline`` and of the server's predictor, taking turns.
+
+    Both run the same merged model on the same texts with the same batch size,
+    in this process; each keeps its best of ``repeats``.
+    """
+    from transformers import pipeline
+
+    from refit import modeling
+    from serving.model import from_adapter
+
+    served = from_adapter(adapter_dir, 0, batch_size)
+    plain = pipeline("text-classification", model=served.model, tokenizer=modeling.load_tokenizer(), device="cpu")
+    best = {"pipeline": float("inf"), "served": float("inf")}
+    for _ in range(repeats):
+        started = time.perf_counter()
+        plain(texts, batch_size=batch_size, truncation=True, max_length=modeling.MAX_LENGTH)
+        best["pipeline"] = min(best["pipeline"], time.perf_counter() - started)
+        started = time.perf_counter()
+        served.predict(texts)
+        best["served"] = min(best["served"], time.perf_counter() - started)
+    rates = {name: len(texts) / seconds for name, seconds in best.items()}
+    return {"texts": len(texts), "batch_size": batch_size, "pipeline_texts_per_s": round(rates["pipeline"], 1),
+            "served_texts_per_s": round(rates["served"], 1),
+            "served_vs_pipeline": round(rates["served"] / rates["pipeline"], 2)}
+
+
+def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_request: tuple[int, int] = (1, 8),
+        swap_at: float | None = 15, bad_at: float | None = 35, compare_texts: int = 2000,
+        progress=lambda message: None) -> dict:
+    """The whole benchmark; returns the figures ``refit bench serve`` prints."""
+    import httpx
+
+    from refit.data import load_clinc150
+    from refit.store import open_store
+    from registry import versions
+    from registry.tracking import configure
+    from tasks.deploy import promote
+
+    experiment_id = configure(settings)
+    name = settings.model_name
+    champion = versions.alias_version(name, versions.CHAMPION)
+    if champion is None:
+        raise RefitError(f"model {name} has no champion in {settings.tracking_uri}: run `refit bootstrap` first")
+    frame = load_clinc150(settings.data_dir)
+    texts = frame[frame["split"] == "test"]["text"].tolist()
+    store = open_store(settings)
+    prefix = f"inference/model={name}/"
+    rows_before = len(store.read_parquet_prefix(prefix))
+    copy_version, bad_version = _register_bench_versions(settings, experiment_id, champion)
+    progress(f"registered v{copy_version} (copy of v{champion}) and v{bad_version} (untrained head)")
+
+    port, token = _free_port(), secrets.token_hex(16)
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {"REFIT_SERVE_PORT": str(port), "REFIT_SERVE_URL": url, "REFIT_SERVE_ADMIN_TOKEN": token,
+                        "REFIT_SERVE_POLL_SECONDS": "0"}
+    os.environ.update({k: env[k] for k in ("REFIT_SERVE_URL", "REFIT_SERVE_ADMIN_TOKEN")})  # for the deploy step
+    policy = _bench_policy(window_seconds=8, watch_seconds=8)
+    log_file = open(Path(tempfile.mkdtemp(prefix="refit-bench-")) / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "refit.cli", "serve", "--port", str(port), "--policy", str(policy)],
+                            env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    events: dict[str, float] = {}
+    try:
+        _wait_ready(url, proc)
+        progress(f"server ready at {url}; {seconds:.0f} s of load at concurrency {concurrency}")
+        load, stop = Load(), threading.Event()
+        clients = [threading.Thread(target=_client, args=(url, texts, per_request, stop, load, i), daemon=True)
+                   for i in range(concurrency)]
+        started = time.perf_counter()
+        for client in clients:
+            client.start()
+        schedule = sorted([(at, what) for at, what in ((swap_at, "swap"), (bad_at, "bad")) if at is not None])
+        for at, what in schedule:
+            time.sleep(max(0.0, started + at - time.perf_counter()))
+            expected = versions.alias_version(name, versions.CHAMPION)
+            version = copy_version if what == "swap" else bad_version
+            events[f"{what}_promoted_at_s"] = round(time.perf_counter() - started, 1)
+            promote.fn(name, version, expected)
+            progress(f"{what}: promoted v{version} at {events[f'{what}_promoted_at_s']} s")
+            if what == "bad":
+                promoted = time.perf_counter()
+                while versions.alias_version(name, versions.CHAMPION) == bad_version:
+                    if time.perf_counter() - promoted > 120:
+                        break
+                    time.sleep(0.2)
+                events["bad_rolled_back_after_s"] = round(time.perf_counter() - promoted, 1)
+                progress(f"bad: rolled back after {events['bad_rolled_back_after_s']} s")
+        time.sleep(max(0.0, started + seconds - time.perf_counter()))
+        stop.set()
+        for client in clients:
+            client.join(timeout=60)
+        elapsed = time.perf_counter() - started
+        rollout = httpx.get(url + "/rollout", timeout=10).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    rows_logged = len(store.read_parquet_prefix(prefix)) - rows_before
+    bad_tags = versions.version_tags(name, bad_version)
+
+    ok = np.array(load.status) == 200
+    latency_ms = np.array(load.latency)[ok] * 1000
+    answered_texts = int(np.array(load.texts)[ok].sum())
+    result = {
+        "seconds": round(elapsed, 1), "concurrency": concurrency, "texts_per_request": f"{per_request[0]}-{per_request[1]}",
+        "requests": len(load.status), "answered": int(ok.sum()),
+        "status_counts": {str(k): v for k, v in sorted(Counter(load.status).items())},
+        "server_errors_5xx": int(sum(1 for s in load.status if s >= 500)),
+        "latency_p50_ms": round(float(np.percentile(latency_ms, 50)), 1),
+        "latency_p95_ms": round(float(np.percentile(latency_ms, 95)), 1),
+        "requests_per_s": round(int(ok.sum()) / elapsed, 1),
+        "texts_per_s": round(answered_texts / elapsed, 1),
+        "answered_texts": answered_texts, "request_log_rows": rows_logged,
+        "log_complete": rows_logged == answered_texts,
+        "answers_by_version": {str(k): v for k, v in sorted(Counter(np.array(load.version)[ok].tolist()).items())},
+        "versions": {"champion_before": champion, "swap_to": copy_version, "bad": bad_version},
+        "bad_version_rolled_back": bad_tags.get("refit.deployed") == "rolled back",
+        "bad_version_reason": bad_tags.get("refit.rolled_back"),
+        "rollback_run_id": bad_tags.get("refit.rollback_run_id"),
+        "server_phase_at_end": rollout["phase"], "server_champion_at_end": rollout["champion"],
+    } | events
+    progress("timing transformers.pipeline against the served predictor")
+    adapter = versions.download_adapter(name, champion)
+    result["throughput"] = pipeline_vs_served(adapter, texts[:compare_texts], settings.serve_batch_size)
+    result["served_http_vs_pipeline"] = round(result["texts_per_s"] / result["throughput"]["pipeline_texts_per_s"], 2)
+    now = versions.alias_version(name, versions.CHAMPION)
+    if now != champion:  # leave the registry as it was found
+        versions.promote(name, champion, expected_champion=now)
+    return result
