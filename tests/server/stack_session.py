@@ -1,0 +1,237 @@
+"""One local stack per test session, shared by ``tests/server`` and ``tests/ui``.
+
+Real servers on free 127.0.0.1 ports, started through the CLI a user types
+(`refit stack up`): a Prefect server with its scheduler and event triggers, a
+process worker, an MLflow tracking server on SQLite. On it: champion v1 on the
+tiny scenario, every deployment of ``prefect.yaml``, and (once, on demand) the
+scheduled path: a drifted window, the monitor schedule firing, the drift event
+starting the update deployment, the promotion.
+
+Each step runs once per session and is cached here, so the UI test can reuse
+what the server test built, or build it alone when run alone. Both conftests
+import this module as ``server.stack_session`` (``tests/`` is on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = Path(__file__).with_name("clinc-shift-tiny.yaml")
+REFIT = [sys.executable, "-m", "refit.cli"]
+PREFECT = [sys.executable, "-m", "prefect", "--no-prompt"]
+MODEL = "intent-classifier"
+# Faster loops than production, so a schedule or a queued run shows up in seconds rather than a minute.
+FAST = {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO"}
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    status: dict
+    up_seconds: float
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return self.env["PREFECT_API_URL"]
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.env["REFIT_MLFLOW_TRACKING_URI"]
+
+    def run(self, args: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(args, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args[2:])} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-3000:]}")
+        return proc
+
+    def call(self, path: str, body: dict | None = None, method: str = "POST"):
+        """One Prefect REST call (the same API the UI and the CLI use)."""
+        request = urllib.request.Request(f"{self.api}{path}", method=method,
+                                         data=json.dumps(body or {}).encode() if method != "GET" else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read()
+        return json.loads(text) if text else None
+
+    def deployment(self, name: str) -> dict:
+        (found,) = [d for d in self.call("/deployments/filter") if d["name"] == name]
+        return found
+
+    def flow_runs(self, deployment: str) -> list[dict]:
+        return self.call("/flow_runs/filter", {"deployments": {"id": {"any_": [self.deployment(deployment)["id"]]}},
+                                               "sort": "EXPECTED_START_TIME_ASC"})
+
+    def wait_for(self, what: str, predicate, timeout: float, every: float = 2.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = predicate()
+            if found:
+                return found
+            time.sleep(every)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+
+    def wait_done(self, flow_run_id: str, timeout: float) -> dict:
+        def done():
+            run = self.call(f"/flow_runs/{flow_run_id}", method="GET")
+            return run if run["state_type"] in TERMINAL else None
+
+        return self.wait_for(f"flow run {flow_run_id} to finish", done, timeout)
+
+    def run_logs(self, flow_run_id: str) -> str:
+        entries = self.call("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                             "sort": "TIMESTAMP_ASC"})
+        return "\n".join(e["message"] for e in entries)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted((self.home / "stack").glob("*.log")))
+
+    def mlflow(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.mlflow_uri)
+
+
+_stack: Stack | None = None
+
+
+def start(home: Path, data_dir: Path) -> Stack:
+    """`refit stack up` on free ports (once per session)."""
+    global _stack
+    if _stack is not None:
+        return _stack
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "REFIT_", "MLFLOW_"))}
+    env |= FAST | {"REFIT_HOME": str(home), "REFIT_DATA_DIR": str(data_dir)}
+    ports = [f"--prefect-port={free_port()}", f"--mlflow-port={free_port()}"]
+    began = time.monotonic()
+    proc = subprocess.run(REFIT + ["stack", "up", "--json", *ports], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    up_seconds = time.monotonic() - began
+    if proc.returncode != 0:
+        stop(home, env)
+        raise AssertionError(f"refit stack up failed:\n{proc.stderr[-3000:]}")
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    _stack = Stack(home, env | status["env"], status, up_seconds)
+    return _stack
+
+
+def stop(home: Path, env: dict[str, str]) -> None:
+    """`refit stack down`, then check that no process of the stack is left."""
+    global _stack
+    pids = [int(p.read_text()) for p in (home / "stack").glob("*.pid")]
+    down = subprocess.run(REFIT + ["stack", "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    _stack = None
+    assert down.returncode == 0, down.stderr
+    left = [pid for pid in pids if alive(pid)]
+    assert not left, f"stack processes still alive after `refit stack down`: {left}"
+
+
+def deploy(stack: Stack) -> dict:
+    """Champion v1 on the tiny scenario (through the MLflow server), then `prefect deploy --all`."""
+    if "champion" not in stack.cache:
+        boot = stack.run(REFIT + ["bootstrap", "--scenario", str(TINY), "--json"], timeout=900)
+        stack.cache["champion"] = json.loads(boot.stdout.strip().splitlines()[-1])
+        began = time.monotonic()
+        stack.run(PREFECT + ["deploy", "--all"], timeout=300)
+        stack.cache["deploy_seconds"] = round(time.monotonic() - began, 1)
+    return stack.cache["champion"]
+
+
+def scenario_data(stack: Stack):
+    from refit.scenario import build, load_scenario, load_source
+
+    spec, _ = load_scenario(str(TINY))
+    return spec, build(spec, load_source(spec.source, Path(stack.env["REFIT_DATA_DIR"])))
+
+
+def write_drifted_window(stack: Stack, version: int) -> tuple[datetime, datetime]:
+    """The shifted traffic of the scenario, scored by ``version`` and logged as serving would, with delayed labels."""
+    import mlflow
+
+    from refit import modeling
+    from refit.settings import Settings
+    from refit.store import open_store
+    from registry import versions
+    from tasks.ingest import replay_traffic
+
+    settings = Settings(home=stack.home, mlflow_tracking_uri=stack.mlflow_uri,
+                        data_dir=Path(stack.env["REFIT_DATA_DIR"]))
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    mlflow.set_registry_uri(stack.mlflow_uri)
+    spec, data = scenario_data(stack)
+    model = modeling.load_model(versions.download_adapter(MODEL, version))
+    end = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=5)
+    start = end - timedelta(minutes=10)
+    replay_traffic.fn(open_store(settings), MODEL, model, modeling.load_tokenizer(), version, data.shifted_window,
+                      start, end, labelled_share=spec.windows.labelled_share, seed=spec.seed + 1)
+    return start, end
+
+
+def scheduled_update(stack: Stack, interval_s: int = 20) -> dict:
+    """The scheduled path, once: drifted traffic, monitor schedule fires, the event starts `update`, it promotes.
+
+    Returns the scheduled monitor run, its MLflow drift check, and the update run it started.
+    """
+    if "scheduled" in stack.cache:
+        return stack.cache["scheduled"]
+    champion = deploy(stack)["version"]
+    write_drifted_window(stack, champion)
+    began = time.monotonic()
+    # A short interval for the test; production keeps prefect.yaml's hourly cron.
+    stack.run(PREFECT + ["deploy", "--name", "monitor", "--interval", str(interval_s)], timeout=300)
+
+    def monitor_done():
+        # A tick that finds the previous check still running is cancelled (CANCEL_NEW): wait for one that ran.
+        runs = [r for r in stack.flow_runs("monitor")
+                if r["auto_scheduled"] and r["state_type"] in TERMINAL - {"CANCELLED"}]
+        return runs[0] if runs else None
+
+    monitor_run = stack.wait_for("a scheduled monitor run to finish", monitor_done, timeout=300)
+    # One scheduled check is enough: pause the schedule so later ticks do not compete for the two cores.
+    monitor_id = stack.deployment("monitor")["id"]
+    stack.call(f"/deployments/{monitor_id}", {"paused": True}, method="PATCH")
+    for run in stack.flow_runs("monitor"):
+        if run["state_type"] == "SCHEDULED":
+            stack.call(f"/flow_runs/{run['id']}", method="DELETE")
+    assert monitor_run["state_type"] == "COMPLETED", stack.run_logs(monitor_run["id"])
+
+    client = stack.mlflow()
+    experiment = client.get_experiment_by_name("refit")
+    (check,) = client.search_runs([experiment.experiment_id], "tags.`refit.action` = 'update'")
+    update_run = stack.wait_for("the drift event to start the update deployment",
+                                lambda: (stack.flow_runs("update") or [None])[0], timeout=120)
+    update_run = stack.wait_done(update_run["id"], timeout=900)
+    stack.cache["scheduled"] = {"monitor_run": monitor_run, "drift_check": check, "update_run": update_run,
+                                "seconds": round(time.monotonic() - began, 1), "champion_before": champion}
+    return stack.cache["scheduled"]

@@ -1,0 +1,147 @@
+"""refit on real local servers: `refit stack up`, `prefect deploy --all`, deployments run by hand, by schedule, by event.
+
+What a user does on a Prefect server, end to end: the stack answers, every
+deployment of prefect.yaml is registered as designed, the scheduled monitor
+finds the drifted window and its event starts the update deployment, which
+promotes; a duplicated check of the same window starts nothing; the hotfix
+deployment run with `prefect deployment run` is still gated; and the results
+are found in the MLflow tracking server, as a reviewer would find them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server import stack_session
+from server.stack_session import MODEL, PREFECT, REFIT, TERMINAL
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+
+
+def test_stack_up_is_healthy_and_status_says_so(stack):
+    assert set(stack.status["services"]) == {"mlflow", "prefect-server", "worker"}
+    assert stack.status["running"] is True
+    proc = stack.run(REFIT + ["stack", "status", "--json"])
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(s["healthy"] and s["pid"] for s in status["services"].values()), status
+    assert all(s["url"].startswith("http://127.0.0.1:") for s in status["services"].values())
+    # Everything it keeps is under REFIT_HOME: pid files, logs, both SQLite databases.
+    assert {p.name for p in (stack.home / "stack").glob("*.pid")} == {"mlflow.pid", "prefect-server.pid", "worker.pid"}
+    assert (stack.home / "mlflow.db").is_file() and (stack.home / "prefect" / "prefect.db").is_file()
+    # `up` again is harmless: nothing new is started.
+    again = stack.run(REFIT + ["stack", "up", "--json"])
+    assert json.loads(again.stdout.strip().splitlines()[-1])["services"] == status["services"]
+    env = stack.run(REFIT + ["stack", "env"]).stdout
+    assert f"export PREFECT_API_URL={stack.api}" in env
+
+
+def test_deploy_all_registers_every_deployment_as_designed(stack, deployed):
+    assert deployed["version"] == 1
+    deployments = {d["name"]: d for d in stack.call("/deployments/filter")}
+    assert set(deployments) == {"monitor", "update", "hotfix", "rollback"}
+    assert all(d["work_pool_name"] == "refit" for d in deployments.values())
+    (schedule,) = deployments["monitor"]["schedules"]
+    assert schedule["schedule"]["cron"] == "0 * * * *"
+    assert deployments["update"]["global_concurrency_limit"]["limit"] == 1
+    assert deployments["hotfix"]["global_concurrency_limit"]["limit"] == 1
+    (automation,) = stack.call("/automations/filter")
+    assert automation["trigger"]["expect"] == ["refit.drift.detected"]
+    (action,) = automation["actions"]
+    assert action["deployment_id"] == deployments["update"]["id"]
+    assert set(action["parameters"]) == {"window_start", "window_end", "drift_run_id"}
+    # The pool is a process pool, made by the worker `refit stack up` started.
+    assert stack.call("/work_pools/refit", method="GET")["type"] == "process"
+
+
+def test_schedule_fires_monitor_whose_event_starts_update_which_promotes(stack, deployed):
+    path = stack_session.scheduled_update(stack)
+    check, update_run = path["drift_check"], path["update_run"]
+    assert check.data.tags["refit.severity"] in ("low", "high")
+    assert update_run["state_type"] == "COMPLETED", stack.run_logs(update_run["id"])
+    # The trigger handed the drifted window and the drift run to the update, as prefect.yaml maps them.
+    assert update_run["parameters"] == {"window_start": check.data.tags["refit.window_start"],
+                                        "window_end": check.data.tags["refit.window_end"],
+                                        "drift_run_id": check.info.run_id}
+    client = stack.mlflow()
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert int(champion.version) == path["champion_before"] + 1
+    assert champion.tags["refit.gate_verdict"] == "passed"
+    assert champion.tags["refit.drift_run_id"] == check.info.run_id
+    assert champion.tags["refit.parent_version"] == str(path["champion_before"])
+    previous = client.get_model_version_by_alias(MODEL, "previous")
+    assert int(previous.version) == path["champion_before"]
+    run = client.get_run(champion.run_id)
+    assert {"gate.html", "gate.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"drift_report.html", "verdict.json"} <= {a.path for a in client.list_artifacts(check.info.run_id)}
+
+
+def test_second_check_of_the_same_window_starts_no_second_update(stack, deployed):
+    path = stack_session.scheduled_update(stack)
+    check, client = path["drift_check"], stack.mlflow()
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    # Ask again about the drifted window against the champion that saw it, as a duplicated
+    # scheduled run would have before the update promoted.
+    client.set_registered_model_alias(MODEL, "champion", str(path["champion_before"]))
+    try:
+        params = {"window_end": check.data.tags["refit.window_end"], "window_hours": 24}
+        stack.run(PREFECT + ["deployment", "run", "monitor/monitor", "--params", json.dumps(params)])
+        hand = stack.wait_for("the hand-run monitor", lambda: [r for r in stack.flow_runs("monitor")
+                                                              if not r["auto_scheduled"]], timeout=60)[0]
+        hand = stack.wait_done(hand["id"], timeout=300)
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", champion)
+    assert hand["state_type"] == "COMPLETED", stack.run_logs(hand["id"])
+    experiment = client.get_experiment_by_name("refit")
+    newest = client.search_runs([experiment.experiment_id], "tags.`refit.run_type` = 'drift-check'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert newest.data.tags["refit.window_start"] == check.data.tags["refit.window_start"]
+    assert newest.data.tags["refit.drift_detected"] == "True"
+    assert newest.data.tags["refit.action"] == "none"
+    assert [r["id"] for r in stack.flow_runs("update")] == [path["update_run"]["id"]]
+
+
+def _hotfix_file(stack, tmp_path):
+    from refit.scenario import poison
+
+    spec, data = stack_session.scenario_data(stack)
+    path = tmp_path / "hotfix-poisoned.csv"
+    poison(data.hotfix, data.labels, spec.seed)[["text", "label"]].to_csv(path, index=False)
+    return path
+
+
+def test_hotfix_deployment_run_by_hand_is_still_gated(stack, deployed, tmp_path):
+    client = stack.mlflow()
+    champion = client.get_model_version_by_alias(MODEL, "champion").version
+    params = {"labels_path": str(_hotfix_file(stack, tmp_path))}
+    if "reason" in stack.deployment("hotfix")["parameter_openapi_schema"]["properties"]:
+        params["reason"] = "support saw wrong intents on travel"
+    stack.run(PREFECT + ["deployment", "run", "update/hotfix", "--params", json.dumps(params)])
+    run = stack.wait_for("the hotfix run", lambda: stack.flow_runs("hotfix"), timeout=60)[0]
+    run = stack.wait_done(run["id"], timeout=900)
+    assert run["state_type"] == "COMPLETED", stack.run_logs(run["id"])
+    assert run["parameters"]["labels_path"] == params["labels_path"]
+    (hotfix,) = client.search_model_versions(f"name='{MODEL}' and tags.`refit.kind` = 'hotfix'")
+    assert hotfix.tags["refit.gate_verdict"] == "refused"
+    assert "failed" in hotfix.tags["refit.gate_reasons"]
+    assert hotfix.tags["refit.data_source"] == params["labels_path"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == champion
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == hotfix.version
+    artifacts = {a.path for a in client.list_artifacts(hotfix.run_id)}
+    assert {"gate.html", "gate.json"} <= artifacts
+    if "reason" in params:
+        assert client.get_run(hotfix.run_id).data.tags["refit.reason"] == params["reason"]
+        assert hotfix.tags["refit.reason"] == params["reason"]
+
+
+@pytest.mark.xfail(strict=True, reason="flows/update.py has no `reason` parameter yet (issue 6: the hotfix's "
+                                       "reason is recorded in MLflow as refit.reason)")
+def test_hotfix_takes_a_reason(stack, deployed):
+    assert "reason" in stack.deployment("hotfix")["parameter_openapi_schema"]["properties"]
+
+
+def test_no_flow_run_is_left_running(stack, deployed):
+    runs = stack.call("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}}})
+    assert runs == [], [r["name"] for r in runs]
+    assert all(r["state_type"] in TERMINAL | {"SCHEDULED"} for r in stack.call("/flow_runs/filter"))
