@@ -50,7 +50,7 @@ class Server:
         self.metrics = Metrics()
         self.stats: dict[int, LiveStats] = {}
         self.rollout = Rollout(policy, lambda: LiveStats(settings.cpu_usd_per_hour), self._on_rollback)
-        self.engine = Engine(settings.serve_batch_size, self._on_pass)
+        self.engine = Engine(settings.serve_batch_size, self._on_pass, settings.serve_batch_wait_ms / 1000)
         self.request_log = RequestLog(store, self.model_name, settings.serve_log_flush_rows,
                                       settings.serve_log_flush_seconds)
         self.experiment_id: str | None = None
@@ -189,6 +189,11 @@ class Server:
 
     async def start(self) -> None:
         from registry.tracking import configure
+
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
 
         self.experiment_id = await asyncio.to_thread(configure, self.settings)
         self.request_log.start()

@@ -38,6 +38,8 @@ def bench_serve(seconds: Annotated[float, typer.Option(min=5, help="Length of th
                 swap_at: Annotated[float, typer.Option(help="Second at which a copy of the champion is promoted "
                                                             "(a swap under load); negative: none.")] = 15,
                 bad_at: Annotated[float, typer.Option(help="Second at which a bad version is promoted; negative: none.")] = 35,
+                compare_rounds: Annotated[int, typer.Option(
+                    min=0, help="Alternating rounds of server load and transformers.pipeline (0 skips).")] = 3,
                 as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")] = False,
                 ) -> None:
     """Load-test the real server: latency, throughput, 5xx, request-log rows, swap, automatic rollback, and a
@@ -63,7 +65,7 @@ def bench_serve(seconds: Annotated[float, typer.Option(min=5, help="Length of th
                          f"not {texts_per_request!r}") from None
     err = Console(stderr=True)
     result = run(settings, seconds, concurrency, (low, high), swap_at if swap_at >= 0 else None,
-                 bad_at if bad_at >= 0 else None, progress=lambda message: err.print(f"[dim]{message}[/]"))
+                 bad_at if bad_at >= 0 else None, compare_rounds, progress=lambda message: err.print(f"[dim]{message}[/]"))
     table = Table(title="refit bench serve", show_header=False)
     for key, value in result.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))

@@ -1,8 +1,8 @@
 """Micro-batching: concurrent requests share forward passes on one inference thread.
 
 Requests wait in a queue while the model is busy; the next pass takes as many
-of them as fit in ``batch_size`` texts, grouped by the model that answers
-them. One thread runs every pass, so two models (canary and champion) never
+of them as fit in ``batch_size`` texts (waiting up to ``max_wait`` for more:
+a fuller pass costs less per text), grouped by the model that answers them. One thread runs every pass, so two models (canary and champion) never
 fight over the cores, and the event loop stays free for HTTP.
 """
 
@@ -34,8 +34,9 @@ class Engine:
     mostly the pass itself.
     """
 
-    def __init__(self, batch_size: int, on_pass: Callable[[Slot, int, float], None] | None = None):
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, on_pass: Callable[[Slot, int, float], None] | None = None,
+                 max_wait: float = 0.0):
+        self.batch_size, self.max_wait = batch_size, max_wait
         self.on_pass = on_pass
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -56,16 +57,25 @@ class Engine:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def _take(self, first: _Job) -> tuple[list[_Job], bool]:
-        jobs, size, stop = [first], len(first.texts), False
-        while size < self.batch_size and not self._queue.empty():
-            job = self._queue.get_nowait()
+    async def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        """The first job plus whatever joins within ``max_wait`` seconds, up to ``batch_size`` texts."""
+        jobs, size, deadline = [first], len(first.texts), time.monotonic() + self.max_wait
+        while size < self.batch_size:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), left)
+                except TimeoutError:
+                    break
             if job is None:
-                stop = True
-                break
+                return jobs, True
             jobs.append(job)
             size += len(job.texts)
-        return jobs, stop
+        return jobs, False
 
     def _infer(self, slot: Slot, texts: list[str]) -> tuple[list[str], np.ndarray]:
         cpu = time.process_time()
@@ -80,7 +90,7 @@ class Engine:
             first = await self._queue.get()
             if first is None:
                 return
-            jobs, stop = self._take(first)
+            jobs, stop = await self._gather(first)
             by_slot: dict[int, list[_Job]] = {}
             for job in jobs:
                 by_slot.setdefault(id(job.slot), []).append(job)

@@ -112,6 +112,24 @@ def _bench_policy(window_seconds: float, watch_seconds: float) -> Path:
     return path
 
 
+def _promote_under_load(name: str, version: int, what: str, started: float, progress) -> dict:
+    """Promote through the deploy step (which tells the server); for the bad version, time the rollback."""
+    from registry import versions
+    from tasks.deploy import promote
+
+    at = round(time.perf_counter() - started, 1)
+    promoted = time.perf_counter()
+    promote.fn(name, version, versions.alias_version(name, versions.CHAMPION))
+    progress(f"{what}: promoted v{version} at {at} s")
+    events = {f"{what}_promoted_at_s": at}
+    if what == "bad":
+        while versions.alias_version(name, versions.CHAMPION) == version and time.perf_counter() - promoted < 120:
+            time.sleep(0.2)
+        events["bad_rolled_back_after_s"] = round(time.perf_counter() - promoted, 1)
+        progress(f"bad: champion back in MLflow {events['bad_rolled_back_after_s']} s after the promotion")
+    return events
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     import httpx
 
@@ -128,11 +146,30 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise RefitError(f"refit serve at {url} was not ready within {timeout:.0f}s")
 
 
-def pipeline_vs_served(adapter_dir: Path, texts: list[str], batch_size: int, repeats: int = 3) -> dict:
-    """Texts per second of ``transformers.pipeline`` and of the server's predictor, taking turns.
+def _load(url: str, texts: list[str], seconds: float, concurrency: int, per_request: tuple[int, int],
+          seed: int = 0) -> tuple[Load, float]:
+    load, stop = Load(), threading.Event()
+    clients = [threading.Thread(target=_client, args=(url, texts, per_request, stop, load, seed + i), daemon=True)
+               for i in range(concurrency)]
+    started = time.perf_counter()
+    for client in clients:
+        client.start()
+    time.sleep(seconds)
+    stop.set()
+    for client in clients:
+        client.join(timeout=60)
+    return load, time.perf_counter() - started
 
-    Both run the same merged model on the same texts with the same batch size,
-    in this process; each keeps its best of ``repeats``.
+
+def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size: int, concurrency: int,
+                       per_request: tuple[int, int], rounds: int = 3, seconds: float = 10.0,
+                       pipeline_texts: int = 1000) -> tuple[dict, Load]:
+    """Texts per second of the server (HTTP, under load) and of ``transformers.pipeline``, taking turns.
+
+    The pipeline runs in this process on the same merged model with the same
+    batch size while the server idles; rounds alternate so that a busy
+    machine slows both alike; each side reports its median round. The
+    server's own predictor, called in-process, is timed beside them.
     """
     from transformers import pipeline
 
@@ -140,23 +177,34 @@ def pipeline_vs_served(adapter_dir: Path, texts: list[str], batch_size: int, rep
     from serving.model import from_adapter
 
     served = from_adapter(adapter_dir, 0, batch_size)
-    plain = pipeline("text-classification", model=served.model, tokenizer=modeling.load_tokenizer(), device="cpu")
-    best = {"pipeline": float("inf"), "served": float("inf")}
-    for _ in range(repeats):
+    plain = pipeline("text-classification", model=served.model, tokenizer=served.tokenizer, device="cpu")
+    sample = texts[:pipeline_texts]
+    plain(sample[:batch_size], batch_size=batch_size)  # warm up both
+    served.predict(sample[:batch_size])
+    rates: dict[str, list[float]] = {"server_http": [], "pipeline": [], "predictor_in_process": []}
+    everything = Load()
+    for round_ in range(rounds):
+        load, elapsed = _load(url, texts, seconds, concurrency, per_request, seed=100 * (round_ + 1))
+        ok = [n for n, status in zip(load.texts, load.status) if status == 200]
+        rates["server_http"].append(sum(ok) / elapsed)
+        for field_name in ("sent", "latency", "status", "texts", "version"):
+            getattr(everything, field_name).extend(getattr(load, field_name))
         started = time.perf_counter()
-        plain(texts, batch_size=batch_size, truncation=True, max_length=modeling.MAX_LENGTH)
-        best["pipeline"] = min(best["pipeline"], time.perf_counter() - started)
+        plain(sample, batch_size=batch_size, truncation=True, max_length=modeling.MAX_LENGTH)
+        rates["pipeline"].append(len(sample) / (time.perf_counter() - started))
         started = time.perf_counter()
-        served.predict(texts)
-        best["served"] = min(best["served"], time.perf_counter() - started)
-    rates = {name: len(texts) / seconds for name, seconds in best.items()}
-    return {"texts": len(texts), "batch_size": batch_size, "pipeline_texts_per_s": round(rates["pipeline"], 1),
-            "served_texts_per_s": round(rates["served"], 1),
-            "served_vs_pipeline": round(rates["served"] / rates["pipeline"], 2)}
+        served.predict(sample)
+        rates["predictor_in_process"].append(len(sample) / (time.perf_counter() - started))
+    median = {name: float(np.median(values)) for name, values in rates.items()}
+    return {"batch_size": batch_size, "rounds": rounds,
+            **{f"{name}_texts_per_s": round(value, 1) for name, value in median.items()},
+            "server_http_vs_pipeline": round(median["server_http"] / median["pipeline"], 2),
+            "predictor_vs_pipeline": round(median["predictor_in_process"] / median["pipeline"], 2),
+            "rounds_texts_per_s": {name: [round(v, 1) for v in values] for name, values in rates.items()}}, everything
 
 
 def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_request: tuple[int, int] = (1, 8),
-        swap_at: float | None = 15, bad_at: float | None = 35, compare_texts: int = 2000,
+        swap_at: float | None = 15, bad_at: float | None = 35, compare_rounds: int = 3,
         progress=lambda message: None) -> dict:
     """The whole benchmark; returns the figures ``refit bench serve`` prints."""
     import httpx
@@ -165,7 +213,6 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
     from refit.store import open_store
     from registry import versions
     from registry.tracking import configure
-    from tasks.deploy import promote
 
     experiment_id = configure(settings)
     name = settings.model_name
@@ -202,25 +249,20 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
         schedule = sorted([(at, what) for at, what in ((swap_at, "swap"), (bad_at, "bad")) if at is not None])
         for at, what in schedule:
             time.sleep(max(0.0, started + at - time.perf_counter()))
-            expected = versions.alias_version(name, versions.CHAMPION)
-            version = copy_version if what == "swap" else bad_version
-            events[f"{what}_promoted_at_s"] = round(time.perf_counter() - started, 1)
-            promote.fn(name, version, expected)
-            progress(f"{what}: promoted v{version} at {events[f'{what}_promoted_at_s']} s")
-            if what == "bad":
-                promoted = time.perf_counter()
-                while versions.alias_version(name, versions.CHAMPION) == bad_version:
-                    if time.perf_counter() - promoted > 120:
-                        break
-                    time.sleep(0.2)
-                events["bad_rolled_back_after_s"] = round(time.perf_counter() - promoted, 1)
-                progress(f"bad: rolled back after {events['bad_rolled_back_after_s']} s")
+            events.update(_promote_under_load(name, copy_version if what == "swap" else bad_version, what,
+                                              started, progress))
         time.sleep(max(0.0, started + seconds - time.perf_counter()))
         stop.set()
         for client in clients:
             client.join(timeout=60)
         elapsed = time.perf_counter() - started
         rollout = httpx.get(url + "/rollout", timeout=10).json()
+        comparison, extra = None, Load()
+        if compare_rounds:
+            progress(f"throughput: server under load vs transformers.pipeline, {compare_rounds} alternating rounds")
+            comparison, extra = compare_throughput(url, versions.download_adapter(name, champion), texts,
+                                                   settings.serve_batch_size, concurrency, per_request,
+                                                   rounds=compare_rounds)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -229,6 +271,7 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
             proc.kill()
     rows_logged = len(store.read_parquet_prefix(prefix)) - rows_before
     bad_tags = versions.version_tags(name, bad_version)
+    extra_answered = sum(n for n, status in zip(extra.texts, extra.status) if status == 200)
 
     ok = np.array(load.status) == 200
     latency_ms = np.array(load.latency)[ok] * 1000
@@ -242,19 +285,18 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
         "latency_p95_ms": round(float(np.percentile(latency_ms, 95)), 1),
         "requests_per_s": round(int(ok.sum()) / elapsed, 1),
         "texts_per_s": round(answered_texts / elapsed, 1),
-        "answered_texts": answered_texts, "request_log_rows": rows_logged,
-        "log_complete": rows_logged == answered_texts,
+        "answered_texts": answered_texts,
+        "answered_texts_all_phases": answered_texts + extra_answered,
+        "server_errors_5xx_all_phases": int(sum(1 for s in load.status + extra.status if s >= 500)),
+        "request_log_rows": rows_logged,
+        "log_complete": rows_logged == answered_texts + extra_answered,
         "answers_by_version": {str(k): v for k, v in sorted(Counter(np.array(load.version)[ok].tolist()).items())},
         "versions": {"champion_before": champion, "swap_to": copy_version, "bad": bad_version},
         "bad_version_rolled_back": bad_tags.get("refit.deployed") == "rolled back",
         "bad_version_reason": bad_tags.get("refit.rolled_back"),
         "rollback_run_id": bad_tags.get("refit.rollback_run_id"),
         "server_phase_at_end": rollout["phase"], "server_champion_at_end": rollout["champion"],
-    } | events
-    progress("timing transformers.pipeline against the served predictor")
-    adapter = versions.download_adapter(name, champion)
-    result["throughput"] = pipeline_vs_served(adapter, texts[:compare_texts], settings.serve_batch_size)
-    result["served_http_vs_pipeline"] = round(result["texts_per_s"] / result["throughput"]["pipeline_texts_per_s"], 2)
+    } | events | {"throughput": comparison}
     now = versions.alias_version(name, versions.CHAMPION)
     if now != champion:  # leave the registry as it was found
         versions.promote(name, champion, expected_champion=now)

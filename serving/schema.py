@@ -19,7 +19,7 @@ class Limits:
     @property
     def max_body_bytes(self) -> int:
         # Room for every text at the limit written as \uXXXX escapes, plus JSON punctuation.
-        return max(1 << 20, self.max_texts * (self.max_text_chars * 6 + 8) + 1024)
+        return max(4 << 20, self.max_texts * (self.max_text_chars * 6 + 8) + 1024)
 
 
 class BadRequest(Exception):
