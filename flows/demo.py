@@ -104,6 +104,7 @@ def demo(scenario: str | None = None) -> dict:
         "update_verdict": updated["verdict"],
         "poisoned_hotfix_promoted": hotfix["promoted"],
         "poisoned_hotfix_verdict": hotfix["verdict"],
+        "update_attempts": [a["recipe"] for a in updated.get("attempts", [])],
         "update_cpu_seconds": updated["cpu_seconds"],
         "update_cost_usd": updated["cost_usd"],
         "mlflow_tracking_uri": ctx.settings.tracking_uri,

@@ -6,6 +6,7 @@ window) or run by hand with a labelled file: the hotfix path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import mlflow
@@ -17,16 +18,16 @@ from prefect.logging import get_run_logger
 from flows.bootstrap import read_evaluation_sets
 from flows.common import open_context, parse_time, user_error
 from refit import modeling
-from refit.data import text_hashes
+from refit.data import text_hash, text_hashes
 from refit.errors import RefitError
 from refit.policy import file_hash
 from registry import versions
 from registry.tracking import (RUN_TYPE, code_revision, flat_params, log_json, log_policy, log_training_input,
-                               measured_cpu_seconds_per_example, month_spend)
+                               measured_cpu_seconds_per_work_token, month_spend)
 from tasks.deploy import promote, read_reference, write_reference
-from tasks.evaluate import evaluate_pair
-from tasks.finetune import assemble, fine_tune, load_update_policy
-from tasks.gate import gate, load_gate_policy
+from tasks.evaluate import Evaluation, evaluate_pair
+from tasks.finetune import Recipe, Trained, assemble, count_tokens, escalates, fine_tune, load_update_policy
+from tasks.gate import GatePolicy, Verdict, gate, load_gate_policy
 from tasks.ingest import labelled_window, read_labelled_file
 
 
@@ -35,9 +36,56 @@ def _month_start_ms() -> int:
     return int(now.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
 
 
+@dataclass(frozen=True)
+class Attempt:
+    index: int
+    recipe: Recipe
+    run_id: str
+    trained: Trained
+    before: Evaluation
+    after: Evaluation
+    verdict: Verdict
+
+
+def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_dir, labels: list[str], sets: dict,
+                rules: GatePolicy, estimate_usd: float, budget_left_usd: float, per_token: float) -> Attempt:
+    """One rung of the ladder as a nested MLflow run: train, evaluate against the champion, gate."""
+    name = ctx.model_name
+    tags = {RUN_TYPE: "update-attempt", "refit.model": name, "refit.recipe": recipe.name}
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=f"attempt {index}: {recipe.name}",
+                          nested=True, tags=tags) as attempt_run:
+        mlflow.log_params(flat_params("recipe", recipe) | {"rows": len(frame)})
+        warm = champion_dir if recipe.start == "warm" else None
+        trained = fine_tune(frame, recipe, ctx.rates, labels=labels, warm_start=warm, seed=ctx.settings.seed)
+        mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
+        before, after = evaluate_pair(champion_dir, trained.adapter_dir, sets, ctx.rates)
+        verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd)
+        work = recipe.work_tokens(count_tokens(frame["text"].tolist()))
+        mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
+            "train_work_tokens": work, "estimate_cost_usd": estimate_usd,
+            "estimate_error_pct": 100 * (estimate_usd - trained.cost.usd) / max(trained.cost.usd, 1e-12),
+            "update_cost_usd": trained.cost.usd, "gate_passed": float(verdict.passed)})
+        mlflow.log_text(verdict.html(f"Gate: {name} attempt {index} ({recipe.name})"), "gate.html")
+        log_json(verdict.to_dict(), "gate.json")
+        mlflow.set_tags({"refit.gate_verdict": "passed" if verdict.passed else "refused",
+                         "refit.gate_reasons": verdict.summary[:5000]})
+    get_run_logger().info(f"attempt {index} ({recipe.name}): {trained.cost.cpu_seconds:.1f} CPU-s, "
+                          f"${trained.cost.usd:.5f}: {verdict.summary}")
+    return Attempt(index, recipe, attempt_run.info.run_id, trained, before, after, verdict)
+
+
+def ladder_markdown(attempts: list[Attempt]) -> str:
+    rows = "".join(
+        f"| {a.index} | {a.recipe.name} | {a.trained.cost.cpu_seconds:.1f} | {a.trained.cost.usd:.5f} | "
+        f"{a.after.slices['shifted'].accuracy:.3f} | {a.after.slices['golden'].accuracy:.3f} | "
+        f"{'pass' if a.verdict.passed else 'refused'} |\n" for a in attempts)
+    return ("| attempt | recipe | CPU-s | USD | shifted acc | golden acc | gate |\n"
+            "|---|---|---|---|---|---|---|\n" + rows)
+
+
 @flow(name="update")
 def update(window_start: str | None = None, window_end: str | None = None, labels_path: str | None = None,
-           drift_run_id: str | None = None, gate_policy: str = "gate") -> dict:
+           drift_run_id: str | None = None, gate_policy: str = "gate", reason: str | None = None) -> dict:
     """Fine-tune, evaluate against the champion, gate on quality and cost, promote on a pass.
 
     Args:
@@ -46,6 +94,7 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         labels_path: a CSV/Parquet/JSON file with ``text`` and ``label`` (hotfix); replaces the window.
         drift_run_id: the MLflow run of the drift check that triggered this update (lineage).
         gate_policy: gate policy name or YAML path.
+        reason: why this update runs (a hotfix's ticket, say); recorded on the run and the version.
     """
     try:
         ctx = open_context()
@@ -76,43 +125,79 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         return user_error(exc)
 
     kind = "hotfix" if labels_path else "update"
-    per_example = measured_cpu_seconds_per_example(ctx.experiment_id, name) or policy.cpu_seconds_per_example
-    estimate_usd = ctx.rates.price(len(training.frame) * policy.update.epochs * per_example)
+    per_token = (measured_cpu_seconds_per_work_token(ctx.experiment_id, name) or policy.cpu_seconds_per_work_token)
     spent = month_spend(ctx.experiment_id, name, _month_start_ms())
+    budget = ctx.settings.monthly_budget_usd
+    first_estimate = ctx.rates.price(policy.ladder[0].work_tokens(count_tokens(training.frame["text"].tolist()))
+                                     * per_token)
     tags = {RUN_TYPE: "update", "refit.model": name, "refit.kind": kind, "refit.parent_version": str(champion),
-            "refit.drift_run_id": drift_run_id or "none", "refit.data_source": source}
+            "refit.drift_run_id": drift_run_id or "none", "refit.data_source": source, "refit.reason": reason or kind}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=kind, tags=tags) as run:
-        mlflow.log_params(flat_params("recipe", policy.update) | flat_params("gate", rules) | {
+        mlflow.log_params(flat_params("gate", rules) | {
+            "ladder": " -> ".join(r.name for r in policy.ladder), "reason": reason or kind,
             "replay_ratio": policy.replay_ratio, "new_rows": training.new_rows, "replay_rows": training.replay_rows,
             "duplicates_dropped": training.duplicates_dropped, "leaked_dropped": training.leaked_dropped,
             "train_fingerprint": training.fingerprint})
         log_policy(policy_path)
         log_policy(rules_path)
-        mlflow.log_metrics({"estimate_cost_usd": estimate_usd, "month_spend_before_usd": spent})
-        if spent + estimate_usd > ctx.settings.monthly_budget_usd:
-            reason = (f"refused before training: estimated ${estimate_usd:.4f} would take this month's spend "
-                      f"${spent:.4f} past the budget ${ctx.settings.monthly_budget_usd:.2f}")
-            mlflow.set_tags({"refit.gate_verdict": "refused", "refit.gate_reasons": reason})
+        mlflow.log_metrics({"estimate_cost_usd": first_estimate, "month_spend_before_usd": spent})
+        if spent + first_estimate > budget:
+            reason_text = (f"refused before training: estimated ${first_estimate:.4f} would take this month's spend "
+                           f"${spent:.4f} past the budget ${budget:.2f}")
+            mlflow.set_tags({"refit.gate_verdict": "refused", "refit.gate_reasons": reason_text})
             mlflow.log_metric("update_cost_usd", 0.0)
-            get_run_logger().info(reason)
-            return {"promoted": False, "version": None, "champion": champion, "reason": reason, "run_id": run.info.run_id}
+            get_run_logger().info(reason_text)
+            return {"promoted": False, "version": None, "champion": champion, "reason": reason_text,
+                    "run_id": run.info.run_id, "attempts": []}
 
         log_training_input(training.frame, source, training.fingerprint)
-        trained = fine_tune(training.frame, policy.update, ctx.rates, warm_start=champion_dir, seed=ctx.settings.seed)
-        mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
-        before, after = evaluate_pair(champion_dir, trained.adapter_dir, sets, ctx.rates)
-        verdict = gate(before, after, trained.cost.usd, rules)
-        mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
-            "update_cost_usd": trained.cost.usd,
-            "estimate_error_pct": 100 * (estimate_usd - trained.cost.usd) / max(trained.cost.usd, 1e-12),
+        full_frame = pd.concat([pool[~pool["text"].map(text_hash).isin(eval_texts)][["text", "label"]],
+                                training.frame[training.frame.origin == "new"][["text", "label"]]],
+                               ignore_index=True)
+        attempts: list[Attempt] = []
+        for index, recipe in enumerate(policy.ladder, start=1):
+            frame = full_frame if recipe.start == "fresh" else training.frame
+            estimate = ctx.rates.price(recipe.work_tokens(count_tokens(frame["text"].tolist())) * per_token)
+            so_far = sum(a.trained.cost.usd for a in attempts)
+            if spent + so_far + estimate > budget:
+                stop = (f"budget stops the ladder before {recipe.name}: estimated ${estimate:.4f} on top of "
+                        f"${spent + so_far:.4f} passes ${budget:.2f}")
+                get_run_logger().info(stop)
+                mlflow.set_tag("refit.ladder_stopped", stop)
+                break
+            attempt = run_attempt(ctx, index, recipe, frame, champion_dir, known_labels, sets, rules,
+                                  estimate, budget - spent - so_far, per_token)
+            attempts.append(attempt)
+            if attempt.verdict.passed or not escalates([r.name for r in attempt.verdict.failed], policy):
+                break
+        if not attempts:
+            mlflow.set_tags({"refit.gate_verdict": "refused", "refit.gate_reasons": stop})
+            mlflow.log_metric("update_cost_usd", 0.0)
+            return {"promoted": False, "version": None, "champion": champion, "reason": stop,
+                    "run_id": run.info.run_id, "attempts": []}
+        final = attempts[-1]
+        trained, verdict, before, after = final.trained, final.verdict, final.before, final.after
+        total_cost = sum(a.trained.cost.usd for a in attempts)
+        total_cpu = sum(a.trained.cost.cpu_seconds for a in attempts)
+        mlflow.log_metrics(before.metrics("champion") | after.metrics("challenger") | {
+            "update_cost_usd": total_cost, "train_cpu_seconds": total_cpu, "attempts": len(attempts),
+            "estimate_error_pct": 100 * (first_estimate - attempts[0].trained.cost.usd)
+            / max(attempts[0].trained.cost.usd, 1e-12),
             "gate_passed": float(verdict.passed)})
-        mlflow.log_text(verdict.html(f"Gate: {name} {kind} on v{champion}"), "gate.html")
+        ladder_md = ladder_markdown(attempts)
+        mlflow.log_text(verdict.html(f"Gate: {name} {kind} on v{champion}, attempt {final.index} "
+                                     f"({final.recipe.name})"), "gate.html")
+        mlflow.log_text(ladder_md, "ladder.md")
         log_json(verdict.to_dict(), "gate.json")
         mlflow.set_tags({"refit.gate_verdict": "passed" if verdict.passed else "refused",
-                         "refit.gate_reasons": verdict.summary[:5000]})
-        version = versions.register(name, run.info.run_id, {
+                         "refit.gate_reasons": verdict.summary[:5000], "refit.final_attempt": final.recipe.name})
+        version = versions.register(name, final.run_id, {
             "refit.parent_version": str(champion),
             "refit.kind": kind,
+            "refit.reason": reason or kind,
+            "refit.update_run_id": run.info.run_id,
+            "refit.recipe": final.recipe.name,
+            "refit.attempts": str(len(attempts)),
             "refit.data_source": source,
             "refit.train_data_fingerprint": training.fingerprint,
             "refit.drift_run_id": drift_run_id or "none",
@@ -121,33 +206,37 @@ def update(window_start: str | None = None, window_end: str | None = None, label
             "refit.policy_hash": file_hash(rules_path),
             "refit.gate_verdict": "passed" if verdict.passed else "refused",
             "refit.gate_reasons": verdict.summary,
-            "refit.update_cost_usd": trained.cost.usd,
-            "refit.update_cpu_seconds": trained.cost.cpu_seconds,
+            "refit.update_cost_usd": round(total_cost, 6),
+            "refit.update_cpu_seconds": round(total_cpu, 2),
+            "refit.artifact_bytes": str(after.artifact_bytes),
             "refit.golden_accuracy": round(after.slices["golden"].accuracy, 4),
             "refit.shifted_accuracy": round(after.slices["shifted"].accuracy, 4),
         })
         versions.set_alias(name, versions.CHALLENGER, version)
         if verdict.passed:
             model = modeling.load_model(trained.adapter_dir)
+            trained_on = frame if final.recipe.start == "fresh" else training.frame
             reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(),
                                             pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
-                                            trained_on=training.frame, seed=ctx.settings.seed)
+                                            trained_on=trained_on, seed=ctx.settings.seed)
             versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
-            promote(name, version, champion)
+            with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}"):
+                promote(name, version, champion)
         result = {
             "kind": kind, "promoted": verdict.passed, "version": version, "parent_version": champion,
             "champion": version if verdict.passed else champion, "verdict": verdict.summary, "run_id": run.info.run_id,
+            "attempts": [{"recipe": a.recipe.name, "passed": a.verdict.passed, "cpu_seconds": a.trained.cost.cpu_seconds,
+                          "cost_usd": a.trained.cost.usd, "run_id": a.run_id} for a in attempts],
             "shifted_accuracy_before": before.slices["shifted"].accuracy,
             "shifted_accuracy_after": after.slices["shifted"].accuracy,
             "golden_accuracy_before": before.slices["golden"].accuracy,
             "golden_accuracy_after": after.slices["golden"].accuracy,
-            "cpu_seconds": trained.cost.cpu_seconds, "cost_usd": trained.cost.usd,
-            "estimate_cost_usd": estimate_usd,
+            "cpu_seconds": total_cpu, "cost_usd": total_cost, "estimate_cost_usd": first_estimate,
         }
         log_json(result, "update.json")
     create_markdown_artifact(f"# {kind.title()} of {name}: v{version} {'promoted' if verdict.passed else 'refused'}\n\n"
-                             + verdict.markdown()
-                             + f"\nTraining: {trained.cost.cpu_seconds:.1f} CPU-s, ${trained.cost.usd:.5f}; "
+                             + verdict.markdown() + "\n" + ladder_md
+                             + f"\nTraining: {total_cpu:.1f} CPU-s, ${total_cost:.5f} in {len(attempts)} attempt(s); "
                                f"{training.new_rows} new + {training.replay_rows} replay rows.\n",
                              key="gate-verdict", description=f"{name} v{version}: {verdict.summary[:100]}")
     get_run_logger().info(f"{kind}: v{version} {'promoted to champion' if verdict.passed else 'refused'}: {verdict.summary}")

@@ -351,6 +351,33 @@ def bench_drift(as_json: JsonOption = False,
         print(json.dumps(result, default=str))
 
 
+@bench_app.command("update-cost")
+def bench_update_cost(as_json: JsonOption = False,
+                      scenario: Annotated[str, typer.Option(help="Scenario name or YAML path.")] = "clinc-shift",
+                      update_policy: Annotated[str, typer.Option(help="Update policy name or YAML path.")] = "update",
+                      gate_policy: Annotated[str, typer.Option(help="Gate policy name or YAML path.")] = "gate") -> None:
+    """The incremental update against a full retrain on all data so far, side by side (about 10 min on 2 cores).
+
+    Example: refit bench update-cost --json
+    """
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    data_dir = Settings().data_dir
+    from refit.bench_update import run_benchmark, tables
+
+    with err.status("update-cost benchmark") as status:
+        def progress(what: str) -> None:
+            err.print(f"[dim]{what}[/]")
+            status.update(what)
+
+        result = run_benchmark(data_dir, scenario, update_policy, gate_policy, progress=progress)
+    out = err if as_json else Console()
+    for table in tables(result):
+        out.print(table)
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
 # `refit stack up|down|status|env`: the local Prefect server, worker and MLflow server (refit/stack.py).
 from refit.stack import app as stack_app  # noqa: E402  (typer only: no Prefect or MLflow import)
 

@@ -214,3 +214,107 @@ def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128) -> tu
     idx = proba.argmax(axis=1)
     labels = model_labels(model)
     return [labels[i] for i in idx], proba[np.arange(len(idx)), idx]
+
+
+def _bert(model):
+    """The BertModel inside a PeftModel for sequence classification."""
+    return model.get_base_model().bert
+
+
+def num_layers(model) -> int:
+    return len(_bert(model).encoder.layer)
+
+
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Pooler, dropout and classifier over the last hidden states (only position 0 is read)."""
+    inner = model.get_base_model()
+    return inner.classifier(inner.dropout(_bert(model).pooler(hidden)))
+
+
+def train_upper(
+    model: PeftModel,
+    tokenizer,
+    texts: Sequence[str],
+    label_ids: Sequence[int],
+    *,
+    frozen_layers: int,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int = 32,
+    seed: int = 0,
+    distill: Sequence[bool] | None = None,
+    distill_weight: float = 0.0,
+    temperature: float = 2.0,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainStats:
+    """Fine-tune only what sits above the lowest ``frozen_layers`` encoder layers.
+
+    The frozen part's output is computed once, without gradients, and cached,
+    so each epoch pays only for the layers being trained: with all six frozen
+    an epoch trains the pooler and classifier on one cached vector per text.
+    The same pass records the starting model's logits, which serve as soft
+    targets on rows marked in ``distill`` (replay rows): the update learns the
+    new data while being pulled toward what the champion already answered.
+    """
+    from transformers.masking_utils import create_bidirectional_mask
+
+    bert = _bert(model)
+    layers = bert.encoder.layer
+    if not 0 <= frozen_layers <= len(layers):
+        raise ValueError(f"frozen_layers must be within 0..{len(layers)}, not {frozen_layers}")
+    for name, param in model.named_parameters():
+        if param.requires_grad and ".layer." in name:
+            index = int(name.split(".layer.")[1].split(".")[0])
+            param.requires_grad = index >= frozen_layers
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoded = tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH)
+    input_ids = encoded["input_ids"]
+    labels = torch.tensor(list(label_ids), dtype=torch.long)
+    soft = torch.tensor(list(distill) if distill is not None else [False] * len(texts), dtype=torch.bool)
+
+    # One pass without gradients: the frozen part's output and the starting model's logits.
+    model.eval()
+    cached, tokens = [], 0
+    with torch.no_grad():  # not inference_mode: the cached tensors feed autograd later
+        for batch in _batches_by_length([len(ids) for ids in input_ids], batch_size, None):
+            features = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+            out = model(**features, output_hidden_states=True)
+            hidden = out.hidden_states[frozen_layers]
+            if frozen_layers == len(layers):
+                hidden = hidden[:, :1]  # the pooler reads position 0 only
+            cached.append((batch, hidden.clone(), features["attention_mask"], out.logits.clone()))
+            tokens += int(features["attention_mask"].sum())
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
+    total = len(cached) * epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / max(1, total)))
+    model.train()
+    step, loss_value = 0, float("nan")
+    for _ in range(epochs):
+        for batch, hidden, mask, teacher in rng.sample(cached, len(cached)):
+            if frozen_layers < len(layers):
+                attention = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
+                for layer in layers[frozen_layers:]:
+                    hidden = layer(hidden, attention)
+                tokens += int(mask.sum())
+            logits = _head(model, hidden)
+            loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+            pick = soft[batch]
+            if distill_weight > 0 and bool(pick.any()):
+                log_student = torch.log_softmax(logits[pick] / temperature, dim=-1)
+                target = torch.softmax(teacher[pick] / temperature, dim=-1)
+                kl = torch.nn.functional.kl_div(log_student, target, reduction="batchmean") * temperature**2
+                loss = (1 - distill_weight) * loss + distill_weight * kl
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(loss.detach())
+            if on_step is not None:
+                on_step(step, total, loss_value)
+    model.eval()
+    return TrainStats(len(texts) * epochs, tokens, step, loss_value)

@@ -106,19 +106,24 @@ def last_checked_window_end(experiment_id: str, model_name: str) -> str | None:
     return max(ends) if ends else None
 
 
-def measured_cpu_seconds_per_example(experiment_id: str, model_name: str) -> float | None:
-    """Throughput of the newest finished update, for the next update's estimate."""
+def measured_cpu_seconds_per_work_token(experiment_id: str, model_name: str, newest: int = 5) -> float | None:
+    """Measured training throughput: median CPU-seconds per work token of the newest attempts.
+
+    Work tokens count a warm start's cached forward pass and its unfrozen
+    depth (``Recipe.work_tokens``), so cheap and deep attempts share one rate.
+    """
+    import statistics
+
     runs = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=(f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
-                       "and metrics.train_examples_seen > 0"),
+        filter_string=(f"tags.`{RUN_TYPE}` = 'update-attempt' and tags.`refit.model` = '{model_name}' "
+                       "and metrics.train_work_tokens > 0"),
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=newest,
     )
-    if not runs:
-        return None
-    metrics = runs[0].data.metrics
-    return metrics["train_cpu_seconds"] / metrics["train_examples_seen"]
+    rates = [r.data.metrics["train_cpu_seconds"] / r.data.metrics["train_work_tokens"] for r in runs
+             if "train_cpu_seconds" in r.data.metrics]
+    return statistics.median(rates) if rates else None
 
 
 def log_training_input(frame, source: str, fingerprint: str) -> None:

@@ -8,6 +8,11 @@ Aliases: ``champion`` serves, ``previous`` is what rollback returns to,
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -77,6 +82,45 @@ def promote(model_name: str, version: int, expected_champion: int | None) -> int
         set_alias(model_name, PREVIOUS, current)
     set_alias(model_name, CHAMPION, version)
     return current
+
+
+def lock_key(model_name: str) -> str:
+    return f"locks/model={model_name}/promotion.lock"
+
+
+@contextmanager
+def promotion_lock(store, model_name: str, holder: str, ttl_seconds: float = 600,
+                   wait_seconds: float = 60) -> Iterator[None]:
+    """Hold the model's promotion lock: one promotion (or rollback) at a time per model.
+
+    The lock is an object created only if absent (``ObjectStore.create``:
+    O_EXCL on the local directory, a conditional put on S3), so it works
+    across processes and machines that share the store. A lock older than
+    ``ttl_seconds`` is taken to be a crashed holder's and broken. Waits up to
+    ``wait_seconds``, then raises ``PromotionConflict`` naming the holder.
+    """
+    key = lock_key(model_name)
+    token = f"{holder} {uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + wait_seconds
+    while not store.create(key, json.dumps({"holder": token, "expires": time.time() + ttl_seconds}).encode()):
+        try:
+            held = json.loads(store.get_bytes(key))
+        except KeyError:
+            continue  # released between our attempt and the read
+        if held.get("expires", 0) < time.time():
+            store.delete(key)
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionConflict(f"another promotion of {model_name} holds the lock: {held.get('holder')}")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(store.get_bytes(key)).get("holder") == token:
+                store.delete(key)
+        except KeyError:
+            pass
 
 
 def download_adapter(model_name: str, version: int) -> Path:

@@ -1,10 +1,18 @@
-"""Evaluate: score models on the golden and shifted sets, and price their predictions."""
+"""Evaluate: score models on the golden and shifted sets, and price their predictions.
+
+Quality is kept per example as well as per set, so the gate can compare
+champion and challenger on the very same examples (paired bootstrap) and per
+slice (the ``group`` column, a domain in CLINC150). Cost is measured side by
+side: CPU-seconds per 1,000 predictions in batches, latency of single-text
+requests, and the adapter's bytes on disk.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -13,7 +21,9 @@ from refit import modeling
 from refit.cost import Meter, Rates
 
 COST_SAMPLE_ROWS = 256
+LATENCY_SAMPLE_ROWS = 48
 COST_REPEATS = 3
+CALIBRATION_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -22,38 +32,92 @@ class SliceMetrics:
     accuracy: float
     macro_f1: float
     mean_confidence: float
+    calibration_error: float = 0.0  # expected calibration error, 15 equal-width bins
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Quality per evaluation set and the measured cost of inference."""
+    """Quality per evaluation set and per slice, and the measured cost of inference.
+
+    ``correct`` holds, per set, 1 or 0 for each example in the set's row order:
+    two evaluations on the same sets are paired example by example.
+    """
 
     slices: dict[str, SliceMetrics]
     cpu_seconds_per_1k: float
     cost_per_1k_usd: float
+    groups: dict[str, SliceMetrics] = field(default_factory=dict)  # "<set>/<group>"
+    correct: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    latency_ms_p50: float = 0.0
+    latency_ms_p95: float = 0.0
+    artifact_bytes: int = 0
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}_{name}_{k}": float(v) for name, m in self.slices.items() for k, v in asdict(m).items()}
+        out |= {f"{prefix}_{name.replace('/', '_')}_accuracy": m.accuracy for name, m in self.groups.items()}
         out[f"{prefix}_inference_cpu_seconds_per_1k"] = self.cpu_seconds_per_1k
         out[f"{prefix}_inference_cost_per_1k_usd"] = self.cost_per_1k_usd
+        out[f"{prefix}_latency_ms_p50"] = self.latency_ms_p50
+        out[f"{prefix}_latency_ms_p95"] = self.latency_ms_p95
+        out[f"{prefix}_artifact_bytes"] = float(self.artifact_bytes)
         return out
 
 
-def quality(model, tokenizer, sets: dict[str, pd.DataFrame]) -> dict[str, SliceMetrics]:
-    """Accuracy, macro-F1 and mean confidence on each set."""
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error: |accuracy - confidence| per confidence bin, weighted by rows."""
+    if len(confidence) == 0:
+        return 0.0
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(index):
+        pick = index == b
+        total += pick.sum() * abs(correct[pick].mean() - confidence[pick].mean())
+    return float(total / len(confidence))
+
+
+def _slice(truth: list, predicted: list, confidence: np.ndarray, correct: np.ndarray) -> SliceMetrics:
     from sklearn.metrics import f1_score
 
-    slices = {}
+    return SliceMetrics(
+        rows=len(truth),
+        accuracy=float(correct.mean()) if len(truth) else 0.0,
+        macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)) if len(truth) else 0.0,
+        mean_confidence=float(confidence.mean()) if len(truth) else 0.0,
+        calibration_error=calibration_error(confidence, correct),
+    )
+
+
+def quality(model, tokenizer, sets: dict[str, pd.DataFrame]
+            ) -> tuple[dict[str, SliceMetrics], dict[str, SliceMetrics], dict[str, np.ndarray]]:
+    """Per set and per ``group`` slice: accuracy, macro-F1, confidence, calibration; and per-example hits."""
+    slices, groups, hits = {}, {}, {}
     for name, frame in sets.items():
         predicted, confidence = modeling.predict(model, tokenizer, frame["text"].tolist())
         truth = frame["label"].tolist()
-        slices[name] = SliceMetrics(
-            rows=len(frame),
-            accuracy=float(sum(p == t for p, t in zip(predicted, truth)) / max(1, len(frame))),
-            macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)),
-            mean_confidence=float(confidence.mean()) if len(frame) else 0.0,
-        )
-    return slices
+        correct = np.array([p == t for p, t in zip(predicted, truth)], dtype=np.float64)
+        slices[name], hits[name] = _slice(truth, predicted, confidence, correct), correct
+        if "group" in frame.columns:
+            for group, rows in frame.groupby("group", sort=True).indices.items():
+                groups[f"{name}/{group}"] = _slice([truth[i] for i in rows], [predicted[i] for i in rows],
+                                                   confidence[rows], correct[rows])
+    return slices, groups, hits
+
+
+def _one_thread():
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def scope():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    return scope()
 
 
 def cpu_seconds_per_1k(models: dict[str, object], tokenizer, texts: list[str],
@@ -64,34 +128,53 @@ def cpu_seconds_per_1k(models: dict[str, object], tokenizer, texts: list[str],
     and all run on one thread: with several, threads spin while they wait
     for a busy core, and that spinning would be billed as inference.
     """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     best = {name: float("inf") for name in models}
-    try:
+    with _one_thread():
         for _ in range(repeats):
             for name, model in models.items():
                 with Meter() as meter:
                     modeling.predict(model, tokenizer, texts)
                 best[name] = min(best[name], meter.cpu_seconds)
-    finally:
-        torch.set_num_threads(threads)
     return {name: seconds / max(1, len(texts)) * 1000 for name, seconds in best.items()}
 
 
-def _cost_texts(sets: dict[str, pd.DataFrame]) -> list[str]:
+def latency_ms(models: dict[str, object], tokenizer, texts: list[str]) -> dict[str, tuple[float, float]]:
+    """p50 and p95 milliseconds of one-text requests, the models alternating text by text."""
+    import time
+
+    seen: dict[str, list[float]] = {name: [] for name in models}
+    with _one_thread():
+        for text in texts:
+            for name, model in models.items():
+                start = time.perf_counter()
+                modeling.predict(model, tokenizer, [text])
+                seen[name].append((time.perf_counter() - start) * 1000)
+    return {name: (float(np.percentile(v, 50)), float(np.percentile(v, 95))) for name, v in seen.items()}
+
+
+def artifact_bytes(adapter_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(adapter_dir).rglob("*") if p.is_file())
+
+
+def _sample_texts(sets: dict[str, pd.DataFrame], n: int) -> list[str]:
     texts = pd.concat([frame["text"] for frame in sets.values()])
-    return texts.sample(n=min(COST_SAMPLE_ROWS, len(texts)), random_state=0).tolist()
+    return texts.sample(n=min(n, len(texts)), random_state=0).tolist()
 
 
 def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], rates: Rates) -> dict[str, Evaluation]:
     """Quality and inference cost of each adapter on the same sets."""
     tokenizer = modeling.load_tokenizer()
     models = {name: modeling.load_model(path) for name, path in adapter_dirs.items()}
-    cpu = cpu_seconds_per_1k(models, tokenizer, _cost_texts(sets))
-    return {name: Evaluation(quality(model, tokenizer, sets), round(cpu[name], 4), round(rates.price(cpu[name]), 8))
-            for name, model in models.items()}
+    cpu = cpu_seconds_per_1k(models, tokenizer, _sample_texts(sets, COST_SAMPLE_ROWS))
+    latency = latency_ms(models, tokenizer, _sample_texts(sets, LATENCY_SAMPLE_ROWS))
+    scored = {}
+    for name, model in models.items():
+        slices, groups, hits = quality(model, tokenizer, sets)
+        scored[name] = Evaluation(slices, round(cpu[name], 4), round(rates.price(cpu[name]), 8), groups=groups,
+                                  correct=hits, latency_ms_p50=round(latency[name][0], 3),
+                                  latency_ms_p95=round(latency[name][1], 3),
+                                  artifact_bytes=artifact_bytes(adapter_dirs[name]))
+    return scored
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

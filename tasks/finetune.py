@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import pandas as pd
@@ -23,25 +24,61 @@ from refit.data import stratified_sample, text_hash
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
 
+FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of forward + backward
+
 
 class Recipe(StrictModel):
-    """How one training run is done."""
+    """How one training run is done.
 
+    ``start: warm`` continues the champion's adapter on new data plus replay;
+    ``start: fresh`` trains a new adapter over the base on everything learned
+    so far (the full retrain). ``frozen_layers`` lowest encoder layers are not
+    trained on a warm start: their output is computed once and cached, so each
+    epoch pays only for the layers above (6 of 6 frozen trains the head alone).
+    """
+
+    name: str = "recipe"
+    start: Literal["warm", "fresh"] = "warm"
     rank: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     epochs: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     batch_size: int = Field(32, ge=1)
+    frozen_layers: int = Field(0, ge=0, le=6)
+    distill_weight: float = Field(0.0, ge=0, le=1, description="Weight of the champion's soft targets on replay rows.")
+
+    def work_tokens(self, tokens: int, layers: int = 6) -> float:
+        """Training work in full-depth token passes (forward + backward), for estimates and the ledger.
+
+        A warm start pays one forward pass over everything (about a third of
+        a training pass) and then, per epoch, the unfrozen share of the depth.
+        """
+        if self.start == "fresh":
+            return float(tokens * self.epochs)
+        return tokens * (FORWARD_SHARE + self.epochs * (layers - self.frozen_layers) / layers)
 
 
 class UpdatePolicy(StrictModel):
-    """The training side of an update: recipes, replay and the cost estimate."""
+    """The training side of an update: the escalation ladder, replay and the cost estimate."""
 
     bootstrap: Recipe
-    update: Recipe
+    ladder: list[Recipe] = Field(min_length=1, description="Tried in order until the gate passes or money runs out.")
+    escalate_on: list[str] = Field(
+        default_factory=lambda: ["shifted_accuracy_gain", "shifted_gain_lower_bound"],
+        description="Gate rules whose failure sends the update up the ladder; any other failure ends it.")
     replay_ratio: float = Field(ge=0, description="Replay rows per new labelled row.")
     min_new_examples: int = Field(ge=1)
-    cpu_seconds_per_example: float = Field(gt=0, description="Prior for the estimate before any update was measured.")
+    cpu_seconds_per_work_token: float = Field(gt=0, description="Prior for estimates until an update was measured.")
+
+
+def escalates(failed_rules: list[str], policy: UpdatePolicy) -> bool:
+    """Whether a refused attempt should be followed by the next rung.
+
+    Only a shortfall in improvement is worth more training. A failed guard
+    (golden or slice regression, cost, latency) says the data or the model is
+    wrong, and a bigger recipe would only pay more to learn it.
+    """
+    return bool(failed_rules) and all(name in policy.escalate_on for name in failed_rules)
 
 
 def load_update_policy(name_or_path: str = "update") -> tuple[UpdatePolicy, Path]:
@@ -94,7 +131,11 @@ class Trained:
 
 def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: list[str] | None = None,
                   warm_start: Path | None = None, seed: int = 0, on_step=None) -> Trained:
-    """Train from the champion's adapter (``warm_start``) or a fresh one over the base."""
+    """Train from the champion's adapter (``warm_start``) or a fresh one over the base.
+
+    On a warm start, rows with ``origin == "replay"`` are distilled toward the
+    champion's own outputs when the recipe gives them a weight.
+    """
     import torch
 
     tokenizer = modeling.load_tokenizer()
@@ -106,14 +147,28 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
     unknown = sorted(set(frame["label"]) - set(label_ids))
     if unknown:
         raise RefitError(f"labels unknown to the model: {unknown[:5]}")
+    texts, targets = frame["text"].tolist(), frame["label"].map(label_ids).tolist()
     with Meter(on_gpu=torch.cuda.is_available()) as meter:
-        stats = modeling.train(model, tokenizer, frame["text"].tolist(), frame["label"].map(label_ids).tolist(),
-                               epochs=recipe.epochs, learning_rate=recipe.learning_rate,
-                               batch_size=recipe.batch_size, seed=seed, on_step=on_step)
+        if warm_start is not None:
+            replay = (frame["origin"] == "replay").tolist() if "origin" in frame.columns else None
+            stats = modeling.train_upper(model, tokenizer, texts, targets, frozen_layers=recipe.frozen_layers,
+                                         epochs=recipe.epochs, learning_rate=recipe.learning_rate,
+                                         batch_size=recipe.batch_size, seed=seed, distill=replay,
+                                         distill_weight=recipe.distill_weight, on_step=on_step)
+        else:
+            stats = modeling.train(model, tokenizer, texts, targets, epochs=recipe.epochs,
+                                   learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, seed=seed,
+                                   on_step=on_step)
     out = Path(tempfile.mkdtemp(prefix="refit-adapter-"))
     modeling.save_model(model, out)
     return Trained(out, TrainingCost.from_meter(meter, rates, stats.examples_seen, stats.tokens_seen),
                    stats.steps, stats.final_loss)
+
+
+def count_tokens(texts: list[str]) -> int:
+    """Tokens the model would see for ``texts`` (truncated as in training)."""
+    tokenizer = modeling.load_tokenizer()
+    return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=modeling.MAX_LENGTH)["input_ids"])
 
 
 def _progress_logger(label: str):

@@ -11,6 +11,8 @@ import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from prefect import task
 from pydantic import Field
 
@@ -22,9 +24,17 @@ class GatePolicy(StrictModel):
     """Quality and cost rules a challenger must pass to be promoted."""
 
     min_shifted_improvement: float = Field(description="Accuracy gain on the shifted set, in fractions.")
+    require_significant_improvement: bool = Field(
+        False, description="Also require the lower confidence bound of the shifted gain to be above zero.")
     max_golden_regression: float = Field(ge=0, description="Accuracy the golden set may lose, in fractions.")
+    max_slice_regression: float | None = Field(
+        None, ge=0, description="Accuracy any one slice (set/group) may lose; None turns the rule off.")
+    min_slice_rows: int = Field(20, ge=1, description="Smaller slices are reported but not judged.")
     max_update_cost_usd: float = Field(gt=0, description="Ceiling on the price of this one update.")
     max_inference_cost_ratio: float = Field(gt=0, description="Challenger / champion cost per 1,000 predictions.")
+    max_latency_p95_ratio: float | None = Field(None, gt=0, description="Challenger / champion p95 latency.")
+    confidence_level: float = Field(0.95, gt=0, lt=1, description="Of the paired-bootstrap intervals.")
+    bootstrap_samples: int = Field(1000, ge=100)
 
 
 def load_gate_policy(name_or_path: str = "gate") -> tuple[GatePolicy, Path]:
@@ -36,13 +46,20 @@ class Rule:
     name: str
     value: float
     limit: float
-    comparison: str  # ">=" or "<="
+    comparison: str  # ">=", "<=" or ">"
     passed: bool
+    ci_low: float | None = None  # paired-bootstrap interval of value, where it is a difference
+    ci_high: float | None = None
+
+    @property
+    def interval(self) -> str:
+        return "" if self.ci_low is None else f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}]"
 
     @property
     def sentence(self) -> str:
         verb = "passed" if self.passed else "failed"
-        return f"{self.name} {verb}: {self.value:+.4f} (must be {self.comparison} {self.limit:+.4f})"
+        ci = f" {self.interval}" if self.interval else ""
+        return f"{self.name} {verb}: {self.value:+.4f}{ci} (must be {self.comparison} {self.limit:+.4f})"
 
 
 @dataclass(frozen=True)
@@ -66,15 +83,17 @@ class Verdict:
 
     def markdown(self) -> str:
         rows = "\n".join(
-            f"| {r.name} | {r.value:+.4f} | {r.comparison} {r.limit:+.4f} | {'pass' if r.passed else '**FAIL**'} |"
+            f"| {r.name} | {r.value:+.4f} | {r.interval} | {r.comparison} {r.limit:+.4f} | "
+            f"{'pass' if r.passed else '**FAIL**'} |"
             for r in self.rules
         )
-        return f"**Gate verdict: {self.summary}**\n\n| rule | value | limit | result |\n|---|---|---|---|\n{rows}\n"
+        return (f"**Gate verdict: {self.summary}**\n\n| rule | value | 95% CI | limit | result |\n"
+                f"|---|---|---|---|---|\n{rows}\n")
 
     def html(self, title: str) -> str:
         rows = "".join(
             f"<tr class={'pass' if r.passed else 'fail'}><td>{html.escape(r.name)}</td><td>{r.value:+.4f}</td>"
-            f"<td>{r.comparison} {r.limit:+.4f}</td><td>{'pass' if r.passed else 'FAIL'}</td></tr>"
+            f"<td>{r.interval}</td><td>{html.escape(r.comparison)} {r.limit:+.4f}</td><td>{'pass' if r.passed else 'FAIL'}</td></tr>"
             for r in self.rules
         )
         return (
@@ -82,34 +101,80 @@ class Verdict:
             "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
             ".pass td:last-child{color:#070}.fail td:last-child{color:#b00;font-weight:bold}</style></head><body>"
             f"<h2>{html.escape(title)}</h2><p><b>{html.escape(self.summary)}</b></p>"
-            f"<table><tr><th>rule</th><th>value</th><th>limit</th><th>result</th></tr>{rows}</table></body></html>"
+            f"<table><tr><th>rule</th><th>value</th><th>CI</th><th>limit</th><th>result</th></tr>{rows}</table></body></html>"
         )
 
 
-def _at_least(name: str, value: float, limit: float) -> Rule:
+def _at_least(name: str, value: float, limit: float, ci: tuple[float, float] | None = None) -> Rule:
     value = round(value, 6)  # 0.90 - 0.88 must meet a 0.02 limit despite float noise
-    return Rule(name, value, limit, ">=", value >= limit)
+    return Rule(name, value, limit, ">=", value >= limit, *(ci or (None, None)))
 
 
-def _at_most(name: str, value: float, limit: float) -> Rule:
+def _at_most(name: str, value: float, limit: float, ci: tuple[float, float] | None = None) -> Rule:
     value = round(value, 6)
-    return Rule(name, value, limit, "<=", value <= limit)
+    return Rule(name, value, limit, "<=", value <= limit, *(ci or (None, None)))
 
 
-def decide(champion: Evaluation, challenger: Evaluation, update_cost_usd: float, policy: GatePolicy) -> Verdict:
-    """Apply every rule of ``policy`` to the two evaluations and the update's cost."""
+def paired_bootstrap(before: np.ndarray, after: np.ndarray, samples: int, level: float,
+                     seed: int = 0) -> tuple[float, float]:
+    """Interval of mean(after - before) over the same examples, by resampling examples."""
+    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    if len(diff) == 0:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return (round(float(np.percentile(means, tail)), 6), round(float(np.percentile(means, 100 - tail)), 6))
+
+
+def _interval(champion: Evaluation, challenger: Evaluation, name: str, policy: GatePolicy,
+              sign: float = 1.0) -> tuple[float, float] | None:
+    """Paired interval of the challenger's gain (sign 1) or loss (sign -1) on set ``name``."""
+    before, after = champion.correct.get(name), challenger.correct.get(name)
+    if before is None or after is None or len(before) != len(after):
+        return None
+    low, high = paired_bootstrap(before, after, policy.bootstrap_samples, policy.confidence_level)
+    return (low, high) if sign > 0 else (-high, -low)
+
+
+def _ratio(new: float, old: float) -> float:
+    return new / old if old else 1.0
+
+
+def decide(champion: Evaluation, challenger: Evaluation, update_cost_usd: float, policy: GatePolicy,
+           budget_left_usd: float | None = None) -> Verdict:
+    """Apply every rule of ``policy`` to the two evaluations and the update's cost.
+
+    ``budget_left_usd``: what this month's budget had left before the update;
+    when given, the update's price must fit in it.
+    """
     shifted_gain = challenger.slices["shifted"].accuracy - champion.slices["shifted"].accuracy
     golden_loss = champion.slices["golden"].accuracy - challenger.slices["golden"].accuracy
-    cost_ratio = challenger.cost_per_1k_usd / champion.cost_per_1k_usd if champion.cost_per_1k_usd else 1.0
-    rules = [
-        _at_least("shifted_accuracy_gain", shifted_gain, policy.min_shifted_improvement),
-        _at_most("golden_accuracy_loss", golden_loss, policy.max_golden_regression),
-        _at_most("update_cost_usd", update_cost_usd, policy.max_update_cost_usd),
-        _at_most("inference_cost_ratio", cost_ratio, policy.max_inference_cost_ratio),
-    ]
+    gain_ci = _interval(champion, challenger, "shifted", policy)
+    rules = [_at_least("shifted_accuracy_gain", shifted_gain, policy.min_shifted_improvement, gain_ci)]
+    if policy.require_significant_improvement:
+        low = gain_ci[0] if gain_ci else float("-inf")
+        rules.append(Rule("shifted_gain_lower_bound", round(low, 6), 0.0, ">", low > 0, *(gain_ci or (None, None))))
+    rules.append(_at_most("golden_accuracy_loss", golden_loss, policy.max_golden_regression,
+                          _interval(champion, challenger, "golden", policy, sign=-1)))
+    if policy.max_slice_regression is not None:
+        losses = {name: champion.groups[name].accuracy - m.accuracy for name, m in challenger.groups.items()
+                  if name in champion.groups and m.rows >= policy.min_slice_rows}
+        if losses:
+            worst = max(losses, key=losses.get)
+            rules.append(_at_most(f"worst_slice_loss ({worst})", losses[worst], policy.max_slice_regression))
+    rules.append(_at_most("update_cost_usd", update_cost_usd, policy.max_update_cost_usd))
+    if budget_left_usd is not None:
+        rules.append(_at_most("update_cost_vs_budget_left_usd", update_cost_usd, round(budget_left_usd, 6)))
+    rules.append(_at_most("inference_cost_ratio", _ratio(challenger.cost_per_1k_usd, champion.cost_per_1k_usd),
+                          policy.max_inference_cost_ratio))
+    if policy.max_latency_p95_ratio is not None:
+        rules.append(_at_most("latency_p95_ratio", _ratio(challenger.latency_ms_p95, champion.latency_ms_p95),
+                              policy.max_latency_p95_ratio))
     return Verdict(all(r.passed for r in rules), rules)
 
 
 @task(name="gate")
-def gate(champion: Evaluation, challenger: Evaluation, update_cost_usd: float, policy: GatePolicy) -> Verdict:
-    return decide(champion, challenger, update_cost_usd, policy)
+def gate(champion: Evaluation, challenger: Evaluation, update_cost_usd: float, policy: GatePolicy,
+         budget_left_usd: float | None = None) -> Verdict:
+    return decide(champion, challenger, update_cost_usd, policy, budget_left_usd)

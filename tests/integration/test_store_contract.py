@@ -251,3 +251,46 @@ def test_open_store_unreachable_endpoint_names_it(monkeypatch):
         open_store(Settings(store="s3", s3_bucket="nowhere", s3_endpoint_url=endpoint))
     assert endpoint in str(info.value)
     assert "not reachable" in str(info.value)
+
+
+def test_create_writes_only_if_absent(store):
+    assert store.create("locks/a.lock", b"first")
+    assert not store.create("locks/a.lock", b"second")  # never overwrites
+    assert store.get_bytes("locks/a.lock") == b"first"
+    store.delete("locks/a.lock")
+    assert store.create("locks/a.lock", b"third") and store.get_bytes("locks/a.lock") == b"third"
+
+
+def test_promotion_lock_admits_one_holder_at_a_time(store):
+    import threading
+    import time
+
+    from registry.versions import PromotionConflict, lock_key, promotion_lock
+
+    inside, overlaps, order = [], [], []
+
+    def promote(name: str) -> None:
+        with promotion_lock(store, "m", name, wait_seconds=30):
+            inside.append(name)
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+            order.append(name)
+            time.sleep(0.3)
+            inside.remove(name)
+
+    threads = [threading.Thread(target=promote, args=(f"t{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(order) == ["t0", "t1", "t2"] and overlaps == []
+    assert not store.exists(lock_key("m"))  # released
+
+    with promotion_lock(store, "m", "holder", wait_seconds=1):
+        with pytest.raises(PromotionConflict, match="holds the lock: holder"):
+            with promotion_lock(store, "m", "late", wait_seconds=0.5):
+                pass
+    # A crashed holder's lock (expired) is broken, not waited on forever.
+    store.put_bytes(lock_key("m"), b'{"holder": "crashed", "expires": 0}')
+    with promotion_lock(store, "m", "next", wait_seconds=1):
+        assert b"next" in store.get_bytes(lock_key("m"))

@@ -29,7 +29,10 @@ def new_frame(n: int = 40) -> pd.DataFrame:
 def test_shipped_update_policy_loads():
     policy, path = load_update_policy()
     assert path.name == "update.yaml"
-    assert policy.update.epochs >= 1 and policy.replay_ratio >= 0
+    assert policy.replay_ratio >= 0 and policy.bootstrap.start == "fresh"
+    assert [r.name for r in policy.ladder] == ["head", "top-layers", "full-retrain"]
+    # cheapest first (the head alone on cached features), the full retrain last
+    assert policy.ladder[0].frozen_layers == 6 and policy.ladder[-1].start == "fresh"
 
 
 def test_assemble_dedupes_and_drops_evaluation_texts():
@@ -181,3 +184,66 @@ def test_fine_tune_task_plain_function_runs_without_prefect(tiny):
     trained = fine_tune.fn(frame, Recipe(epochs=1, learning_rate=1e-3, batch_size=4), Rates(0.048, 2.5),
                            warm_start=adapter_dir)
     assert trained.steps == 1
+
+
+def _weights(adapter_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("frozen", [6, 4])
+def test_frozen_layers_keep_the_champions_weights(tiny, frozen):
+    *_, adapter_dir = tiny
+    recipe = Recipe(epochs=2, learning_rate=1e-2, batch_size=4, frozen_layers=frozen)
+    frame = pd.DataFrame({"text": TEXTS, "label": [LABELS[i] for i in LABEL_IDS]})
+    trained = train_adapter(frame, recipe, Rates(0.048, 2.5), warm_start=adapter_dir)
+    try:
+        before, after = _weights(adapter_dir), _weights(trained.adapter_dir)
+        assert before.keys() == after.keys()
+        changed = {k for k in before if not np.array_equal(before[k], after[k])}
+        layer = lambda k: int(k.split(".layer.")[1].split(".")[0]) if ".layer." in k else None  # noqa: E731
+        assert any("classifier" in k for k in changed) and any("pooler" in k for k in changed)
+        assert {layer(k) for k in changed if layer(k) is not None} == set(range(frozen, 6))
+        assert trained.steps == 2 * 3  # 12 rows in batches of 4, two epochs over the cached batches
+    finally:
+        shutil.rmtree(trained.adapter_dir, ignore_errors=True)
+
+
+def test_distillation_holds_replay_rows_to_the_champions_answers(tiny):
+    from refit import modeling
+
+    _, tokenizer, _, _, adapter_dir = tiny
+    champion = modeling.predict_proba(modeling.load_model(adapter_dir), tokenizer, TEXTS)
+    # Every label wrong, every row replay: the labels pull away from the champion, distillation pulls back.
+    wrong = pd.DataFrame({"text": TEXTS, "label": [LABELS[(i + 1) % 3] for i in LABEL_IDS], "origin": "replay"})
+    drift = {}
+    for weight in (0.0, 1.0):
+        recipe = Recipe(epochs=10, learning_rate=5e-3, batch_size=4, frozen_layers=6, distill_weight=weight)
+        trained = train_adapter(wrong, recipe, Rates(0.048, 2.5), warm_start=adapter_dir)
+        try:
+            after = modeling.predict_proba(modeling.load_model(trained.adapter_dir), tokenizer, TEXTS)
+        finally:
+            shutil.rmtree(trained.adapter_dir, ignore_errors=True)
+        drift[weight] = float(np.abs(after - champion).sum(axis=1).mean())
+    assert drift[1.0] < 0.5 * drift[0.0], drift
+
+
+def test_work_tokens_price_cached_passes_by_depth():
+    warm_head = Recipe(epochs=10, learning_rate=1e-3, frozen_layers=6)
+    warm_all = Recipe(epochs=3, learning_rate=1e-3, frozen_layers=0)
+    fresh = Recipe(start="fresh", epochs=1, learning_rate=1e-3)
+    assert warm_head.work_tokens(600) == pytest.approx(200)  # the cached forward pass only
+    assert warm_all.work_tokens(600) == pytest.approx(200 + 3 * 600)
+    assert fresh.work_tokens(600) == 600
+
+
+def test_only_a_shortfall_in_improvement_escalates():
+    from tasks.finetune import escalates
+
+    policy, _ = load_update_policy()
+    assert escalates(["shifted_accuracy_gain"], policy)
+    assert escalates(["shifted_accuracy_gain", "shifted_gain_lower_bound"], policy)
+    assert not escalates(["golden_accuracy_loss"], policy)  # a poisoned update stops at the first rung
+    assert not escalates(["shifted_accuracy_gain", "worst_slice_loss (golden/banking)"], policy)
+    assert not escalates([], policy)  # passed: nothing to escalate

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tasks.evaluate import Evaluation, SliceMetrics
-from tasks.gate import GatePolicy, Verdict, decide, gate, load_gate_policy
+from tasks.gate import GatePolicy, Verdict, decide, gate, load_gate_policy, paired_bootstrap
 
 POLICY = GatePolicy(min_shifted_improvement=0.05, max_golden_regression=0.02,
                     max_update_cost_usd=0.50, max_inference_cost_ratio=1.5)
@@ -30,7 +31,9 @@ def rule(verdict: Verdict, name: str):
 def test_shipped_gate_policy_loads():
     policy, path = load_gate_policy()
     assert path.name == "gate.yaml"
-    assert policy == POLICY
+    assert policy.model_dump(include=set(POLICY.model_fields_set)) == POLICY.model_dump(exclude_unset=True)
+    assert policy.require_significant_improvement and policy.max_slice_regression is not None
+    assert policy.max_latency_p95_ratio is not None
 
 
 def test_passes_when_every_rule_passes():
@@ -109,3 +112,95 @@ def test_prefect_task_plain_function():
     verdict = gate.fn(CHAMPION, evaluation(golden=0.90, shifted=0.70), 0.10, POLICY)
     assert isinstance(verdict, Verdict) and verdict.passed
     assert verdict == decide(CHAMPION, evaluation(golden=0.90, shifted=0.70), 0.10, POLICY)
+
+
+# --- Per-example, per-slice, latency and budget rules -------------------------------------------
+
+
+def hits(n: int, accuracy: float, seed: int) -> np.ndarray:
+    """``n`` examples, ``round(n * accuracy)`` of them right, in a seeded order."""
+    out = np.zeros(n)
+    out[: round(n * accuracy)] = 1
+    return np.random.default_rng(seed).permutation(out)
+
+
+def measured(golden: np.ndarray, shifted: np.ndarray, groups: dict[str, float] | None = None,
+             latency_p95: float = 10.0, cost_per_1k: float = 0.001) -> Evaluation:
+    """An evaluation whose set accuracies come from per-example hits, as ``tasks.evaluate`` makes them."""
+    slices = {"golden": SliceMetrics(len(golden), float(golden.mean()), 0.0, 0.8),
+              "shifted": SliceMetrics(len(shifted), float(shifted.mean()), 0.0, 0.7)}
+    return Evaluation(slices, cpu_seconds_per_1k=cost_per_1k / 0.048 * 3600, cost_per_1k_usd=cost_per_1k,
+                      groups={name: SliceMetrics(100, acc, acc, 0.8) for name, acc in (groups or {}).items()},
+                      correct={"golden": golden, "shifted": shifted}, latency_ms_p50=latency_p95 / 2,
+                      latency_ms_p95=latency_p95)
+
+
+FULL = GatePolicy(min_shifted_improvement=0.05, require_significant_improvement=True, max_golden_regression=0.02,
+                  max_slice_regression=0.10, max_update_cost_usd=0.50, max_inference_cost_ratio=1.5,
+                  max_latency_p95_ratio=1.5)
+
+
+def test_paired_bootstrap_interval_holds_the_mean_difference_and_is_repeatable():
+    before, after = hits(1000, 0.60, 1), hits(1000, 0.70, 2)
+    low, high = paired_bootstrap(before, after, samples=1000, level=0.95)
+    assert low < 0.10 < high
+    assert 0.04 < low and high < 0.16  # about ±2 standard errors of a difference of two 1,000-row shares
+    assert (low, high) == paired_bootstrap(before, after, samples=1000, level=0.95)
+    assert paired_bootstrap(before, before, samples=1000, level=0.95) == (0.0, 0.0)  # identical models
+
+
+def test_gain_that_could_be_noise_is_refused_when_policy_requires_significance():
+    champion = measured(hits(400, 0.90, 0), hits(40, 0.50, 1))
+    # 6 more right answers of 40 clears the 5-point minimum, but 40 examples cannot tell it from luck
+    lucky = measured(hits(400, 0.90, 0), np.where(np.arange(40) < 6, 1.0, champion.correct["shifted"]))
+    verdict = decide(champion, lucky, 0.10, FULL)
+    gain = rule(verdict, "shifted_accuracy_gain")
+    assert gain.passed and gain.ci_low is not None and gain.ci_low <= gain.value <= gain.ci_high
+    bound = rule(verdict, "shifted_gain_lower_bound")
+    assert not bound.passed and not verdict.passed
+    assert "shifted_gain_lower_bound failed" in verdict.summary
+    relaxed = decide(champion, lucky, 0.10, FULL.model_copy(update={"require_significant_improvement": False}))
+    assert relaxed.passed, relaxed.summary
+
+
+def test_poisoned_update_is_refused_by_golden_and_slice_rules():
+    groups = {"golden/banking": 0.95, "golden/home": 0.90, "shifted/travel": 0.40}
+    champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1), groups)
+    # Better on the shifted set, but it unlearned banking: golden falls and one slice collapses.
+    poisoned = measured(hits(1000, 0.80, 2), hits(1000, 0.60, 3),
+                        {"golden/banking": 0.30, "golden/home": 0.90, "shifted/travel": 0.70})
+    verdict = decide(champion, poisoned, 0.10, FULL)
+    failed = [r.name for r in verdict.failed]
+    assert failed == ["golden_accuracy_loss", "worst_slice_loss (golden/banking)"]
+    assert rule(verdict, "worst_slice_loss (golden/banking)").value == pytest.approx(0.65)
+    golden = rule(verdict, "golden_accuracy_loss")
+    assert golden.ci_low > 0.02  # the loss is real, not noise: its whole interval is past the limit
+
+
+def test_small_slices_are_not_judged():
+    champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1), {"golden/tiny": 0.9})
+    challenger = measured(hits(1000, 0.90, 0), hits(1000, 0.60, 1), {"golden/tiny": 0.1})
+    challenger.groups["golden/tiny"] = SliceMetrics(5, 0.1, 0.1, 0.5)
+    verdict = decide(champion, challenger, 0.10, FULL)
+    assert verdict.passed and not any(r.name.startswith("worst_slice_loss") for r in verdict.rules)
+
+
+def test_better_but_too_costly_challenger_is_refused():
+    champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1), latency_p95=10.0, cost_per_1k=0.001)
+    better = dict(golden=hits(1000, 0.91, 2), shifted=hits(1000, 0.80, 3))
+    slow = decide(champion, measured(**better, latency_p95=25.0), 0.10, FULL)
+    assert [r.name for r in slow.failed] == ["latency_p95_ratio"]
+    assert rule(slow, "latency_p95_ratio").value == pytest.approx(2.5)
+    pricey = decide(champion, measured(**better, cost_per_1k=0.003), 0.10, FULL)
+    assert [r.name for r in pricey.failed] == ["inference_cost_ratio"]
+    over_budget = decide(champion, measured(**better), 0.10, FULL, budget_left_usd=0.05)
+    assert [r.name for r in over_budget.failed] == ["update_cost_vs_budget_left_usd"]
+    assert decide(champion, measured(**better), 0.10, FULL, budget_left_usd=0.50).passed
+
+
+def test_interval_is_shown_in_every_report():
+    champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1))
+    verdict = decide(champion, measured(hits(1000, 0.90, 2), hits(1000, 0.70, 3)), 0.10, FULL)
+    gain = rule(verdict, "shifted_accuracy_gain")
+    assert gain.interval in verdict.markdown() and gain.interval in verdict.html("g")
+    assert gain.interval.startswith("[+0.2") or gain.interval.startswith("[+0.3")

@@ -48,8 +48,8 @@ def test_typo_in_a_key_is_named(tmp_path):
 
 
 def test_typo_in_a_nested_key_is_named(tmp_path):
-    text = (POLICY_DIR / "update.yaml").read_text().replace("learning_rate: 0.001", "learning_rat: 0.001")
-    with pytest.raises(RefitError, match=r"update\.learning_rat"):
+    text = (POLICY_DIR / "update.yaml").read_text().replace("learning_rate: 0.003", "learning_rat: 0.003")
+    with pytest.raises(RefitError, match=r"ladder\.0\.learning_rat"):
         load_policy(UpdatePolicy, write(tmp_path, text))
 
 
@@ -68,7 +68,7 @@ def test_wrong_type_or_value_is_named(tmp_path, line, field):
 
 def test_wrong_type_in_update_policy(tmp_path):
     text = (POLICY_DIR / "update.yaml").read_text().replace("epochs: 3", "epochs: 2.5")
-    with pytest.raises(RefitError, match=r"update\.epochs"):
+    with pytest.raises(RefitError, match=r"ladder\.1\.epochs"):
         load_policy(UpdatePolicy, write(tmp_path, text))
 
 

@@ -1,0 +1,163 @@
+"""Update-cost benchmark: the incremental update against a full retrain, side by side.
+
+On the default scenario (``refit/scenarios/clinc-shift.yaml``) in one process:
+
+1. the champion is trained from the base model with the bootstrap recipe;
+2. the delayed labels of the shifted window arrive (its labelled share);
+3. **incremental**: the update ladder of ``refit/policies/update.yaml`` runs as
+   the ``update`` flow runs it, rung by rung, each attempt gated against the
+   champion with ``refit/policies/gate.yaml``, until one passes; its CPU-seconds
+   are those of every attempt made;
+4. **full retrain**: a fresh adapter over the base on all data so far (the
+   champion's training data plus the new labels), with the bootstrap recipe.
+
+Every model is scored on the same golden and shifted test sets. CPU-seconds are
+the training process's user+system time (``refit.cost.Meter``). Artifact
+bytes are the saved adapter directory against the base model's weights file.
+
+This module sits in ``refit/`` beside the CLI that runs it, but measures
+``tasks``: it imports them (and with them Prefect) only inside functions.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+SCENARIO = "clinc-shift"
+TARGETS = {  # issue 4: what the incremental update must reach against a full retrain
+    "cpu_ratio_max": 0.10,
+    "shifted_ratio_min": 0.98,
+    "golden_drop_points_max": 1.0,
+    "artifact_share_max": 0.02,
+}
+
+Progress = Callable[[str], None]
+
+
+def _scored(evaluation, cpu_seconds: float, adapter_dir: Path) -> dict:
+    from tasks.evaluate import artifact_bytes
+
+    return {"cpu_seconds": round(cpu_seconds, 2),
+            "shifted_accuracy": round(evaluation.slices["shifted"].accuracy, 4),
+            "golden_accuracy": round(evaluation.slices["golden"].accuracy, 4),
+            "artifact_bytes": artifact_bytes(adapter_dir)}
+
+
+def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str = "update", gate_policy: str = "gate",
+                  progress: Progress = lambda what: None) -> dict:
+    from refit import modeling
+    from refit.cost import Rates
+    from refit.data import text_hash, text_hashes
+    from refit.scenario import build, load_scenario, load_source
+    from refit.settings import Settings
+    from tasks.evaluate import score_models
+    from tasks.finetune import assemble, escalates, load_update_policy, train_adapter
+    from tasks.gate import decide, load_gate_policy
+
+    settings = Settings(data_dir=data_dir)
+    rates = Rates(settings.cpu_usd_per_hour, settings.gpu_usd_per_hour)
+    policy, _ = load_update_policy(update_policy)
+    rules, _ = load_gate_policy(gate_policy)
+    spec, _ = load_scenario(scenario)
+    data = build(spec, load_source(spec.source, data_dir))
+    sets = {"golden": data.golden, "shifted": data.shifted_eval}
+    eval_texts = text_hashes(pd.concat(sets.values())["text"])
+    new = data.shifted_window.sample(frac=spec.windows.labelled_share, random_state=spec.seed + 1)
+    made: list[Path] = []
+
+    try:
+        progress(f"champion: bootstrap recipe on {len(data.train):,} rows")
+        champion = train_adapter(data.train, policy.bootstrap, rates, labels=data.labels, seed=spec.seed)
+        made.append(champion.adapter_dir)
+
+        training = assemble(new, data.train, eval_texts, policy.replay_ratio, spec.seed)
+        full = pd.concat([data.train[~data.train["text"].map(text_hash).isin(eval_texts)][["text", "label"]],
+                          training.frame[training.frame.origin == "new"][["text", "label"]]], ignore_index=True)
+        attempts, champion_eval = [], None
+        for recipe in policy.ladder:
+            frame = full if recipe.start == "fresh" else training.frame
+            progress(f"incremental: {recipe.name} on {len(frame):,} rows")
+            trained = train_adapter(frame, recipe, rates, labels=data.labels, seed=spec.seed,
+                                    warm_start=champion.adapter_dir if recipe.start == "warm" else None)
+            made.append(trained.adapter_dir)
+            scored = score_models({"champion": champion.adapter_dir, "challenger": trained.adapter_dir}, sets, rates)
+            champion_eval = champion_eval or scored["champion"]
+            spent = sum(a["cpu_seconds"] for a in attempts) + trained.cost.cpu_seconds
+            verdict = decide(scored["champion"], scored["challenger"], rates.price(spent), rules)
+            attempts.append(_scored(scored["challenger"], trained.cost.cpu_seconds, trained.adapter_dir)
+                            | {"recipe": recipe.name, "rows": len(frame), "gate": verdict.summary,
+                               "passed": verdict.passed})
+            if verdict.passed or not escalates([r.name for r in verdict.failed], policy):
+                break
+
+        progress(f"full retrain: bootstrap recipe on {len(full):,} rows")
+        retrain = train_adapter(full, policy.bootstrap, rates, labels=data.labels, seed=spec.seed)
+        made.append(retrain.adapter_dir)
+        retrain_eval = score_models({"full": retrain.adapter_dir}, sets, rates)["full"]
+        full_retrain = _scored(retrain_eval, retrain.cost.cpu_seconds, retrain.adapter_dir)
+    finally:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+    final = attempts[-1]
+    incremental = {k: final[k] for k in ("shifted_accuracy", "golden_accuracy", "artifact_bytes")} | {
+        "cpu_seconds": round(sum(a["cpu_seconds"] for a in attempts), 2), "recipe": final["recipe"],
+        "gate_passed": final["passed"], "attempts": attempts}
+    model_bytes = (modeling.base_model_path() / "model.safetensors").stat().st_size
+    champion_golden = round(champion_eval.slices["golden"].accuracy, 4)
+    ratios = {
+        "cpu_ratio": round(incremental["cpu_seconds"] / full_retrain["cpu_seconds"], 4),
+        "shifted_ratio": round(incremental["shifted_accuracy"] / full_retrain["shifted_accuracy"], 4),
+        "golden_drop_points": round(100 * (champion_golden - incremental["golden_accuracy"]), 2),
+        "artifact_share": round(incremental["artifact_bytes"] / model_bytes, 4),
+    }
+    met = {
+        "cpu_ratio": ratios["cpu_ratio"] <= TARGETS["cpu_ratio_max"],
+        "shifted_ratio": ratios["shifted_ratio"] >= TARGETS["shifted_ratio_min"],
+        "golden_drop_points": ratios["golden_drop_points"] <= TARGETS["golden_drop_points_max"],
+        "artifact_share": ratios["artifact_share"] <= TARGETS["artifact_share_max"],
+    }
+    return {
+        "scenario": spec.name, "new_rows": training.new_rows, "replay_rows": training.replay_rows,
+        "full_retrain_rows": len(full), "champion_cpu_seconds": round(champion.cost.cpu_seconds, 2),
+        "champion_shifted_accuracy": round(champion_eval.slices["shifted"].accuracy, 4),
+        "champion_golden_accuracy": champion_golden, "model_bytes": model_bytes,
+        "incremental": incremental, "full_retrain": full_retrain, "ratios": ratios, "targets": TARGETS, "met": met,
+    }
+
+
+def tables(result: dict) -> list:
+    from rich.table import Table
+
+    runs = Table(title=f"Update cost, scenario {result['scenario']}: {result['new_rows']:,} new + "
+                       f"{result['replay_rows']:,} replay rows vs {result['full_retrain_rows']:,} for a full retrain")
+    for column in ("model", "CPU-s", "shifted acc", "golden acc", "artifact bytes", "gate"):
+        runs.add_column(column, justify="left" if column in ("model", "gate") else "right")
+    runs.add_row("champion (before)", f"{result['champion_cpu_seconds']:.1f}", f"{result['champion_shifted_accuracy']:.3f}",
+                 f"{result['champion_golden_accuracy']:.3f}", "", "")
+    for a in result["incremental"]["attempts"]:
+        runs.add_row(f"  attempt: {a['recipe']}", f"{a['cpu_seconds']:.1f}", f"{a['shifted_accuracy']:.3f}",
+                     f"{a['golden_accuracy']:.3f}", f"{a['artifact_bytes']:,}", "pass" if a["passed"] else "refused")
+    inc, full = result["incremental"], result["full_retrain"]
+    runs.add_row("incremental (all attempts)", f"{inc['cpu_seconds']:.1f}", f"{inc['shifted_accuracy']:.3f}",
+                 f"{inc['golden_accuracy']:.3f}", f"{inc['artifact_bytes']:,}", "")
+    runs.add_row("full retrain", f"{full['cpu_seconds']:.1f}", f"{full['shifted_accuracy']:.3f}",
+                 f"{full['golden_accuracy']:.3f}", "", "")
+
+    ratios = Table(title="Incremental against the targets")
+    for column in ("measure", "value", "target", "met"):
+        ratios.add_column(column)
+    r, t, m = result["ratios"], result["targets"], result["met"]
+    ratios.add_row("CPU-s, incremental / full retrain", f"{r['cpu_ratio']:.3f}", f"<= {t['cpu_ratio_max']}",
+                   str(m["cpu_ratio"]))
+    ratios.add_row("shifted accuracy, incremental / full retrain", f"{r['shifted_ratio']:.3f}",
+                   f">= {t['shifted_ratio_min']}", str(m["shifted_ratio"]))
+    ratios.add_row("golden accuracy, points below the champion", f"{r['golden_drop_points']:.2f}",
+                   f"<= {t['golden_drop_points_max']}", str(m["golden_drop_points"]))
+    ratios.add_row("adapter bytes / base model bytes", f"{r['artifact_share']:.4f}", f"<= {t['artifact_share_max']}",
+                   str(m["artifact_share"]))
+    return [runs, ratios]
