@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -80,9 +81,15 @@ class Stack:
         request = urllib.request.Request(f"{self.api}{path}", method=method,
                                          data=json.dumps(body or {}).encode() if method != "GET" else None,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            text = response.read()
-        return json.loads(text) if text else None
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    text = response.read()
+                return json.loads(text) if text else None
+            except urllib.error.HTTPError as exc:  # SQLite busy on a loaded machine answers 503: try again
+                if exc.code != 503 or attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
 
     def deployment(self, name: str) -> dict:
         (found,) = [d for d in self.call("/deployments/filter") if d["name"] == name]
@@ -221,9 +228,13 @@ def scheduled_update(stack: Stack, interval_s: int = 20) -> dict:
     # One scheduled check is enough: pause the schedule so later ticks do not compete for the two cores.
     monitor_id = stack.deployment("monitor")["id"]
     stack.call(f"/deployments/{monitor_id}", {"paused": True}, method="PATCH")
-    for run in stack.flow_runs("monitor"):
+    for run in stack.flow_runs("monitor"):  # pausing removes most; a tick already queued goes here
         if run["state_type"] == "SCHEDULED":
-            stack.call(f"/flow_runs/{run['id']}", method="DELETE")
+            try:
+                stack.call(f"/flow_runs/{run['id']}", method="DELETE")
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:  # already gone
+                    raise
     assert monitor_run["state_type"] == "COMPLETED", stack.run_logs(monitor_run["id"])
 
     client = stack.mlflow()
