@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -57,6 +58,7 @@ class Server:
         self._tokenizer = None
         self._loading = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._threads_before = 0
         self._background: set[asyncio.Task] = set()
 
     # -- models ------------------------------------------------------------
@@ -188,12 +190,12 @@ class Server:
             self._update_version_gauges()
 
     async def start(self) -> None:
+        import torch
+
         from registry.tracking import configure
 
-        if self.settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.torch_threads)
+        self._threads_before = torch.get_num_threads()  # restored on stop: tests run servers in-process
+        torch.set_num_threads(inference_threads(self.settings))
 
         self.experiment_id = await asyncio.to_thread(configure, self.settings)
         self.request_log.start()
@@ -218,8 +220,22 @@ class Server:
         await asyncio.gather(*list(self._background), return_exceptions=True)
         await self.engine.stop()
         await asyncio.to_thread(self.request_log.close)
+        if self._threads_before:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
         log.info("stopped: %d request-log rows written in %d parts", self.request_log.rows_logged,
                  self.request_log.parts_written)
+
+
+def inference_threads(settings: Settings) -> int:
+    """Threads for the forward pass: one core is left to HTTP, JSON and the request log.
+
+    With every core in the pass, its threads wait on each other whenever
+    the event loop (or a neighbour) takes a core, and throughput falls by
+    half or more; measured in ``refit bench serve``.
+    """
+    return settings.serve_torch_threads or max(1, (os.cpu_count() or 2) - 1)
 
 
 def create_app(settings: Settings | None = None, store: ObjectStore | None = None,

@@ -161,45 +161,59 @@ def _load(url: str, texts: list[str], seconds: float, concurrency: int, per_requ
     return load, time.perf_counter() - started
 
 
-def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size: int, concurrency: int,
-                       per_request: tuple[int, int], rounds: int = 3, seconds: float = 10.0,
+def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size: int, threads: int,
+                       concurrency: int, per_request: tuple[int, int], rounds: int = 3, seconds: float = 10.0,
                        pipeline_texts: int = 1000) -> tuple[dict, Load]:
     """Texts per second of the server (HTTP, under load) and of ``transformers.pipeline``, taking turns.
 
     The pipeline runs in this process on the same merged model with the same
-    batch size while the server idles; rounds alternate so that a busy
-    machine slows both alike; each side reports its median round. The
-    server's own predictor, called in-process, is timed beside them.
+    batch size while the server idles, once with torch's default threads and
+    once with the server's (``threads``); the server is compared with the
+    faster of the two. Rounds alternate so that a busy machine slows all
+    alike; each reports its median round. The server's own predictor, called
+    in-process, is timed beside them.
     """
+    import torch
     from transformers import pipeline
 
     from refit import modeling
     from serving.model import from_adapter
 
+    default_threads = torch.get_num_threads()
     served = from_adapter(adapter_dir, 0, batch_size)
     plain = pipeline("text-classification", model=served.model, tokenizer=served.tokenizer, device="cpu")
     sample = texts[:pipeline_texts]
     plain(sample[:batch_size], batch_size=batch_size)  # warm up both
     served.predict(sample[:batch_size])
-    rates: dict[str, list[float]] = {"server_http": [], "pipeline": [], "predictor_in_process": []}
+
+    def timed(call, n_threads: int) -> float:
+        torch.set_num_threads(n_threads)
+        started = time.perf_counter()
+        call()
+        return len(sample) / (time.perf_counter() - started)
+
+    run_pipeline = lambda: plain(sample, batch_size=batch_size, truncation=True, max_length=modeling.MAX_LENGTH)  # noqa: E731
+    names = ("server_http", f"pipeline_{default_threads}_threads", f"pipeline_{threads}_threads",
+             f"predictor_in_process_{threads}_threads")
+    rates: dict[str, list[float]] = {name: [] for name in names}
     everything = Load()
-    for round_ in range(rounds):
-        load, elapsed = _load(url, texts, seconds, concurrency, per_request, seed=100 * (round_ + 1))
-        ok = [n for n, status in zip(load.texts, load.status) if status == 200]
-        rates["server_http"].append(sum(ok) / elapsed)
-        for field_name in ("sent", "latency", "status", "texts", "version"):
-            getattr(everything, field_name).extend(getattr(load, field_name))
-        started = time.perf_counter()
-        plain(sample, batch_size=batch_size, truncation=True, max_length=modeling.MAX_LENGTH)
-        rates["pipeline"].append(len(sample) / (time.perf_counter() - started))
-        started = time.perf_counter()
-        served.predict(sample)
-        rates["predictor_in_process"].append(len(sample) / (time.perf_counter() - started))
+    try:
+        for round_ in range(rounds):
+            load, elapsed = _load(url, texts, seconds, concurrency, per_request, seed=100 * (round_ + 1))
+            rates["server_http"].append(sum(n for n, s in zip(load.texts, load.status) if s == 200) / elapsed)
+            for field_name in ("sent", "latency", "status", "texts", "version"):
+                getattr(everything, field_name).extend(getattr(load, field_name))
+            rates[names[1]].append(timed(run_pipeline, default_threads))
+            rates[names[2]].append(timed(run_pipeline, threads))
+            rates[names[3]].append(timed(lambda: served.predict(sample), threads))
+    finally:
+        torch.set_num_threads(default_threads)
     median = {name: float(np.median(values)) for name, values in rates.items()}
-    return {"batch_size": batch_size, "rounds": rounds,
+    best_pipeline = max(median[names[1]], median[names[2]])
+    return {"batch_size": batch_size, "rounds": rounds, "server_inference_threads": threads,
             **{f"{name}_texts_per_s": round(value, 1) for name, value in median.items()},
-            "server_http_vs_pipeline": round(median["server_http"] / median["pipeline"], 2),
-            "predictor_vs_pipeline": round(median["predictor_in_process"] / median["pipeline"], 2),
+            "server_http_vs_best_pipeline": round(median["server_http"] / best_pipeline, 2),
+            "predictor_vs_best_pipeline": round(median[names[3]] / best_pipeline, 2),
             "rounds_texts_per_s": {name: [round(v, 1) for v in values] for name, values in rates.items()}}, everything
 
 
@@ -213,6 +227,7 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
     from refit.store import open_store
     from registry import versions
     from registry.tracking import configure
+    from serving.app import inference_threads
 
     experiment_id = configure(settings)
     name = settings.model_name
@@ -261,8 +276,8 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
         if compare_rounds:
             progress(f"throughput: server under load vs transformers.pipeline, {compare_rounds} alternating rounds")
             comparison, extra = compare_throughput(url, versions.download_adapter(name, champion), texts,
-                                                   settings.serve_batch_size, concurrency, per_request,
-                                                   rounds=compare_rounds)
+                                                   settings.serve_batch_size, inference_threads(settings),
+                                                   concurrency, per_request, rounds=compare_rounds)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -131,8 +131,10 @@ class Rollout:
             phase = self.phase
             self._roll_back(verdict)
             return verdict, phase
-        if elapsed >= span:
-            self._settle() if self.phase == "watch" else self._promote_candidate(verdict)
+        if elapsed >= span and self.phase == "watch":
+            self._settle()
+        elif elapsed >= span:
+            self._promote_candidate(verdict)
         return verdict, None
 
     def _roll_back(self, verdict: GuardVerdict) -> None:
