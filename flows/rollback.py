@@ -16,7 +16,8 @@ def rollback(reason: str = "manual rollback") -> dict:
     """Move ``champion`` back to ``previous``, tag the demoted version with ``reason``, tell the server."""
     try:
         ctx = open_context()
-        result = roll_back(ctx.model_name, None, reason, experiment_id=ctx.experiment_id, source="manual")
+        result = roll_back(ctx.model_name, None, reason, experiment_id=ctx.experiment_id, store=ctx.store,
+                           source="manual")
     except RefitError as exc:
         return user_error(exc)
     server = notify_server(ctx.settings)

@@ -9,6 +9,7 @@ thread while other threads may be inside runs of their own.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from datetime import datetime, timezone
 
 from mlflow import MlflowClient
@@ -20,16 +21,27 @@ from registry.tracking import RUN_TYPE
 
 
 def roll_back(model_name: str, bad_version: int | None, reason: str, *, experiment_id: str,
-              source: str = "manual", guard_html: str | None = None, guard_markdown: str | None = None,
+              store=None, source: str = "manual", guard_html: str | None = None, guard_markdown: str | None = None,
               guard_json: dict | None = None) -> dict:
     """Make ``previous`` the champion again, if the champion is still ``bad_version``.
 
     ``bad_version`` None means whatever is champion now (the hand-run path).
     The demoted version is tagged with the reason; ``previous`` is cleared,
     so a second rollback never returns to the version just demoted. The
-    guard table, when given, is logged with the run. Raises ``RefitError``
-    when there is nothing to roll back to, or the champion has moved on.
+    guard table, when given, is logged with the run. With ``store`` the
+    aliases move under the model's promotion lock, so a rollback never
+    interleaves with a promotion. Raises ``RefitError`` when there is nothing
+    to roll back to, or the champion has moved on.
     """
+    lock = versions.promotion_lock(store, model_name, f"rollback by {source}") if store is not None else nullcontext()
+    with lock:
+        bad_version, target = _move_aliases_back(model_name, bad_version)
+    return _record(model_name, bad_version, target, reason, experiment_id, source, guard_html, guard_markdown,
+                   guard_json)
+
+
+def _move_aliases_back(model_name: str, bad_version: int | None) -> tuple[int, int]:
+    """Champion back to previous, guarded; returns (demoted version, restored version)."""
     current = versions.alias_version(model_name, versions.CHAMPION)
     target = versions.alias_version(model_name, versions.PREVIOUS)
     bad_version = current if bad_version is None else bad_version
@@ -39,6 +51,11 @@ def roll_back(model_name: str, bad_version: int | None, reason: str, *, experime
     if target is None or target == bad_version:
         raise RefitError(f"model {model_name} has no previous champion to roll back to")
     versions.promote(model_name, target, expected_champion=bad_version)
+    return bad_version, target
+
+
+def _record(model_name: str, bad_version: int, target: int, reason: str, experiment_id: str, source: str,
+            guard_html: str | None, guard_markdown: str | None, guard_json: dict | None) -> dict:
     client = MlflowClient()
     try:
         client.delete_registered_model_alias(model_name, versions.PREVIOUS)

@@ -107,7 +107,8 @@ class Server:
         title = f"Automatic rollback of {self.model_name} v{verdict.new_version} ({phase})"
         try:
             result = roll_back(self.model_name, verdict.new_version, f"guard failed during {phase}: {verdict.summary}",
-                               experiment_id=self.experiment_id, source=f"refit serve ({phase} guard)",
+                               experiment_id=self.experiment_id, store=self.store,
+                               source=f"refit serve ({phase} guard)",
                                guard_html=verdict.html(title), guard_markdown=f"# {title}\n\n{verdict.markdown()}",
                                guard_json=verdict.to_dict() | {"policy": self.policy.model_dump()})
             log.warning("rolled back in MLflow: %s", result)
