@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -55,6 +57,31 @@ def open_context(settings: Settings | None = None) -> Context:
     store = open_store(settings)
     experiment_id = configure(settings)
     return Context(settings, store, experiment_id, Rates(settings.cpu_usd_per_hour, settings.gpu_usd_per_hour))
+
+
+@contextmanager
+def one_at_a_time(name: str, timeout_seconds: float = 3 * 3600) -> Iterator[None]:
+    """Hold Prefect's global concurrency limit ``name`` (one slot, created if missing).
+
+    Deployment concurrency limits are per deployment; the update and hotfix
+    deployments run the same flow, so the per-model limit is taken here, on
+    whichever server (or temporary API) runs the flow.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except Exception:  # another run created it first (409)
+                client.read_global_concurrency_limit_by_name(name)
+    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):
+        yield
 
 
 def user_error(exc: RefitError) -> State:

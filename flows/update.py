@@ -16,14 +16,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from flows.bootstrap import read_evaluation_sets
-from flows.common import open_context, parse_time, user_error
+from flows.common import one_at_a_time, open_context, parse_time, user_error
 from refit import modeling
-from refit.data import text_hash, text_hashes
+from refit.data import fingerprint, text_hash, text_hashes
 from refit.errors import RefitError
 from refit.policy import file_hash
+from refit.settings import Settings
 from registry import versions
 from registry.tracking import (RUN_TYPE, code_revision, flat_params, log_json, log_policy, log_training_input,
-                               measured_cpu_seconds_per_work_token, month_spend)
+                               finished_update, measured_cpu_seconds_per_work_token, month_spend)
 from tasks.deploy import promote, read_reference, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair
 from tasks.finetune import Recipe, Trained, assemble, count_tokens, escalates, fine_tune, load_update_policy
@@ -88,14 +89,29 @@ def update(window_start: str | None = None, window_end: str | None = None, label
            drift_run_id: str | None = None, gate_policy: str = "gate", reason: str | None = None) -> dict:
     """Fine-tune, evaluate against the champion, gate on quality and cost, promote on a pass.
 
+    One update per model runs at a time (a Prefect global concurrency limit
+    named after the model: event-started updates and hand-run hotfixes queue
+    behind each other), and a window or file that already paid for a
+    fine-tune against this champion returns that run instead of a second one.
+
     Args:
         window_start: start of the drifted traffic window whose delayed labels to learn from.
         window_end: its end.
-        labels_path: a CSV/Parquet/JSON file with ``text`` and ``label`` (hotfix); replaces the window.
+        labels_path: a CSV/Parquet/JSON file with ``text`` and ``label`` (hotfix): a path, file:// or
+            s3:// URI; replaces the window.
         drift_run_id: the MLflow run of the drift check that triggered this update (lineage).
         gate_policy: gate policy name or YAML path.
         reason: why this update runs (a hotfix's ticket, say); recorded on the run and the version.
     """
+    try:
+        model_name = Settings().model_name
+    except Exception as exc:  # pydantic's ValidationError: one line
+        return user_error(RefitError(f"invalid settings: {str(exc).splitlines()[0]}"))
+    with one_at_a_time(f"refit-update-{model_name}"):
+        return _update(window_start, window_end, labels_path, drift_run_id, gate_policy, reason)
+
+
+def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, reason) -> dict:
     try:
         ctx = open_context()
         name = ctx.model_name
@@ -110,7 +126,7 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         _, pool = read_reference(ctx.store, name, champion)
         if labels_path:
             source = labels_path
-            new = read_labelled_file(labels_path, known_labels)
+            new = read_labelled_file(labels_path, known_labels, ctx.settings)
         else:
             if not (window_start and window_end):
                 raise RefitError("give a window (window_start and window_end) or a labelled file (labels_path)")
@@ -124,6 +140,16 @@ def update(window_start: str | None = None, window_end: str | None = None, label
     except RefitError as exc:
         return user_error(exc)
 
+    what = f"file:{fingerprint(new)}" if labels_path else f"window:{window_start}..{window_end}"
+    trigger_key = f"{name}:v{champion}:{what}"
+    earlier = finished_update(ctx.experiment_id, name, trigger_key)
+    if earlier is not None:
+        why = (f"already updated for this {'file' if labels_path else 'window'} against v{champion} "
+               f"by run {earlier.info.run_id}: not paying for a second fine-tune")
+        get_run_logger().info(why)
+        return {"promoted": False, "version": None, "champion": champion, "reason": why,
+                "duplicate_of": earlier.info.run_id, "attempts": []}
+
     kind = "hotfix" if labels_path else "update"
     per_token = (measured_cpu_seconds_per_work_token(ctx.experiment_id, name) or policy.cpu_seconds_per_work_token)
     spent = month_spend(ctx.experiment_id, name, _month_start_ms())
@@ -131,7 +157,8 @@ def update(window_start: str | None = None, window_end: str | None = None, label
     first_estimate = ctx.rates.price(policy.ladder[0].work_tokens(count_tokens(training.frame["text"].tolist()))
                                      * per_token)
     tags = {RUN_TYPE: "update", "refit.model": name, "refit.kind": kind, "refit.parent_version": str(champion),
-            "refit.drift_run_id": drift_run_id or "none", "refit.data_source": source, "refit.reason": reason or kind}
+            "refit.drift_run_id": drift_run_id or "none", "refit.data_source": source, "refit.reason": reason or kind,
+            "refit.trigger_key": trigger_key}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=kind, tags=tags) as run:
         mlflow.log_params(flat_params("gate", rules) | {
             "ladder": " -> ".join(r.name for r in policy.ladder), "reason": reason or kind,

@@ -121,8 +121,10 @@ def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str =
         "golden_drop_points": ratios["golden_drop_points"] <= TARGETS["golden_drop_points_max"],
         "artifact_share": ratios["artifact_share"] <= TARGETS["artifact_share_max"],
     }
+    import torch
+
     return {
-        "scenario": spec.name, "new_rows": training.new_rows, "replay_rows": training.replay_rows,
+        "scenario": spec.name, "torch_threads": torch.get_num_threads(), "new_rows": training.new_rows, "replay_rows": training.replay_rows,
         "full_retrain_rows": len(full), "champion_cpu_seconds": round(champion.cost.cpu_seconds, 2),
         "champion_shifted_accuracy": round(champion_eval.slices["shifted"].accuracy, 4),
         "champion_golden_accuracy": champion_golden, "model_bytes": model_bytes,

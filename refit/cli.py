@@ -43,6 +43,8 @@ def _prepare(store: str | None = None) -> Settings:
     # Prefect's local API keeps its database under REFIT_HOME, so runs can be reviewed later.
     os.environ.setdefault("PREFECT_HOME", str(settings.home_dir / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # Prefect's temporary API gives up after 20 s by default: too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     settings.apply_environment()
     return settings
 
@@ -118,20 +120,22 @@ def monitor(store: StoreOption = None,
 
 
 @app.command()
-def update(labels: Annotated[Optional[Path], typer.Option(help="Labelled CSV/Parquet/JSON (text, label): the hotfix path.")] = None,
+def update(labels: Annotated[Optional[str], typer.Option(
+               help="Labelled CSV/Parquet/JSON (text, label), a path or file:// / s3:// URI: the hotfix path.")] = None,
            window_start: Annotated[Optional[str], typer.Option(help="Start of the labelled traffic window (ISO).")] = None,
            window_end: Annotated[Optional[str], typer.Option(help="End of the labelled traffic window (ISO).")] = None,
            gate: Annotated[str, typer.Option(help="Gate policy name or YAML path.")] = "gate",
+           reason: Annotated[Optional[str], typer.Option(help="Why (a ticket); recorded on the run and version.")] = None,
            store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Fine-tune, gate and (on a pass) promote an update.
 
-    Example (hotfix): refit update --labels fixes.csv
+    Example (hotfix): refit update --labels s3://bucket/fixes.csv --reason "T-42: travel intents wrong"
     """
     _prepare(store)
     from flows.update import update as flow_fn
 
-    result = _run_flow(flow_fn, labels_path=str(labels) if labels else None, window_start=window_start,
-                       window_end=window_end, gate_policy=gate)
+    result = _run_flow(flow_fn, labels_path=labels, window_start=window_start,
+                       window_end=window_end, gate_policy=gate, reason=reason)
     _emit(result, as_json, "Update")
 
 
@@ -355,7 +359,10 @@ def bench_drift(as_json: JsonOption = False,
 def bench_update_cost(as_json: JsonOption = False,
                       scenario: Annotated[str, typer.Option(help="Scenario name or YAML path.")] = "clinc-shift",
                       update_policy: Annotated[str, typer.Option(help="Update policy name or YAML path.")] = "update",
-                      gate_policy: Annotated[str, typer.Option(help="Gate policy name or YAML path.")] = "gate") -> None:
+                      gate_policy: Annotated[str, typer.Option(help="Gate policy name or YAML path.")] = "gate",
+                      threads: Annotated[int, typer.Option(
+                          min=0, help="Torch threads (0: torch's default). 1 keeps CPU-seconds honest on a busy "
+                                      "machine, where waiting threads spin and bill CPU time.")] = 0) -> None:
     """The incremental update against a full retrain on all data so far, side by side (about 10 min on 2 cores).
 
     Example: refit bench update-cost --json
@@ -363,6 +370,10 @@ def bench_update_cost(as_json: JsonOption = False,
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     data_dir = Settings().data_dir
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from refit.bench_update import run_benchmark, tables
 
     with err.status("update-cost benchmark") as status:

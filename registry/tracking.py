@@ -153,3 +153,20 @@ def update_triggers(experiment_id: str, model_name: str, champion: int) -> list[
     now_ms = time.time() * 1000
     return [Trigger(r.info.run_id, r.data.tags.get("refit.window_start", ""), r.data.tags.get("refit.window_end", ""),
                     r.data.tags.get("refit.severity", "none"), (now_ms - r.info.start_time) / 60000) for r in runs]
+
+
+def finished_update(experiment_id: str, model_name: str, trigger_key: str):
+    """The update run that already trained for ``trigger_key`` (a window or a file, against one champion), if any.
+
+    A duplicated scheduled run or a replayed event finds it and stops before
+    paying for a second fine-tune. Runs refused before training (budget) do
+    not count: the same window may be tried again when money is there.
+    """
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
+                       f"and tags.`refit.trigger_key` = '{trigger_key}' and metrics.attempts >= 1 "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time ASC"], max_results=1,
+    )
+    return runs[0] if runs else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,13 +72,44 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
     return joined[["text", "label"]].reset_index(drop=True)
 
 
-def read_labelled_file(path: str, known_labels: list[str]) -> pd.DataFrame:
-    """A hand-supplied labelled file (the hotfix path): text and label columns."""
+def fetch_labelled_file(uri: str, settings) -> Path:
+    """A local path for ``uri``: a path, ``file://...``, or ``s3://bucket/key`` (fetched with boto3).
+
+    An ``s3://`` object is read through the configured endpoint (MinIO, moto
+    or AWS) into a temporary file with the same suffix, so the loader can tell
+    CSV from Parquet from JSON.
+    """
+    import tempfile
     from pathlib import Path
+    from urllib.parse import unquote, urlparse
 
+    from refit.store import S3Store
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        store = S3Store(parsed.netloc, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        try:
+            data = store.get_bytes(parsed.path.lstrip("/"))
+        except KeyError:
+            raise RefitError(f"hotfix file {uri} does not exist") from None
+        except Exception as exc:  # botocore: no such bucket, no credentials, endpoint down
+            raise RefitError(f"hotfix file {uri} could not be read: {exc}") from None
+        local = Path(tempfile.mkdtemp(prefix="refit-hotfix-")) / Path(parsed.path).name
+        local.write_bytes(data)
+        return local
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise RefitError(f"hotfix file {uri}: only local paths, file:// and s3:// URIs are read")
+    return Path(uri)
+
+
+def read_labelled_file(path: str, known_labels: list[str], settings=None) -> pd.DataFrame:
+    """A hand-supplied labelled file (the hotfix path): text and label columns; a path or a URI."""
     from refit.data import load_table
+    from refit.settings import Settings
 
-    frame = load_table(Path(path))[["text", "label"]]
+    frame = load_table(fetch_labelled_file(path, settings or Settings()))[["text", "label"]]
     if frame.empty:
         raise RefitError(f"hotfix file {path} has no rows")
     unknown = sorted(set(frame["label"]) - set(known_labels))

@@ -60,8 +60,20 @@ def test_mlflow_keeps_every_run_report_and_version(demo_home):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("refit")
     runs = client.search_runs([experiment.experiment_id])
-    kinds = sorted(r.data.tags["refit.run_type"] for r in runs)
+    kinds = sorted(r.data.tags["refit.run_type"] for r in runs if r.data.tags["refit.run_type"] != "update-attempt")
     assert kinds == ["bootstrap", "drift-check", "drift-check", "update", "update"]
+    # Every ladder attempt is a nested run of its update, with its own gate verdict and adapter.
+    updates = {r.info.run_id: r for r in runs if r.data.tags["refit.run_type"] == "update"}
+    attempts = [r for r in runs if r.data.tags["refit.run_type"] == "update-attempt"]
+    assert attempts and {a.data.tags["mlflow.parentRunId"] for a in attempts} == set(updates)
+    for attempt in attempts:
+        files = {a.path for a in client.list_artifacts(attempt.info.run_id)}
+        assert {"gate.html", "gate.json", "adapter"} <= files
+        assert attempt.data.metrics["train_work_tokens"] > 0 and "estimate_error_pct" in attempt.data.metrics
+    hotfix = next(r for r in updates.values() if r.data.tags["refit.kind"] == "hotfix")
+    # Poisoned labels fail a guard (golden or slice), not just the gain: the ladder stops at its first rung.
+    assert hotfix.data.metrics["attempts"] == 1
+    assert result["update_attempts"][0] == "head"
     drift = [r for r in runs if r.data.tags["refit.run_type"] == "drift-check"]
     for run in drift:
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -178,7 +190,8 @@ def test_update_over_budget_is_refused_before_training(demo_home):
 
     client = MlflowClient(result["mlflow_tracking_uri"])
     versions_before = len(client.search_model_versions("name='intent-classifier'"))
-    labels = home / "demo" / "hotfix-poisoned.csv"
+    labels = home / "hotfix-new.csv"  # not the demo's file: that one already paid for its update
+    pd.read_csv(home / "demo" / "hotfix-poisoned.csv").iloc[1:].to_csv(labels, index=False)
     proc = run_cli(["update", "--json", "--labels", str(labels)], env | {"REFIT_MONTHLY_BUDGET_USD": "0.000001"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     refused = last_json(proc.stdout)
@@ -187,6 +200,22 @@ def test_update_over_budget_is_refused_before_training(demo_home):
     run = client.get_run(refused["run_id"])
     assert run.data.tags["refit.gate_verdict"] == "refused"
     assert run.data.metrics["update_cost_usd"] == 0.0
+    assert len(client.search_model_versions("name='intent-classifier'")) == versions_before
+
+
+def test_same_hotfix_file_never_pays_twice(demo_home):
+    home, env, result = demo_home
+    from mlflow import MlflowClient
+
+    client = MlflowClient(result["mlflow_tracking_uri"])
+    versions_before = len(client.search_model_versions("name='intent-classifier'"))
+    proc = run_cli(["update", "--json", "--labels", str(home / "demo" / "hotfix-poisoned.csv")], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = last_json(proc.stdout)
+    assert again["promoted"] is False and "already updated for this file" in again["reason"]
+    first = client.get_run(again["duplicate_of"])
+    assert first.data.tags["refit.kind"] == "hotfix" and first.data.metrics["attempts"] >= 1
+    assert "fine-tune" not in proc.stderr  # nothing trained
     assert len(client.search_model_versions("name='intent-classifier'")) == versions_before
 
 

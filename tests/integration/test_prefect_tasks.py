@@ -61,3 +61,33 @@ def test_fine_tune_task_in_a_flow(prefect_harness):
         assert json.loads((adapter_dir / "labels.json").read_text()) == ["hi", "weather"]
     finally:
         shutil.rmtree(adapter_dir, ignore_errors=True)
+
+
+@flow(name="test-one-at-a-time")
+def guarded_flow(name: str, log_path: str) -> None:
+    import time
+
+    from flows.common import one_at_a_time
+
+    with one_at_a_time("refit-update-test-model", timeout_seconds=120):
+        with open(log_path, "a") as fh:
+            fh.write(f"enter {name} {time.time()}\n")
+        time.sleep(2)
+        with open(log_path, "a") as fh:
+            fh.write(f"leave {name} {time.time()}\n")
+
+
+def test_updates_of_one_model_run_one_at_a_time(prefect_harness, tmp_path):
+    """Two update-like flows started together: the per-model concurrency limit serialises them."""
+    import threading
+
+    log = tmp_path / "log.txt"
+    threads = [threading.Thread(target=guarded_flow, args=(name, str(log))) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [e[0] for e in events] == ["enter", "leave", "enter", "leave"], events
+    assert events[0][1] == events[1][1] and events[2][1] == events[3][1]  # each left before the other entered
+    assert {events[0][1], events[2][1]} == {"a", "b"}

@@ -114,9 +114,7 @@ def _hotfix_file(stack, tmp_path):
 def test_hotfix_deployment_run_by_hand_is_still_gated(stack, deployed, tmp_path):
     client = stack.mlflow()
     champion = client.get_model_version_by_alias(MODEL, "champion").version
-    params = {"labels_path": str(_hotfix_file(stack, tmp_path))}
-    if "reason" in stack.deployment("hotfix")["parameter_openapi_schema"]["properties"]:
-        params["reason"] = "support saw wrong intents on travel"
+    params = {"labels_path": str(_hotfix_file(stack, tmp_path)), "reason": "support saw wrong intents on travel"}
     stack.run(PREFECT + ["deployment", "run", "update/hotfix", "--params", json.dumps(params)])
     run = stack.wait_for("the hotfix run", lambda: stack.flow_runs("hotfix"), timeout=60)[0]
     run = stack.wait_done(run["id"], timeout=900)
@@ -130,13 +128,11 @@ def test_hotfix_deployment_run_by_hand_is_still_gated(stack, deployed, tmp_path)
     assert client.get_model_version_by_alias(MODEL, "challenger").version == hotfix.version
     artifacts = {a.path for a in client.list_artifacts(hotfix.run_id)}
     assert {"gate.html", "gate.json"} <= artifacts
-    if "reason" in params:
-        assert client.get_run(hotfix.run_id).data.tags["refit.reason"] == params["reason"]
-        assert hotfix.tags["refit.reason"] == params["reason"]
+    update_run = client.get_run(hotfix.tags["refit.update_run_id"])
+    assert update_run.data.tags["refit.reason"] == params["reason"]
+    assert hotfix.tags["refit.reason"] == params["reason"]
 
 
-@pytest.mark.xfail(strict=True, reason="flows/update.py has no `reason` parameter yet (issue 6: the hotfix's "
-                                       "reason is recorded in MLflow as refit.reason)")
 def test_hotfix_takes_a_reason(stack, deployed):
     assert "reason" in stack.deployment("hotfix")["parameter_openapi_schema"]["properties"]
 

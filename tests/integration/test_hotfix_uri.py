@@ -1,0 +1,46 @@
+"""A hotfix's labelled file by path, file:// or s3:// URI (the S3 one on the moto server)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pandas as pd
+import pytest
+
+from refit.errors import RefitError
+from refit.settings import Settings
+from refit.store import S3Store
+from tasks.ingest import read_labelled_file
+
+ROWS = pd.DataFrame({"text": ["book a flight", "what's my balance"], "label": ["book_flight", "balance"]})
+KNOWN = ["book_flight", "balance", "oos"]
+
+
+def test_local_path_and_file_uri(tmp_path):
+    path = tmp_path / "fixes.csv"
+    ROWS.to_csv(path, index=False)
+    settings = Settings(home=tmp_path / "home")
+    pd.testing.assert_frame_equal(read_labelled_file(str(path), KNOWN, settings), ROWS)
+    pd.testing.assert_frame_equal(read_labelled_file(path.as_uri(), KNOWN, settings), ROWS)
+
+
+def test_s3_uri_is_read_through_the_configured_endpoint(tmp_path, s3_endpoint):
+    bucket = f"hotfix-{uuid.uuid4().hex[:8]}"
+    store = S3Store(bucket, endpoint_url=s3_endpoint)
+    store.ensure_bucket()
+    store.put_parquet("tickets/T-42/fixes.parquet", ROWS)
+    settings = Settings(home=tmp_path / "home", s3_endpoint_url=s3_endpoint)
+    got = read_labelled_file(f"s3://{bucket}/tickets/T-42/fixes.parquet", KNOWN, settings)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), ROWS)
+    with pytest.raises(RefitError, match="does not exist"):
+        read_labelled_file(f"s3://{bucket}/tickets/T-42/missing.csv", KNOWN, settings)
+
+
+def test_unknown_scheme_and_unknown_labels_are_named(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    with pytest.raises(RefitError, match="only local paths, file:// and s3://"):
+        read_labelled_file("https://example.com/fixes.csv", KNOWN, settings)
+    path = tmp_path / "fixes.csv"
+    ROWS.to_csv(path, index=False)
+    with pytest.raises(RefitError, match="labels the model does not know"):
+        read_labelled_file(str(path), ["oos"], settings)
