@@ -132,7 +132,8 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
                 raise RefitError("give a window (window_start and window_end) or a labelled file (labels_path)")
             start, end = parse_time(window_start), parse_time(window_end)
             source = f"labelled requests {start.isoformat()} .. {end.isoformat()}"
-            new = labelled_window(ctx.store, name, start, end, known_labels=known_labels)
+            new = labelled_window(ctx.store, name, start, end, known_labels=known_labels,
+                                  max_label_mix_shift=policy.max_label_mix_shift)
         if len(new) < policy.min_new_examples:
             raise RefitError(f"only {len(new)} labelled examples in {source}; policy needs {policy.min_new_examples}")
         eval_texts = text_hashes(pd.concat(sets.values())["text"])

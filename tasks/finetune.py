@@ -68,6 +68,9 @@ class UpdatePolicy(StrictModel):
         description="Gate rules whose failure sends the update up the ladder; any other failure ends it.")
     replay_ratio: float = Field(ge=0, description="Replay rows per new labelled row.")
     min_new_examples: int = Field(ge=1)
+    max_label_mix_shift: float | None = Field(
+        None, gt=0, le=1, description="Delayed labels whose mix is this far (total variation) from the model's "
+                                      "predictions on the same requests are refused whole; None: not checked.")
     cpu_seconds_per_work_token: float = Field(gt=0, description="Prior for estimates until an update was measured.")
 
 

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from refit import modeling, requestlog
 from refit.errors import RefitError
 from refit.store import ObjectStore
-from tasks.validate import validate_labels
+from tasks.validate import check_label_mix, validate_labels
 
 
 def score_traffic(model, tokenizer, texts: list[str], version: int, start: datetime, end: datetime,
@@ -54,11 +54,15 @@ def replay_traffic(store: ObjectStore, model_name: str, model, tokenizer, versio
 
 @task(name="labelled-window", cache_policy=NO_CACHE)
 def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: datetime,
-                    known_labels: list[str] | None = None) -> pd.DataFrame:
+                    known_labels: list[str] | None = None, max_label_mix_shift: float | None = None,
+                    min_rows_for_mix: int = 50) -> pd.DataFrame:
     """Texts of the window's requests that have a delayed label, with that label.
 
     With ``known_labels``, label feedback the model cannot learn from (unknown
     or empty label, no request id) goes to quarantine with its reason first.
+    With ``max_label_mix_shift``, the labels' mix is compared with what the
+    model predicted for the same requests (total variation); a batch beyond it
+    is quarantined whole and refused (a broken labelling job or poisoning).
     """
     served = requestlog.read_inference(store, model_name, start, end)
     labels = requestlog.read_labels(store, model_name)
@@ -69,6 +73,15 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
             store.put_parquet(f"quarantine/model={model_name}/labels/{stamp}-{uuid.uuid4().hex[:8]}.parquet",
                               rejected.astype(str))
     joined = served.merge(labels.drop_duplicates("request_id", keep="last"), on="request_id", how="inner")
+    if max_label_mix_shift is not None and len(joined) >= min_rows_for_mix and "predicted_label" in joined:
+        check = check_label_mix(joined["predicted_label"], joined["label"], max_label_mix_shift)
+        if check.suspect:
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S.%f")
+            uri = store.put_parquet(
+                f"quarantine/model={model_name}/labels/{stamp}-{uuid.uuid4().hex[:8]}-batch.parquet",
+                joined.astype(str).assign(reason=check.reason))
+            raise RefitError(f"label batch rejected: {check.reason} of the model's predictions for the same "
+                             f"{len(joined)} requests; quarantined at {uri}")
     return joined[["text", "label"]].reset_index(drop=True)
 
 

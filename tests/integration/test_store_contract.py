@@ -294,3 +294,37 @@ def test_promotion_lock_admits_one_holder_at_a_time(store):
     store.put_bytes(lock_key("m"), b'{"holder": "crashed", "expires": 0}')
     with promotion_lock(store, "m", "next", wait_seconds=1):
         assert b"next" in store.get_bytes(lock_key("m"))
+
+
+def test_label_batch_far_from_the_models_predictions_is_quarantined_whole(store):
+    """Delayed labels that mostly name one intent, whatever was asked: refused and kept in quarantine."""
+    from datetime import datetime, timedelta, timezone
+
+    from refit import requestlog
+    from refit.errors import RefitError
+    from tasks.ingest import labelled_window
+
+    start = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+    intents = [f"intent{i}" for i in range(10)]
+    served = pd.DataFrame({
+        "request_id": [f"r{i}" for i in range(100)],
+        "timestamp": [start + timedelta(seconds=i) for i in range(100)],
+        "text": [f"text {i}" for i in range(100)],
+        "predicted_label": [intents[i % 10] for i in range(100)],
+        "confidence": 0.9, "model_version": "1"})
+    requestlog.write_inference(store, "m", served)
+    honest = served[["request_id"]].assign(label=served["predicted_label"], source="support")
+    honest.loc[:19, "label"] = "intent0"  # a fifth relabelled: real feedback differs from predictions
+    requestlog.write_labels(store, "m", honest)
+    end = start + timedelta(hours=1)
+    kept = labelled_window(store, "m", start, end, known_labels=intents, max_label_mix_shift=0.85)
+    assert len(kept) == 100
+
+    broken = served[["request_id"]].assign(label="intent3", source="labelling-job")  # everything one intent
+    requestlog.write_labels(store, "m", broken)
+    with pytest.raises(RefitError, match=r"label batch rejected: label mix moved 0\.9\d\d"):
+        labelled_window(store, "m", start, end, known_labels=intents, max_label_mix_shift=0.85)
+    (quarantined,) = [k for k in store.list("quarantine/model=m/labels/") if k.endswith("-batch.parquet")]
+    frame = store.get_parquet(quarantined)
+    assert len(frame) == 100 and frame["reason"].str.contains("label mix moved").all()
+    assert len(labelled_window(store, "m", start, end, known_labels=intents)) == 100  # unchecked: as before
