@@ -22,6 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 LABELS_FILE = "labels.json"
 MAX_LENGTH = 64
+CACHE_BATCH = 128  # rows per forward pass when caching a frozen encoder's output
 
 
 def _quiet() -> None:
@@ -278,14 +279,17 @@ def train_upper(
     model.eval()
     cached, tokens = [], 0
     with torch.no_grad():  # not inference_mode: the cached tensors feed autograd later
-        for batch in _batches_by_length([len(ids) for ids in input_ids], batch_size, None):
-            features = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+        # Large forward batches (cheaper per row), cut into training batches of similar lengths.
+        for big in _batches_by_length([len(ids) for ids in input_ids], max(batch_size, CACHE_BATCH), None):
+            features = tokenizer.pad({"input_ids": [input_ids[i] for i in big]}, return_tensors="pt")
             out = model(**features, output_hidden_states=True)
             hidden = out.hidden_states[frozen_layers]
             if frozen_layers == len(layers):
                 hidden = hidden[:, :1]  # the pooler reads position 0 only
-            cached.append((batch, hidden.clone(), features["attention_mask"], out.logits.clone()))
             tokens += int(features["attention_mask"].sum())
+            for s in range(0, len(big), batch_size):
+                cached.append((big[s : s + batch_size], hidden[s : s + batch_size].clone(),
+                               features["attention_mask"][s : s + batch_size], out.logits[s : s + batch_size].clone()))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)

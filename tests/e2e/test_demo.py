@@ -215,7 +215,7 @@ def test_same_hotfix_file_never_pays_twice(demo_home):
     assert again["promoted"] is False and "already updated for this file" in again["reason"]
     first = client.get_run(again["duplicate_of"])
     assert first.data.tags["refit.kind"] == "hotfix" and first.data.metrics["attempts"] >= 1
-    assert "fine-tune" not in proc.stderr  # nothing trained
+    assert "Task run 'fine-tune" not in proc.stderr  # nothing trained
     assert len(client.search_model_versions("name='intent-classifier'")) == versions_before
 
 
