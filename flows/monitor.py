@@ -16,7 +16,7 @@ from prefect.logging import get_run_logger
 
 from flows.common import open_context, parse_time, user_error
 from refit import requestlog
-from refit.errors import RefitError
+from refit.errors import RefitError, WindowTooSmall
 from refit.policy import file_hash
 from registry import versions
 from registry.tracking import (RUN_TYPE, flat_params, last_checked_window_end, log_json, log_policy,
@@ -55,6 +55,12 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
         window = requestlog.read_inference(ctx.store, name, start, end)
         validated = validate_window(ctx.store, name, window, drift_policy.min_window_rows, check_schema=True)
         reference, _ = read_reference(ctx.store, name, champion)
+    except WindowTooSmall as exc:
+        # A quiet hour is not a failure: complete, record nothing, and the next check covers this window too.
+        get_run_logger().info(f"{exc}: waiting for more traffic")
+        return {"drift_detected": False, "severity": "none", "action": "wait",
+                "action_reason": f"{exc}: waiting for more traffic", "rows_in": len(window),
+                "window_start": start.isoformat(), "window_end": end.isoformat(), "champion_version": champion}
     except RefitError as exc:
         return user_error(exc)
 

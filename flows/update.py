@@ -14,6 +14,7 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
+from prefect.transactions import transaction
 
 from flows.bootstrap import read_evaluation_sets
 from flows.common import one_at_a_time, open_context, parse_time, user_error
@@ -25,7 +26,7 @@ from refit.settings import Settings
 from registry import versions
 from registry.tracking import (RUN_TYPE, code_revision, flat_params, log_json, log_policy, log_training_input,
                                finished_update, measured_cpu_seconds_per_work_token, month_spend)
-from tasks.deploy import promote, read_reference, write_reference
+from tasks.deploy import promote, read_reference, register_version, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair
 from tasks.finetune import Recipe, Trained, assemble, count_tokens, escalates, fine_tune, load_update_policy
 from tasks.gate import GatePolicy, Verdict, gate, load_gate_policy
@@ -219,37 +220,37 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
         log_json(verdict.to_dict(), "gate.json")
         mlflow.set_tags({"refit.gate_verdict": "passed" if verdict.passed else "refused",
                          "refit.gate_reasons": verdict.summary[:5000], "refit.final_attempt": final.recipe.name})
-        version = versions.register(name, final.run_id, {
-            "refit.parent_version": str(champion),
-            "refit.kind": kind,
-            "refit.reason": reason or kind,
-            "refit.update_run_id": run.info.run_id,
-            "refit.recipe": final.recipe.name,
-            "refit.attempts": str(len(attempts)),
-            "refit.data_source": source,
-            "refit.train_data_fingerprint": training.fingerprint,
-            "refit.drift_run_id": drift_run_id or "none",
-            "refit.code_revision": code_revision(),
-            "refit.base_model_sha256": modeling.base_model_hash(),
-            "refit.policy_hash": file_hash(rules_path),
-            "refit.gate_verdict": "passed" if verdict.passed else "refused",
-            "refit.gate_reasons": verdict.summary,
-            "refit.update_cost_usd": round(total_cost, 6),
-            "refit.update_cpu_seconds": round(total_cpu, 2),
-            "refit.artifact_bytes": str(after.artifact_bytes),
-            "refit.golden_accuracy": round(after.slices["golden"].accuracy, 4),
-            "refit.shifted_accuracy": round(after.slices["shifted"].accuracy, 4),
-        })
-        versions.set_alias(name, versions.CHALLENGER, version)
-        if verdict.passed:
-            model = modeling.load_model(trained.adapter_dir)
-            trained_on = frame if final.recipe.start == "fresh" else training.frame
-            reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(),
-                                            pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
-                                            trained_on=trained_on, seed=ctx.settings.seed)
-            versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
-            with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}"):
-                promote(name, version, champion)
+        with transaction():  # register, snapshot, promote: a failure after registering rolls back (tags the version)
+            version = register_version(name, final.run_id, {
+                "refit.parent_version": str(champion),
+                "refit.kind": kind,
+                "refit.reason": reason or kind,
+                "refit.update_run_id": run.info.run_id,
+                "refit.recipe": final.recipe.name,
+                "refit.attempts": str(len(attempts)),
+                "refit.data_source": source,
+                "refit.train_data_fingerprint": training.fingerprint,
+                "refit.drift_run_id": drift_run_id or "none",
+                "refit.code_revision": code_revision(),
+                "refit.base_model_sha256": modeling.base_model_hash(),
+                "refit.policy_hash": file_hash(rules_path),
+                "refit.gate_verdict": "passed" if verdict.passed else "refused",
+                "refit.gate_reasons": verdict.summary,
+                "refit.update_cost_usd": round(total_cost, 6),
+                "refit.update_cpu_seconds": round(total_cpu, 2),
+                "refit.artifact_bytes": str(after.artifact_bytes),
+                "refit.golden_accuracy": round(after.slices["golden"].accuracy, 4),
+                "refit.shifted_accuracy": round(after.slices["shifted"].accuracy, 4),
+            })
+            if verdict.passed:
+                model = modeling.load_model(trained.adapter_dir)
+                trained_on = frame if final.recipe.start == "fresh" else training.frame
+                reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(),
+                                                pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
+                                                trained_on=trained_on, seed=ctx.settings.seed)
+                versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
+                with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}"):
+                    promote(name, version, champion)
         result = {
             "kind": kind, "promoted": verdict.passed, "version": version, "parent_version": champion,
             "champion": version if verdict.passed else champion, "verdict": verdict.summary, "run_id": run.info.run_id,

@@ -74,6 +74,8 @@ def promote(model_name: str, version: int, expected_champion: int | None) -> int
     gate verdict is never applied to a champion it did not compare against.
     """
     current = alias_version(model_name, CHAMPION)
+    if current == version and expected_champion is not None and alias_version(model_name, PREVIOUS) == expected_champion:
+        return expected_champion  # this promotion already happened (a retry after a lost answer)
     if current != expected_champion:
         raise PromotionConflict(
             f"champion of {model_name} is v{current}, not v{expected_champion} that v{version} was gated against"

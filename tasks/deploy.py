@@ -22,6 +22,7 @@ from refit import modeling
 from refit.settings import Settings
 from refit.store import ObjectStore
 from registry import versions
+from tasks.retry import RETRY
 
 REFERENCE_SAMPLE_ROWS = 1000
 
@@ -30,7 +31,7 @@ def reference_prefix(model_name: str, version: int) -> str:
     return f"reference/model={model_name}/version={version}/"
 
 
-@task(name="write-reference", cache_policy=NO_CACHE)
+@task(name="write-reference", cache_policy=NO_CACHE, **RETRY)
 def write_reference(store: ObjectStore, model_name: str, version: int, model, tokenizer,
                     pool: pd.DataFrame, trained_on: pd.DataFrame, seed: int = 0) -> str:
     """Snapshot what drift is measured against, and what later updates replay.
@@ -55,7 +56,33 @@ def read_reference(store: ObjectStore, model_name: str, version: int) -> tuple[p
     return store.get_parquet(prefix + "sample.parquet"), store.get_parquet(prefix + "pool.parquet")
 
 
-@task(name="promote", cache_policy=NO_CACHE)
+@task(name="register", cache_policy=NO_CACHE, **RETRY)
+def register_version(model_name: str, run_id: str, tags: dict[str, str]) -> int:
+    """Register the run's adapter as a new version; inside a transaction, undone by tagging if promotion fails."""
+    from prefect.transactions import get_transaction
+
+    version = versions.register(model_name, run_id, tags)
+    versions.set_alias(model_name, versions.CHALLENGER, version)
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("registered", [model_name, version])
+    return version
+
+
+@register_version.on_rollback
+def _abandon_version(txn) -> None:
+    """The steps after registering failed: mark the version so nobody mistakes it for a deployable one.
+
+    ``champion`` never moved (promotion is the last step and a single alias
+    write), so the registry stays consistent; the version keeps its gate
+    verdict and is tagged ``refit.deployed = abandoned`` with the reason.
+    """
+    model_name, version = txn.get("registered")
+    versions.set_tags(model_name, version, {"refit.deployed": "abandoned: the steps after registration failed"})
+    _log(f"{model_name} v{version} abandoned: promotion did not complete")
+
+
+@task(name="promote", cache_policy=NO_CACHE, **RETRY)
 def promote(model_name: str, version: int, expected_champion: int | None) -> int | None:
     """Move ``champion`` to ``version`` (guarded); returns the old champion."""
     previous = versions.promote(model_name, version, expected_champion)

@@ -20,6 +20,7 @@ from refit import modeling, requestlog
 from refit.errors import RefitError
 from refit.store import ObjectStore
 from tasks.validate import check_label_mix, validate_labels
+from tasks.retry import RETRY
 
 
 def score_traffic(model, tokenizer, texts: list[str], version: int, start: datetime, end: datetime,
@@ -38,7 +39,7 @@ def score_traffic(model, tokenizer, texts: list[str], version: int, start: datet
     })
 
 
-@task(name="replay-traffic", cache_policy=NO_CACHE)
+@task(name="replay-traffic", cache_policy=NO_CACHE, **RETRY)
 def replay_traffic(store: ObjectStore, model_name: str, model, tokenizer, version: int, window: pd.DataFrame,
                    start: datetime, end: datetime, labelled_share: float = 0.0, seed: int = 0) -> pd.DataFrame:
     """Score ``window`` with the champion, log it as served, and file delayed labels for a share of it."""
@@ -52,7 +53,7 @@ def replay_traffic(store: ObjectStore, model_name: str, model, tokenizer, versio
     return served
 
 
-@task(name="labelled-window", cache_policy=NO_CACHE)
+@task(name="labelled-window", cache_policy=NO_CACHE, **RETRY)
 def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: datetime,
                     known_labels: list[str] | None = None, max_label_mix_shift: float | None = None,
                     min_rows_for_mix: int = 50) -> pd.DataFrame:

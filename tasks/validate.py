@@ -21,8 +21,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from refit.errors import RefitError
+from refit.errors import RefitError, WindowTooSmall
 from refit.store import ObjectStore
+from tasks.retry import RETRY
 
 MAX_TEXT_CHARS = 2000
 INFERENCE_REQUIRED = ["request_id", "timestamp", "text", "predicted_label", "confidence"]
@@ -160,7 +161,7 @@ def check_label_mix(reference_labels, new_labels, threshold: float) -> LabelMixC
 
 def _require_rows(frame: pd.DataFrame) -> None:
     if frame.empty:
-        raise RefitError("window is empty: no requests were logged in it")
+        raise WindowTooSmall("window is empty: no requests were logged in it")
 
 
 def _is_blank(value) -> bool:
@@ -224,7 +225,7 @@ def _split(frame: pd.DataFrame, reason: pd.Series) -> tuple[pd.DataFrame, pd.Dat
     return frame[~bad].reset_index(drop=True), quarantined.reset_index(drop=True)
 
 
-@task(name="validate-window", cache_policy=NO_CACHE)
+@task(name="validate-window", cache_policy=NO_CACHE, **RETRY)
 def validate_window(store: ObjectStore, model_name: str, frame: pd.DataFrame, min_rows: int,
                     text_column: str = "text", check_schema: bool = False) -> Validated:
     """Quarantine bad rows; reject the window if too few good rows remain.
@@ -244,6 +245,8 @@ def validate_window(store: ObjectStore, model_name: str, frame: pd.DataFrame, mi
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S.%f") + "-" + uuid.uuid4().hex[:8]
         bad = bad.astype({c: str for c in bad.columns if bad[c].dtype == object})
         uri = store.put_parquet(f"quarantine/model={model_name}/inference/{stamp}.parquet", bad)
+    if len(kept) < min_rows and not len(bad):
+        raise WindowTooSmall(f"window too small: {len(kept)} requests, policy needs at least {min_rows}")
     if len(kept) < min_rows:
         raise RefitError(
             f"window rejected: {len(kept)} usable rows of {len(frame)}, policy needs at least {min_rows}"

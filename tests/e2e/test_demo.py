@@ -104,12 +104,15 @@ def _state(home: Path, tracking_uri: str) -> tuple[int, list[str]]:
     return len(client.search_runs([experiment.experiment_id])), store
 
 
-def test_empty_window_is_one_line_error_and_writes_nothing(demo_home):
+def test_empty_window_waits_and_writes_nothing(demo_home):
+    """A quiet hour is not an error: the check completes with action wait and records nothing."""
     home, env, result = demo_home
     before = _state(home, result["mlflow_tracking_uri"])
-    proc = run_cli(["monitor", "--window-end", "2030-01-01T00:00:00", "--window-hours", "1"], env)
-    assert proc.returncode != 0
-    assert "window is empty" in proc.stderr
+    proc = run_cli(["monitor", "--json", "--window-end", "2030-01-01T00:00:00", "--window-hours", "1"], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    verdict = last_json(proc.stdout)
+    assert verdict["action"] == "wait" and verdict["rows_in"] == 0
+    assert verdict["action_reason"].startswith("window is empty")
     assert "Traceback" not in proc.stderr + proc.stdout
     assert _state(home, result["mlflow_tracking_uri"]) == before
 

@@ -91,3 +91,88 @@ def test_updates_of_one_model_run_one_at_a_time(prefect_harness, tmp_path):
     assert [e[0] for e in events] == ["enter", "leave", "enter", "leave"], events
     assert events[0][1] == events[1][1] and events[2][1] == events[3][1]  # each left before the other entered
     assert {events[0][1], events[2][1]} == {"a", "b"}
+
+
+CALLS: list[str] = []
+
+
+def _flaky(kind: str) -> str:
+    CALLS.append(kind)
+    if len(CALLS) == 1:
+        if kind == "network":
+            raise ConnectionError("connection refused by 127.0.0.1:9000")
+        raise RefitError("a user mistake: retrying would repeat it")
+    return "ok"
+
+
+def test_transient_errors_are_retried_and_user_errors_are_not(prefect_harness):
+    from prefect import task
+
+    from tasks.retry import RETRY
+
+    flaky = task(name="flaky", **RETRY)(_flaky)
+
+    @flow(name="test-retry")
+    def retry_flow(kind: str):
+        return flaky(kind)
+
+    CALLS.clear()
+    assert retry_flow("network") == "ok" and CALLS == ["network", "network"]
+    CALLS.clear()
+    state = retry_flow("user", return_state=True)
+    assert state.is_failed() and CALLS == ["user"]
+
+
+def test_what_counts_as_transient():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from mlflow.exceptions import MlflowException
+
+    from tasks.retry import is_transient
+
+    def s3(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:9000"))
+    assert is_transient(s3("SlowDown")) and is_transient(s3("503"))
+    assert not is_transient(s3("NoSuchKey")) and not is_transient(s3("AccessDenied"))
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert is_transient(MlflowException("(sqlite3.OperationalError) database is locked"))
+    assert not is_transient(MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not is_transient(RefitError("bad input")) and not is_transient(ValueError("bug"))
+
+
+def test_failure_after_registering_rolls_back_to_a_tagged_version(prefect_harness, tmp_path, monkeypatch):
+    """register -> (promotion fails) inside a Prefect transaction: the version is tagged abandoned, champion unmoved."""
+    import mlflow
+    from prefect.transactions import transaction
+
+    from registry import versions
+    from tasks.deploy import register_version
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("txn", artifact_location=(tmp_path / "artifacts").as_uri())
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "labels.json").write_text('["a"]')
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_artifacts(str(adapter), versions.ADAPTER_DIR)
+
+    @flow(name="test-register-then-fail")
+    def register_then_fail(run_id: str, fail: bool):
+        with transaction():
+            version = register_version("txn-model", run_id, {"refit.kind": "update"})
+            if fail:
+                raise RefitError("champion moved: promotion refused")
+        return version
+
+    state = register_then_fail(run.info.run_id, True, return_state=True)
+    assert state.is_failed() and "promotion refused" in state.message
+    tags = versions.version_tags("txn-model", 1)
+    assert tags["refit.deployed"].startswith("abandoned") and tags["refit.kind"] == "update"
+    assert versions.alias_version("txn-model", versions.CHAMPION) is None
+
+    assert register_then_fail(run.info.run_id, False) == 2  # committed: no rollback tag
+    assert "refit.deployed" not in versions.version_tags("txn-model", 2)
+    mlflow.set_tracking_uri(None)
