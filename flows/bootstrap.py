@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -86,6 +88,7 @@ def bootstrap(scenario: str | None = None) -> dict:
                   "shifted_accuracy": evaluation.slices["shifted"].accuracy,
                   "train_cpu_seconds": trained.cost.cpu_seconds, "train_cost_usd": trained.cost.usd}
         log_json(result, "bootstrap.json")
+    shutil.rmtree(trained.adapter_dir, ignore_errors=True)  # in MLflow now; the local copy is scratch
     create_markdown_artifact(
         f"# Bootstrap: {name} v{version} is champion\n\n| metric | value |\n|---|---|\n"
         + "".join(f"| {k} | {v} |\n" for k, v in result.items()),

@@ -6,6 +6,7 @@ window) or run by hand with a labelled file: the hotfix path.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -263,6 +264,8 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
             "cpu_seconds": total_cpu, "cost_usd": total_cost, "estimate_cost_usd": first_estimate,
         }
         log_json(result, "update.json")
+    for attempt in attempts:  # every adapter is in MLflow now; the local copies are scratch
+        shutil.rmtree(attempt.trained.adapter_dir, ignore_errors=True)
     create_markdown_artifact(f"# {kind.title()} of {name}: v{version} {'promoted' if verdict.passed else 'refused'}\n\n"
                              + verdict.markdown() + "\n" + ladder_md
                              + f"\nTraining: {total_cpu:.1f} CPU-s, ${total_cost:.5f} in {len(attempts)} attempt(s); "
