@@ -60,18 +60,26 @@ def open_context(settings: Settings | None = None) -> Context:
 
 
 @contextmanager
-def one_at_a_time(name: str, timeout_seconds: float = 3 * 3600) -> Iterator[None]:
-    """Hold Prefect's global concurrency limit ``name`` (one slot, created if missing).
+def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
+    """Hold Prefect's global concurrency limit ``name`` (one slot, created if missing) on a Prefect server.
 
     Deployment concurrency limits are per deployment; the update and hotfix
-    deployments run the same flow, so the per-model limit is taken here, on
-    whichever server (or temporary API) runs the flow.
+    deployments run the same flow, so the per-model limit is taken here.
+    Only against a Prefect server (``PREFECT_API_URL``): Prefect keeps slot
+    leases in the server's memory, so a process killed while running on its
+    own temporary API would leave the slot taken for good. Embedded runs rely
+    on the store's promotion lock and the guarded alias instead: two of them
+    at once may both train, but only one promotes.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
 
+    if not get_current_settings().api.url:
+        yield
+        return
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -80,8 +88,18 @@ def one_at_a_time(name: str, timeout_seconds: float = 3 * 3600) -> Iterator[None
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except Exception:  # another run created it first (409)
                 client.read_global_concurrency_limit_by_name(name)
-    with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):
-        yield
+    acquired = False
+    try:
+        with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):
+            acquired = True
+            yield
+    except TimeoutError:
+        if acquired:  # the update's own timeout, not the wait for the slot
+            raise
+        raise RefitError(
+            f"another update has held the concurrency limit {name} for over {timeout_seconds / 60:.0f} min; "
+            f"if none is running (a server restart forgets leases), free it: "
+            f"prefect gcl update {name} --active-slots 0") from None
 
 
 def user_error(exc: RefitError) -> State:

@@ -176,3 +176,26 @@ def test_failure_after_registering_rolls_back_to_a_tagged_version(prefect_harnes
     assert register_then_fail(run.info.run_id, False) == 2  # committed: no rollback tag
     assert "refit.deployed" not in versions.version_tags("txn-model", 2)
     mlflow.set_tracking_uri(None)
+
+
+def test_a_slot_held_too_long_is_a_clear_error(prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+
+    from flows.common import one_at_a_time
+
+    name = "refit-update-leaked"
+    with get_client(sync_client=True) as client:  # a slot taken by a run that died with its lease forgotten
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+
+    @flow(name="test-leaked-slot")
+    def wants_the_slot():
+        try:
+            with one_at_a_time(name, timeout_seconds=2):
+                return "ran"
+        except RefitError as exc:
+            return user_error(exc)
+
+    state = wants_the_slot(return_state=True)
+    assert state.is_failed() and f"prefect gcl update {name} --active-slots 0" in state.message
