@@ -152,6 +152,7 @@ def test_failure_after_registering_rolls_back_to_a_tagged_version(prefect_harnes
     from tasks.deploy import register_version
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.create_experiment("txn", artifact_location=(tmp_path / "artifacts").as_uri())
     adapter = tmp_path / "adapter"
     adapter.mkdir()

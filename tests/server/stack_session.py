@@ -127,7 +127,8 @@ class Stack:
     def mlflow(self):
         from mlflow import MlflowClient
 
-        return MlflowClient(self.mlflow_uri)
+        # The registry too: an earlier test in this process may have set a global registry URI.
+        return MlflowClient(tracking_uri=self.mlflow_uri, registry_uri=self.mlflow_uri)
 
 
 _stack: Stack | None = None

@@ -127,13 +127,26 @@ def test_request_log_holds_every_answered_row_after_a_clean_stop(registry, start
 
 def test_request_log_flushes_by_size_and_by_time(registry, start_server, serving_env):
     server = start_server()  # flushes at 50 rows or 1 s
-    answered = _send_all(server.url, [unique_texts(registry.adapters.texts, 7) for _ in range(10)])
-    assert len(answered) == 70
     log = server.state.request_log
-    deadline = time.monotonic() + 10
-    while log.rows_logged < 70 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert log.rows_logged == 70 and log.parts_written >= 2  # while running: by size (50), then by age
+    texts = unique_texts(registry.adapters.texts, 70)
+
+    def wait_until(what: str, done, seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done(), f"{what}: {log.rows_logged} rows logged in {log.parts_written} parts, {log.buffered} buffered"
+
+    # 56 rows: past the size threshold, so a part is written at once (well before the 1 s age limit).
+    answered = _send_all(server.url, [texts[i : i + 7] for i in range(0, 56, 7)])
+    started = time.monotonic()
+    wait_until("a part by size", lambda: log.parts_written >= 1 and log.buffered == 0)
+    assert log.rows_logged == 56 and log.parts_written == 1
+    # 14 more rows stay under the size threshold: they are written when the oldest is 1 s old.
+    answered += _send_all(server.url, [texts[56:63], texts[63:70]])
+    assert log.buffered == 14
+    wait_until("a part by age", lambda: log.parts_written == 2)
+    assert log.rows_logged == 70 and len(answered) == 70
+    assert time.monotonic() - started >= 0.9  # the age limit, not the size, wrote the second part
     window = requestlog.read_inference(LocalStore(serving_env.local_store_root), serving_env.model_name,
                                        datetime.now(timezone.utc) - timedelta(hours=1),
                                        datetime.now(timezone.utc) + timedelta(minutes=1))
