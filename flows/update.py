@@ -20,7 +20,7 @@ from prefect.transactions import transaction
 from flows.bootstrap import read_evaluation_sets
 from flows.common import one_at_a_time, open_context, parse_time, user_error
 from refit import modeling
-from refit.data import fingerprint, text_hash, text_hashes
+from refit.data import fingerprint, text_hashes
 from refit.errors import RefitError
 from refit.policy import file_hash
 from refit.settings import Settings
@@ -29,7 +29,8 @@ from registry.tracking import (RUN_TYPE, code_revision, flat_params, log_json, l
                                finished_update, measured_cpu_seconds_per_work_token, month_spend)
 from tasks.deploy import promote, read_reference, register_version, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair
-from tasks.finetune import Recipe, Trained, assemble, count_tokens, escalates, fine_tune, load_update_policy
+from tasks.finetune import (Recipe, Trained, assemble, count_tokens, escalates, fine_tune, full_retrain_frame,
+                            load_update_policy)
 from tasks.gate import GatePolicy, Verdict, gate, load_gate_policy
 from tasks.ingest import labelled_window, read_labelled_file
 
@@ -43,6 +44,7 @@ def _month_start_ms() -> int:
 class Attempt:
     index: int
     recipe: Recipe
+    estimate_usd: float
     run_id: str
     trained: Trained
     before: Evaluation
@@ -51,7 +53,7 @@ class Attempt:
 
 
 def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_dir, labels: list[str], sets: dict,
-                rules: GatePolicy, estimate_usd: float, budget_left_usd: float, per_token: float) -> Attempt:
+                rules: GatePolicy, work_tokens: float, estimate_usd: float, budget_left_usd: float) -> Attempt:
     """One rung of the ladder as a nested MLflow run: train, evaluate against the champion, gate."""
     name = ctx.model_name
     tags = {RUN_TYPE: "update-attempt", "refit.model": name, "refit.recipe": recipe.name}
@@ -63,9 +65,8 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         before, after = evaluate_pair(champion_dir, trained.adapter_dir, sets, ctx.rates)
         verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd)
-        work = recipe.work_tokens(count_tokens(frame["text"].tolist()))
         mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
-            "train_work_tokens": work, "estimate_cost_usd": estimate_usd,
+            "train_work_tokens": work_tokens, "estimate_cost_usd": estimate_usd,
             "estimate_error_pct": 100 * (estimate_usd - trained.cost.usd) / max(trained.cost.usd, 1e-12),
             "update_cost_usd": trained.cost.usd, "gate_passed": float(verdict.passed)})
         mlflow.log_text(verdict.html(f"Gate: {name} attempt {index} ({recipe.name})"), "gate.html")
@@ -74,7 +75,7 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
                          "refit.gate_reasons": verdict.summary[:5000]})
     get_run_logger().info(f"attempt {index} ({recipe.name}): {trained.cost.cpu_seconds:.1f} CPU-s, "
                           f"${trained.cost.usd:.5f}: {verdict.summary}")
-    return Attempt(index, recipe, attempt_run.info.run_id, trained, before, after, verdict)
+    return Attempt(index, recipe, estimate_usd, attempt_run.info.run_id, trained, before, after, verdict)
 
 
 def ladder_markdown(attempts: list[Attempt]) -> str:
@@ -106,16 +107,16 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         reason: why this update runs (a hotfix's ticket, say); recorded on the run and the version.
     """
     try:
-        model_name = Settings().model_name
+        settings = Settings()
     except Exception as exc:  # pydantic's ValidationError: one line
         return user_error(RefitError(f"invalid settings: {str(exc).splitlines()[0]}"))
-    with one_at_a_time(f"refit-update-{model_name}"):
-        return _update(window_start, window_end, labels_path, drift_run_id, gate_policy, reason)
+    with one_at_a_time(f"refit-update-{settings.model_name}"):
+        return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason)
 
 
-def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, reason) -> dict:
+def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason) -> dict:
     try:
-        ctx = open_context()
+        ctx = open_context(settings)
         name = ctx.model_name
         policy, policy_path = load_update_policy()
         rules, rules_path = load_gate_policy(gate_policy)
@@ -157,8 +158,11 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
     per_token = (measured_cpu_seconds_per_work_token(ctx.experiment_id, name) or policy.cpu_seconds_per_work_token)
     spent = month_spend(ctx.experiment_id, name, _month_start_ms())
     budget = ctx.settings.monthly_budget_usd
-    first_estimate = ctx.rates.price(policy.ladder[0].work_tokens(count_tokens(training.frame["text"].tolist()))
-                                     * per_token)
+    full_frame = full_retrain_frame(pool, training, eval_texts)
+    frames = {"warm": training.frame, "fresh": full_frame}
+    tokenizer = modeling.load_tokenizer()
+    tokens = {start: count_tokens(frame["text"].tolist(), tokenizer) for start, frame in frames.items()
+              if any(r.start == start for r in policy.ladder)}  # tokenised once, priced per rung
     tags = {RUN_TYPE: "update", "refit.model": name, "refit.kind": kind, "refit.parent_version": str(champion),
             "refit.drift_run_id": drift_run_id or "none", "refit.data_source": source, "refit.reason": reason or kind,
             "refit.trigger_key": trigger_key}
@@ -170,35 +174,26 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
             "train_fingerprint": training.fingerprint})
         log_policy(policy_path)
         log_policy(rules_path)
-        mlflow.log_metrics({"estimate_cost_usd": first_estimate, "month_spend_before_usd": spent})
-        if spent + first_estimate > budget:
-            reason_text = (f"refused before training: estimated ${first_estimate:.4f} would take this month's spend "
-                           f"${spent:.4f} past the budget ${budget:.2f}")
-            mlflow.set_tags({"refit.gate_verdict": "refused", "refit.gate_reasons": reason_text})
-            mlflow.log_metric("update_cost_usd", 0.0)
-            get_run_logger().info(reason_text)
-            return {"promoted": False, "version": None, "champion": champion, "reason": reason_text,
-                    "run_id": run.info.run_id, "attempts": []}
-
         log_training_input(training.frame, source, training.fingerprint)
-        full_frame = pd.concat([pool[~pool["text"].map(text_hash).isin(eval_texts)][["text", "label"]],
-                                training.frame[training.frame.origin == "new"][["text", "label"]]],
-                               ignore_index=True)
+        mlflow.log_metric("month_spend_before_usd", spent)
         attempts: list[Attempt] = []
         for index, recipe in enumerate(policy.ladder, start=1):
-            frame = full_frame if recipe.start == "fresh" else training.frame
-            estimate = ctx.rates.price(recipe.work_tokens(count_tokens(frame["text"].tolist())) * per_token)
+            work = recipe.work_tokens(tokens[recipe.start])
+            estimate = ctx.rates.price(work * per_token)
             so_far = sum(a.trained.cost.usd for a in attempts)
+            if index == 1:
+                mlflow.log_metric("estimate_cost_usd", estimate)
             if spent + so_far + estimate > budget:
-                stop = (f"budget stops the ladder before {recipe.name}: estimated ${estimate:.4f} on top of "
+                stop = (f"refused before training: estimated ${estimate:.4f} would take this month's spend "
+                        f"${spent:.4f} past the budget ${budget:.2f}" if index == 1 else
+                        f"budget stops the ladder before {recipe.name}: estimated ${estimate:.4f} on top of "
                         f"${spent + so_far:.4f} passes ${budget:.2f}")
                 get_run_logger().info(stop)
                 mlflow.set_tag("refit.ladder_stopped", stop)
                 break
-            attempt = run_attempt(ctx, index, recipe, frame, champion_dir, known_labels, sets, rules,
-                                  estimate, budget - spent - so_far, per_token)
-            attempts.append(attempt)
-            if attempt.verdict.passed or not escalates([r.name for r in attempt.verdict.failed], policy):
+            attempts.append(run_attempt(ctx, index, recipe, frames[recipe.start], champion_dir, known_labels, sets,
+                                        rules, work, estimate, budget - spent - so_far))
+            if attempts[-1].verdict.passed or not escalates([r.name for r in attempts[-1].verdict.failed], policy):
                 break
         if not attempts:
             mlflow.set_tags({"refit.gate_verdict": "refused", "refit.gate_reasons": stop})
@@ -211,8 +206,6 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
         total_cpu = sum(a.trained.cost.cpu_seconds for a in attempts)
         mlflow.log_metrics(before.metrics("champion") | after.metrics("challenger") | {
             "update_cost_usd": total_cost, "train_cpu_seconds": total_cpu, "attempts": len(attempts),
-            "estimate_error_pct": 100 * (first_estimate - attempts[0].trained.cost.usd)
-            / max(attempts[0].trained.cost.usd, 1e-12),
             "gate_passed": float(verdict.passed)})
         ladder_md = ladder_markdown(attempts)
         mlflow.log_text(verdict.html(f"Gate: {name} {kind} on v{champion}, attempt {final.index} "
@@ -245,10 +238,9 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
             })
             if verdict.passed:
                 model = modeling.load_model(trained.adapter_dir)
-                trained_on = frame if final.recipe.start == "fresh" else training.frame
-                reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(),
+                reference_uri = write_reference(ctx.store, name, version, model, tokenizer,
                                                 pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
-                                                trained_on=trained_on, seed=ctx.settings.seed)
+                                                trained_on=frames[final.recipe.start], seed=ctx.settings.seed)
                 versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
                 with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}"):
                     promote(name, version, champion)
@@ -261,7 +253,7 @@ def _update(window_start, window_end, labels_path, drift_run_id, gate_policy, re
             "shifted_accuracy_after": after.slices["shifted"].accuracy,
             "golden_accuracy_before": before.slices["golden"].accuracy,
             "golden_accuracy_after": after.slices["golden"].accuracy,
-            "cpu_seconds": total_cpu, "cost_usd": total_cost, "estimate_cost_usd": first_estimate,
+            "cpu_seconds": total_cpu, "cost_usd": total_cost, "estimate_cost_usd": attempts[0].estimate_usd,
         }
         log_json(result, "update.json")
     for attempt in attempts:  # every adapter is in MLflow now; the local copies are scratch

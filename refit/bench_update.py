@@ -51,11 +51,11 @@ def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str =
                   progress: Progress = lambda what: None) -> dict:
     from refit import modeling
     from refit.cost import Rates
-    from refit.data import text_hash, text_hashes
+    from refit.data import text_hashes
     from refit.scenario import build, load_scenario, load_source
     from refit.settings import Settings
     from tasks.evaluate import score_models
-    from tasks.finetune import assemble, escalates, load_update_policy, train_adapter
+    from tasks.finetune import assemble, escalates, full_retrain_frame, load_update_policy, train_adapter
     from tasks.gate import decide, load_gate_policy
 
     settings = Settings(data_dir=data_dir)
@@ -75,8 +75,7 @@ def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str =
         made.append(champion.adapter_dir)
 
         training = assemble(new, data.train, eval_texts, policy.replay_ratio, spec.seed)
-        full = pd.concat([data.train[~data.train["text"].map(text_hash).isin(eval_texts)][["text", "label"]],
-                          training.frame[training.frame.origin == "new"][["text", "label"]]], ignore_index=True)
+        full = full_retrain_frame(data.train, training, eval_texts)
         attempts, champion_eval = [], None
         for recipe in policy.ladder:
             frame = full if recipe.start == "fresh" else training.frame
@@ -86,8 +85,7 @@ def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str =
             made.append(trained.adapter_dir)
             scored = score_models({"champion": champion.adapter_dir, "challenger": trained.adapter_dir}, sets, rates)
             champion_eval = champion_eval or scored["champion"]
-            spent = sum(a["cpu_seconds"] for a in attempts) + trained.cost.cpu_seconds
-            verdict = decide(scored["champion"], scored["challenger"], rates.price(spent), rules)
+            verdict = decide(scored["champion"], scored["challenger"], trained.cost.usd, rules)  # as the flow
             attempts.append(_scored(scored["challenger"], trained.cost.cpu_seconds, trained.adapter_dir)
                             | {"recipe": recipe.name, "rows": len(frame), "gate": verdict.summary,
                                "passed": verdict.passed})

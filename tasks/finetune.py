@@ -124,6 +124,13 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
     return TrainingSet(frame, len(clean), len(replay), duplicates, int(leaked.sum()), dataset._fingerprint)
 
 
+def full_retrain_frame(pool: pd.DataFrame, training: TrainingSet, eval_texts: set[str]) -> pd.DataFrame:
+    """Everything learned so far (the champion's pool plus the new rows), leak-free: a full retrain's data."""
+    known = pool[~pool["text"].map(text_hash).isin(eval_texts)][["text", "label"]]
+    new = training.frame[training.frame["origin"] == "new"][["text", "label"]]
+    return pd.concat([known, new], ignore_index=True)
+
+
 @dataclass(frozen=True)
 class Trained:
     adapter_dir: Path
@@ -168,9 +175,9 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
                    stats.steps, stats.final_loss)
 
 
-def count_tokens(texts: list[str]) -> int:
+def count_tokens(texts: list[str], tokenizer=None) -> int:
     """Tokens the model would see for ``texts`` (truncated as in training)."""
-    tokenizer = modeling.load_tokenizer()
+    tokenizer = tokenizer or modeling.load_tokenizer()
     return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=modeling.MAX_LENGTH)["input_ids"])
 
 
