@@ -7,7 +7,6 @@ the promotion gate's, lists every guard with its value, limit and result.
 
 from __future__ import annotations
 
-import html
 import threading
 import time
 from collections import deque
@@ -19,6 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from refit.policy import StrictModel, load_policy
+from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
 
 
 class Guards(StrictModel):
@@ -114,19 +114,6 @@ class LiveStats:
                            round(per_1k * self._price, 8))
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str
-    value: float
-    limit: float
-    comparison: str  # ">=" or "<="
-    passed: bool
-
-    @property
-    def sentence(self) -> str:
-        return f"{self.name} {'passed' if self.passed else 'failed'}: {self.value:.4f} (must be {self.comparison} {self.limit:.4f})"
-
-
 def _ratio(new: float, old: float) -> float:
     return new / old if old > 0 else (1.0 if new <= 0 else float("inf"))
 
@@ -134,7 +121,7 @@ def _ratio(new: float, old: float) -> float:
 @dataclass(frozen=True)
 class GuardVerdict:
     passed: bool
-    checks: list[Check]
+    checks: list[Rule]
     new: Figures
     old: Figures
     new_version: int
@@ -157,41 +144,24 @@ class GuardVerdict:
             ("error_rate", self.new.error_rate, self.old.error_rate)]
 
     def markdown(self) -> str:
-        checks = "\n".join(f"| {c.name} | {c.value:.4f} | {c.comparison} {c.limit:.4f} | "
-                           f"{'pass' if c.passed else '**FAIL**'} |" for c in self.checks)
         figures = "\n".join(f"| {k} | {n:g} | {o:g} |" for k, n, o in self._figure_rows())
-        return (f"**Rollout guards: {self.summary}**\n\n| guard | value | limit | result |\n|---|---|---|---|\n"
-                f"{checks}\n\n| figure | v{self.new_version} (new) | v{self.old_version} (old) |\n|---|---|---|\n"
-                f"{figures}\n")
+        return (f"**Rollout guards: {self.summary}**\n\n{markdown_table(self.checks, 'guard')}\n"
+                f"| figure | v{self.new_version} (new) | v{self.old_version} (old) |\n|---|---|---|\n{figures}\n")
 
     def html(self, title: str) -> str:
-        checks = "".join(
-            f"<tr class={'pass' if c.passed else 'fail'}><td>{html.escape(c.name)}</td><td>{c.value:.4f}</td>"
-            f"<td>{c.comparison} {c.limit:.4f}</td><td>{'pass' if c.passed else 'FAIL'}</td></tr>" for c in self.checks)
         figures = "".join(f"<tr><td>{k}</td><td>{n:g}</td><td>{o:g}</td></tr>" for k, n, o in self._figure_rows())
-        return (
-            f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1em}"
-            "td,th{border:1px solid #ccc;padding:4px 8px}.pass td:last-child{color:#070}"
-            ".fail td:last-child{color:#b00;font-weight:bold}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2><p><b>{html.escape(self.summary)}</b></p>"
-            f"<table><tr><th>guard</th><th>value</th><th>limit</th><th>result</th></tr>{checks}</table>"
-            f"<table><tr><th>figure</th><th>v{self.new_version} (new)</th><th>v{self.old_version} (old)</th></tr>"
-            f"{figures}</table></body></html>")
-
-
-def _check(name: str, value: float, limit: float, comparison: str) -> Check:
-    value = round(value, 6)
-    return Check(name, value, limit, comparison, value <= limit if comparison == "<=" else value >= limit)
+        return html_page(title, self.summary, html_table(self.checks, "guard")
+                         + f"<table><tr><th>figure</th><th>v{self.new_version} (new)</th>"
+                           f"<th>v{self.old_version} (old)</th></tr>{figures}</table>")
 
 
 def judge(new: Figures, old: Figures, guards: Guards, new_version: int, old_version: int) -> GuardVerdict:
     """Every guard of the policy applied to the two models' figures over the same window."""
     checks = [
-        _check("error_rate_increase", new.error_rate - old.error_rate, guards.max_error_rate_increase, "<="),
-        _check("latency_p95_ratio", _ratio(new.latency_p95_ms, old.latency_p95_ms), guards.max_latency_p95_ratio, "<="),
-        _check("confidence_ratio", _ratio(new.mean_confidence, old.mean_confidence), guards.min_confidence_ratio, ">="),
-        _check("cost_per_1k_ratio", _ratio(new.cpu_seconds_per_1k, old.cpu_seconds_per_1k),
-               guards.max_cost_per_1k_ratio, "<="),
+        at_most("error_rate_increase", new.error_rate - old.error_rate, guards.max_error_rate_increase),
+        at_most("latency_p95_ratio", _ratio(new.latency_p95_ms, old.latency_p95_ms), guards.max_latency_p95_ratio),
+        at_least("confidence_ratio", _ratio(new.mean_confidence, old.mean_confidence), guards.min_confidence_ratio),
+        at_most("cost_per_1k_ratio", _ratio(new.cpu_seconds_per_1k, old.cpu_seconds_per_1k),
+                guards.max_cost_per_1k_ratio),
     ]
     return GuardVerdict(all(c.passed for c in checks), checks, new, old, new_version, old_version)

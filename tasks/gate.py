@@ -7,7 +7,6 @@ how much. The verdict is a value, never a bare bool.
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from prefect import task
 from pydantic import Field
 
 from refit.policy import StrictModel, load_policy
+from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
 from tasks.evaluate import Evaluation
 
 
@@ -42,27 +42,6 @@ def load_gate_policy(name_or_path: str = "gate") -> tuple[GatePolicy, Path]:
 
 
 @dataclass(frozen=True)
-class Rule:
-    name: str
-    value: float
-    limit: float
-    comparison: str  # ">=", "<=" or ">"
-    passed: bool
-    ci_low: float | None = None  # paired-bootstrap interval of value, where it is a difference
-    ci_high: float | None = None
-
-    @property
-    def interval(self) -> str:
-        return "" if self.ci_low is None else f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}]"
-
-    @property
-    def sentence(self) -> str:
-        verb = "passed" if self.passed else "failed"
-        ci = f" {self.interval}" if self.interval else ""
-        return f"{self.name} {verb}: {self.value:+.4f}{ci} (must be {self.comparison} {self.limit:+.4f})"
-
-
-@dataclass(frozen=True)
 class Verdict:
     passed: bool
     rules: list[Rule]
@@ -82,37 +61,10 @@ class Verdict:
                 "rules": [asdict(r) | {"sentence": r.sentence} for r in self.rules]}
 
     def markdown(self) -> str:
-        rows = "\n".join(
-            f"| {r.name} | {r.value:+.4f} | {r.interval} | {r.comparison} {r.limit:+.4f} | "
-            f"{'pass' if r.passed else '**FAIL**'} |"
-            for r in self.rules
-        )
-        return (f"**Gate verdict: {self.summary}**\n\n| rule | value | 95% CI | limit | result |\n"
-                f"|---|---|---|---|---|\n{rows}\n")
+        return f"**Gate verdict: {self.summary}**\n\n{markdown_table(self.rules)}"
 
     def html(self, title: str) -> str:
-        rows = "".join(
-            f"<tr class={'pass' if r.passed else 'fail'}><td>{html.escape(r.name)}</td><td>{r.value:+.4f}</td>"
-            f"<td>{r.interval}</td><td>{html.escape(r.comparison)} {r.limit:+.4f}</td><td>{'pass' if r.passed else 'FAIL'}</td></tr>"
-            for r in self.rules
-        )
-        return (
-            f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-            ".pass td:last-child{color:#070}.fail td:last-child{color:#b00;font-weight:bold}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2><p><b>{html.escape(self.summary)}</b></p>"
-            f"<table><tr><th>rule</th><th>value</th><th>CI</th><th>limit</th><th>result</th></tr>{rows}</table></body></html>"
-        )
-
-
-def _at_least(name: str, value: float, limit: float, ci: tuple[float, float] | None = None) -> Rule:
-    value = round(value, 6)  # 0.90 - 0.88 must meet a 0.02 limit despite float noise
-    return Rule(name, value, limit, ">=", value >= limit, *(ci or (None, None)))
-
-
-def _at_most(name: str, value: float, limit: float, ci: tuple[float, float] | None = None) -> Rule:
-    value = round(value, 6)
-    return Rule(name, value, limit, "<=", value <= limit, *(ci or (None, None)))
+        return html_page(title, self.summary, html_table(self.rules))
 
 
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, samples: int, level: float,
@@ -151,25 +103,25 @@ def decide(champion: Evaluation, challenger: Evaluation, update_cost_usd: float,
     shifted_gain = challenger.slices["shifted"].accuracy - champion.slices["shifted"].accuracy
     golden_loss = champion.slices["golden"].accuracy - challenger.slices["golden"].accuracy
     gain_ci = _interval(champion, challenger, "shifted", policy)
-    rules = [_at_least("shifted_accuracy_gain", shifted_gain, policy.min_shifted_improvement, gain_ci)]
+    rules = [at_least("shifted_accuracy_gain", shifted_gain, policy.min_shifted_improvement, gain_ci)]
     if policy.require_significant_improvement:
         low = gain_ci[0] if gain_ci else float("-inf")
         rules.append(Rule("shifted_gain_lower_bound", round(low, 6), 0.0, ">", low > 0, *(gain_ci or (None, None))))
-    rules.append(_at_most("golden_accuracy_loss", golden_loss, policy.max_golden_regression,
+    rules.append(at_most("golden_accuracy_loss", golden_loss, policy.max_golden_regression,
                           _interval(champion, challenger, "golden", policy, sign=-1)))
     if policy.max_slice_regression is not None:
         losses = {name: champion.groups[name].accuracy - m.accuracy for name, m in challenger.groups.items()
                   if name in champion.groups and m.rows >= policy.min_slice_rows}
         if losses:
             worst = max(losses, key=losses.get)
-            rules.append(_at_most(f"worst_slice_loss ({worst})", losses[worst], policy.max_slice_regression))
-    rules.append(_at_most("update_cost_usd", update_cost_usd, policy.max_update_cost_usd))
+            rules.append(at_most(f"worst_slice_loss ({worst})", losses[worst], policy.max_slice_regression))
+    rules.append(at_most("update_cost_usd", update_cost_usd, policy.max_update_cost_usd))
     if budget_left_usd is not None:
-        rules.append(_at_most("update_cost_vs_budget_left_usd", update_cost_usd, round(budget_left_usd, 6)))
-    rules.append(_at_most("inference_cost_ratio", _ratio(challenger.cost_per_1k_usd, champion.cost_per_1k_usd),
+        rules.append(at_most("update_cost_vs_budget_left_usd", update_cost_usd, round(budget_left_usd, 6)))
+    rules.append(at_most("inference_cost_ratio", _ratio(challenger.cost_per_1k_usd, champion.cost_per_1k_usd),
                           policy.max_inference_cost_ratio))
     if policy.max_latency_p95_ratio is not None:
-        rules.append(_at_most("latency_p95_ratio", _ratio(challenger.latency_ms_p95, champion.latency_ms_p95),
+        rules.append(at_most("latency_p95_ratio", _ratio(challenger.latency_ms_p95, champion.latency_ms_p95),
                               policy.max_latency_p95_ratio))
     return Verdict(all(r.passed for r in rules), rules)
 
