@@ -9,6 +9,8 @@ requests, and the adapter's bytes on disk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,21 +105,17 @@ def quality(model, tokenizer, sets: dict[str, pd.DataFrame]
     return slices, groups, hits
 
 
-def _one_thread():
-    import contextlib
-
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread for the block: cost and latency measured without threads spinning for a core."""
     import torch
 
-    @contextlib.contextmanager
-    def scope():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-    return scope()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cpu_seconds_per_1k(models: dict[str, object], tokenizer, texts: list[str],
