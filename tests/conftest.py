@@ -128,3 +128,23 @@ def prefect_harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, data_dir):
+    """The session's local stack (`refit stack up`), shared by tests/server and tests/ui (server/stack_session.py)."""
+    from server import stack_session
+
+    home = tmp_path_factory.mktemp("stack-home")
+    running = stack_session.start(home, data_dir)
+    yield running
+    if stack_session._stack is running:
+        stack_session.stop(running.home, running.env)
+
+
+@pytest.fixture(scope="session")
+def deployed(stack):
+    """Champion v1 on the tiny scenario and every deployment of prefect.yaml on the stack."""
+    from server import stack_session
+
+    return stack_session.deploy(stack)

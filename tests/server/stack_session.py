@@ -8,8 +8,8 @@ scheduled path: a drifted window, the monitor schedule firing, the drift event
 starting the update deployment, the promotion.
 
 Each step runs once per session and is cached here, so the UI test can reuse
-what the server test built, or build it alone when run alone. Both conftests
-import this module as ``server.stack_session`` (``tests/`` is on sys.path).
+what the server test built, or build it alone when run alone. The ``stack``
+and ``deployed`` fixtures in ``tests/conftest.py`` wrap it.
 """
 
 from __future__ import annotations
