@@ -59,6 +59,10 @@ def open_context(settings: Settings | None = None) -> Context:
     return Context(settings, store, experiment_id, Rates(settings.cpu_usd_per_hour, settings.gpu_usd_per_hour))
 
 
+# The slot's lease: renewed every 45 s while the update runs, so a killed update frees it within a minute.
+LEASE_SECONDS = 60
+
+
 @contextmanager
 def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
     """Hold Prefect's global concurrency limit ``name`` (one slot, created if missing) on a Prefect server.
@@ -69,15 +73,15 @@ def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
     leases in the server's memory, so a process killed while running on its
     own temporary API would leave the slot taken for good. Embedded runs rely
     on the store's promotion lock and the guarded alias instead: two of them
-    at once may both train, but only one promotes.
+    at once may both train, but only one promotes. A holder killed on a server
+    frees the slot when its lease (``LEASE_SECONDS``) runs out unrenewed.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import get_current_settings
 
-    if not get_current_settings().api.url:
+    if not holds_update_slot():
         yield
         return
     with get_client(sync_client=True) as client:
@@ -90,7 +94,7 @@ def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
                 client.read_global_concurrency_limit_by_name(name)
     acquired = False
     try:
-        with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):
+        with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds, lease_duration=LEASE_SECONDS):
             acquired = True
             yield
     except TimeoutError:
@@ -100,6 +104,13 @@ def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
             f"another update has held the concurrency limit {name} for over {timeout_seconds / 60:.0f} min; "
             f"if none is running (a server restart forgets leases), free it: "
             f"prefect gcl update {name} --active-slots 0") from None
+
+
+def holds_update_slot() -> bool:
+    """Whether ``one_at_a_time`` takes the per-model slot here: only on a Prefect server."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
 
 
 def user_error(exc: RefitError) -> State:

@@ -18,15 +18,16 @@ from prefect.logging import get_run_logger
 from prefect.transactions import transaction
 
 from flows.bootstrap import read_evaluation_sets
-from flows.common import one_at_a_time, open_context, parse_time, user_error
+from flows.common import holds_update_slot, one_at_a_time, open_context, parse_time, user_error
 from refit import modeling
 from refit.data import fingerprint, text_hashes
 from refit.errors import RefitError
 from refit.policy import file_hash
 from refit.settings import Settings
 from registry import versions
-from registry.tracking import (RUN_TYPE, code_revision, flat_params, log_json, log_policy, log_training_input,
-                               finished_update, measured_cpu_seconds_per_work_token, month_spend)
+from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
+                               log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token,
+                               month_spend)
 from tasks.deploy import promote, read_reference, register_version, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair
 from tasks.finetune import (Recipe, Trained, assemble, count_tokens, escalates, fine_tune, full_retrain_frame,
@@ -78,6 +79,12 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
     return Attempt(index, recipe, estimate_usd, attempt_run.info.run_id, trained, before, after, verdict)
 
 
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return flow_run.name or "?"
+
+
 def ladder_markdown(attempts: list[Attempt]) -> str:
     rows = "".join(
         f"| {a.index} | {a.recipe.name} | {a.trained.cost.cpu_seconds:.1f} | {a.trained.cost.usd:.5f} | "
@@ -89,7 +96,8 @@ def ladder_markdown(attempts: list[Attempt]) -> str:
 
 @flow(name="update")
 def update(window_start: str | None = None, window_end: str | None = None, labels_path: str | None = None,
-           drift_run_id: str | None = None, gate_policy: str = "gate", reason: str | None = None) -> dict:
+           drift_run_id: str | None = None, gate_policy: str = "gate", reason: str | None = None,
+           force: bool = False) -> dict:
     """Fine-tune, evaluate against the champion, gate on quality and cost, promote on a pass.
 
     One update per model runs at a time (a Prefect global concurrency limit
@@ -105,19 +113,25 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         drift_run_id: the MLflow run of the drift check that triggered this update (lineage).
         gate_policy: gate policy name or YAML path.
         reason: why this update runs (a hotfix's ticket, say); recorded on the run and the version.
+        force: train even if this window or file already paid for a fine-tune (after changing the gate, say).
     """
     try:
         settings = Settings()
     except Exception as exc:  # pydantic's ValidationError: one line
         return user_error(RefitError(f"invalid settings: {str(exc).splitlines()[0]}"))
     with one_at_a_time(f"refit-update-{settings.model_name}"):
-        return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason)
+        return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force)
 
 
-def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason) -> dict:
+def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force) -> dict:
     try:
         ctx = open_context(settings)
         name = ctx.model_name
+        if holds_update_slot():
+            closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_name()}")
+            if closed:
+                get_run_logger().warning(f"closed {len(closed)} update run(s) left running by a killed update "
+                                         f"(marked KILLED in MLflow): {', '.join(closed)}")
         policy, policy_path = load_update_policy()
         rules, rules_path = load_gate_policy(gate_policy)
         champion = versions.alias_version(name, versions.CHAMPION)
@@ -145,11 +159,12 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         return user_error(exc)
 
     what = f"file:{fingerprint(new)}" if labels_path else f"window:{window_start}..{window_end}"
-    trigger_key = f"{name}:v{champion}:{what}"
-    earlier = finished_update(ctx.experiment_id, name, trigger_key)
+    trigger_key = f"{name}:{what}"
+    earlier = None if force else finished_update(ctx.experiment_id, name, trigger_key)
     if earlier is not None:
-        why = (f"already updated for this {'file' if labels_path else 'window'} against v{champion} "
-               f"by run {earlier.info.run_id}: not paying for a second fine-tune")
+        why = (f"already updated for this {'file' if labels_path else 'window'} by run {earlier.info.run_id} "
+               f"(against v{earlier.data.tags.get('refit.parent_version')}): not paying for a second fine-tune; "
+               "force=true trains anyway")
         get_run_logger().info(why)
         return {"promoted": False, "version": None, "champion": champion, "reason": why,
                 "duplicate_of": earlier.info.run_id, "attempts": []}

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from refit import orphans
 from refit.errors import RefitError
 from refit.settings import OFFLINE_ENV, Settings
 
@@ -51,6 +52,7 @@ def _prepare(store: str | None = None) -> Settings:
 
 def _run_flow(flow_fn, **params) -> dict:
     """Run a flow in-process; a Failed state becomes a one-line RefitError."""
+    orphans.watch()  # if this command is killed, its temporary Prefect API is stopped too
     state = flow_fn(return_state=True, **params)
     if state.is_failed():
         raise RefitError(state.message or f"{flow_fn.name} failed")
@@ -126,6 +128,8 @@ def update(labels: Annotated[Optional[str], typer.Option(
            window_end: Annotated[Optional[str], typer.Option(help="End of the labelled traffic window (ISO).")] = None,
            gate: Annotated[str, typer.Option(help="Gate policy name or YAML path.")] = "gate",
            reason: Annotated[Optional[str], typer.Option(help="Why (a ticket); recorded on the run and version.")] = None,
+           force: Annotated[bool, typer.Option(help="Train even if this window or file already paid for a "
+                                                     "fine-tune.")] = False,
            store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Fine-tune, gate and (on a pass) promote an update.
 
@@ -135,7 +139,7 @@ def update(labels: Annotated[Optional[str], typer.Option(
     from flows.update import update as flow_fn
 
     result = _run_flow(flow_fn, labels_path=labels, window_start=window_start,
-                       window_end=window_end, gate_policy=gate, reason=reason)
+                       window_end=window_end, gate_policy=gate, reason=reason, force=force)
     _emit(result, as_json, "Update")
 
 

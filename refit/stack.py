@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -43,6 +44,10 @@ from refit.settings import OFFLINE_ENV, PROJECT_ROOT, Settings
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
+# Flow runs started by the worker send a heartbeat this often (seconds, Prefect's minimum is 30), so
+# that the automation in ZOMBIE_AUTOMATION marks a run whose process died (a killed worker) Crashed.
+WORKER_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+ZOMBIE_AUTOMATION = PROJECT_ROOT / "infra" / "prefect" / "crash-zombies.yaml"
 # Credentials for the moto endpoint only; a real endpoint takes the caller's AWS variables.
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "refit", "AWS_SECRET_ACCESS_KEY": "refit-secret"}
 
@@ -116,7 +121,7 @@ def plan(settings: Settings, ports: Ports, pool: str) -> tuple[list[Service], di
         "worker",
         _python_module("prefect", "worker", "start", "--pool", pool, "--type", "process", "--name",
                        f"refit-{pool}-local", "--install-policy", "never"),
-        prefect_url, marker="prefect"))
+        prefect_url, env=WORKER_ENV, marker="prefect"))
     return services, client
 
 
@@ -324,9 +329,26 @@ def up(settings: Settings, ports: Ports = Ports(), pool: str = "refit", timeout:
             echo(f"{service.name}: started (pid {started[service.name].pid}), "
                  f"log {directory / (service.name + '.log')}")
         _wait_healthy(settings, group, pool, timeout, started)
-        if group is servers and settings.store == "s3":
-            _ensure_bucket(settings, client)
+        if group is servers:
+            if settings.store == "s3":
+                _ensure_bucket(settings, client)
+            _ensure_zombie_automation(client, echo)
     return status(settings)
+
+
+def _ensure_zombie_automation(client: dict[str, str], echo: Callable[[str], None]) -> None:
+    """Create the automation that marks dead flow runs Crashed, unless the server has it already."""
+    name = yaml.safe_load(ZOMBIE_AUTOMATION.read_text())["name"]
+    status_code, body = _http(f"{client['PREFECT_API_URL']}/automations/filter", data={}, timeout=30)
+    if status_code == 200 and any(a.get("name") == name for a in json.loads(body)):
+        return
+    proc = subprocess.run(_python_module("prefect", "--no-prompt", "automation", "create", "--from-file",
+                                         str(ZOMBIE_AUTOMATION)),
+                          env=os.environ | OFFLINE_ENV | client, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode != 0:
+        raise RefitError(f"could not create the Prefect automation {name}: {(proc.stdout + proc.stderr)[-500:]}")
+    echo(f"automation {name}: created (marks flow runs without a heartbeat Crashed)")
 
 
 def _ensure_bucket(settings: Settings, client: dict[str, str]) -> None:

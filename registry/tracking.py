@@ -156,11 +156,13 @@ def update_triggers(experiment_id: str, model_name: str, champion: int) -> list[
 
 
 def finished_update(experiment_id: str, model_name: str, trigger_key: str):
-    """The update run that already trained for ``trigger_key`` (a window or a file, against one champion), if any.
+    """The update run that already trained for ``trigger_key`` (a window or a file), if any.
 
     A duplicated scheduled run or a replayed event finds it and stops before
-    paying for a second fine-tune. Runs refused before training (budget) do
-    not count: the same window may be tried again when money is there.
+    paying for a second fine-tune, even when it was queued behind the first
+    and the champion has moved on since (the new champion learned that data).
+    Runs refused before training (budget) and runs that never finished
+    (killed) do not count: the same data may be tried again.
     """
     runs = MlflowClient().search_runs(
         [experiment_id],
@@ -170,3 +172,25 @@ def finished_update(experiment_id: str, model_name: str, trigger_key: str):
         order_by=["attributes.start_time ASC"], max_results=1,
     )
     return runs[0] if runs else None
+
+
+def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str) -> list[str]:
+    """Mark update runs of ``model_name`` still RUNNING as KILLED; returns their run ids.
+
+    Only safe while holding the model's update slot (``flows.common.one_at_a_time``
+    on a Prefect server): then no other update of the model can be running,
+    so a RUNNING one is what a killed worker or a lost machine left behind.
+    It promoted nothing (promotion is its last step), and it never logged its
+    cost, so it does not count against the budget or as a duplicate.
+    """
+    client = MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`refit.model` = '{model_name}' and attributes.status = 'RUNNING'", max_results=500,
+    )
+    runs = [run for run in runs if run.data.tags.get(RUN_TYPE) in ("update", "update-attempt")]
+    for run in runs:
+        client.set_tag(run.info.run_id, "refit.abandoned",
+                       f"left running by an update that stopped without finishing (killed); closed by {found_by}")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]

@@ -38,6 +38,11 @@ FAKE_AWS = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``runs_last`` go after all others (they move what the shared stack's other tests read)."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The CLINC150 directory: REFIT_DATA_DIR, or ../shared/data/clinc150 beside the checkout."""

@@ -183,8 +183,12 @@ def scenario_data(stack: Stack):
     return spec, build(spec, load_source(spec.source, Path(stack.env["REFIT_DATA_DIR"])))
 
 
-def write_drifted_window(stack: Stack, version: int) -> tuple[datetime, datetime]:
-    """The shifted traffic of the scenario, scored by ``version`` and logged as serving would, with delayed labels."""
+def write_drifted_window(stack: Stack, version: int, end: datetime | None = None,
+                         seed_offset: int = 1) -> tuple[datetime, datetime]:
+    """The shifted traffic of the scenario, scored by ``version`` and logged as serving would, with delayed labels.
+
+    Ten minutes ending at ``end`` (now by default; an earlier end gives a window of its own).
+    """
     import mlflow
 
     from refit import modeling
@@ -199,10 +203,10 @@ def write_drifted_window(stack: Stack, version: int) -> tuple[datetime, datetime
     mlflow.set_registry_uri(stack.mlflow_uri)
     spec, data = scenario_data(stack)
     model = modeling.load_model(versions.download_adapter(MODEL, version))
-    end = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=5)
+    end = end or datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=5)
     start = end - timedelta(minutes=10)
     replay_traffic.fn(open_store(settings), MODEL, model, modeling.load_tokenizer(), version, data.shifted_window,
-                      start, end, labelled_share=spec.windows.labelled_share, seed=spec.seed + 1)
+                      start, end, labelled_share=spec.windows.labelled_share, seed=spec.seed + seed_offset)
     return start, end
 
 
@@ -247,3 +251,34 @@ def scheduled_update(stack: Stack, interval_s: int = 20) -> dict:
     stack.cache["scheduled"] = {"monitor_run": monitor_run, "drift_check": check, "update_run": update_run,
                                 "seconds": round(time.monotonic() - began, 1), "champion_before": champion}
     return stack.cache["scheduled"]
+
+
+def champion(stack: Stack) -> int:
+    return int(stack.mlflow().get_model_version_by_alias(MODEL, "champion").version)
+
+
+def run_deployment(stack: Stack, deployment: str, params: dict) -> dict:
+    """`prefect deployment run` with JSON parameters; returns the flow run it created."""
+    proc = stack.run(PREFECT + ["deployment", "run", deployment, "--params", json.dumps(params)])
+    run_id = next(line.split("UUID:")[1].strip() for line in proc.stdout.splitlines() if "UUID:" in line)
+    return stack.call(f"/flow_runs/{run_id}", method="GET")
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process, its process group and every descendant, as a lost machine would stop them."""
+    import signal
+
+    from refit.stack import _descendants
+
+    pids = [pid, *_descendants(pid)]
+    for p in pids:  # stop each first, so nothing forks while the rest are killed
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids

@@ -162,3 +162,27 @@ def test_kubernetes_worker_and_job_template_fit_together():
 def test_local_scripts_are_executable():
     script = INFRA / "local" / "s3-endpoint.sh"
     assert script.is_file() and os.access(script, os.X_OK)
+
+
+def test_every_worker_sends_heartbeats_that_the_zombie_automation_watches():
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger
+
+    from refit.stack import WORKER_ENV, ZOMBIE_AUTOMATION
+
+    automation = AutomationCore.model_validate(yaml.safe_load(ZOMBIE_AUTOMATION.read_text()))
+    assert isinstance(automation.trigger, EventTrigger) and automation.trigger.posture == "Proactive"
+    assert automation.trigger.after == {"prefect.flow-run.heartbeat"}
+    (action,) = automation.actions
+    assert isinstance(action, ChangeFlowRunState) and action.state == "CRASHED"
+    # Every place flow runs start sends heartbeats often enough for the automation's window.
+    frequencies = {
+        "refit stack": WORKER_ENV,
+        "compose": _compose()["services"]["worker"]["environment"],
+        "kubernetes job": json.loads((INFRA / "k8s" / "helm" / "training-job-template.json").read_text())
+        ["variables"]["properties"]["env"]["default"],
+    }
+    for where, env in frequencies.items():
+        frequency = int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+        assert 30 <= frequency <= automation.trigger.within.total_seconds() / 2, where
+    assert "crash-zombies.yaml" in (INFRA / "k8s" / "helm" / "prefect-worker-values.yaml").read_text()

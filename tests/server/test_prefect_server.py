@@ -46,7 +46,10 @@ def test_deploy_all_registers_every_deployment_as_designed(stack, deployed):
     assert schedule["schedule"]["cron"] == "0 * * * *"
     assert deployments["update"]["global_concurrency_limit"]["limit"] == 1
     assert deployments["hotfix"]["global_concurrency_limit"]["limit"] == 1
-    (automation,) = stack.call("/automations/filter")
+    automations = {a["name"]: a for a in stack.call("/automations/filter")}
+    # `refit stack up` installed the one that marks dead flow runs Crashed; prefect.yaml added the trigger.
+    assert automations.pop("refit-crash-zombie-flow-runs")["actions"][0]["type"] == "change-flow-run-state"
+    (automation,) = automations.values()
     assert automation["trigger"]["expect"] == ["refit.drift.detected"]
     (action,) = automation["actions"]
     assert action["deployment_id"] == deployments["update"]["id"]

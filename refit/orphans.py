@@ -1,0 +1,75 @@
+"""Stop the temporary Prefect API a `refit` command started if that command is killed.
+
+Without ``PREFECT_API_URL``, Prefect starts its own API server as a child
+process for the length of a flow run and stops it at exit. A command killed
+with SIGKILL (or a timeout) never reaches its exit, and the server is left
+running with nobody to stop it. ``watch()`` starts a small process that
+notes the command's temporary API servers while the command lives, and
+SIGTERMs them as soon as it is gone. Standard library only: it costs a few
+MB and starts in a few milliseconds.
+
+Run as ``python -m refit.orphans PID``; ``watch()`` does that.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARKER = "prefect.server.api.server:create_app"  # the temporary API's command line
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def guard(parent: int, every: float = 1.0) -> list[int]:
+    """Until ``parent`` exits, note its temporary API servers; then stop those still running. Returns them."""
+    servers: set[int] = set()
+    while _alive(parent):
+        servers |= {pid for pid in _children(parent) if MARKER in _cmdline(pid)}
+        time.sleep(every)
+    stopped = []
+    for pid in servers:
+        if _alive(pid) and MARKER in _cmdline(pid):  # the same process, not a recycled pid
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+    return stopped
+
+
+def watch() -> subprocess.Popen | None:
+    """Guard this process's temporary Prefect API (Linux only; nothing to do with a Prefect server)."""
+    if os.environ.get("PREFECT_API_URL") or not Path("/proc/self/stat").exists():
+        return None
+    return subprocess.Popen([sys.executable, "-m", "refit.orphans", str(os.getpid())], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+if __name__ == "__main__":
+    guard(int(sys.argv[1]))
