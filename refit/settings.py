@@ -62,8 +62,11 @@ class Settings(BaseSettings):
     serve_max_text_chars: int = Field(2000, ge=1, description="Longest text accepted (the monitor's limit too).")
     serve_batch_size: int = Field(32, ge=1, description="Most texts in one forward pass (micro-batching).")
     serve_batch_wait_ms: float = Field(5.0, ge=0, description="Longest a pass waits for more texts to fill it.")
-    serve_torch_threads: int | None = Field(None, ge=1, description="Inference threads of the server; default: "
-                                                                   "cores - 1 (at least 1), a core left for HTTP.")
+    serve_runtime: Literal["onnx", "torch"] = Field("onnx", description="Forward pass of the server: onnx (ONNX "
+                                                    "Runtime on the exported fp32 model, checked against torch at "
+                                                    "load) or torch.")
+    serve_torch_threads: int | None = Field(None, ge=1, description="Inference threads of the server (either "
+                                                                   "runtime); default: see serving.app.inference_threads.")
     serve_log_flush_rows: int = Field(2000, ge=1, description="Request-log rows buffered before a Parquet part.")
     serve_log_flush_seconds: float = Field(30.0, gt=0, description="Longest a logged row waits in the buffer.")
     serve_rollout_policy: str = Field("rollout", description="Rollout policy name or YAML path (canary, guards).")

@@ -66,7 +66,8 @@ class Server:
         from refit import modeling
 
         self._tokenizer = self._tokenizer or modeling.load_tokenizer()
-        return load_version(self.model_name, version, self.settings.serve_batch_size, self._tokenizer)
+        return load_version(self.model_name, version, self.settings.serve_batch_size, self._tokenizer,
+                            self.settings.serve_runtime, inference_threads(self.settings))
 
     async def reload(self) -> dict:
         """Serve the version behind the champion alias, if it is not the one served already."""
@@ -230,13 +231,17 @@ class Server:
 
 
 def inference_threads(settings: Settings) -> int:
-    """Threads for the forward pass: one core is left to HTTP, JSON and the request log.
+    """Threads for the forward pass (``REFIT_SERVE_TORCH_THREADS`` overrides).
 
-    With every core in the pass, its threads wait on each other whenever
-    the event loop (or a neighbour) takes a core, and throughput falls by
-    half or more; measured in ``refit bench serve``.
+    ONNX Runtime: every core. Its pass is one call that leaves Python's lock
+    to the event loop, and its idle threads sleep rather than spin.
+    torch: one core is left to HTTP, JSON and the request log, since its
+    eager pass takes the lock back between operations and its threads spin;
+    on a busy machine every core in the pass halved throughput (measured in
+    ``refit bench serve``).
     """
-    return settings.serve_torch_threads or max(1, (os.cpu_count() or 2) - 1)
+    cores = os.cpu_count() or 2
+    return settings.serve_torch_threads or (cores if settings.serve_runtime == "onnx" else max(1, cores - 1))
 
 
 def create_app(settings: Settings | None = None, store: ObjectStore | None = None,

@@ -64,20 +64,37 @@ def _free_port() -> int:
 
 def _client(url: str, texts: list[str], per_request: tuple[int, int], stop: threading.Event, load: Load,
             seed: int) -> None:
-    import httpx
+    """One client: a request at a time on one kept-alive HTTP/1.1 connection.
+
+    The standard library's ``http.client``, not httpx: the clients share the
+    server's cores, and a load generator must not be what limits the server
+    (httpx's per-request work cost the server about a fifth of its
+    throughput on two cores).
+    """
+    import http.client
+    import json
+    from urllib.parse import urlsplit
 
     rng = random.Random(seed)
-    with httpx.Client(timeout=60) as client:
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
         while not stop.is_set():
             batch = rng.sample(texts, rng.randint(*per_request))
+            body = json.dumps({"texts": batch})
             sent = time.perf_counter()
             try:
-                answer = client.post(url + "/predict", json={"texts": batch})
-                status = answer.status_code
-                version = answer.json().get("model_version", 0) if status == 200 else 0
-            except Exception:  # a dropped connection counts as a failure, like a 5xx
+                connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+                answer = connection.getresponse()
+                data = answer.read()
+                status = answer.status
+                version = json.loads(data).get("model_version", 0) if status == 200 else 0
+            except (OSError, http.client.HTTPException, ValueError):  # a dropped connection counts as a failure
                 status, version = 599, 0
+                connection.close()  # reconnects on the next request
             load.add(sent, time.perf_counter() - sent, status, len(batch), version)
+    finally:
+        connection.close()
 
 
 def _register_bench_versions(settings: Settings, experiment_id: str, champion: int) -> tuple[int, int]:
@@ -163,15 +180,15 @@ def _load(url: str, texts: list[str], seconds: float, concurrency: int, per_requ
 
 def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size: int, threads: int,
                        concurrency: int, per_request: tuple[int, int], rounds: int = 3, seconds: float = 10.0,
-                       pipeline_texts: int = 1000) -> tuple[dict, Load]:
+                       pipeline_texts: int = 1000, runtime: str = "onnx") -> tuple[dict, Load]:
     """Texts per second of the server (HTTP, under load) and of ``transformers.pipeline``, taking turns.
 
     The pipeline runs in this process on the same merged model with the same
-    batch size while the server idles, once with torch's default threads and
-    once with the server's (``threads``); the server is compared with the
-    faster of the two. Rounds alternate so that a busy machine slows all
-    alike; each reports its median round. The server's own predictor, called
-    in-process, is timed beside them.
+    batch size while the server idles, with torch's default threads and, if
+    different, with the server's (``threads``); the server is compared with
+    the faster. Rounds alternate so that a busy machine slows all alike; each
+    reports its median round. The server's own predictor (same runtime and
+    threads), called in-process, is timed beside them.
     """
     import torch
     from transformers import pipeline
@@ -180,7 +197,7 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
     from serving.model import from_adapter
 
     default_threads = torch.get_num_threads()
-    served = from_adapter(adapter_dir, 0, batch_size)
+    served = from_adapter(adapter_dir, 0, batch_size, runtime=runtime, threads=threads)
     plain = pipeline("text-classification", model=served.model, tokenizer=served.tokenizer, device="cpu")
     sample = texts[:pipeline_texts]
     plain(sample[:batch_size], batch_size=batch_size)  # warm up both
@@ -193,9 +210,9 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
         return len(sample) / (time.perf_counter() - started)
 
     run_pipeline = lambda: plain(sample, batch_size=batch_size, truncation=True, max_length=modeling.MAX_LENGTH)  # noqa: E731
-    names = ("server_http", f"pipeline_{default_threads}_threads", f"pipeline_{threads}_threads",
-             f"predictor_in_process_{threads}_threads")
-    rates: dict[str, list[float]] = {name: [] for name in names}
+    pipelines = {f"pipeline_{n}_threads": n for n in dict.fromkeys((default_threads, threads))}
+    predictor = f"predictor_in_process_{served.runtime}_{threads}_threads"
+    rates: dict[str, list[float]] = {name: [] for name in ("server_http", *pipelines, predictor)}
     everything = Load()
     try:
         for round_ in range(rounds):
@@ -203,17 +220,18 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
             rates["server_http"].append(sum(n for n, s in zip(load.texts, load.status) if s == 200) / elapsed)
             for field_name in ("sent", "latency", "status", "texts", "version"):
                 getattr(everything, field_name).extend(getattr(load, field_name))
-            rates[names[1]].append(timed(run_pipeline, default_threads))
-            rates[names[2]].append(timed(run_pipeline, threads))
-            rates[names[3]].append(timed(lambda: served.predict(sample), threads))
+            for name, n_threads in pipelines.items():
+                rates[name].append(timed(run_pipeline, n_threads))
+            rates[predictor].append(timed(lambda: served.predict(sample), threads))
     finally:
         torch.set_num_threads(default_threads)
     median = {name: float(np.median(values)) for name, values in rates.items()}
-    best_pipeline = max(median[names[1]], median[names[2]])
-    return {"batch_size": batch_size, "rounds": rounds, "server_inference_threads": threads,
+    best_pipeline = max(median[name] for name in pipelines)
+    return {"batch_size": batch_size, "rounds": rounds, "server_runtime": served.runtime,
+            "server_inference_threads": threads, "torch_default_threads": default_threads,
             **{f"{name}_texts_per_s": round(value, 1) for name, value in median.items()},
             "server_http_vs_best_pipeline": round(median["server_http"] / best_pipeline, 2),
-            "predictor_vs_best_pipeline": round(median[names[3]] / best_pipeline, 2),
+            "predictor_vs_best_pipeline": round(median[predictor] / best_pipeline, 2),
             "rounds_texts_per_s": {name: [round(v, 1) for v in values] for name, values in rates.items()}}, everything
 
 
@@ -277,7 +295,8 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
             progress(f"throughput: server under load vs transformers.pipeline, {compare_rounds} alternating rounds")
             comparison, extra = compare_throughput(url, versions.download_adapter(name, champion), texts,
                                                    settings.serve_batch_size, inference_threads(settings),
-                                                   concurrency, per_request, rounds=compare_rounds)
+                                                   concurrency, per_request, rounds=compare_rounds,
+                                                   runtime=settings.serve_runtime)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

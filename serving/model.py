@@ -4,10 +4,22 @@ Merging the LoRA weights into the base (peft ``merge_and_unload``) leaves a
 plain transformers model: one matmul per layer instead of two, and no peft
 wrappers on the hot path. Prediction sorts texts by length and pads each
 batch only to its own longest text.
+
+The forward pass runs on ONNX Runtime by default (``REFIT_SERVE_RUNTIME=onnx``):
+the merged model is exported once per load and checked against torch on
+probe texts before it answers anything; a version whose export disagrees is
+served by torch instead. The export is the same fp32 model (logits within
+1e-5 of torch in ``refit bench serve``), and one ``session.run`` call is the
+whole pass, so Python's lock is free for HTTP while it runs; torch's eager
+forward takes the lock back between operations, which on two cores held the
+server to one core's worth of work.
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +28,12 @@ import numpy as np
 import torch
 
 from refit import modeling
+
+log = logging.getLogger("refit.serving")
+RUNTIMES = ("onnx", "torch")
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# The most an exported model's probabilities may differ from torch's on the probe texts.
+MAX_PROBABILITY_DIFF = 1e-4
 
 
 @dataclass(frozen=True)
@@ -27,8 +45,12 @@ class ServedModel:
     tokenizer: object
     labels: tuple[str, ...]
     batch_size: int = 32
+    session: object | None = None  # an onnxruntime.InferenceSession: the pass runs there when set
 
-    @torch.inference_mode()
+    @property
+    def runtime(self) -> str:
+        return "onnx" if self.session is not None else "torch"
+
     def predict(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """Label and its probability for each text, in the order given."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -36,14 +58,29 @@ class ServedModel:
         confidence = np.zeros(len(texts), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            features = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                      max_length=modeling.MAX_LENGTH, return_tensors="pt")
-            proba = torch.softmax(self.model(**features).logits, dim=-1)
-            best, index = proba.max(dim=-1)
+            proba = self.probabilities([texts[i] for i in batch])
             for row, i in enumerate(batch):
-                labels[i] = self.labels[int(index[row])]
-                confidence[i] = float(best[row])
+                best = int(proba[row].argmax())
+                labels[i], confidence[i] = self.labels[best], float(proba[row, best])
         return labels, confidence
+
+    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        """Softmax over the labels for one batch, padded to its longest text."""
+        if self.session is None:
+            return _torch_probabilities(self.model, self.tokenizer, texts)
+        features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=modeling.MAX_LENGTH,
+                                  return_tensors="np")
+        feed = {i.name: features[i.name].astype(np.int64) for i in self.session.get_inputs()}
+        logits = self.session.run(["logits"], feed)[0]
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+@torch.inference_mode()
+def _torch_probabilities(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> np.ndarray:
+    features = tokenizer(list(texts), padding=True, truncation=True, max_length=modeling.MAX_LENGTH,
+                         return_tensors="pt")
+    return torch.softmax(model(**features).logits, dim=-1).numpy()
 
 
 def merged(adapter_dir: Path) -> torch.nn.Module:
@@ -53,14 +90,79 @@ def merged(adapter_dir: Path) -> torch.nn.Module:
     return model
 
 
-def from_adapter(adapter_dir: Path, version: int, batch_size: int = 32, tokenizer=None) -> ServedModel:
+class _Logits(torch.nn.Module):
+    """The classifier with positional inputs and logits only: what the exporter traces."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.model, self.names = model, tuple(names)
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors))).logits
+
+
+def onnx_session(model: torch.nn.Module, tokenizer, threads: int):
+    """Export the merged model (fp32, dynamic batch and length) and open an ONNX Runtime session on it."""
+    import onnxruntime as ort
+
+    dummy = tokenizer(["a short text", "and a somewhat longer one, so that the batch is padded"], padding=True,
+                      return_tensors="pt")
+    names = [name for name in INPUTS if name in dummy]
+    # eval(): the exporter puts the wrapper's training flag back afterwards, and a new module is in training mode.
+    wrapper = _Logits(model, names).eval()
+    with tempfile.TemporaryDirectory(prefix="refit-onnx-") as directory, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        path = str(Path(directory) / "model.onnx")
+        torch.onnx.export(wrapper, tuple(dummy[name] for name in names), path, input_names=names,
+                          output_names=["logits"], opset_version=17, do_constant_folding=True, dynamo=False,
+                          dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names},
+                                        "logits": {0: "batch"}})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads sleep instead of spinning: spinning takes the core the event loop needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def probe_texts(labels: Sequence[str]) -> list[str]:
+    """Texts of every length the model sees, from its own label names: no data needed at load time."""
+    words = [label.replace("_", " ") for label in labels]
+    return words + [" ".join(words[i : i + n]) for n in (3, 12, 40) for i in range(0, len(words), n)]
+
+
+def from_adapter(adapter_dir: Path, version: int, batch_size: int = 32, tokenizer=None, runtime: str = "onnx",
+                 threads: int = 1) -> ServedModel:
+    """Merge, and for ``runtime="onnx"`` export and check against torch; torch serves if the check fails."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
     model = merged(adapter_dir)
-    return ServedModel(version, model, tokenizer or modeling.load_tokenizer(),
-                       tuple(modeling.model_labels(model)), batch_size)
+    tokenizer = tokenizer or modeling.load_tokenizer()
+    served = ServedModel(version, model, tokenizer, tuple(modeling.model_labels(model)), batch_size)
+    if runtime == "torch":
+        return served
+    try:
+        exported = ServedModel(version, model, tokenizer, served.labels, batch_size,
+                               onnx_session(model, tokenizer, threads))
+    except Exception as exc:  # any export or runtime failure: serve with torch, and say why
+        log.warning("v%d: ONNX export failed (%s: %s); serving with torch", version, type(exc).__name__, exc)
+        return served
+    probes = probe_texts(served.labels)
+    diff = max(float(np.abs(exported.probabilities(batch) - served.probabilities(batch)).max())
+               for batch in (probes[i : i + batch_size] for i in range(0, len(probes), batch_size)))
+    if diff > MAX_PROBABILITY_DIFF:
+        log.warning("v%d: the ONNX export differs from torch by %.2e in probability (limit %.0e); serving with torch",
+                    version, diff, MAX_PROBABILITY_DIFF)
+        return served
+    log.info("v%d: serving on ONNX Runtime (%d threads); largest probability difference from torch %.1e",
+             version, threads, diff)
+    return exported
 
 
-def load_version(model_name: str, version: int, batch_size: int = 32, tokenizer=None) -> ServedModel:
+def load_version(model_name: str, version: int, batch_size: int = 32, tokenizer=None, runtime: str = "onnx",
+                 threads: int = 1) -> ServedModel:
     """Download a registered version's adapter and make it ready to serve."""
     from registry import versions
 
-    return from_adapter(versions.download_adapter(model_name, version), version, batch_size, tokenizer)
+    return from_adapter(versions.download_adapter(model_name, version), version, batch_size, tokenizer, runtime,
+                        threads)
