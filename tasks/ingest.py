@@ -120,10 +120,18 @@ def fetch_labelled_file(uri: str, settings) -> Path:
 
 def read_labelled_file(path: str, known_labels: list[str], settings=None) -> pd.DataFrame:
     """A hand-supplied labelled file (the hotfix path): text and label columns; a path or a URI."""
+    import shutil
+    from urllib.parse import urlparse
+
     from refit.data import load_table
     from refit.settings import Settings
 
-    frame = load_table(fetch_labelled_file(path, settings or Settings()))[["text", "label"]]
+    local = fetch_labelled_file(path, settings or Settings())
+    try:
+        frame = load_table(local)[["text", "label"]]
+    finally:
+        if urlparse(path).scheme == "s3":  # the fetched copy in its own temporary directory
+            shutil.rmtree(local.parent, ignore_errors=True)
     if frame.empty:
         raise RefitError(f"hotfix file {path} has no rows")
     unknown = sorted(set(frame["label"]) - set(known_labels))

@@ -24,7 +24,11 @@ def test_local_path_and_file_uri(tmp_path):
     pd.testing.assert_frame_equal(read_labelled_file(path.as_uri(), KNOWN, settings), ROWS)
 
 
-def test_s3_uri_is_read_through_the_configured_endpoint(tmp_path, s3_endpoint):
+def test_s3_uri_is_read_through_the_configured_endpoint(tmp_path, s3_endpoint, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the fetched copy goes
+    (tmp_path / "tmp").mkdir()
     bucket = f"hotfix-{uuid.uuid4().hex[:8]}"
     store = S3Store(bucket, endpoint_url=s3_endpoint)
     store.ensure_bucket()
@@ -32,6 +36,7 @@ def test_s3_uri_is_read_through_the_configured_endpoint(tmp_path, s3_endpoint):
     settings = Settings(home=tmp_path / "home", s3_endpoint_url=s3_endpoint)
     got = read_labelled_file(f"s3://{bucket}/tickets/T-42/fixes.parquet", KNOWN, settings)
     pd.testing.assert_frame_equal(got.reset_index(drop=True), ROWS)
+    assert list((tmp_path / "tmp").iterdir()) == []  # the fetched copy is gone once read
     with pytest.raises(RefitError, match="does not exist"):
         read_labelled_file(f"s3://{bucket}/tickets/T-42/missing.csv", KNOWN, settings)
 
