@@ -166,6 +166,7 @@ class Rollout:
                 "phase": self.phase,
                 "champion": self.champion.version if self.champion else None,
                 "candidate": self.candidate.version if self.candidate else None,
+                "runtimes": {slot.version: slot.model.runtime for slot in (self.champion, self.candidate) if slot},
                 "seconds_left": left,
                 "refused": sorted(self.refused),
                 "last_verdict": self.last_verdict.to_dict() if self.last_verdict else None,

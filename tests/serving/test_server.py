@@ -46,6 +46,7 @@ def test_predict_answers_label_confidence_and_version(registry, start_server):
     assert len({p["request_id"] for p in body["predictions"]}) == 5
     assert httpx.get(server.url + "/healthz").json() == {"status": "alive"}
     assert httpx.get(server.url + "/readyz").json() == {"status": "ready", "model_version": 1}
+    assert httpx.get(server.url + "/rollout").json()["runtimes"] == {"1": "onnx"}  # the default runtime, checked
 
 
 def test_bad_requests_get_4xx_naming_the_problem_and_serving_goes_on(registry, start_server):
