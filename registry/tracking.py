@@ -180,8 +180,10 @@ def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str) 
     Only safe while holding the model's update slot (``flows.common.one_at_a_time``
     on a Prefect server): then no other update of the model can be running,
     so a RUNNING one is what a killed worker or a lost machine left behind.
-    It promoted nothing (promotion is its last step), and it never logged its
-    cost, so it does not count against the budget or as a duplicate.
+    It promoted nothing (promotion is its last step) and does not count as a
+    duplicate. Its training was never metered, so the budget is charged its
+    first rung's estimate (``update_cost_usd`` = ``estimate_cost_usd``): the
+    machine time was spent, whatever became of it.
     """
     client = MlflowClient()
     runs = client.search_runs(
@@ -192,5 +194,8 @@ def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str) 
     for run in runs:
         client.set_tag(run.info.run_id, "refit.abandoned",
                        f"left running by an update that stopped without finishing (killed); closed by {found_by}")
+        metrics = run.data.metrics
+        if run.data.tags.get(RUN_TYPE) == "update" and "update_cost_usd" not in metrics:
+            client.log_metric(run.info.run_id, "update_cost_usd", metrics.get("estimate_cost_usd", 0.0))
         client.set_terminated(run.info.run_id, status="KILLED")
     return [run.info.run_id for run in runs]

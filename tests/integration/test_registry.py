@@ -141,3 +141,34 @@ def test_month_spend_sums_this_months_updates_of_one_model(tmp_path):
     assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.375)
     assert tracking.month_spend(experiment_id, "some-other-model", _month_start_ms()) == pytest.approx(10.0)
     assert tracking.month_spend(experiment_id, MODEL, last_month) == pytest.approx(100.375)
+
+
+def test_runs_a_killed_update_left_running_are_closed_and_charged_their_estimate(tmp_path):
+    experiment_id = tracking.configure(Settings(home=tmp_path / "home"))
+    client = MlflowClient()
+
+    def run(tags: dict[str, str], metrics: dict[str, float], finished: bool) -> str:
+        created = client.create_run(experiment_id, tags=tags)
+        for key, value in metrics.items():
+            client.log_metric(created.info.run_id, key, value)
+        if finished:
+            client.set_terminated(created.info.run_id)
+        return created.info.run_id
+
+    update = {tracking.RUN_TYPE: "update", "refit.model": MODEL}
+    killed = run(update, {"estimate_cost_usd": 0.002}, finished=False)
+    killed_attempt = run({tracking.RUN_TYPE: "update-attempt", "refit.model": MODEL}, {}, finished=False)
+    done = run(update, {"estimate_cost_usd": 0.002, "update_cost_usd": 0.003}, finished=True)
+    other_model = run(update | {"refit.model": "some-other-model"}, {"estimate_cost_usd": 1.0}, finished=False)
+    monitor = run({tracking.RUN_TYPE: "drift-check", "refit.model": MODEL}, {}, finished=False)
+
+    closed = tracking.close_abandoned_updates(experiment_id, MODEL, "flow run test")
+    assert sorted(closed) == sorted([killed, killed_attempt])
+    for run_id in closed:
+        got = client.get_run(run_id)
+        assert got.info.status == "KILLED" and "closed by flow run test" in got.data.tags["refit.abandoned"]
+    assert client.get_run(killed).data.metrics["update_cost_usd"] == 0.002
+    assert "update_cost_usd" not in client.get_run(killed_attempt).data.metrics
+    assert [client.get_run(r).info.status for r in (done, other_model, monitor)] == ["FINISHED", "RUNNING", "RUNNING"]
+    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.005)
+    assert tracking.close_abandoned_updates(experiment_id, MODEL, "again") == []
