@@ -65,10 +65,8 @@ class Settings(BaseSettings):
     serve_runtime: Literal["onnx", "torch"] = Field("onnx", description="Forward pass of the server: onnx (ONNX "
                                                     "Runtime on the exported fp32 model, checked against torch at "
                                                     "load) or torch.")
-    serve_torch_threads: int | None = Field(None, ge=1, description="Threads of each forward pass (either "
-                                                                   "runtime); default: see serving.app.inference_plan.")
-    serve_inference_workers: int | None = Field(None, ge=1, description="Forward passes run at once; default: "
-                                                                        "see serving.app.inference_plan.")
+    serve_torch_threads: int | None = Field(None, ge=1, description="Inference threads of the server (either "
+                                                                   "runtime); default: see serving.app.inference_threads.")
     serve_log_flush_rows: int = Field(2000, ge=1, description="Request-log rows buffered before a Parquet part.")
     serve_log_flush_seconds: float = Field(30.0, gt=0, description="Longest a logged row waits in the buffer.")
     serve_rollout_policy: str = Field("rollout", description="Rollout policy name or YAML path (canary, guards).")

@@ -51,8 +51,7 @@ class Server:
         self.metrics = Metrics()
         self.stats: dict[int, LiveStats] = {}
         self.rollout = Rollout(policy, lambda: LiveStats(settings.cpu_usd_per_hour), self._on_rollback)
-        self.engine = Engine(settings.serve_batch_size, self._on_pass, settings.serve_batch_wait_ms / 1000,
-                             inference_plan(settings)[0])
+        self.engine = Engine(settings.serve_batch_size, self._on_pass, settings.serve_batch_wait_ms / 1000)
         self.request_log = RequestLog(store, self.model_name, settings.serve_log_flush_rows,
                                       settings.serve_log_flush_seconds)
         self.experiment_id: str | None = None
@@ -231,30 +230,18 @@ class Server:
                  self.request_log.parts_written)
 
 
-def inference_plan(settings: Settings) -> tuple[int, int]:
-    """How many forward passes run at once, and the threads of each.
+def inference_threads(settings: Settings) -> int:
+    """Threads for the forward pass (``REFIT_SERVE_TORCH_THREADS`` overrides).
 
-    ONNX Runtime: one single-threaded pass per core. Each pass is one call
-    that leaves Python's lock to the event loop, and two small passes side by
-    side do more than one pass on two threads (whose threads wait on each
-    other at every operator).
-    torch: one pass on cores - 1 threads. Its eager pass takes the lock back
-    between operations and its threads spin, so a core is left to HTTP, JSON
-    and the request log; on a busy machine every core in the pass halved
-    throughput. Both measured in ``refit bench serve``.
-    ``REFIT_SERVE_INFERENCE_WORKERS`` and ``REFIT_SERVE_TORCH_THREADS`` override.
+    ONNX Runtime: every core. Its pass is one call that leaves Python's lock
+    to the event loop, and its idle threads sleep rather than spin.
+    torch: one core is left to HTTP, JSON and the request log, since its
+    eager pass takes the lock back between operations and its threads spin;
+    on a busy machine every core in the pass halved throughput (measured in
+    ``refit bench serve``).
     """
     cores = os.cpu_count() or 2
-    if settings.serve_runtime == "onnx":
-        workers, threads = cores, 1
-    else:
-        workers, threads = 1, max(1, cores - 1)
-    return settings.serve_inference_workers or workers, settings.serve_torch_threads or threads
-
-
-def inference_threads(settings: Settings) -> int:
-    """Threads of each forward pass (``inference_plan``)."""
-    return inference_plan(settings)[1]
+    return settings.serve_torch_threads or (cores if settings.serve_runtime == "onnx" else max(1, cores - 1))
 
 
 def create_app(settings: Settings | None = None, store: ObjectStore | None = None,

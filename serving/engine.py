@@ -35,15 +35,12 @@ class Engine:
     """
 
     def __init__(self, batch_size: int, on_pass: Callable[[Slot, int, float], None] | None = None,
-                 max_wait: float = 0.0, workers: int = 1):
-        self.batch_size, self.max_wait, self.workers = batch_size, max_wait, workers
+                 max_wait: float = 0.0):
+        self.batch_size, self.max_wait = batch_size, max_wait
         self.on_pass = on_pass
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
-        # One pass per worker thread: its own CPU time is the pass's. One worker may run a multi-threaded
-        # pass, whose CPU only the whole process's clock sees.
-        self._cpu_clock = time.thread_time if workers > 1 else time.process_time
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine")
@@ -81,49 +78,36 @@ class Engine:
         return jobs, False
 
     def _infer(self, slot: Slot, texts: list[str]) -> tuple[list[str], np.ndarray]:
-        cpu = self._cpu_clock()
+        cpu = time.process_time()
         labels, confidence = slot.model.predict(texts)
         if self.on_pass is not None:
-            self.on_pass(slot, len(texts), self._cpu_clock() - cpu)
+            self.on_pass(slot, len(texts), time.process_time() - cpu)
         return labels, confidence
 
     async def _run(self) -> None:
-        """Take a worker, then the queue's next batch (as full as it got while the workers were busy), and pass it."""
-        free = asyncio.Semaphore(self.workers)
-        passes: set[asyncio.Task] = set()
-        try:
-            while True:
-                await free.acquire()
-                first = await self._queue.get()
-                if first is None:
-                    return
-                jobs, stop = await self._gather(first)
-                task = asyncio.get_running_loop().create_task(self._pass(jobs))
-                passes.add(task)
-                task.add_done_callback(lambda done: (passes.discard(done), free.release()))
-                if stop:
-                    return
-        finally:
-            if passes:
-                await asyncio.gather(*passes)
-
-    async def _pass(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
-        by_slot: dict[int, list[_Job]] = {}
-        for job in jobs:
-            by_slot.setdefault(id(job.slot), []).append(job)
-        for group in by_slot.values():
-            texts = [t for job in group for t in job.texts]
-            try:
-                labels, confidence = await loop.run_in_executor(self._executor, self._infer, group[0].slot, texts)
-            except Exception as exc:  # the model failed: those requests fail, the server goes on
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            jobs, stop = await self._gather(first)
+            by_slot: dict[int, list[_Job]] = {}
+            for job in jobs:
+                by_slot.setdefault(id(job.slot), []).append(job)
+            for group in by_slot.values():
+                texts = [t for job in group for t in job.texts]
+                try:
+                    labels, confidence = await loop.run_in_executor(self._executor, self._infer, group[0].slot, texts)
+                except Exception as exc:  # the model failed: those requests fail, the server goes on
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                start = 0
                 for job in group:
+                    end = start + len(job.texts)
                     if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            start = 0
-            for job in group:
-                end = start + len(job.texts)
-                if not job.future.done():
-                    job.future.set_result((labels[start:end], confidence[start:end]))
-                start = end
+                        job.future.set_result((labels[start:end], confidence[start:end]))
+                    start = end
+            if stop:
+                return

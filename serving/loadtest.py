@@ -180,7 +180,7 @@ def _load(url: str, texts: list[str], seconds: float, concurrency: int, per_requ
 
 def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size: int, threads: int,
                        concurrency: int, per_request: tuple[int, int], rounds: int = 3, seconds: float = 10.0,
-                       pipeline_texts: int = 1000, runtime: str = "onnx", workers: int = 1) -> tuple[dict, Load]:
+                       pipeline_texts: int = 1000, runtime: str = "onnx") -> tuple[dict, Load]:
     """Texts per second of the server (HTTP, under load) and of ``transformers.pipeline``, taking turns.
 
     The pipeline runs in this process on the same merged model with the same
@@ -188,7 +188,7 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
     different, with the server's (``threads``); the server is compared with
     the faster. Rounds alternate so that a busy machine slows all alike; each
     reports its median round. The server's own predictor (same runtime and
-    threads per pass, one pass at a time), called in-process, is timed beside them.
+    threads), called in-process, is timed beside them.
     """
     import torch
     from transformers import pipeline
@@ -228,8 +228,7 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
     median = {name: float(np.median(values)) for name, values in rates.items()}
     best_pipeline = max(median[name] for name in pipelines)
     return {"batch_size": batch_size, "rounds": rounds, "server_runtime": served.runtime,
-            "server_inference_workers": workers, "server_threads_per_pass": threads,
-            "torch_default_threads": default_threads,
+            "server_inference_threads": threads, "torch_default_threads": default_threads,
             **{f"{name}_texts_per_s": round(value, 1) for name, value in median.items()},
             "server_http_vs_best_pipeline": round(median["server_http"] / best_pipeline, 2),
             "predictor_vs_best_pipeline": round(median[predictor] / best_pipeline, 2),
@@ -246,7 +245,7 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
     from refit.store import open_store
     from registry import versions
     from registry.tracking import configure
-    from serving.app import inference_plan
+    from serving.app import inference_threads
 
     experiment_id = configure(settings)
     name = settings.model_name
@@ -295,10 +294,9 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
         if compare_rounds:
             progress(f"throughput: server under load vs transformers.pipeline, {compare_rounds} alternating rounds")
             comparison, extra = compare_throughput(url, versions.download_adapter(name, champion), texts,
-                                                   settings.serve_batch_size, inference_plan(settings)[1],
+                                                   settings.serve_batch_size, inference_threads(settings),
                                                    concurrency, per_request, rounds=compare_rounds,
-                                                   runtime=settings.serve_runtime,
-                                                   workers=inference_plan(settings)[0])
+                                                   runtime=settings.serve_runtime)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

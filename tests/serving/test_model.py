@@ -67,37 +67,3 @@ def test_unknown_runtime_is_refused(adapters):
 
     with pytest.raises(ValueError, match="runtime must be one of"):
         from_adapter(adapters.good, 1, runtime="tensorrt")
-
-
-def test_engine_with_two_workers_answers_each_request_with_its_own_predictions(both, adapters):
-    import asyncio
-    import threading
-
-    from serving.engine import Engine
-    from serving.rollout import Slot
-
-    onnx, _ = both
-    slot = Slot(onnx, None)
-    requests = [adapters.texts[i : i + 1 + i % 7] for i in range(0, 120, 3)]
-    threads: set[str] = set()
-    passes: list[int] = []
-
-    def on_pass(slot, n_texts, cpu_seconds):
-        threads.add(threading.current_thread().name)
-        passes.append(n_texts)
-        assert cpu_seconds >= 0
-
-    async def serve_all():
-        engine = Engine(batch_size=8, on_pass=on_pass, max_wait=0.0, workers=2)
-        engine.start()
-        answers = await asyncio.gather(*(engine.predict(slot, texts) for texts in requests))
-        await engine.stop()
-        return answers
-
-    answers = asyncio.run(serve_all())
-    for texts, (labels, confidence) in zip(requests, answers):
-        expected_labels, expected_confidence = onnx.predict(texts)
-        assert labels == expected_labels
-        assert np.allclose(confidence, expected_confidence, atol=1e-5)
-    assert sum(passes) == sum(len(t) for t in requests)  # every text in exactly one pass
-    assert len(threads) == 2  # both workers ran passes
