@@ -59,8 +59,9 @@ def open_context(settings: Settings | None = None) -> Context:
     return Context(settings, store, experiment_id, Rates(settings.cpu_usd_per_hour, settings.gpu_usd_per_hour))
 
 
-# The slot's lease: renewed every 45 s while the update runs, so a killed update frees it within a minute.
-LEASE_SECONDS = 60
+# The slot's lease: renewed every 90 s while the update runs (30 s to spare for a slow server), so a killed
+# update frees it within about 2 minutes.
+LEASE_SECONDS = 120
 
 
 @contextmanager

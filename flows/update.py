@@ -57,7 +57,8 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
                 rules: GatePolicy, work_tokens: float, estimate_usd: float, budget_left_usd: float) -> Attempt:
     """One rung of the ladder as a nested MLflow run: train, evaluate against the champion, gate."""
     name = ctx.model_name
-    tags = {RUN_TYPE: "update-attempt", "refit.model": name, "refit.recipe": recipe.name}
+    tags = {RUN_TYPE: "update-attempt", "refit.model": name, "refit.recipe": recipe.name,
+            "refit.flow_run_id": _flow_run_id()}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=f"attempt {index}: {recipe.name}",
                           nested=True, tags=tags) as attempt_run:
         mlflow.log_params(flat_params("recipe", recipe) | {"rows": len(frame)})
@@ -85,6 +86,27 @@ def _flow_run_name() -> str:
     return flow_run.name or "?"
 
 
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return flow_run.id or "none"
+
+
+def _flow_run_ended(flow_run_id: str) -> bool:
+    """Whether that flow run is over on this Prefect server; one it does not know is not ours to judge."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+        except (ObjectNotFound, ValueError):
+            return False
+    return state is not None and state.is_final()
+
+
 def ladder_markdown(attempts: list[Attempt]) -> str:
     rows = "".join(
         f"| {a.index} | {a.recipe.name} | {a.trained.cost.cpu_seconds:.1f} | {a.trained.cost.usd:.5f} | "
@@ -103,7 +125,7 @@ def update(window_start: str | None = None, window_end: str | None = None, label
     One update per model runs at a time (a Prefect global concurrency limit
     named after the model: event-started updates and hand-run hotfixes queue
     behind each other), and a window or file that already paid for a
-    fine-tune against this champion returns that run instead of a second one.
+    fine-tune returns that run instead of a second one.
 
     Args:
         window_start: start of the drifted traffic window whose delayed labels to learn from.
@@ -119,8 +141,11 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         settings = Settings()
     except Exception as exc:  # pydantic's ValidationError: one line
         return user_error(RefitError(f"invalid settings: {str(exc).splitlines()[0]}"))
-    with one_at_a_time(f"refit-update-{settings.model_name}"):
-        return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force)
+    try:
+        with one_at_a_time(f"refit-update-{settings.model_name}"):
+            return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force)
+    except RefitError as exc:  # the slot never came free
+        return user_error(exc)
 
 
 def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force) -> dict:
@@ -128,7 +153,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         ctx = open_context(settings)
         name = ctx.model_name
         if holds_update_slot():
-            closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_name()}")
+            closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_name()}",
+                                             _flow_run_ended)
             if closed:
                 get_run_logger().warning(f"closed {len(closed)} update run(s) left running by a killed update "
                                          f"(marked KILLED in MLflow): {', '.join(closed)}")
@@ -180,7 +206,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
               if any(r.start == start for r in policy.ladder)}  # tokenised once, priced per rung
     tags = {RUN_TYPE: "update", "refit.model": name, "refit.kind": kind, "refit.parent_version": str(champion),
             "refit.drift_run_id": drift_run_id or "none", "refit.data_source": source, "refit.reason": reason or kind,
-            "refit.trigger_key": trigger_key}
+            "refit.trigger_key": trigger_key, "refit.flow_run_id": _flow_run_id()}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=kind, tags=tags) as run:
         mlflow.log_params(flat_params("gate", rules) | {
             "ladder": " -> ".join(r.name for r in policy.ladder), "reason": reason or kind,

@@ -49,11 +49,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def guard(parent: int, every: float = 1.0) -> list[int]:
+def guard(parent: int, every: float = 1.0, on_first_look=lambda: None) -> list[int]:
     """Until ``parent`` exits, note its temporary API servers; then stop those still running. Returns them."""
     servers: set[int] = set()
+    looked = False
     while _alive(parent):
         servers |= {pid for pid in _children(parent) if MARKER in _cmdline(pid)}
+        if not looked:
+            looked = True
+            on_first_look()
         time.sleep(every)
     stopped = []
     for pid in servers:
@@ -72,4 +76,4 @@ def watch() -> subprocess.Popen | None:
 
 
 if __name__ == "__main__":
-    guard(int(sys.argv[1]))
+    guard(int(sys.argv[1]), on_first_look=lambda: print("watching", flush=True))

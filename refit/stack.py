@@ -339,8 +339,13 @@ def up(settings: Settings, ports: Ports = Ports(), pool: str = "refit", timeout:
 def _ensure_zombie_automation(client: dict[str, str], echo: Callable[[str], None]) -> None:
     """Create the automation that marks dead flow runs Crashed, unless the server has it already."""
     name = yaml.safe_load(ZOMBIE_AUTOMATION.read_text())["name"]
-    status_code, body = _http(f"{client['PREFECT_API_URL']}/automations/filter", data={}, timeout=30)
-    if status_code == 200 and any(a.get("name") == name for a in json.loads(body)):
+    try:
+        status_code, body = _http(f"{client['PREFECT_API_URL']}/automations/filter", data={}, timeout=30)
+    except (urllib.error.URLError, OSError) as exc:
+        raise RefitError(f"the Prefect server did not answer about automations: {exc}") from None
+    if status_code != 200:
+        raise RefitError(f"the Prefect server answered {status_code} when asked for its automations")
+    if any(a.get("name") == name for a in json.loads(body)):
         return
     proc = subprocess.run(_python_module("prefect", "--no-prompt", "automation", "create", "--from-file",
                                          str(ZOMBIE_AUTOMATION)),

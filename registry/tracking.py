@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,28 +175,35 @@ def finished_update(experiment_id: str, model_name: str, trigger_key: str):
     return runs[0] if runs else None
 
 
-def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str) -> list[str]:
-    """Mark update runs of ``model_name`` still RUNNING as KILLED; returns their run ids.
+def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str,
+                            flow_run_ended: Callable[[str], bool]) -> list[str]:
+    """Mark update runs of ``model_name`` left RUNNING by a flow run that is over as KILLED; returns their ids.
 
-    Only safe while holding the model's update slot (``flows.common.one_at_a_time``
-    on a Prefect server): then no other update of the model can be running,
-    so a RUNNING one is what a killed worker or a lost machine left behind.
-    It promoted nothing (promotion is its last step) and does not count as a
-    duplicate. Its training was never metered, so the budget is charged its
-    first rung's estimate (``update_cost_usd`` = ``estimate_cost_usd``): the
-    machine time was spent, whatever became of it.
+    A run whose flow run (tag ``refit.flow_run_id``) has ended, yet is still
+    RUNNING in MLflow, was stopped from outside: a killed worker, a lost
+    machine (the Prefect server marks such runs Crashed). ``flow_run_ended``
+    answers for the server the caller talks to; a run it does not know, or
+    one without the tag, is left alone. The abandoned update promoted
+    nothing (promotion is its last step) and does not count as a duplicate.
+    Its last attempt was never metered, so the budget is charged what the
+    finished attempts cost plus the first rung's estimate: the machine time
+    was spent, whatever became of it.
     """
     client = MlflowClient()
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`refit.model` = '{model_name}' and attributes.status = 'RUNNING'", max_results=500,
     )
-    runs = [run for run in runs if run.data.tags.get(RUN_TYPE) in ("update", "update-attempt")]
+    runs = [run for run in runs if run.data.tags.get(RUN_TYPE) in ("update", "update-attempt")
+            and run.data.tags.get("refit.flow_run_id") and flow_run_ended(run.data.tags["refit.flow_run_id"])]
     for run in runs:
         client.set_tag(run.info.run_id, "refit.abandoned",
                        f"left running by an update that stopped without finishing (killed); closed by {found_by}")
         metrics = run.data.metrics
         if run.data.tags.get(RUN_TYPE) == "update" and "update_cost_usd" not in metrics:
-            client.log_metric(run.info.run_id, "update_cost_usd", metrics.get("estimate_cost_usd", 0.0))
+            finished = client.search_runs(
+                [experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'FINISHED'")
+            spent = sum(attempt.data.metrics.get("update_cost_usd", 0.0) for attempt in finished)
+            client.log_metric(run.info.run_id, "update_cost_usd", spent + metrics.get("estimate_cost_usd", 0.0))
         client.set_terminated(run.info.run_id, status="KILLED")
     return [run.info.run_id for run in runs]

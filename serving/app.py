@@ -67,7 +67,7 @@ class Server:
 
         self._tokenizer = self._tokenizer or modeling.load_tokenizer()
         return load_version(self.model_name, version, self.settings.serve_batch_size, self._tokenizer,
-                            self.settings.serve_runtime, inference_threads(self.settings))
+                            self.settings.serve_runtime, inference_threads(self.settings, "onnx"))
 
     async def reload(self) -> dict:
         """Serve the version behind the champion alias, if it is not the one served already."""
@@ -197,7 +197,7 @@ class Server:
         from registry.tracking import configure
 
         self._threads_before = torch.get_num_threads()  # restored on stop: tests run servers in-process
-        torch.set_num_threads(inference_threads(self.settings))
+        torch.set_num_threads(inference_threads(self.settings, "torch"))  # torch answers on a failed export too
 
         self.experiment_id = await asyncio.to_thread(configure, self.settings)
         self.request_log.start()
@@ -230,18 +230,19 @@ class Server:
                  self.request_log.parts_written)
 
 
-def inference_threads(settings: Settings) -> int:
-    """Threads for the forward pass (``REFIT_SERVE_TORCH_THREADS`` overrides).
+def inference_threads(settings: Settings, runtime: str | None = None) -> int:
+    """Threads for the forward pass on ``runtime`` (the configured one by default).
 
     ONNX Runtime: every core. Its pass is one call that leaves Python's lock
     to the event loop, and its idle threads sleep rather than spin.
     torch: one core is left to HTTP, JSON and the request log, since its
     eager pass takes the lock back between operations and its threads spin;
     on a busy machine every core in the pass halved throughput (measured in
-    ``refit bench serve``).
+    ``refit bench serve``). ``REFIT_SERVE_TORCH_THREADS`` overrides both.
     """
     cores = os.cpu_count() or 2
-    return settings.serve_torch_threads or (cores if settings.serve_runtime == "onnx" else max(1, cores - 1))
+    runtime = runtime or settings.serve_runtime
+    return settings.serve_torch_threads or (cores if runtime == "onnx" else max(1, cores - 1))
 
 
 def create_app(settings: Settings | None = None, store: ObjectStore | None = None,

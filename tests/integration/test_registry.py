@@ -156,19 +156,32 @@ def test_runs_a_killed_update_left_running_are_closed_and_charged_their_estimate
         return created.info.run_id
 
     update = {tracking.RUN_TYPE: "update", "refit.model": MODEL}
-    killed = run(update, {"estimate_cost_usd": 0.002}, finished=False)
-    killed_attempt = run({tracking.RUN_TYPE: "update-attempt", "refit.model": MODEL}, {}, finished=False)
-    done = run(update, {"estimate_cost_usd": 0.002, "update_cost_usd": 0.003}, finished=True)
-    other_model = run(update | {"refit.model": "some-other-model"}, {"estimate_cost_usd": 1.0}, finished=False)
-    monitor = run({tracking.RUN_TYPE: "drift-check", "refit.model": MODEL}, {}, finished=False)
+    attempt = {tracking.RUN_TYPE: "update-attempt", "refit.model": MODEL}
+    killed = run(update | {"refit.flow_run_id": "crashed-1"}, {"estimate_cost_usd": 0.002}, finished=False)
+    finished_attempt = run(attempt | {"refit.flow_run_id": "crashed-1", "mlflow.parentRunId": killed},
+                           {"update_cost_usd": 0.001}, finished=True)
+    killed_attempt = run(attempt | {"refit.flow_run_id": "crashed-1", "mlflow.parentRunId": killed}, {},
+                         finished=False)
+    live = run(update | {"refit.flow_run_id": "running-2"}, {"estimate_cost_usd": 0.5}, finished=False)
+    untagged = run(update, {"estimate_cost_usd": 0.5}, finished=False)  # an embedded run, say
+    done = run(update | {"refit.flow_run_id": "completed-3"}, {"estimate_cost_usd": 0.002, "update_cost_usd": 0.003},
+               finished=True)
+    other_model = run(update | {"refit.model": "other", "refit.flow_run_id": "crashed-4"}, {}, finished=False)
+    monitor = run({tracking.RUN_TYPE: "drift-check", "refit.model": MODEL, "refit.flow_run_id": "crashed-5"}, {},
+                  finished=False)
 
-    closed = tracking.close_abandoned_updates(experiment_id, MODEL, "flow run test")
+    def ended(flow_run_id: str) -> bool:  # what the Prefect server would answer
+        return not flow_run_id.startswith("running")
+
+    closed = tracking.close_abandoned_updates(experiment_id, MODEL, "flow run test", ended)
     assert sorted(closed) == sorted([killed, killed_attempt])
     for run_id in closed:
         got = client.get_run(run_id)
         assert got.info.status == "KILLED" and "closed by flow run test" in got.data.tags["refit.abandoned"]
-    assert client.get_run(killed).data.metrics["update_cost_usd"] == 0.002
+    # Charged what its finished attempt cost plus the estimate for the attempt cut short.
+    assert client.get_run(killed).data.metrics["update_cost_usd"] == pytest.approx(0.003)
     assert "update_cost_usd" not in client.get_run(killed_attempt).data.metrics
-    assert [client.get_run(r).info.status for r in (done, other_model, monitor)] == ["FINISHED", "RUNNING", "RUNNING"]
-    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.005)
-    assert tracking.close_abandoned_updates(experiment_id, MODEL, "again") == []
+    statuses = [client.get_run(r).info.status for r in (finished_attempt, live, untagged, done, other_model, monitor)]
+    assert statuses == ["FINISHED", "RUNNING", "RUNNING", "FINISHED", "RUNNING", "RUNNING"]
+    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.006)
+    assert tracking.close_abandoned_updates(experiment_id, MODEL, "again", ended) == []

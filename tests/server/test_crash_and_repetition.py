@@ -114,9 +114,9 @@ def test_worker_killed_mid_update_leaves_the_registry_consistent(stack, deployed
     runs = _update_runs(client, experiment_id, window)
     killed_runs = [r for r in runs if r.info.status == "KILLED"]
     assert len(killed_runs) == 1 and "killed" in killed_runs[0].data.tags["refit.abandoned"]
-    # Its training was never metered: the month's budget is charged its estimate.
+    # Its training was never metered: the month's budget is charged at least its estimate.
     charged = killed_runs[0].data.metrics
-    assert charged["update_cost_usd"] == charged["estimate_cost_usd"] > 0
+    assert charged["update_cost_usd"] >= charged["estimate_cost_usd"] > 0
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len(finished) == 1 and finished[0].data.metrics["attempts"] >= 1
     attempts = client.search_runs([experiment_id], "tags.`refit.run_type` = 'update-attempt' "

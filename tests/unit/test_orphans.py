@@ -37,9 +37,10 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 def test_the_temporary_api_of_a_killed_command_is_stopped_and_nothing_else():
     command = subprocess.Popen([sys.executable, "-c", COMMAND], stdout=subprocess.PIPE, text=True)
     server, other = (int(pid) for pid in command.stdout.readline().split())
-    guard = subprocess.Popen([sys.executable, "-m", "refit.orphans", str(command.pid)])
+    guard = subprocess.Popen([sys.executable, "-m", "refit.orphans", str(command.pid)], stdout=subprocess.PIPE,
+                             text=True)
     try:
-        time.sleep(2)  # the guard notes the server
+        assert guard.stdout.readline().strip() == "watching"  # it has seen the server
         assert _alive(server) and _alive(other)
         command.kill()
         command.wait()
