@@ -20,48 +20,24 @@ import sys
 import time
 from pathlib import Path
 
+from refit import procs
+
 MARKER = "prefect.server.api.server:create_app"  # the temporary API's command line
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def guard(parent: int, every: float = 1.0, on_first_look=lambda: None) -> list[int]:
     """Until ``parent`` exits, note its temporary API servers; then stop those still running. Returns them."""
     servers: set[int] = set()
     looked = False
-    while _alive(parent):
-        servers |= {pid for pid in _children(parent) if MARKER in _cmdline(pid)}
+    while procs.alive(parent):
+        servers |= {pid for pid in procs.descendants(parent) if MARKER in procs.cmdline(pid)}
         if not looked:
             looked = True
             on_first_look()
         time.sleep(every)
     stopped = []
     for pid in servers:
-        if _alive(pid) and MARKER in _cmdline(pid):  # the same process, not a recycled pid
+        if procs.alive(pid) and MARKER in procs.cmdline(pid):  # the same process, not a recycled pid
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)
     return stopped

@@ -39,6 +39,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from refit import procs
 from refit.errors import RefitError
 from refit.settings import OFFLINE_ENV, PROJECT_ROOT, Settings
 
@@ -131,54 +132,16 @@ def _pid_file(settings: Settings, name: str) -> Path:
     return stack_dir(settings) / f"{name}.pid"
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def running_pid(settings: Settings, service: Service) -> int | None:
     """The pid in the service's pid file, if that process is alive and is the service."""
     try:
         pid = int(_pid_file(settings, service.name).read_text().strip())
     except (OSError, ValueError):
         return None
-    line = _cmdline(pid)
+    line = procs.cmdline(pid)
     if not line or service.marker not in line:
         return None
     return pid
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``: flow runs may sit in a session of their own, out of the group's reach."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is dead for our purposes
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _signal_all(pids: list[int], group: int, sig: int) -> None:
@@ -195,12 +158,12 @@ def _signal_all(pids: list[int], group: int, sig: int) -> None:
 
 def stop_process(pid: int, grace: float = 15.0) -> None:
     """SIGTERM the process group and every descendant, then SIGKILL what is left after ``grace`` seconds."""
-    pids = [pid, *_descendants(pid)]
+    pids = [pid, *procs.descendants(pid)]
     _signal_all(pids, pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(procs.alive(p) for p in pids):
         time.sleep(0.2)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if procs.alive(p)]
     if left:
         _signal_all(left, pid, signal.SIGKILL)
     try:  # reap it if it is our child (a test starts and stops in one process)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from refit import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = Path(__file__).with_name("clinc-shift-tiny.yaml")
 REFIT = [sys.executable, "-m", "refit.cli"]
@@ -43,14 +45,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass
@@ -161,7 +155,7 @@ def stop(home: Path, env: dict[str, str]) -> None:
     down = subprocess.run(REFIT + ["stack", "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     _stack = None
     assert down.returncode == 0, down.stderr
-    left = [pid for pid in pids if alive(pid)]
+    left = [pid for pid in pids if procs.alive(pid)]
     assert not left, f"stack processes still alive after `refit stack down`: {left}"
 
 
@@ -268,9 +262,7 @@ def kill_tree(pid: int) -> list[int]:
     """SIGKILL a process, its process group and every descendant, as a lost machine would stop them."""
     import signal
 
-    from refit.stack import _descendants
-
-    pids = [pid, *_descendants(pid)]
+    pids = [pid, *procs.descendants(pid)]
     for p in pids:  # stop each first, so nothing forks while the rest are killed
         try:
             os.kill(p, signal.SIGSTOP)

@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 
-from refit.orphans import MARKER, _alive
+from refit.orphans import MARKER
+from refit.procs import alive
 
 COMMAND = f"""
 import subprocess, sys, time
@@ -28,7 +29,7 @@ time.sleep(120)
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return True
         time.sleep(0.1)
     return False
@@ -41,15 +42,15 @@ def test_the_temporary_api_of_a_killed_command_is_stopped_and_nothing_else():
                              text=True)
     try:
         assert guard.stdout.readline().strip() == "watching"  # it has seen the server
-        assert _alive(server) and _alive(other)
+        assert alive(server) and alive(other)
         command.kill()
         command.wait()
         assert _wait_gone(server, 10), "the temporary API outlived its command"
         assert guard.wait(timeout=10) == 0
-        assert _alive(other)  # only the API is the guard's business
+        assert alive(other)  # only the API is the guard's business
     finally:
         for pid in (server, other):
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         guard.kill()
 
