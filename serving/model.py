@@ -66,21 +66,16 @@ class ServedModel:
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """Softmax over the labels for one batch, padded to its longest text."""
-        if self.session is None:
-            return _torch_probabilities(self.model, self.tokenizer, texts)
         features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=modeling.MAX_LENGTH,
                                   return_tensors="np")
-        feed = {i.name: features[i.name].astype(np.int64) for i in self.session.get_inputs()}
-        logits = self.session.run(["logits"], feed)[0]
+        if self.session is None:
+            with torch.inference_mode():
+                logits = self.model(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.numpy()
+        else:
+            logits = self.session.run(["logits"], {i.name: features[i.name].astype(np.int64)
+                                                   for i in self.session.get_inputs()})[0]
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-@torch.inference_mode()
-def _torch_probabilities(model: torch.nn.Module, tokenizer, texts: Sequence[str]) -> np.ndarray:
-    features = tokenizer(list(texts), padding=True, truncation=True, max_length=modeling.MAX_LENGTH,
-                         return_tensors="pt")
-    return torch.softmax(model(**features).logits, dim=-1).numpy()
 
 
 def merged(adapter_dir: Path) -> torch.nn.Module:
