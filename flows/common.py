@@ -82,7 +82,7 @@ def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
 
-    if not holds_update_slot():
+    if not on_prefect_server():
         yield
         return
     with get_client(sync_client=True) as client:
@@ -107,8 +107,8 @@ def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
             f"prefect gcl update {name} --active-slots 0") from None
 
 
-def holds_update_slot() -> bool:
-    """Whether ``one_at_a_time`` takes the per-model slot here: only on a Prefect server."""
+def on_prefect_server() -> bool:
+    """Whether flows talk to a Prefect server (``PREFECT_API_URL``), not a temporary API of their own."""
     from prefect.settings import get_current_settings
 
     return bool(get_current_settings().api.url)

@@ -18,7 +18,7 @@ from prefect.logging import get_run_logger
 from prefect.transactions import transaction
 
 from flows.bootstrap import read_evaluation_sets
-from flows.common import holds_update_slot, one_at_a_time, open_context, parse_time, user_error
+from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, user_error
 from refit import modeling
 from refit.data import fingerprint, text_hashes
 from refit.errors import RefitError
@@ -78,12 +78,6 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
     get_run_logger().info(f"attempt {index} ({recipe.name}): {trained.cost.cpu_seconds:.1f} CPU-s, "
                           f"${trained.cost.usd:.5f}: {verdict.summary}")
     return Attempt(index, recipe, estimate_usd, attempt_run.info.run_id, trained, before, after, verdict)
-
-
-def _flow_run_name() -> str:
-    from prefect.runtime import flow_run
-
-    return flow_run.name or "?"
 
 
 def _flow_run_id() -> str:
@@ -152,8 +146,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
     try:
         ctx = open_context(settings)
         name = ctx.model_name
-        if holds_update_slot():
-            closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_name()}",
+        if on_prefect_server():
+            closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_id()}",
                                              _flow_run_ended)
             if closed:
                 get_run_logger().warning(f"closed {len(closed)} update run(s) left running by a killed update "

@@ -8,6 +8,8 @@ to the requests they belong to.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -86,15 +88,16 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
     return joined[["text", "label"]].reset_index(drop=True)
 
 
-def fetch_labelled_file(uri: str, settings) -> Path:
+@contextmanager
+def fetched_labelled_file(uri: str, settings) -> Iterator[Path]:
     """A local path for ``uri``: a path, ``file://...``, or ``s3://bucket/key`` (fetched with boto3).
 
     An ``s3://`` object is read through the configured endpoint (MinIO, moto
     or AWS) into a temporary file with the same suffix, so the loader can tell
-    CSV from Parquet from JSON.
+    CSV from Parquet from JSON; the copy is deleted when the block ends.
     """
+    import shutil
     import tempfile
-    from pathlib import Path
     from urllib.parse import unquote, urlparse
 
     from refit.store import S3Store
@@ -108,30 +111,28 @@ def fetch_labelled_file(uri: str, settings) -> Path:
             raise RefitError(f"hotfix file {uri} does not exist") from None
         except Exception as exc:  # botocore: no such bucket, no credentials, endpoint down
             raise RefitError(f"hotfix file {uri} could not be read: {exc}") from None
-        local = Path(tempfile.mkdtemp(prefix="refit-hotfix-")) / Path(parsed.path).name
-        local.write_bytes(data)
-        return local
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme and len(parsed.scheme) > 1:
+        directory = Path(tempfile.mkdtemp(prefix="refit-hotfix-"))
+        try:
+            local = directory / Path(parsed.path).name
+            local.write_bytes(data)
+            yield local
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    elif parsed.scheme == "file":
+        yield Path(unquote(parsed.path))
+    elif parsed.scheme and len(parsed.scheme) > 1:
         raise RefitError(f"hotfix file {uri}: only local paths, file:// and s3:// URIs are read")
-    return Path(uri)
+    else:
+        yield Path(uri)
 
 
 def read_labelled_file(path: str, known_labels: list[str], settings=None) -> pd.DataFrame:
     """A hand-supplied labelled file (the hotfix path): text and label columns; a path or a URI."""
-    import shutil
-    from urllib.parse import urlparse
-
     from refit.data import load_table
     from refit.settings import Settings
 
-    local = fetch_labelled_file(path, settings or Settings())
-    try:
+    with fetched_labelled_file(path, settings or Settings()) as local:
         frame = load_table(local)[["text", "label"]]
-    finally:
-        if urlparse(path).scheme == "s3":  # the fetched copy in its own temporary directory
-            shutil.rmtree(local.parent, ignore_errors=True)
     if frame.empty:
         raise RefitError(f"hotfix file {path} has no rows")
     unknown = sorted(set(frame["label"]) - set(known_labels))
