@@ -86,24 +86,33 @@ class LocalStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def put_bytes(self, key: str, data: bytes) -> str:
-        path = self._path(key)
+    def _staged(self, path: Path, data: bytes) -> Path:
+        """``data`` written whole to a hidden file beside ``path`` (``list`` skips ``.tmp-`` names)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        staged = self._staged(path, data)
+        try:
+            os.replace(staged, path)  # readers see the old object or the new one, never half of one
+        except BaseException:
+            staged.unlink(missing_ok=True)
             raise
         return path.as_uri()
 
     def get_bytes(self, key: str) -> bytes:
-        path = self._path(key)
-        if not path.is_file():
-            raise KeyError(key)
-        return path.read_bytes()
+        try:  # one read, no check first: the object may be deleted in between (a released lock)
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise KeyError(key) from None
 
     def list(self, prefix: str = "") -> list[str]:
         if prefix.startswith("/") or ".." in prefix.split("/"):
@@ -124,14 +133,16 @@ class LocalStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
     def create(self, key: str, data: bytes) -> bool:
+        """Staged whole, then hard-linked into place, which fails if the key exists: no reader ever sees the
+        object created but still empty (as between an ``O_EXCL`` open and its write)."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self._staged(path, data)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(staged, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        finally:
+            staged.unlink()
         return True
 
     def uri(self, key: str = "") -> str:

@@ -10,7 +10,7 @@ import pytest
 from refit import requestlog
 from refit.errors import RefitError
 from refit.settings import Settings
-from refit.store import open_store
+from refit.store import LocalStore, open_store
 
 KEYS = ["a/b", "a/b/x.txt", "a/b/y/z.txt", "a/bc/w.txt", "a/c.txt", "top.txt"]
 
@@ -259,6 +259,42 @@ def test_create_writes_only_if_absent(store):
     assert store.get_bytes("locks/a.lock") == b"first"
     store.delete("locks/a.lock")
     assert store.create("locks/a.lock", b"third") and store.get_bytes("locks/a.lock") == b"third"
+
+
+def test_create_is_never_seen_half_written_and_a_deleted_key_reads_as_missing(store):
+    """A lock is read while others create and delete it: a reader sees all of it, or KeyError, nothing else.
+
+    On the local store an O_EXCL open followed by a write let readers see an
+    empty lock (the promotion-lock test failed on it once in CI), and a read
+    racing a delete raised FileNotFoundError instead of KeyError.
+    """
+    import threading
+
+    stop, partial, errors, reads = threading.Event(), [], [], []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                data = store.get_bytes("locks/race.lock")
+            except KeyError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - any other error is the finding
+                errors.append(repr(exc))
+                return
+            reads.append(len(data))
+            if len(data) != 4096:
+                partial.append(len(data))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(2000 if isinstance(store, LocalStore) else 30):
+            assert store.create("locks/race.lock", b"x" * 4096)
+            store.delete("locks/race.lock")
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and partial == [], (errors, partial, len(reads))
 
 
 def test_promotion_lock_admits_one_holder_at_a_time(store):
