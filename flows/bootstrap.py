@@ -12,6 +12,7 @@ from flows.common import open_context, user_error
 from refit import modeling
 from refit.data import fingerprint
 from refit.errors import RefitError
+from refit.evalsets import write_golden
 from refit.settings import Settings
 from refit.policy import file_hash
 from refit.scenario import build, load_scenario, load_source
@@ -21,29 +22,13 @@ from tasks.deploy import promote, write_reference
 from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune, load_update_policy
 
-EVAL_PREFIX = "evaluation/model={model}/"
-
-
-def write_evaluation_sets(ctx, golden, shifted) -> dict[str, str]:
-    prefix = EVAL_PREFIX.format(model=ctx.model_name)
-    return {"golden": ctx.store.put_parquet(prefix + "golden.parquet", golden),
-            "shifted": ctx.store.put_parquet(prefix + "shifted.parquet", shifted)}
-
-
-def read_evaluation_sets(ctx) -> dict:
-    prefix = EVAL_PREFIX.format(model=ctx.model_name)
-    try:
-        return {name: ctx.store.get_parquet(f"{prefix}{name}.parquet") for name in ("golden", "shifted")}
-    except KeyError as exc:
-        raise RefitError(f"no evaluation sets under {ctx.store.uri(prefix)}: run bootstrap first") from exc
-
-
 @flow(name="bootstrap")
 def bootstrap(scenario: str | None = None) -> dict:
     """Train the first champion on the scenario's reference data.
 
     Registers it in MLflow with alias ``champion`` and writes the reference
-    snapshot and the evaluation sets to the object store.
+    snapshot and a new version of the golden suite (the scenario's held-out
+    test rows of the groups v1 knows) to the object store.
     """
     try:
         settings = Settings()
@@ -61,22 +46,22 @@ def bootstrap(scenario: str | None = None) -> dict:
                                                                     "labels": len(data.labels)})
         log_policy(policy_path)
         log_policy(spec_path, "scenario")
-        eval_uris = write_evaluation_sets(ctx, data.golden, data.shifted_eval)
+        golden = write_golden(ctx.store, name, data.golden)
         trained = fine_tune(data.train, policy.bootstrap, ctx.rates, labels=data.labels, seed=ctx.settings.seed)
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
-        evaluation = evaluate(trained.adapter_dir, {"golden": data.golden, "shifted": data.shifted_eval}, ctx.rates)
+        evaluation = evaluate(trained.adapter_dir, {"golden": golden.frame}, ctx.rates)
         mlflow.log_metrics(trained.cost.metrics() | evaluation.metrics("champion"))
         version = versions.register(name, run.info.run_id, {
             "refit.parent_version": "none",
             "refit.train_data_fingerprint": fingerprint(data.train),
-            "refit.eval_uris": str(eval_uris),
+            **golden.tags(),
             "refit.code_revision": code_revision(),
             "refit.base_model_sha256": modeling.base_model_hash(),
             "refit.policy_hash": file_hash(policy_path),
             "refit.gate_verdict": "bootstrap (no gate)",
             "refit.update_cost_usd": trained.cost.usd,
             "refit.golden_accuracy": round(evaluation.slices["golden"].accuracy, 4),
-            "refit.shifted_accuracy": round(evaluation.slices["shifted"].accuracy, 4),
+            "refit.labels": str(len(data.labels)),
         })
         model = modeling.load_model(trained.adapter_dir)
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(),
@@ -84,8 +69,8 @@ def bootstrap(scenario: str | None = None) -> dict:
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         promote(name, version, versions.alias_version(name, versions.CHAMPION))
         result = {"version": version, "run_id": run.info.run_id, "reference_uri": reference_uri,
-                  "golden_accuracy": evaluation.slices["golden"].accuracy,
-                  "shifted_accuracy": evaluation.slices["shifted"].accuracy,
+                  "golden_accuracy": evaluation.slices["golden"].accuracy, "golden_rows": golden.rows,
+                  "golden_version": golden.version, "labels": len(data.labels),
                   "train_cpu_seconds": trained.cost.cpu_seconds, "train_cost_usd": trained.cost.usd}
         log_json(result, "bootstrap.json")
     shutil.rmtree(trained.adapter_dir, ignore_errors=True)  # in MLflow now; the local copy is scratch

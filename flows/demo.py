@@ -1,9 +1,16 @@
-"""demo: the whole loop on the default scenario, start to finish.
+"""demo: the whole loop on a scenario, start to finish, shift after shift.
 
-bootstrap → a no-drift window (monitor: nothing to do) → a shifted window
-(monitor: drift, update, promotion) → a hand-run hotfix with poisoned labels
-(the gate refuses it and the champion stays). On a Prefect server the update
-starts from the drift event; here the demo starts it when the monitor says so.
+bootstrap → a no-drift window (monitor: nothing to do) → for each shift of
+the scenario, a window of its traffic (monitor: drift, update, promotion) →
+a hand-run hotfix with poisoned labels (the gate refuses it and the champion
+stays). On a Prefect server the update starts from the drift event; here the
+demo starts it when the monitor says so.
+
+The scenario also scores champion and challenger on each shift's test texts
+(``external`` accuracy) for the report; nothing it knows feeds a decision.
+A second run in the same home starts the story again: the demo's model's
+simulated traffic, labels, references and golden suite are deleted first;
+MLflow keeps every earlier run and version.
 """
 
 from __future__ import annotations
@@ -20,11 +27,17 @@ from flows.common import open_context, user_error
 from flows.monitor import monitor
 from flows.update import update
 from refit import modeling
+from refit.demo_report import ShiftOutcome, summarize
 from refit.errors import RefitError
+from refit.evalsets import read_golden
+from refit.requestlog import delete_model_data
 from refit.settings import Settings
 from refit.scenario import build, load_scenario, load_source, poison
 from registry import versions
+from tasks.evaluate import accuracy_on
 from tasks.ingest import replay_traffic
+
+WINDOW = timedelta(minutes=10)
 
 
 class Stages:
@@ -62,54 +75,71 @@ def demo(scenario: str | None = None) -> dict:
         return user_error(exc)
     stages = Stages()
     name = ctx.model_name
+    externals = {shift.name: shift.external for shift in data.shifts}
     try:
+        stages.run("forget-earlier-demo", delete_model_data, ctx.store, name)
         boot = _subflow(stages, "bootstrap", bootstrap, scenario=scenario)
         v1 = boot["version"]
-        model = modeling.load_model(versions.download_adapter(name, v1))
+        golden_v1 = read_golden(ctx.store, name).frame
         tokenizer = modeling.load_tokenizer()
 
         now = datetime.now(timezone.utc).replace(microsecond=0)
-        quiet_start, shift_start = now - timedelta(minutes=20), now - timedelta(minutes=10)
-        stages.run("replay-no-drift", replay_traffic, ctx.store, name, model, tokenizer, v1,
-                   data.no_drift_window, quiet_start, shift_start, seed=spec.seed)
-        quiet = _subflow(stages, "monitor-no-drift", monitor, window_end=shift_start.isoformat(),
-                         window_hours=(shift_start - quiet_start).total_seconds() / 3600)
+        start = now - WINDOW * (len(data.shifts) + 1)
+        stages.run("replay-no-drift", replay_traffic, ctx.store, name, _model(name, v1), tokenizer, v1,
+                   data.no_drift_window, start, start + WINDOW, seed=spec.seed)
+        quiet = _subflow(stages, "monitor-no-drift", monitor, window_end=(start + WINDOW).isoformat(),
+                         window_hours=WINDOW.total_seconds() / 3600)
 
-        stages.run("replay-shift", replay_traffic, ctx.store, name, model, tokenizer, v1, data.shifted_window,
-                   shift_start, now, labelled_share=spec.windows.labelled_share, seed=spec.seed + 1)
-        drifted = _subflow(stages, "monitor-shift", monitor, window_end=now.isoformat(),
-                           window_hours=(now - shift_start).total_seconds() / 3600)
-        if drifted["action"] != "update":
-            raise RefitError(f"the shifted window did not start an update (action: {drifted['action']})")
-        updated = _subflow(stages, "update", update, window_start=shift_start.isoformat(),
-                           window_end=now.isoformat(), drift_run_id=drifted["drift_run_id"])
+        outcomes: list[ShiftOutcome] = []
+        for k, shift in enumerate(data.shifts, start=1):
+            begin, end = start + WINDOW * k, start + WINDOW * (k + 1)
+            champion = versions.alias_version(name, versions.CHAMPION)
+            stages.run(f"replay-{shift.name}", replay_traffic, ctx.store, name, _model(name, champion), tokenizer,
+                       champion, shift.window, begin, end, labelled_share=shift.labelled_share, seed=spec.seed + k)
+            drifted = _subflow(stages, f"monitor-{shift.name}", monitor, window_end=end.isoformat(),
+                               window_hours=WINDOW.total_seconds() / 3600)
+            updated = None
+            if drifted["action"] == "update":
+                updated = _subflow(stages, f"update-{shift.name}", update, window_start=begin.isoformat(),
+                                   window_end=end.isoformat(), drift_run_id=drifted["drift_run_id"])
+            outcomes.append(stages.run(f"score-{shift.name}", _outcome, name, shift.name, shift.external, champion,
+                                       drifted, updated))
 
+        final = versions.alias_version(name, versions.CHAMPION)
         hotfix_file = ctx.settings.home_dir / "demo" / "hotfix-poisoned.csv"
         hotfix_file.parent.mkdir(parents=True, exist_ok=True)
-        poison(data.hotfix, data.labels, spec.seed)[["text", "label"]].to_csv(hotfix_file, index=False)
-        hotfix = _subflow(stages, "hotfix-poisoned", update, labels_path=str(hotfix_file))
+        final_labels = modeling.read_labels(versions.download_adapter(name, final))
+        poison(data.hotfix, final_labels, spec.seed)[["text", "label"]].to_csv(hotfix_file, index=False)
+        # force: the poisoned file is the same on every run, and an earlier run's refusal must not answer for this one
+        hotfix = _subflow(stages, "hotfix-poisoned", update, labels_path=str(hotfix_file), force=True)
+
+        champion_after = versions.alias_version(name, versions.CHAMPION)
+        ends = stages.run("score-final", _final_scores, name, v1, champion_after, golden_v1, externals)
     except RefitError as exc:
         return user_error(exc)
 
-    summary = {
-        "champion_before": v1,
-        "champion_after": versions.alias_version(name, versions.CHAMPION),
-        "no_drift_window_triggered": quiet["action"] != "none",
-        "drift_detected_on_shift": bool(drifted["drift_detected"]),
-        "shifted_accuracy_before": round(updated["shifted_accuracy_before"], 4),
-        "shifted_accuracy_after": round(updated["shifted_accuracy_after"], 4),
-        "golden_accuracy_before": round(updated["golden_accuracy_before"], 4),
-        "golden_accuracy_after": round(updated["golden_accuracy_after"], 4),
-        "update_promoted": updated["promoted"],
-        "update_verdict": updated["verdict"],
-        "poisoned_hotfix_promoted": hotfix["promoted"],
-        "poisoned_hotfix_verdict": hotfix["verdict"],
-        "update_attempts": [a["recipe"] for a in updated.get("attempts", [])],
-        "update_cpu_seconds": updated["cpu_seconds"],
-        "update_cost_usd": updated["cost_usd"],
-        "mlflow_tracking_uri": ctx.settings.tracking_uri,
-        "store_uri": ctx.store.uri(),
-        "stage_seconds": stages.seconds,
-    }
+    summary = summarize(v1=v1, champion_after=champion_after, quiet=quiet, shifts=outcomes, hotfix=hotfix,
+                        golden_before=ends["golden_before"], golden_after=ends["golden_after"],
+                        external_final=ends["external_final"], tracking_uri=ctx.settings.tracking_uri,
+                        store_uri=ctx.store.uri(), stage_seconds=stages.seconds)
     get_run_logger().info("demo summary: %s", summary)
     return summary
+
+
+def _model(name: str, version: int):
+    return modeling.load_model(versions.download_adapter(name, version))
+
+
+def _outcome(name: str, shift: str, external, champion: int, drifted: dict, updated: dict | None) -> ShiftOutcome:
+    """What one shift did, with champion and challenger scored on the shift's test texts for the report."""
+    before = accuracy_on(versions.download_adapter(name, champion), {shift: external})[shift]
+    challenger = updated.get("version") if updated else None
+    after = (accuracy_on(versions.download_adapter(name, challenger), {shift: external})[shift]
+             if challenger is not None else before)
+    return ShiftOutcome(shift, drifted, updated, before, after)
+
+
+def _final_scores(name: str, v1: int, final: int, golden_v1, externals: dict) -> dict:
+    first = accuracy_on(versions.download_adapter(name, v1), {"golden": golden_v1})
+    last = accuracy_on(versions.download_adapter(name, final), {"golden": golden_v1, **externals})
+    return {"golden_before": first["golden"], "golden_after": last.pop("golden"), "external_final": last}

@@ -1,14 +1,21 @@
 """update: train a challenger warm-started from the champion, gate it, ship it.
 
 Triggered by the ``refit.drift.detected`` event (labels of the drifted
-window) or run by hand with a labelled file: the hotfix path.
+window) or run by hand with a labelled file: the hotfix path. Either way the
+new labelled rows are split into training rows and a fresh holdout: the gate
+judges the improvement on the fresh holdout (the drift that happened) and
+non-regression on the golden suite, which the fresh holdout joins when the
+update is promoted. Labels the champion does not know grow its head once
+enough rows of them arrived.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -17,10 +24,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.transactions import transaction
 
-from flows.bootstrap import read_evaluation_sets
 from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, user_error
 from refit import modeling
-from refit.data import fingerprint, text_hashes
+from refit.data import fingerprint
+from refit.evalsets import read_golden
 from refit.errors import RefitError
 from refit.policy import file_hash
 from refit.settings import Settings
@@ -28,12 +35,12 @@ from registry import versions
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
                                log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token,
                                month_spend)
-from tasks.deploy import promote, read_reference, register_version, write_reference
-from tasks.evaluate import Evaluation, evaluate_pair
-from tasks.finetune import (Recipe, Trained, assemble, count_tokens, escalates, fine_tune, full_retrain_frame,
-                            load_update_policy)
+from tasks.deploy import promote, read_reference, register_version, update_version_tags, write_reference
+from tasks.evaluate import Evaluation, evaluate_pair, grow_golden
+from tasks.finetune import (Recipe, Trained, UpdateData, count_tokens, escalates, fine_tune, full_retrain_frame,
+                            load_update_policy, prepare_update)
 from tasks.gate import GatePolicy, Verdict, gate, load_gate_policy
-from tasks.ingest import labelled_window, read_labelled_file
+from tasks.ingest import admit_new_labels, labelled_window, read_labelled_file
 
 
 def _month_start_ms() -> int:
@@ -53,20 +60,24 @@ class Attempt:
     verdict: Verdict
 
 
-def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_dir, labels: list[str], sets: dict,
+def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_dir, start_dir, data: UpdateData,
                 rules: GatePolicy, work_tokens: float, estimate_usd: float, budget_left_usd: float) -> Attempt:
-    """One rung of the ladder as a nested MLflow run: train, evaluate against the champion, gate."""
+    """One rung of the ladder as a nested MLflow run: train, evaluate against the champion, gate.
+
+    A warm rung starts from ``start_dir``: the champion's adapter, its head
+    grown by the update's new labels where there are any.
+    """
     name = ctx.model_name
     tags = {RUN_TYPE: "update-attempt", "refit.model": name, "refit.recipe": recipe.name,
             "refit.flow_run_id": _flow_run_id()}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=f"attempt {index}: {recipe.name}",
                           nested=True, tags=tags) as attempt_run:
         mlflow.log_params(flat_params("recipe", recipe) | {"rows": len(frame)})
-        warm = champion_dir if recipe.start == "warm" else None
-        trained = fine_tune(frame, recipe, ctx.rates, labels=labels, warm_start=warm, seed=ctx.settings.seed)
+        warm = start_dir if recipe.start == "warm" else None
+        trained = fine_tune(frame, recipe, ctx.rates, labels=data.labels, warm_start=warm, seed=ctx.settings.seed)
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
-        before, after = evaluate_pair(champion_dir, trained.adapter_dir, sets, ctx.rates)
-        verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd)
+        before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates)
+        verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd, tuple(data.learned))
         mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
             "train_work_tokens": work_tokens, "estimate_cost_usd": estimate_usd,
             "estimate_error_pct": 100 * (estimate_usd - trained.cost.usd) / max(trained.cost.usd, 1e-12),
@@ -104,9 +115,9 @@ def _flow_run_ended(flow_run_id: str) -> bool:
 def ladder_markdown(attempts: list[Attempt]) -> str:
     rows = "".join(
         f"| {a.index} | {a.recipe.name} | {a.trained.cost.cpu_seconds:.1f} | {a.trained.cost.usd:.5f} | "
-        f"{a.after.slices['shifted'].accuracy:.3f} | {a.after.slices['golden'].accuracy:.3f} | "
+        f"{a.after.slices['fresh'].accuracy:.3f} | {a.after.slices['golden'].accuracy:.3f} | "
         f"{'pass' if a.verdict.passed else 'refused'} |\n" for a in attempts)
-    return ("| attempt | recipe | CPU-s | USD | shifted acc | golden acc | gate |\n"
+    return ("| attempt | recipe | CPU-s | USD | fresh acc | golden acc | gate |\n"
             "|---|---|---|---|---|---|---|\n" + rows)
 
 
@@ -157,43 +168,49 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         champion = versions.alias_version(name, versions.CHAMPION)
         if champion is None:
             raise RefitError(f"model {name} has no champion: run bootstrap first")
-        sets = read_evaluation_sets(ctx)
+        golden = read_golden(ctx.store, name)
         champion_dir = versions.download_adapter(name, champion)
         known_labels = modeling.read_labels(champion_dir)
         _, pool = read_reference(ctx.store, name, champion)
         if labels_path:
             source = labels_path
-            new = read_labelled_file(labels_path, known_labels, ctx.settings)
+            arrived = read_labelled_file(labels_path, ctx.settings)
         else:
             if not (window_start and window_end):
                 raise RefitError("give a window (window_start and window_end) or a labelled file (labels_path)")
             start, end = parse_time(window_start), parse_time(window_end)
             source = f"labelled requests {start.isoformat()} .. {end.isoformat()}"
-            new = labelled_window(ctx.store, name, start, end, known_labels=known_labels,
-                                  max_label_mix_shift=policy.max_label_mix_shift)
-        if len(new) < policy.min_new_examples:
-            raise RefitError(f"only {len(new)} labelled examples in {source}; policy needs {policy.min_new_examples}")
-        eval_texts = text_hashes(pd.concat(sets.values())["text"])
-        training = assemble(new, pool, eval_texts, policy.replay_ratio, ctx.settings.seed)
+            arrived = labelled_window(ctx.store, name, start, end, known_labels=known_labels,
+                                      max_label_mix_shift=policy.max_label_mix_shift)
+        what = f"file:{fingerprint(arrived)}" if labels_path else f"window:{window_start}..{window_end}"
+        trigger_key = f"{name}:{what}"
+        earlier = None if force else finished_update(ctx.experiment_id, name, trigger_key)
+        if earlier is not None:
+            why = (f"already updated for this {'file' if labels_path else 'window'} by run {earlier.info.run_id} "
+                   f"(against v{earlier.data.tags.get('refit.parent_version')}): not paying for a second "
+                   "fine-tune; force=true trains anyway")
+            get_run_logger().info(why)
+            return {"promoted": False, "version": None, "champion": champion, "reason": why,
+                    "duplicate_of": earlier.info.run_id, "attempts": []}
+        admitted = admit_new_labels(ctx.store, name, arrived, known_labels, policy.min_examples_per_new_label)
+        if admitted.waiting:
+            get_run_logger().info(f"{admitted.waiting} row(s) of new labels below min_examples_per_new_label wait "
+                                  f"in quarantine: {'; '.join(admitted.reasons.values())[:500]}")
+        data = prepare_update(admitted.rows, pool, golden.frame, known_labels, admitted.learned, policy, source,
+                              ctx.settings.seed)
     except RefitError as exc:
         return user_error(exc)
 
-    what = f"file:{fingerprint(new)}" if labels_path else f"window:{window_start}..{window_end}"
-    trigger_key = f"{name}:{what}"
-    earlier = None if force else finished_update(ctx.experiment_id, name, trigger_key)
-    if earlier is not None:
-        why = (f"already updated for this {'file' if labels_path else 'window'} by run {earlier.info.run_id} "
-               f"(against v{earlier.data.tags.get('refit.parent_version')}): not paying for a second fine-tune; "
-               "force=true trains anyway")
-        get_run_logger().info(why)
-        return {"promoted": False, "version": None, "champion": champion, "reason": why,
-                "duplicate_of": earlier.info.run_id, "attempts": []}
-
     kind = "hotfix" if labels_path else "update"
+    training = data.training
+    start_dir = champion_dir
+    if data.learned:  # the head grows by the new labels; every rung starts from that
+        start_dir = modeling.grow_head(champion_dir, data.learned, Path(tempfile.mkdtemp(prefix="refit-grown-")) / "a")
+        get_run_logger().info(f"learning {len(data.learned)} new label(s): {', '.join(data.learned)[:500]}")
     per_token = (measured_cpu_seconds_per_work_token(ctx.experiment_id, name) or policy.cpu_seconds_per_work_token)
     spent = month_spend(ctx.experiment_id, name, _month_start_ms())
     budget = ctx.settings.monthly_budget_usd
-    full_frame = full_retrain_frame(pool, training, eval_texts)
+    full_frame = full_retrain_frame(pool, training, data.eval_texts)
     frames = {"warm": training.frame, "fresh": full_frame}
     tokenizer = modeling.load_tokenizer()
     tokens = {start: count_tokens(frame["text"].tolist(), tokenizer) for start, frame in frames.items()
@@ -205,6 +222,9 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         mlflow.log_params(flat_params("gate", rules) | {
             "ladder": " -> ".join(r.name for r in policy.ladder), "reason": reason or kind,
             "replay_ratio": policy.replay_ratio, "new_rows": training.new_rows, "replay_rows": training.replay_rows,
+            "fresh_rows": len(data.fresh), "golden_rows": golden.rows, "golden_version": golden.version,
+            "new_labels": len(data.learned), "new_label_rows_waiting": admitted.waiting,
+            "new_label_rows_from_earlier": admitted.from_earlier,
             "duplicates_dropped": training.duplicates_dropped, "leaked_dropped": training.leaked_dropped,
             "train_fingerprint": training.fingerprint})
         log_policy(policy_path)
@@ -226,7 +246,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 get_run_logger().info(stop)
                 mlflow.set_tag("refit.ladder_stopped", stop)
                 break
-            attempts.append(run_attempt(ctx, index, recipe, frames[recipe.start], champion_dir, known_labels, sets,
+            attempts.append(run_attempt(ctx, index, recipe, frames[recipe.start], champion_dir, start_dir, data,
                                         rules, work, estimate, budget - spent - so_far))
             if attempts[-1].verdict.passed or not escalates([r.name for r in attempts[-1].verdict.failed], policy):
                 break
@@ -241,7 +261,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         total_cpu = sum(a.trained.cost.cpu_seconds for a in attempts)
         mlflow.log_metrics(before.metrics("champion") | after.metrics("challenger") | {
             "update_cost_usd": total_cost, "train_cpu_seconds": total_cpu, "attempts": len(attempts),
-            "gate_passed": float(verdict.passed)})
+            "gate_passed": float(verdict.passed), "new_labels": float(len(data.learned))})
         ladder_md = ladder_markdown(attempts)
         mlflow.log_text(verdict.html(f"Gate: {name} {kind} on v{champion}, attempt {final.index} "
                                      f"({final.recipe.name})"), "gate.html")
@@ -250,27 +270,11 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         mlflow.set_tags({"refit.gate_verdict": "passed" if verdict.passed else "refused",
                          "refit.gate_reasons": verdict.summary[:5000], "refit.final_attempt": final.recipe.name})
         with transaction():  # register, snapshot, promote: a failure after registering rolls back (tags the version)
-            version = register_version(name, final.run_id, {
-                "refit.parent_version": str(champion),
-                "refit.kind": kind,
-                "refit.reason": reason or kind,
-                "refit.update_run_id": run.info.run_id,
-                "refit.recipe": final.recipe.name,
-                "refit.attempts": str(len(attempts)),
-                "refit.data_source": source,
-                "refit.train_data_fingerprint": training.fingerprint,
-                "refit.drift_run_id": drift_run_id or "none",
-                "refit.code_revision": code_revision(),
-                "refit.base_model_sha256": modeling.base_model_hash(),
-                "refit.policy_hash": file_hash(rules_path),
-                "refit.gate_verdict": "passed" if verdict.passed else "refused",
-                "refit.gate_reasons": verdict.summary,
-                "refit.update_cost_usd": round(total_cost, 6),
-                "refit.update_cpu_seconds": round(total_cpu, 2),
-                "refit.artifact_bytes": str(after.artifact_bytes),
-                "refit.golden_accuracy": round(after.slices["golden"].accuracy, 4),
-                "refit.shifted_accuracy": round(after.slices["shifted"].accuracy, 4),
-            })
+            version = register_version(name, final.run_id, update_version_tags(
+                kind=kind, reason=reason, champion=champion, run_id=run.info.run_id, recipe=final.recipe.name,
+                attempts=len(attempts), source=source, training=training, data=data, golden=golden,
+                drift_run_id=drift_run_id, rules_path=rules_path, verdict=verdict, cost_usd=total_cost,
+                cpu_seconds=total_cpu, after=after))
             if verdict.passed:
                 model = modeling.load_model(trained.adapter_dir)
                 reference_uri = write_reference(ctx.store, name, version, model, tokenizer,
@@ -279,13 +283,17 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
                 with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}"):
                     promote(name, version, champion)
+                    grown_to = grow_golden(ctx.store, name, golden, data.fresh, policy.golden_max_per_label)
+                versions.set_tags(name, version, grown_to.tags("refit.golden_after"))
         result = {
             "kind": kind, "promoted": verdict.passed, "version": version, "parent_version": champion,
             "champion": version if verdict.passed else champion, "verdict": verdict.summary, "run_id": run.info.run_id,
             "attempts": [{"recipe": a.recipe.name, "passed": a.verdict.passed, "cpu_seconds": a.trained.cost.cpu_seconds,
                           "cost_usd": a.trained.cost.usd, "run_id": a.run_id} for a in attempts],
-            "shifted_accuracy_before": before.slices["shifted"].accuracy,
-            "shifted_accuracy_after": after.slices["shifted"].accuracy,
+            "fresh_rows": len(data.fresh), "golden_rows": golden.rows, "golden_version": golden.version,
+            "new_labels": len(data.learned), "labels_learned": data.learned,
+            "fresh_accuracy_before": before.slices["fresh"].accuracy,
+            "fresh_accuracy_after": after.slices["fresh"].accuracy,
             "golden_accuracy_before": before.slices["golden"].accuracy,
             "golden_accuracy_after": after.slices["golden"].accuracy,
             "cpu_seconds": total_cpu, "cost_usd": total_cost, "estimate_cost_usd": attempts[0].estimate_usd,
@@ -293,10 +301,14 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         log_json(result, "update.json")
     for attempt in attempts:  # every adapter is in MLflow now; the local copies are scratch
         shutil.rmtree(attempt.trained.adapter_dir, ignore_errors=True)
+    if start_dir != champion_dir:
+        shutil.rmtree(start_dir.parent, ignore_errors=True)
     create_markdown_artifact(f"# {kind.title()} of {name}: v{version} {'promoted' if verdict.passed else 'refused'}\n\n"
                              + verdict.markdown() + "\n" + ladder_md
                              + f"\nTraining: {total_cpu:.1f} CPU-s, ${total_cost:.5f} in {len(attempts)} attempt(s); "
-                               f"{training.new_rows} new + {training.replay_rows} replay rows.\n",
+                               f"{training.new_rows} new + {training.replay_rows} replay rows; judged on "
+                               f"{len(data.fresh)} fresh rows and golden suite v{golden.version} "
+                               f"({golden.rows} rows).\n",
                              key="gate-verdict", description=f"{name} v{version}: {verdict.summary[:100]}")
     get_run_logger().info(f"{kind}: v{version} {'promoted to champion' if verdict.passed else 'refused'}: {verdict.summary}")
     return result

@@ -116,6 +116,43 @@ def save_model(model: PeftModel, adapter_dir: Path) -> Path:
     return adapter_dir
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def grow_head(adapter_dir: Path, new_labels: Sequence[str], out_dir: Path) -> Path:
+    """A copy of a saved adapter whose classifier also answers ``new_labels``.
+
+    The old labels keep their rows of the head (weights and bias) and their
+    order; each new label gets a zero weight row and the old rows' mean bias,
+    so it starts out neutral and is learned by the update that follows. Works
+    on the saved tensors: a head is any ``classifier`` tensor whose first
+    dimension is the label count.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    old = read_labels(adapter_dir)
+    added = [label for label in dict.fromkeys(new_labels) if label not in set(old)]
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(adapter_dir, out_dir)
+    if not added:
+        return out_dir
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    heads = [k for k, v in tensors.items() if "classifier" in k and v.dim() >= 1 and v.shape[0] == len(old)]
+    if not any(k.endswith("weight") for k in heads):
+        raise ValueError(f"no classifier head with {len(old)} rows in {adapter_dir / ADAPTER_WEIGHTS}")
+    for key in heads:
+        tensor = tensors[key]
+        fill = (tensor.mean(dim=0, keepdim=True) if tensor.dim() == 1 else torch.zeros_like(tensor[:1]))
+        tensors[key] = torch.cat([tensor, fill.expand(len(added), *tensor.shape[1:])]).contiguous()
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out_dir / LABELS_FILE).write_text(json.dumps(old + added))
+    return out_dir
+
+
 def model_labels(model) -> list[str]:
     id2label = model.config.id2label
     return [id2label[i] for i in range(len(id2label))]

@@ -66,3 +66,19 @@ def read_labels(store: ObjectStore, model_name: str) -> pd.DataFrame:
 
 def window_uri(store: ObjectStore, model_name: str, start: datetime, end: datetime) -> str:
     return f"{store.uri(f'inference/model={model_name}/')}?start={start.isoformat()}&end={end.isoformat()}"
+
+
+MODEL_DATA_PREFIXES = ("inference", "labels", "reference", "evaluation", "quarantine")
+
+
+def delete_model_data(store: ObjectStore, model_name: str) -> int:
+    """Delete every object the loop keeps for one model (traffic, labels, references, golden suite, quarantine).
+
+    For the demo only, whose traffic is simulated: a second run starts its
+    story again instead of reading the first run's windows. Returns the
+    number of objects deleted.
+    """
+    keys = [key for kind in MODEL_DATA_PREFIXES for key in store.list(f"{kind}/model={model_name}/")]
+    for key in keys:
+        store.delete(key)
+    return len(keys)

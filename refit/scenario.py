@@ -3,8 +3,14 @@
 A scenario is a small YAML file (``refit/scenarios/clinc-shift.yaml`` is the
 default, documented field by field). ``build`` turns it into the concrete
 frames every flow uses, deterministically for its seed: the champion's
-training data, the golden and shifted evaluation sets (never trained on),
-two traffic windows, the delayed labels, and a poisoned hotfix file.
+training data, its golden set (never trained on), a no-drift window, one
+window per shift, each shift's test texts (scored for the report as
+``external`` accuracy; they never judge a gate), and a hotfix file.
+
+A scenario simulates traffic. It may write requests and delayed labels and
+score models for a report, but nothing it knows feeds a decision: the gate
+judges each update on a fresh holdout of the update's own labels and on the
+golden suite that grows with every promotion.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from refit import data
 from refit.errors import RefitError
@@ -35,19 +41,34 @@ class Source(StrictModel):
 
 class Reference(StrictModel):
     groups: list[str]
+    sparse_groups: list[str] | None = Field(
+        None, description="Groups whose labels v1 learns from sparse_per_label rows each; None: every group not in "
+                          "groups. Any other group is never seen by v1: its labels are new when it arrives.")
     max_per_label: int | None = Field(None, ge=1)
     sparse_per_label: int = Field(5, ge=0)
 
 
 class Shift(StrictModel):
+    """The one-shift form: ``shift.groups`` plus ``windows.shifted_*``."""
+
     groups: list[str]
+
+
+class ShiftSpec(StrictModel):
+    """One shift of traffic: ``rows`` requests, ``share`` of them from ``groups``, the rest from the reference."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    groups: list[str] = Field(min_length=1)
+    rows: int = Field(ge=1)
+    share: float = Field(gt=0, le=1)
+    labelled_share: float = Field(gt=0, le=1)
 
 
 class Windows(StrictModel):
     no_drift_rows: int = Field(ge=1)
-    shifted_rows: int = Field(ge=1)
-    shifted_share: float = Field(gt=0, le=1)
-    labelled_share: float = Field(gt=0, le=1)
+    shifted_rows: int | None = Field(None, ge=1)
+    shifted_share: float | None = Field(None, gt=0, le=1)
+    labelled_share: float | None = Field(None, gt=0, le=1)
 
 
 class Evaluation(StrictModel):
@@ -65,10 +86,34 @@ class Scenario(StrictModel):
     seed: int = 0
     source: Source
     reference: Reference
-    shift: Shift
+    shift: Shift | None = None
+    shifts: list[ShiftSpec] | None = Field(None, min_length=1, description="Successive shifts, in order.")
     windows: Windows
     evaluation: Evaluation
     hotfix: Hotfix
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Scenario":
+        old = (self.windows.shifted_rows, self.windows.shifted_share, self.windows.labelled_share)
+        if self.shifts is not None:
+            if self.shift is not None or any(v is not None for v in old):
+                raise ValueError("give either shifts: (a list) or the one-shift form (shift: with "
+                                 "windows.shifted_rows, shifted_share, labelled_share), not both")
+            names = [s.name for s in self.shifts]
+            if len(set(names)) != len(names):
+                raise ValueError(f"shift names must be unique, got {names}")
+        elif self.shift is None or any(v is None for v in old):
+            raise ValueError("a scenario needs shifts: (a list), or shift: with windows.shifted_rows, "
+                             "shifted_share and labelled_share")
+        return self
+
+    def shift_list(self) -> list[ShiftSpec]:
+        """The shifts in order; the one-shift form is a one-element list named ``shift``."""
+        if self.shifts is not None:
+            return list(self.shifts)
+        w = self.windows
+        return [ShiftSpec(name="shift", groups=self.shift.groups, rows=w.shifted_rows, share=w.shifted_share,
+                          labelled_share=w.labelled_share)]
 
 
 def load_scenario(name_or_path: str | Path) -> tuple[Scenario, Path]:
@@ -88,16 +133,38 @@ def load_source(source: Source, data_dir: Path) -> pd.DataFrame:
 
 
 @dataclass(frozen=True)
+class ShiftData:
+    """One shift's traffic window and its test texts (the report's ``external`` accuracy, never a gate's)."""
+
+    name: str
+    groups: list[str]
+    window: pd.DataFrame
+    external: pd.DataFrame
+    labelled_share: float
+
+
+@dataclass(frozen=True)
 class ScenarioData:
-    """Everything a scenario provides, as frames with ``text`` and ``label``."""
+    """Everything a scenario provides, as frames with ``text``, ``label`` and ``group``.
+
+    ``labels`` are the labels v1 learns (reference and sparse groups); a
+    shift to groups v1 never saw brings labels beyond them.
+    """
 
     labels: list[str]
     train: pd.DataFrame
     golden: pd.DataFrame
-    shifted_eval: pd.DataFrame
     no_drift_window: pd.DataFrame
-    shifted_window: pd.DataFrame
+    shifts: list[ShiftData]
     hotfix: pd.DataFrame
+
+    @property
+    def shifted_window(self) -> pd.DataFrame:
+        return self.shifts[0].window
+
+    @property
+    def shifted_eval(self) -> pd.DataFrame:
+        return self.shifts[0].external
 
 
 def _sample(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -108,52 +175,77 @@ def _sample(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFra
 
 def _per_label(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
     """At most ``n`` rows of each label."""
+    if frame.empty or n == 0:
+        return frame.iloc[:0]
     return pd.concat([_sample(part, n, rng) for _, part in frame.groupby("label", sort=True)])
+
+
+def _cycle(frame: pd.DataFrame, start: int, n: int) -> pd.DataFrame:
+    """``n`` rows from ``start`` on, wrapping around: steady traffic repeats once the pool is used up."""
+    if n == 0 or frame.empty:
+        return frame.iloc[:0]
+    return frame.iloc[[(start + i) % len(frame) for i in range(n)]]
 
 
 def build(scenario: Scenario, frame: pd.DataFrame) -> ScenarioData:
     """Cut the scenario's frames out of the loaded data, deterministically."""
     known = set(frame["group"])
-    for name, groups in (("reference.groups", scenario.reference.groups), ("shift.groups", scenario.shift.groups)):
+    shifts = scenario.shift_list()
+    sparse_groups = (scenario.reference.sparse_groups if scenario.reference.sparse_groups is not None
+                     else sorted(known - set(scenario.reference.groups)))
+    named = [("reference.groups", scenario.reference.groups), ("reference.sparse_groups", sparse_groups)]
+    named += [(f"shift {s.name}: groups", s.groups) for s in shifts]
+    for name, groups in named:
         missing = sorted(set(groups) - known)
         if missing:
             raise RefitError(f"scenario {scenario.name}: {name} names unknown groups {missing}")
     rng = np.random.default_rng(scenario.seed)
     ref = frame["group"].isin(scenario.reference.groups)
-    shifted = frame["group"].isin(scenario.shift.groups)
     split = frame["split"]
 
     ref_train = frame[ref & (split == "train")]
     if scenario.reference.max_per_label:
         ref_train = _per_label(ref_train, scenario.reference.max_per_label, rng)
-    sparse_pool = frame[~ref & (split == "train")]
+    sparse_pool = frame[frame["group"].isin(sparse_groups) & ~ref & (split == "train")]
     sparse = _per_label(sparse_pool, scenario.reference.sparse_per_label, rng)
     train = pd.concat([ref_train, sparse])
 
     w = scenario.windows
     ref_val = frame[ref & (split == "val")].sample(frac=1.0, random_state=scenario.seed)
     no_drift = ref_val.iloc[: w.no_drift_rows]
-    n_shift = round(w.shifted_rows * w.shifted_share)
-    shift_pool = frame[shifted & (split == "train")].drop(sparse.index, errors="ignore")
-    shift_pool = shift_pool.sample(frac=1.0, random_state=scenario.seed)
-    shifted_part = shift_pool.iloc[:n_shift]
-    steady_part = ref_val.iloc[w.no_drift_rows : w.no_drift_rows + (w.shifted_rows - n_shift)]
-    shifted_window = pd.concat([shifted_part, steady_part]).sample(frac=1.0, random_state=scenario.seed + 1)
-
-    hotfix = shift_pool.iloc[n_shift : n_shift + scenario.hotfix.rows]
-
+    steady_at = w.no_drift_rows
+    used = set(sparse.index)
     e = scenario.evaluation
     golden = data.stratified_sample(frame[ref & (split == "test")], e.golden_max_rows, rng)
-    shifted_eval = data.stratified_sample(frame[shifted & (split == "test")], e.shifted_max_rows, rng)
+    shift_data, pools = [], []
+    for k, spec in enumerate(shifts):
+        n_shift = round(spec.rows * spec.share)
+        in_groups = frame["group"].isin(spec.groups)
+        pool = frame[in_groups & (split == "train")].drop(list(used), errors="ignore")
+        pool = pool.sample(frac=1.0, random_state=scenario.seed + k)
+        shifted_part = pool.iloc[:n_shift]
+        used |= set(shifted_part.index)
+        steady_part = _cycle(ref_val, steady_at, spec.rows - len(shifted_part))
+        steady_at += len(steady_part)
+        window = pd.concat([shifted_part, steady_part]).sample(frac=1.0, random_state=scenario.seed + 1 + k)
+        external = data.stratified_sample(frame[in_groups & (split == "test")], e.shifted_max_rows, rng)
+        shift_data.append((spec, window, external))
+        pools.append(pool.iloc[n_shift:])
+
+    hotfix = pools[0].iloc[: scenario.hotfix.rows]
     keep = ["text", "label", "group"]
+
+    def tidy(part: pd.DataFrame) -> pd.DataFrame:
+        return part[keep].reset_index(drop=True)
+
     return ScenarioData(
-        labels=sorted(frame["label"].unique()),
-        train=train[keep].reset_index(drop=True),
-        golden=golden[keep].reset_index(drop=True),
-        shifted_eval=shifted_eval[keep].reset_index(drop=True),
-        no_drift_window=no_drift[keep].reset_index(drop=True),
-        shifted_window=shifted_window[keep].reset_index(drop=True),
-        hotfix=hotfix[keep].reset_index(drop=True),
+        labels=sorted(train["label"].unique()),
+        train=tidy(train),
+        golden=tidy(golden),
+        no_drift_window=tidy(no_drift),
+        shifts=[ShiftData(spec.name, list(spec.groups), tidy(window), tidy(external), spec.labelled_share)
+                for spec, window, external in shift_data],
+        hotfix=tidy(hotfix),
     )
 
 

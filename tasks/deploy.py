@@ -82,6 +82,42 @@ def _abandon_version(txn) -> None:
     _log(f"{model_name} v{version} abandoned: promotion did not complete")
 
 
+def update_version_tags(*, kind: str, reason: str | None, champion: int, run_id: str, recipe: str, attempts: int,
+                        source: str, training, data, golden, drift_run_id: str | None, rules_path, verdict,
+                        cost_usd: float, cpu_seconds: float, after) -> dict[str, str]:
+    """Everything an updated version's page in the MLflow UI says about where it came from and how it was judged."""
+    from refit.data import fingerprint
+    from refit.policy import file_hash
+    from registry.tracking import code_revision
+
+    return {
+        "refit.parent_version": str(champion),
+        "refit.kind": kind,
+        "refit.reason": reason or kind,
+        "refit.update_run_id": run_id,
+        "refit.recipe": recipe,
+        "refit.attempts": str(attempts),
+        "refit.data_source": source,
+        "refit.train_data_fingerprint": training.fingerprint,
+        "refit.drift_run_id": drift_run_id or "none",
+        "refit.code_revision": code_revision(),
+        "refit.base_model_sha256": modeling.base_model_hash(),
+        "refit.policy_hash": file_hash(rules_path),
+        "refit.gate_verdict": "passed" if verdict.passed else "refused",
+        "refit.gate_reasons": verdict.summary,
+        "refit.update_cost_usd": round(cost_usd, 6),
+        "refit.update_cpu_seconds": round(cpu_seconds, 2),
+        "refit.artifact_bytes": str(after.artifact_bytes),
+        "refit.fresh_rows": str(len(data.fresh)),
+        "refit.fresh_fingerprint": fingerprint(data.fresh),
+        "refit.fresh_accuracy": round(after.slices["fresh"].accuracy, 4),
+        "refit.golden_accuracy": round(after.slices["golden"].accuracy, 4),
+        **golden.tags(),
+        "refit.new_labels": str(len(data.learned)),
+        "refit.labels_learned": ", ".join(data.learned)[:5000] or "none",
+    }
+
+
 @task(name="promote", cache_policy=NO_CACHE, **RETRY)
 def promote(model_name: str, version: int, expected_champion: int | None) -> int | None:
     """Move ``champion`` to ``version`` (guarded); returns the old champion."""

@@ -1,10 +1,13 @@
-"""Evaluate: score models on the golden and shifted sets, and price their predictions.
+"""Evaluate: score models on the fresh holdout and the golden suite, and price their predictions.
 
 Quality is kept per example as well as per set, so the gate can compare
 champion and challenger on the very same examples (paired bootstrap) and per
-slice (the ``group`` column, a domain in CLINC150). Cost is measured side by
-side: CPU-seconds per 1,000 predictions in batches, latency of single-text
-requests, and the adapter's bytes on disk.
+slice (the ``group`` column, a domain in CLINC150). Every figure comes from
+the model as ``refit serve`` runs it (the adapter merged into the base, the
+forward pass on ONNX Runtime, or torch where serving would fall back to it),
+so the cost and latency rules judge what users will pay for. Cost is
+measured side by side: CPU-seconds per 1,000 predictions in batches, latency
+of single-text requests, and the adapter's bytes on disk.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from refit import modeling
 from refit.cost import Meter, Rates
+from tasks.retry import RETRY
 
 COST_SAMPLE_ROWS = 256
 LATENCY_SAMPLE_ROWS = 48
@@ -89,12 +93,17 @@ def _slice(truth: list, predicted: list, confidence: np.ndarray, correct: np.nda
     )
 
 
-def quality(model, tokenizer, sets: dict[str, pd.DataFrame]
+def quality(model, sets: dict[str, pd.DataFrame]
             ) -> tuple[dict[str, SliceMetrics], dict[str, SliceMetrics], dict[str, np.ndarray]]:
-    """Per set and per ``group`` slice: accuracy, macro-F1, confidence, calibration; and per-example hits."""
+    """Per set and per ``group`` slice: accuracy, macro-F1, confidence, calibration; and per-example hits.
+
+    ``model`` is anything with ``predict(texts) -> (labels, confidence)``: a
+    served model (``serving.model.ServedModel``) here, as it answers in production.
+    """
     slices, groups, hits = {}, {}, {}
     for name, frame in sets.items():
-        predicted, confidence = modeling.predict(model, tokenizer, frame["text"].tolist())
+        predicted, confidence = model.predict(frame["text"].tolist())
+        confidence = np.asarray(confidence, dtype=np.float64)
         truth = frame["label"].tolist()
         correct = np.array([p == t for p, t in zip(predicted, truth)], dtype=np.float64)
         slices[name], hits[name] = _slice(truth, predicted, confidence, correct), correct
@@ -118,9 +127,8 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def cpu_seconds_per_1k(models: dict[str, object], tokenizer, texts: list[str],
-                       repeats: int = COST_REPEATS) -> dict[str, float]:
-    """CPU-seconds per 1,000 predictions for each model, measured side by side.
+def cpu_seconds_per_1k(models: dict[str, object], texts: list[str], repeats: int = COST_REPEATS) -> dict[str, float]:
+    """CPU-seconds per 1,000 predictions for each served model, measured side by side.
 
     The models take turns on the same texts, each keeps its fastest repeat,
     and all run on one thread: with several, threads spin while they wait
@@ -131,12 +139,12 @@ def cpu_seconds_per_1k(models: dict[str, object], tokenizer, texts: list[str],
         for _ in range(repeats):
             for name, model in models.items():
                 with Meter() as meter:
-                    modeling.predict(model, tokenizer, texts)
+                    model.predict(texts)
                 best[name] = min(best[name], meter.cpu_seconds)
     return {name: seconds / max(1, len(texts)) * 1000 for name, seconds in best.items()}
 
 
-def latency_ms(models: dict[str, object], tokenizer, texts: list[str]) -> dict[str, tuple[float, float]]:
+def latency_ms(models: dict[str, object], texts: list[str]) -> dict[str, tuple[float, float]]:
     """p50 and p95 milliseconds of one-text requests, the models alternating text by text."""
     import time
 
@@ -145,9 +153,25 @@ def latency_ms(models: dict[str, object], tokenizer, texts: list[str]) -> dict[s
         for text in texts:
             for name, model in models.items():
                 start = time.perf_counter()
-                modeling.predict(model, tokenizer, [text])
+                model.predict([text])
                 seen[name].append((time.perf_counter() - start) * 1000)
     return {name: (float(np.percentile(v, 50)), float(np.percentile(v, 95))) for name, v in seen.items()}
+
+
+def served(adapter_dirs: dict[str, Path], runtime: str | None = None) -> dict[str, object]:
+    """Each adapter made ready to serve exactly as ``refit serve`` does: merged, on ONNX Runtime (or torch).
+
+    One inference thread each, so that the cost of the two is compared on
+    equal terms; ``runtime`` defaults to ``REFIT_SERVE_RUNTIME``.
+    """
+    from refit.settings import Settings
+    from serving.model import from_adapter
+
+    runtime = runtime or Settings().serve_runtime
+    tokenizer = modeling.load_tokenizer()
+    with _one_thread():
+        return {name: from_adapter(path, 0, tokenizer=tokenizer, runtime=runtime, threads=1)
+                for name, path in adapter_dirs.items()}
 
 
 def artifact_bytes(adapter_dir: Path) -> int:
@@ -160,14 +184,13 @@ def _sample_texts(sets: dict[str, pd.DataFrame], n: int) -> list[str]:
 
 
 def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], rates: Rates) -> dict[str, Evaluation]:
-    """Quality and inference cost of each adapter on the same sets."""
-    tokenizer = modeling.load_tokenizer()
-    models = {name: modeling.load_model(path) for name, path in adapter_dirs.items()}
-    cpu = cpu_seconds_per_1k(models, tokenizer, _sample_texts(sets, COST_SAMPLE_ROWS))
-    latency = latency_ms(models, tokenizer, _sample_texts(sets, LATENCY_SAMPLE_ROWS))
+    """Quality and inference cost of each adapter on the same sets, every figure from the model as served."""
+    models = served(adapter_dirs)
+    cpu = cpu_seconds_per_1k(models, _sample_texts(sets, COST_SAMPLE_ROWS))
+    latency = latency_ms(models, _sample_texts(sets, LATENCY_SAMPLE_ROWS))
     scored = {}
     for name, model in models.items():
-        slices, groups, hits = quality(model, tokenizer, sets)
+        slices, groups, hits = quality(model, sets)
         scored[name] = Evaluation(slices, round(cpu[name], 4), round(rates.price(cpu[name]), 8), groups=groups,
                                   correct=hits, latency_ms_p50=round(latency[name][0], 3),
                                   latency_ms_p95=round(latency[name][1], 3),
@@ -186,3 +209,21 @@ def evaluate_pair(champion_dir: Path, challenger_dir: Path, sets: dict[str, pd.D
     """Champion and challenger on the same sets, their costs measured in turns."""
     scored = score_models({"champion": champion_dir, "challenger": challenger_dir}, sets, rates)
     return scored["champion"], scored["challenger"]
+
+
+@task(name="grow-golden", cache_policy=NO_CACHE, **RETRY)
+def grow_golden(store, model_name: str, golden, fresh: pd.DataFrame, max_per_label: int):
+    """After a promotion: the update's fresh holdout joins the golden suite as its next version."""
+    from refit.evalsets import grown, write_golden
+
+    return write_golden(store, model_name, grown(golden, fresh, max_per_label), golden.version + 1)
+
+
+def accuracy_on(adapter_dir: Path, frames: dict[str, pd.DataFrame]) -> dict[str, float]:
+    """Accuracy of one adapter on each named frame: for reports (a scenario's ``external`` sets), never a gate."""
+    model, tokenizer = modeling.load_model(adapter_dir), modeling.load_tokenizer()
+    out = {}
+    for name, frame in frames.items():
+        predicted, _ = modeling.predict(model, tokenizer, frame["text"].tolist())
+        out[name] = float(np.mean([p == t for p, t in zip(predicted, frame["label"])])) if len(frame) else 0.0
+    return out

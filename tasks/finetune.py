@@ -20,7 +20,7 @@ from pydantic import Field
 
 from refit import modeling
 from refit.cost import Meter, Rates, TrainingCost
-from refit.data import stratified_sample, text_hash
+from refit.data import stratified_sample, text_hash, text_hashes
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
 
@@ -64,10 +64,18 @@ class UpdatePolicy(StrictModel):
     bootstrap: Recipe
     ladder: list[Recipe] = Field(min_length=1, description="Tried in order until the gate passes or money runs out.")
     escalate_on: list[str] = Field(
-        default_factory=lambda: ["shifted_accuracy_gain", "shifted_gain_lower_bound"],
+        default_factory=lambda: ["fresh_accuracy_gain", "fresh_gain_lower_bound"],
         description="Gate rules whose failure sends the update up the ladder; any other failure ends it.")
     replay_ratio: float = Field(ge=0, description="Replay rows per new labelled row.")
     min_new_examples: int = Field(ge=1)
+    fresh_holdout_share: float = Field(
+        gt=0, lt=1, description="Share of an update's new labelled rows held out (newest first, per label) as "
+                                "the fresh set that judges its improvement; never trained on.")
+    min_fresh_rows: int = Field(ge=1, description="Fewer fresh rows than this: wait for labels instead of training.")
+    min_examples_per_new_label: int = Field(
+        ge=1, description="Rows a label the champion does not know needs before its head grows to learn it.")
+    golden_max_per_label: int = Field(
+        ge=1, description="Cap per label of the golden suite as fresh holdouts join it (oldest dropped first).")
     max_label_mix_shift: float | None = Field(
         None, gt=0, le=1, description="Delayed labels whose mix is this far (total variation) from the model's "
                                       "predictions on the same requests are refused whole; None: not checked.")
@@ -122,6 +130,49 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
     frame = pd.concat([clean.assign(origin="new"), replay.assign(origin="replay")], ignore_index=True)
     dataset = Dataset.from_pandas(frame, preserve_index=False)
     return TrainingSet(frame, len(clean), len(replay), duplicates, int(leaked.sum()), dataset._fingerprint)
+
+
+@dataclass(frozen=True)
+class UpdateData:
+    """What one update trains on and is judged on.
+
+    ``training``: the new rows left after the fresh holdout, plus replay.
+    ``sets``: ``fresh`` (the holdout) and ``golden`` (the regression suite).
+    ``labels``: the champion's labels plus ``learned``, the new ones this
+    update teaches (its head grows by them).
+    """
+
+    training: TrainingSet
+    sets: dict[str, pd.DataFrame]
+    eval_texts: set[str]
+    labels: list[str]
+    learned: list[str]
+
+    @property
+    def fresh(self) -> pd.DataFrame:
+        return self.sets["fresh"]
+
+
+def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, known_labels: list[str],
+                   learned: list[str], policy: UpdatePolicy, source: str, seed: int = 0) -> UpdateData:
+    """Hold out the fresh set, then assemble the training set without any evaluation text.
+
+    Raises:
+        RefitError: too few labelled rows, or too few fresh rows to judge on: wait for labels.
+    """
+    from refit.evalsets import split_fresh
+
+    if len(new) < policy.min_new_examples:
+        raise RefitError(f"only {len(new)} labelled examples in {source}; policy needs {policy.min_new_examples}")
+    train_rows, fresh = split_fresh(new, policy.fresh_holdout_share, seed)
+    if len(fresh) < policy.min_fresh_rows:
+        raise RefitError(f"only {len(fresh)} fresh rows held out of {len(new)} labelled examples in {source}; "
+                         f"policy needs min_fresh_rows={policy.min_fresh_rows}: wait for more labels")
+    sets = {"fresh": fresh, "golden": golden}
+    eval_texts = text_hashes(pd.concat([fresh["text"], golden["text"]]))
+    training = assemble(train_rows, pool, eval_texts, policy.replay_ratio, seed)
+    return UpdateData(training, sets, eval_texts, list(known_labels) + [l for l in learned if l not in known_labels],
+                      list(learned))
 
 
 def full_retrain_frame(pool: pd.DataFrame, training: TrainingSet, eval_texts: set[str]) -> pd.DataFrame:

@@ -1,6 +1,8 @@
 """Gate: decide whether a challenger may replace the champion.
 
-Every rule in the gate policy is evaluated and reported, passed or not, with
+Improvement is judged on ``fresh``, the held-out part of the update's own
+new labels (the drift that happened); non-regression on ``golden``, the
+suite that grows with every promotion, overall and per slice. Every rule in the gate policy is evaluated and reported, passed or not, with
 its value and limit, so a refused update says which rule refused it and by
 how much. The verdict is a value, never a bare bool.
 """
@@ -19,16 +21,19 @@ from refit.policy import StrictModel, load_policy
 from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
 from tasks.evaluate import Evaluation
 
+FRESH, GOLDEN = "fresh", "golden"  # the update's held-out new labels; the regression suite
+
 
 class GatePolicy(StrictModel):
     """Quality and cost rules a challenger must pass to be promoted."""
 
-    min_shifted_improvement: float = Field(description="Accuracy gain on the shifted set, in fractions.")
+    min_fresh_improvement: float = Field(
+        description="Accuracy gain on the fresh holdout (the update's own held-out labels), in fractions.")
     require_significant_improvement: bool = Field(
-        False, description="Also require the lower confidence bound of the shifted gain to be above zero.")
-    max_golden_regression: float = Field(ge=0, description="Accuracy the golden set may lose, in fractions.")
+        False, description="Also require the lower confidence bound of the fresh gain to be above zero.")
+    max_golden_regression: float = Field(ge=0, description="Accuracy the golden suite may lose, in fractions.")
     max_slice_regression: float | None = Field(
-        None, ge=0, description="Accuracy any one slice (set/group) may lose; None turns the rule off.")
+        None, ge=0, description="Accuracy any one golden slice (a group) may lose; None turns the rule off.")
     min_slice_rows: int = Field(20, ge=1, description="Smaller slices are reported but not judged.")
     max_update_cost_usd: float = Field(gt=0, description="Ceiling on the price of this one update.")
     max_inference_cost_ratio: float = Field(gt=0, description="Challenger / champion cost per 1,000 predictions.")
@@ -45,6 +50,7 @@ def load_gate_policy(name_or_path: str = "gate") -> tuple[GatePolicy, Path]:
 class Verdict:
     passed: bool
     rules: list[Rule]
+    labels_learned: tuple[str, ...] = ()  # labels the champion did not know that the challenger answers
 
     @property
     def failed(self) -> list[Rule]:
@@ -57,14 +63,22 @@ class Verdict:
         return "refuse: " + "; ".join(r.sentence for r in self.failed)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "summary": self.summary,
+        return {"passed": self.passed, "summary": self.summary, "labels_learned": list(self.labels_learned),
                 "rules": [asdict(r) | {"sentence": r.sentence} for r in self.rules]}
 
+    @property
+    def learned_line(self) -> str:
+        if not self.labels_learned:
+            return "New labels: none."
+        return f"New labels ({len(self.labels_learned)}): {', '.join(self.labels_learned)}."
+
     def markdown(self) -> str:
-        return f"**Gate verdict: {self.summary}**\n\n{markdown_table(self.rules)}"
+        return f"**Gate verdict: {self.summary}**\n\n{markdown_table(self.rules)}\n{self.learned_line}\n"
 
     def html(self, title: str) -> str:
-        return html_page(title, self.summary, html_table(self.rules))
+        import html
+
+        return html_page(title, self.summary, html_table(self.rules) + f"<p>{html.escape(self.learned_line)}</p>")
 
 
 def paired_bootstrap(before: np.ndarray, after: np.ndarray, samples: int, level: float,
@@ -90,28 +104,31 @@ def _interval(champion: Evaluation, challenger: Evaluation, name: str, policy: G
 
 
 def _ratio(new: float, old: float) -> float:
-    return new / old if old else 1.0
+    """new / old; a zero ``old`` is 1.0 against a zero ``new`` and infinite against anything more."""
+    if old:
+        return new / old
+    return 1.0 if not new else float("inf")
 
 
 def decide(champion: Evaluation, challenger: Evaluation, update_cost_usd: float, policy: GatePolicy,
-           budget_left_usd: float | None = None) -> Verdict:
+           budget_left_usd: float | None = None, labels_learned: tuple[str, ...] = ()) -> Verdict:
     """Apply every rule of ``policy`` to the two evaluations and the update's cost.
 
     ``budget_left_usd``: what this month's budget had left before the update;
     when given, the update's price must fit in it.
     """
-    shifted_gain = challenger.slices["shifted"].accuracy - champion.slices["shifted"].accuracy
-    golden_loss = champion.slices["golden"].accuracy - challenger.slices["golden"].accuracy
-    gain_ci = _interval(champion, challenger, "shifted", policy)
-    rules = [at_least("shifted_accuracy_gain", shifted_gain, policy.min_shifted_improvement, gain_ci)]
+    fresh_gain = challenger.slices[FRESH].accuracy - champion.slices[FRESH].accuracy
+    golden_loss = champion.slices[GOLDEN].accuracy - challenger.slices[GOLDEN].accuracy
+    gain_ci = _interval(champion, challenger, FRESH, policy)
+    rules = [at_least("fresh_accuracy_gain", fresh_gain, policy.min_fresh_improvement, gain_ci)]
     if policy.require_significant_improvement:
         low = gain_ci[0] if gain_ci else float("-inf")
-        rules.append(Rule("shifted_gain_lower_bound", round(low, 6), 0.0, ">", low > 0, *(gain_ci or (None, None))))
+        rules.append(Rule("fresh_gain_lower_bound", round(low, 6), 0.0, ">", low > 0, *(gain_ci or (None, None))))
     rules.append(at_most("golden_accuracy_loss", golden_loss, policy.max_golden_regression,
                           _interval(champion, challenger, "golden", policy, sign=-1)))
     if policy.max_slice_regression is not None:
         losses = {name: champion.groups[name].accuracy - m.accuracy for name, m in challenger.groups.items()
-                  if name in champion.groups and m.rows >= policy.min_slice_rows}
+                  if name.startswith(f"{GOLDEN}/") and name in champion.groups and m.rows >= policy.min_slice_rows}
         if losses:
             worst = max(losses, key=losses.get)
             rules.append(at_most(f"worst_slice_loss ({worst})", losses[worst], policy.max_slice_regression))
@@ -123,10 +140,10 @@ def decide(champion: Evaluation, challenger: Evaluation, update_cost_usd: float,
     if policy.max_latency_p95_ratio is not None:
         rules.append(at_most("latency_p95_ratio", _ratio(challenger.latency_ms_p95, champion.latency_ms_p95),
                               policy.max_latency_p95_ratio))
-    return Verdict(all(r.passed for r in rules), rules)
+    return Verdict(all(r.passed for r in rules), rules, tuple(labels_learned))
 
 
 @task(name="gate")
 def gate(champion: Evaluation, challenger: Evaluation, update_cost_usd: float, policy: GatePolicy,
-         budget_left_usd: float | None = None) -> Verdict:
-    return decide(champion, challenger, update_cost_usd, policy, budget_left_usd)
+         budget_left_usd: float | None = None, labels_learned: tuple[str, ...] = ()) -> Verdict:
+    return decide(champion, challenger, update_cost_usd, policy, budget_left_usd, labels_learned)

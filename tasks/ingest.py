@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,37 +56,98 @@ def replay_traffic(store: ObjectStore, model_name: str, model, tokenizer, versio
     return served
 
 
+def _stamp() -> str:
+    return f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H%M%S.%f')}-{uuid.uuid4().hex[:8]}"
+
+
 @task(name="labelled-window", cache_policy=NO_CACHE, **RETRY)
 def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: datetime,
                     known_labels: list[str] | None = None, max_label_mix_shift: float | None = None,
                     min_rows_for_mix: int = 50) -> pd.DataFrame:
-    """Texts of the window's requests that have a delayed label, with that label.
+    """Texts of the window's requests that have a delayed label, with that label and the request's time.
 
-    With ``known_labels``, label feedback the model cannot learn from (unknown
-    or empty label, no request id) goes to quarantine with its reason first.
-    With ``max_label_mix_shift``, the labels' mix is compared with what the
-    model predicted for the same requests (total variation); a batch beyond it
-    is quarantined whole and refused (a broken labelling job or poisoning).
+    Label feedback that cannot be used (no request id, empty label) goes to
+    quarantine with its reason first. Labels the model does not know are
+    kept: the update's new-label policy decides on them
+    (``admit_new_labels``). With ``max_label_mix_shift``, the mix of the
+    labels the model knows is compared with what it predicted for the same
+    requests (total variation); a batch beyond it is quarantined whole and
+    refused (a broken labelling job or poisoning).
     """
     served = requestlog.read_inference(store, model_name, start, end)
     labels = requestlog.read_labels(store, model_name)
-    if known_labels is not None and len(labels):
-        labels, rejected = validate_labels(labels, known_labels)
+    if len(labels):
+        labels, rejected = validate_labels(labels)
         if len(rejected):
-            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S.%f")
-            store.put_parquet(f"quarantine/model={model_name}/labels/{stamp}-{uuid.uuid4().hex[:8]}.parquet",
-                              rejected.astype(str))
+            store.put_parquet(f"quarantine/model={model_name}/labels/{_stamp()}.parquet", rejected.astype(str))
     joined = served.merge(labels.drop_duplicates("request_id", keep="last"), on="request_id", how="inner")
-    if max_label_mix_shift is not None and len(joined) >= min_rows_for_mix and "predicted_label" in joined:
-        check = check_label_mix(joined["predicted_label"], joined["label"], max_label_mix_shift)
+    judged = joined[joined["label"].isin(known_labels)] if known_labels is not None else joined
+    if max_label_mix_shift is not None and len(judged) >= min_rows_for_mix and "predicted_label" in judged:
+        check = check_label_mix(judged["predicted_label"], judged["label"], max_label_mix_shift)
         if check.suspect:
-            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S.%f")
-            uri = store.put_parquet(
-                f"quarantine/model={model_name}/labels/{stamp}-{uuid.uuid4().hex[:8]}-batch.parquet",
-                joined.astype(str).assign(reason=check.reason))
+            uri = store.put_parquet(f"quarantine/model={model_name}/labels/{_stamp()}-batch.parquet",
+                                    joined.astype(str).assign(reason=check.reason))
             raise RefitError(f"label batch rejected: {check.reason} of the model's predictions for the same "
-                             f"{len(joined)} requests; quarantined at {uri}")
-    return joined[["text", "label"]].reset_index(drop=True)
+                             f"{len(judged)} requests; quarantined at {uri}")
+    columns = ["text", "label"] + (["timestamp"] if "timestamp" in joined.columns else [])
+    return joined[columns].reset_index(drop=True)
+
+
+def pending_prefix(model_name: str) -> str:
+    return f"quarantine/model={model_name}/new-labels/"
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An update's labelled rows after the new-label policy.
+
+    ``rows``: rows of known labels plus every row of a new label that reached
+    its minimum (this batch's and those waiting from earlier batches).
+    ``learned``: the new labels admitted. ``waiting``: this batch's rows of
+    new labels still below the minimum, now in quarantine with the reason.
+    """
+
+    rows: pd.DataFrame
+    learned: list[str]
+    waiting: int
+    from_earlier: int
+    reasons: dict[str, str]
+
+
+def admit_new_labels(store: ObjectStore, model_name: str, rows: pd.DataFrame, known_labels: list[str],
+                     min_examples: int) -> Admitted:
+    """Apply the new-label policy to an update's labelled rows.
+
+    A label the champion does not know is learned (its head grows) once at
+    least ``min_examples`` distinct texts of it have arrived, counting rows
+    that waited in quarantine from earlier batches. Rows of a label below the
+    minimum go to quarantine (``quarantine/model=<name>/new-labels/``) with
+    the reason, and count toward it next time. Rows of a label the model has
+    since learned are no longer waiting. Rows in = rows kept + rows waiting.
+    """
+    known = set(known_labels)
+    unknown = rows[~rows["label"].isin(known)]
+    waiting = store.read_parquet_prefix(pending_prefix(model_name))
+    if len(waiting):
+        waiting = waiting[~waiting["label"].isin(known)].drop(columns=["reason"], errors="ignore")
+    key = lambda frame: frame["text"].astype(str).str.strip().str.lower()  # noqa: E731
+    earlier = waiting[~key(waiting).isin(set(key(unknown)))] if len(waiting) else waiting
+    both = pd.concat([unknown, earlier], ignore_index=True) if len(earlier) else unknown
+    counts = both.drop_duplicates(subset=["text"])["label"].value_counts()
+    ready = sorted(str(label) for label, n in counts.items() if n >= min_examples)
+    short = {str(label): (f"new label {label!r}: {n} row(s) so far, fewer than min_examples_per_new_label="
+                          f"{min_examples}; learned once enough arrive") for label, n in counts.items()
+             if n < min_examples}
+    below = unknown[~unknown["label"].isin(ready)]
+    if len(below):
+        store.put_parquet(pending_prefix(model_name) + f"{_stamp()}.parquet",
+                          below.astype({"text": str, "label": str}).assign(reason=below["label"].map(short)))
+    picked = [rows[rows["label"].isin(known)], unknown[unknown["label"].isin(ready)]]
+    from_earlier = earlier[earlier["label"].isin(ready)] if len(earlier) else earlier
+    if len(from_earlier):
+        picked.append(from_earlier[[c for c in rows.columns if c in from_earlier.columns]])
+    kept = pd.concat(picked, ignore_index=True)
+    return Admitted(kept, ready, len(below), len(from_earlier), short)
 
 
 @contextmanager
@@ -126,8 +188,12 @@ def fetched_labelled_file(uri: str, settings) -> Iterator[Path]:
         yield Path(uri)
 
 
-def read_labelled_file(path: str, known_labels: list[str], settings=None) -> pd.DataFrame:
-    """A hand-supplied labelled file (the hotfix path): text and label columns; a path or a URI."""
+def read_labelled_file(path: str, settings=None) -> pd.DataFrame:
+    """A hand-supplied labelled file (the hotfix path): text and label columns; a path or a URI.
+
+    Labels the model does not know are kept: the update's new-label policy
+    decides on them, as for delayed labels.
+    """
     from refit.data import load_table
     from refit.settings import Settings
 
@@ -135,7 +201,8 @@ def read_labelled_file(path: str, known_labels: list[str], settings=None) -> pd.
         frame = load_table(local)[["text", "label"]]
     if frame.empty:
         raise RefitError(f"hotfix file {path} has no rows")
-    unknown = sorted(set(frame["label"]) - set(known_labels))
-    if unknown:
-        raise RefitError(f"hotfix file {path} has labels the model does not know: {unknown[:5]}")
-    return frame
+    blank = frame["label"].isna() | (frame["label"].astype(str).str.strip() == "")
+    if blank.any():
+        raise RefitError(f"hotfix file {path}: {int(blank.sum())} row(s) have an empty label "
+                         f"(first at row {int(blank.to_numpy().argmax()) + 1})")
+    return frame.assign(label=frame["label"].astype(str))

@@ -93,25 +93,27 @@ def check_columns(frame: pd.DataFrame, required: list[str], what: str = "window"
                          f"(columns: {', '.join(map(str, frame.columns))})")
 
 
-def validate_labels(labels: pd.DataFrame, known_labels) -> tuple[pd.DataFrame, pd.DataFrame]:
+def validate_labels(labels: pd.DataFrame, known_labels=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a batch of label feedback into rows to keep and rows to quarantine (with a ``reason``).
 
-    Label feedback trains the next model, so a label the model does not know
-    (a typo, another model's label set, an attack) is never passed on, nor is
-    a row that cannot be joined to its request (no ``request_id``) or says
-    nothing (empty label). Labels are compared as strings. An empty batch is
+    Label feedback trains the next model, so a row that cannot be joined to
+    its request (no ``request_id``) or says nothing (empty label) is never
+    passed on; with ``known_labels``, neither is a label outside them (the
+    update flow passes ``None`` and sends unknown labels to the new-label
+    policy instead, ``tasks.ingest.admit_new_labels``). Labels are compared as strings. An empty batch is
     no error: it keeps and quarantines nothing.
 
     Raises:
         RefitError: the batch lacks the ``request_id`` or ``label`` column.
     """
     check_columns(labels, LABEL_REQUIRED, "label batch")
-    known = {str(label) for label in known_labels}
     reason = pd.Series("", index=labels.index, dtype=object)
     _mark(reason, labels["request_id"].map(_is_blank), "request_id is missing")
     blank_label = labels["label"].map(_is_blank)
     _mark(reason, blank_label, "label is empty")
-    _mark(reason, ~blank_label & ~labels["label"].map(lambda v: str(v) in known), "label not known to the model")
+    if known_labels is not None:
+        known = {str(label) for label in known_labels}
+        _mark(reason, ~blank_label & ~labels["label"].map(lambda v: str(v) in known), "label not known to the model")
     return _split(labels, reason)
 
 
