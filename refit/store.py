@@ -8,9 +8,13 @@ tests, so every stage is written once against ``ObjectStore``.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +54,22 @@ class ObjectStore(ABC):
     def create(self, key: str, data: bytes) -> bool:
         """Write ``data`` at ``key`` only if no object is there; False if one was (atomic: locks rest on it)."""
 
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object at ``key`` and a tag naming this version of it (S3's ETag); ``KeyError`` if absent.
+
+        Two reads return the same tag only if nobody wrote the key in between
+        (for objects whose bytes differ at every write, as locks' do).
+        """
+
+    @abstractmethod
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool:
+        """Overwrite ``key`` only if it is still the version ``tag``; False if it changed or is gone (atomic)."""
+
+    @abstractmethod
+    def delete_if(self, key: str, tag: str) -> bool:
+        """Delete ``key`` only if it is still the version ``tag``; False if it changed or is gone (atomic)."""
+
     def exists(self, key: str) -> bool:
         return key in self.list(key)
 
@@ -71,6 +91,10 @@ class ObjectStore(ABC):
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+# The file a local directory's conditional writes lock (``flock``); never listed as an object.
+CAS_GUARD = ".cas-guard"
+
+
 def _check_key(key: str) -> str:
     if not key or key.startswith("/") or ".." in key.split("/"):
         raise ValueError(f"invalid object key {key!r}")
@@ -85,6 +109,19 @@ class LocalStore(ObjectStore):
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
+
+    @contextmanager
+    def _exclusive(self, path: Path) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on the directory's guard file: conditional writes and deletes in
+        that directory take it, so a compare and the write that follows it are one step for every process
+        on this machine (a local store is one machine's, or one NFS mount with working locks)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / CAS_GUARD, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
 
     def _staged(self, path: Path, data: bytes) -> Path:
         """``data`` written whole to a hidden file beside ``path`` (``list`` skips ``.tmp-`` names)."""
@@ -125,7 +162,7 @@ class LocalStore(ObjectStore):
         keys = (
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+            if p.is_file() and not p.name.startswith(".tmp-") and p.name != CAS_GUARD
         )
         return sorted(k for k in keys if k.startswith(prefix))
 
@@ -144,6 +181,38 @@ class LocalStore(ObjectStore):
         finally:
             staged.unlink()
         return True
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool:
+        path = self._path(key)
+        staged = self._staged(path, data)
+        try:
+            with self._exclusive(path):
+                try:
+                    current = hashlib.sha256(path.read_bytes()).hexdigest()
+                except (FileNotFoundError, IsADirectoryError):
+                    return False
+                if current != tag:
+                    return False
+                os.replace(staged, path)
+                return True
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        path = self._path(key)
+        with self._exclusive(path):
+            try:
+                current = hashlib.sha256(path.read_bytes()).hexdigest()
+            except (FileNotFoundError, IsADirectoryError):
+                return False
+            if current != tag:
+                return False
+            path.unlink()
+            return True
 
     def uri(self, key: str = "") -> str:
         return (self.root / key).as_uri() if key else self.root.as_uri()
@@ -202,13 +271,59 @@ class S3Store(ObjectStore):
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
         except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if exc.response["Error"]["Code"] in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+        return True
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise KeyError(key) from exc
+            raise
+        return answer["Body"].read(), answer["ETag"]
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> bool:
+        """S3 conditional write (``If-Match: <ETag>``): refused with 412 if the object changed, 404 if gone."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=tag)
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        """S3 conditional delete (``If-Match: <ETag>`` on DeleteObject; AWS since 2025-09, moto, Ceph).
+
+        An endpoint that ignores the header deletes unconditionally: run the
+        store on one that honours it (README, threat model) where promotions
+        may race.
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=tag)
+        except ClientError as exc:
+            if _precondition_failed(exc):
                 return False
             raise
         return True
 
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
+
+
+def _precondition_failed(exc) -> bool:
+    """A conditional request refused: the object changed (412) or is gone (404 under ``If-Match``)."""
+    return exc.response["Error"]["Code"] in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409",
+                                             "NoSuchKey", "404")
 
 
 def open_store(settings: Settings) -> ObjectStore:

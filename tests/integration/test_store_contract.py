@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
@@ -326,10 +327,135 @@ def test_promotion_lock_admits_one_holder_at_a_time(store):
         with pytest.raises(PromotionConflict, match="holds the lock: holder"):
             with promotion_lock(store, "m", "late", wait_seconds=0.5):
                 pass
-    # A crashed holder's lock (expired) is broken, not waited on forever.
+    # A crashed holder's lock is broken once it stayed unchanged for a whole lease, not waited on forever.
     store.put_bytes(lock_key("m"), b'{"holder": "crashed", "expires": 0}')
-    with promotion_lock(store, "m", "next", wait_seconds=1):
+    started = time.monotonic()
+    with promotion_lock(store, "m", "next", ttl_seconds=0.5, wait_seconds=5):
         assert b"next" in store.get_bytes(lock_key("m"))
+    assert time.monotonic() - started >= 0.5
+
+
+def test_conditional_replace_and_delete_act_only_on_the_version_seen(store):
+    """The compare-and-swap the promotion lock rests on: If-Match on S3, a flock'd compare on the directory."""
+    assert store.create("locks/c.lock", b"mine")
+    data, tag = store.get_versioned("locks/c.lock")
+    assert data == b"mine"
+    assert store.replace_if("locks/c.lock", b"renewed", tag)
+    assert not store.replace_if("locks/c.lock", b"stale writer", tag)  # the version it saw is gone
+    assert not store.delete_if("locks/c.lock", tag)
+    assert store.get_bytes("locks/c.lock") == b"renewed"
+    _, renewed = store.get_versioned("locks/c.lock")
+    assert renewed != tag
+    assert store.delete_if("locks/c.lock", renewed)
+    assert not store.exists("locks/c.lock")
+    assert not store.delete_if("locks/c.lock", renewed) and not store.replace_if("locks/c.lock", b"x", renewed)
+    with pytest.raises(KeyError):
+        store.get_versioned("locks/c.lock")
+    assert store.list("locks/") == []  # the local store's flock guard is not an object
+
+
+def test_a_live_holder_past_its_lease_is_never_broken(store):
+    """A holder that keeps its lease (renewals) keeps the lock however long it holds it and whatever any clock
+    says; before, a waiter broke any lock whose wall-clock expiry had passed, and two holders overlapped."""
+    import threading
+    import time
+
+    from registry.versions import promotion_lock
+
+    inside, overlaps = [], []
+
+    def hold(name: str, seconds: float) -> None:
+        with promotion_lock(store, "m", name, ttl_seconds=0.6, wait_seconds=20):
+            inside.append(name)
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+            time.sleep(seconds)
+            inside.remove(name)
+
+    first = threading.Thread(target=hold, args=("long", 2.0))
+    first.start()
+    time.sleep(0.3)
+    second = threading.Thread(target=hold, args=("next", 0.1))
+    second.start()
+    first.join()
+    second.join()
+    assert overlaps == []
+
+
+def test_a_lock_whose_holder_died_is_broken_whatever_its_clock_claimed(store):
+    """A dead holder whose clock ran an hour ahead wrote an expiry far in the future: the waiter's own
+    monotonic watch breaks it after one lease, instead of waiting out the other machine's clock."""
+    import time
+
+    from registry.versions import lock_key, promotion_lock
+
+    store.put_bytes(lock_key("m"), json.dumps({"holder": "dead, clock ahead", "expires": time.time() + 3600,
+                                               "lease_seconds": 0.5}).encode())
+    with promotion_lock(store, "m", "next", ttl_seconds=0.5, wait_seconds=5):
+        assert b"next" in store.get_bytes(lock_key("m"))
+
+
+def test_two_waiters_break_an_expired_lock_once_and_never_delete_each_others(store):
+    """Two waiters read the same dead holder's lock at the same moment (lined up on their first read of it)
+    and both decide to break it. Before, both deleted it, and the slower one deleted the lock the faster one
+    had just taken; now the break is a delete of the version seen, which only one of them wins."""
+    import threading
+    import time
+
+    from registry.versions import lock_key, promotion_lock
+
+    key = lock_key("m")
+    lined_up, first_read = threading.Barrier(2, timeout=10), threading.local()
+
+    def line_up(read):  # a real read, but each waiter's first one waits for the other's
+        def wrapped(k, *args):
+            result = read(k, *args)
+            if k == key and not getattr(first_read, "done", False):
+                first_read.done = True
+                lined_up.wait()
+            return result
+        return wrapped
+
+    for name in ("get_bytes", "get_versioned"):
+        if hasattr(store, name):  # (the code before had get_bytes only)
+            object.__setattr__(store, name, line_up(getattr(store, name)))
+    store.put_bytes(key, json.dumps({"holder": "crashed", "expires": 0, "lease_seconds": 0.3}).encode())
+    inside, overlaps, done = [], [], []
+
+    def wait_and_hold(name: str) -> None:
+        with promotion_lock(store, "m", name, ttl_seconds=0.3, wait_seconds=20):
+            inside.append(name)
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+            time.sleep(0.25)
+            inside.remove(name)
+            done.append(name)
+
+    threads = [threading.Thread(target=wait_and_hold, args=(f"w{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and sorted(done) == ["w0", "w1"], (overlaps, done)
+    assert not store.exists(key)
+
+
+def test_a_holder_whose_lock_was_broken_is_fenced_and_releases_nothing(store):
+    """A paused holder (its lock broken and taken by another) learns so before any write, and its release
+    leaves the new holder's lock in place."""
+    from registry.versions import PromotionConflict, lock_key, promotion_lock
+
+    with promotion_lock(store, "m", "paused", ttl_seconds=30, wait_seconds=1) as stale:
+        stale.verify()  # still ours
+        store.delete(lock_key("m"))  # what a waiter does after watching it unchanged for a lease
+        with promotion_lock(store, "m", "new", ttl_seconds=30, wait_seconds=1) as fresh:
+            assert fresh.number > stale.number  # fencing numbers only grow
+            with pytest.raises(PromotionConflict, match="lost the promotion lock"):
+                stale.verify()
+            assert not stale.release()
+            assert b'"new"' in store.get_bytes(lock_key("m"))
+            fresh.verify()
+    assert not store.exists(lock_key("m"))
 
 
 def test_label_batch_far_from_the_models_predictions_is_quarantined_whole(store):
