@@ -9,10 +9,12 @@ thread while other threads may be inside runs of their own.
 from __future__ import annotations
 
 import json
+import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
 
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from refit.errors import RefitError
@@ -22,45 +24,66 @@ from registry.tracking import RUN_TYPE
 
 def roll_back(model_name: str, bad_version: int | None, reason: str, *, experiment_id: str,
               store=None, source: str = "manual", guard_html: str | None = None, guard_markdown: str | None = None,
-              guard_json: dict | None = None) -> dict:
+              guard_json: dict | None = None, restore_to: int | None = None) -> dict:
     """Make ``previous`` the champion again, if the champion is still ``bad_version``.
 
     ``bad_version`` None means whatever is champion now (the hand-run path).
-    The demoted version is tagged with the reason; ``previous`` is cleared,
-    so a second rollback never returns to the version just demoted. The
-    guard table, when given, is logged with the run. With ``store`` the
-    aliases move under the model's promotion lock, so a rollback never
-    interleaves with a promotion. Raises ``RefitError`` when there is nothing
-    to roll back to, or the champion has moved on.
+    The demoted version is tagged with the reason; ``previous`` is cleared
+    (inside the lock, with the alias move), so a second rollback never
+    returns to the version just demoted. The guard table, when given, is
+    logged with the run. With ``store`` the aliases move under the model's
+    promotion lock, fenced by its token, so a rollback never interleaves with
+    a promotion. Raises ``RefitError`` when there is nothing to roll back
+    to, or the champion has moved on.
+
+    Safe to call again after a failure part-way (the server retries an
+    automatic rollback until it lands): with ``restore_to``, a champion that is
+    already ``restore_to`` means the aliases moved on an earlier try, and only
+    the record is written; a version whose rollback run exists is not
+    recorded twice.
     """
     lock = versions.promotion_lock(store, model_name, f"rollback by {source}") if store is not None else nullcontext()
-    with lock:
-        bad_version, target = _move_aliases_back(model_name, bad_version)
+    with lock as lease:
+        bad_version, target = _move_aliases_back(model_name, bad_version, restore_to, lease)
     return _record(model_name, bad_version, target, reason, experiment_id, source, guard_html, guard_markdown,
                    guard_json)
 
 
-def _move_aliases_back(model_name: str, bad_version: int | None) -> tuple[int, int]:
-    """Champion back to previous, guarded; returns (demoted version, restored version)."""
+def _move_aliases_back(model_name: str, bad_version: int | None, restore_to: int | None,
+                       lease: versions.Lease | None) -> tuple[int, int]:
+    """Champion back to previous and ``previous`` cleared, fenced; returns (demoted version, restored version).
+
+    The champion moves first: a crash before ``previous`` is cleared leaves
+    ``previous`` naming the champion itself, which a second rollback refuses.
+    """
     current = versions.alias_version(model_name, versions.CHAMPION)
     target = versions.alias_version(model_name, versions.PREVIOUS)
+    if bad_version is not None and restore_to is not None and current == restore_to != bad_version:
+        return bad_version, restore_to  # an earlier try moved the aliases; the record is what is missing
     bad_version = current if bad_version is None else bad_version
     if current is None or current != bad_version:
         raise versions.PromotionConflict(
             f"champion of {model_name} is v{current}, not v{bad_version}: nothing to roll back")
     if target is None or target == bad_version:
         raise RefitError(f"model {model_name} has no previous champion to roll back to")
-    versions.promote(model_name, target, expected_champion=bad_version)
+    if lease is not None:
+        lease.fence(model_name)
+    versions.set_alias(model_name, versions.CHAMPION, target)
+    try:
+        MlflowClient().delete_registered_model_alias(model_name, versions.PREVIOUS)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
     return bad_version, target
 
 
 def _record(model_name: str, bad_version: int, target: int, reason: str, experiment_id: str, source: str,
             guard_html: str | None, guard_markdown: str | None, guard_json: dict | None) -> dict:
     client = MlflowClient()
-    try:
-        client.delete_registered_model_alias(model_name, versions.PREVIOUS)
-    except MlflowException:
-        pass
+    done = versions.version_tags(model_name, bad_version)
+    if done.get("refit.rollback_run_id"):  # recorded by an earlier try
+        return {"champion": target, "rolled_back": bad_version, "reason": done.get("refit.rolled_back", reason),
+                "run_id": done["refit.rollback_run_id"], "at": done.get("refit.rolled_back_at")}
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     versions.set_tags(model_name, bad_version, {"refit.rolled_back": reason, "refit.deployed": "rolled back",
                                                 "refit.rolled_back_by": source, "refit.rolled_back_at": when})
@@ -70,15 +93,20 @@ def _record(model_name: str, bad_version: int, target: int, reason: str, experim
         RUN_TYPE: "rollback", "refit.model": model_name, "refit.rolled_back_version": str(bad_version),
         "refit.restored_version": str(target), "refit.reason": reason[:5000], "refit.rolled_back_by": source})
     run_id = run.info.run_id
-    if guard_html:
-        client.log_text(run_id, guard_html, "guard.html")
-    if guard_markdown:
-        client.log_text(run_id, guard_markdown, "guard.md")
-    if guard_json:
-        client.log_text(run_id, json.dumps(guard_json, indent=2, default=str), "guard.json")
-        for side in ("new", "old"):
-            for key, value in guard_json.get(side, {}).items():
-                client.log_metric(run_id, f"{side}_{key}", float(value))
-    client.set_terminated(run_id)
+    status = "FAILED"
+    try:
+        if guard_html:
+            client.log_text(run_id, guard_html, "guard.html")
+        if guard_markdown:
+            client.log_text(run_id, guard_markdown, "guard.md")
+        if guard_json:
+            client.log_text(run_id, json.dumps(guard_json, indent=2, default=str), "guard.json")
+            metrics = [Metric(f"{side}_{key}", float(value), int(time.time() * 1000), 0)
+                       for side in ("new", "old") for key, value in guard_json.get(side, {}).items()]
+            if metrics:
+                client.log_batch(run_id, metrics=metrics)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)  # never left RUNNING, whatever failed above
     versions.set_tags(model_name, bad_version, {"refit.rollback_run_id": run_id})
     return {"champion": target, "rolled_back": bad_version, "reason": reason, "run_id": run_id, "at": when}

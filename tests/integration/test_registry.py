@@ -185,3 +185,93 @@ def test_runs_a_killed_update_left_running_are_closed_and_charged_their_estimate
     assert statuses == ["FINISHED", "RUNNING", "RUNNING", "FINISHED", "RUNNING", "RUNNING"]
     assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.006)
     assert tracking.close_abandoned_updates(experiment_id, MODEL, "again", ended) == []
+
+
+def _champion_2_previous_1(tmp_path) -> str:
+    """A fresh registry: v1 then v2 promoted (champion 2, previous 1), and v3 registered. Returns the experiment."""
+    experiment_id = tracking.configure(Settings(home=tmp_path / "home"))
+    for i in (1, 2, 3):
+        versions.register(MODEL, _run_with_adapter(experiment_id, tmp_path, f"weights-{i}"), {})
+    versions.promote(MODEL, 1, expected_champion=None)
+    versions.promote(MODEL, 2, expected_champion=1)
+    return experiment_id
+
+
+def test_a_stale_lease_cannot_write_the_aliases(tmp_path):
+    """The fencing token is checked at the alias write: a holder whose lock was broken (a paused process),
+    or one whose number is below what a later holder already wrote, writes nothing."""
+    from refit.store import LocalStore
+
+    _champion_2_previous_1(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    with versions.promotion_lock(store, MODEL, "paused holder") as stale:
+        store.delete(versions.lock_key(MODEL))  # broken by a waiter while this holder was paused
+        with versions.promotion_lock(store, MODEL, "new holder", wait_seconds=1):
+            pass
+        with pytest.raises(versions.PromotionConflict, match="lost the promotion lock"):
+            versions.promote(MODEL, 3, expected_champion=2, lease=stale)
+    assert versions.alias_version(MODEL, versions.CHAMPION) == 2
+
+    with versions.promotion_lock(store, MODEL, "late holder") as late:
+        # The registry remembers the highest number that wrote it; a later one got there between our check and write.
+        MlflowClient().set_registered_model_tag(MODEL, versions.FENCE_TAG, str(late.number + 5))
+        with pytest.raises(versions.PromotionConflict, match="stale"):
+            versions.promote(MODEL, 3, expected_champion=2, lease=late)
+    assert versions.alias_version(MODEL, versions.CHAMPION) == 2
+
+    MlflowClient().delete_registered_model_tag(MODEL, versions.FENCE_TAG)  # (that later holder was made up)
+    with versions.promotion_lock(store, MODEL, "next holder") as lease:
+        assert versions.promote(MODEL, 3, expected_champion=2, lease=lease) == 2
+    assert versions.alias_version(MODEL, versions.CHAMPION) == 3
+    assert MlflowClient().get_registered_model(MODEL).tags[versions.FENCE_TAG] == str(lease.number)
+
+
+def test_rollback_clears_previous_before_it_releases_the_lock(tmp_path):
+    """Before, ``previous`` was cleared after the lock was released: a promotion in between lost its
+    ``previous`` to the rollback's late delete. The store here is the real local store, watched at release."""
+    from refit.store import LocalStore
+    from registry.rollout import roll_back
+
+    experiment_id = _champion_2_previous_1(tmp_path)
+    at_release = []
+
+    class Watched(LocalStore):
+        def _released(self, key: str) -> None:
+            if key == versions.lock_key(MODEL):
+                at_release.append((versions.alias_version(MODEL, versions.CHAMPION),
+                                   versions.alias_version(MODEL, versions.PREVIOUS)))
+
+        def delete_if(self, key: str, tag: str) -> bool:
+            self._released(key)
+            return super().delete_if(key, tag)
+
+        def delete(self, key: str) -> None:  # (how the code before released it)
+            self._released(key)
+            super().delete(key)
+
+    result = roll_back(MODEL, 2, "bad", experiment_id=experiment_id, store=Watched(tmp_path / "store"))
+    assert (result["champion"], result["rolled_back"]) == (1, 2)
+    assert at_release == [(1, None)]
+
+
+def test_a_rollback_whose_record_fails_closes_its_run_and_a_retry_records_it_once(tmp_path):
+    """The rollback run is closed in a finally (before, a failure left it RUNNING); the server's retry, told
+    where it went back to, finds the aliases already moved and writes the record that is missing, once."""
+    from registry.rollout import roll_back
+
+    experiment_id = _champion_2_previous_1(tmp_path)
+    with pytest.raises(ValueError):
+        roll_back(MODEL, 2, "bad", experiment_id=experiment_id, guard_json={"new": {"latency": "not a number"}})
+    client = MlflowClient()
+    runs = client.search_runs([experiment_id], "tags.`refit.run_type` = 'rollback'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert versions.alias_version(MODEL, versions.CHAMPION) == 1
+    assert versions.alias_version(MODEL, versions.PREVIOUS) is None
+
+    first = roll_back(MODEL, 2, "bad", experiment_id=experiment_id, restore_to=1)
+    again = roll_back(MODEL, 2, "bad", experiment_id=experiment_id, restore_to=1)
+    assert first["run_id"] == again["run_id"] == versions.version_tags(MODEL, 2)["refit.rollback_run_id"]
+    runs = client.search_runs([experiment_id], "tags.`refit.run_type` = 'rollback'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    with pytest.raises(versions.PromotionConflict):  # without being told, a moved champion is someone else's doing
+        roll_back(MODEL, 2, "bad", experiment_id=experiment_id)
