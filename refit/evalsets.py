@@ -124,8 +124,8 @@ def grown(golden: Golden, fresh: pd.DataFrame, max_per_label: int) -> pd.DataFra
     present = set(golden.frame["text"].str.strip().str.lower())
     new = new[~new["text"].str.strip().str.lower().isin(present)].assign(added=golden.version + 1)
     both = pd.concat([golden.frame, new[GOLDEN_COLUMNS]], ignore_index=True)
-    # Newest first within each label (stable, so equal versions keep their order), then the first max_per_label.
-    order = both.assign(_row=np.arange(len(both))).sort_values(["added", "_row"], ascending=[False, True])
+    # Newest first within each label (a later version, then a later row), then the first max_per_label.
+    order = both.assign(_row=np.arange(len(both))).sort_values(["added", "_row"], ascending=False)
     kept = order.groupby("label", sort=False).head(max_per_label)
     return both.loc[sorted(kept.index)].reset_index(drop=True)
 

@@ -217,18 +217,23 @@ def build(scenario: Scenario, frame: pd.DataFrame) -> ScenarioData:
     used = set(sparse.index)
     e = scenario.evaluation
     golden = data.stratified_sample(frame[ref & (split == "test")], e.golden_max_rows, rng)
+    externals = [data.stratified_sample(frame[frame["group"].isin(spec.groups) & (split == "test")],
+                                        e.shifted_max_rows, rng) for spec in shifts]
+    # A text that also sits in the test split (CLINC150 repeats a few) is never trained on or served.
+    evaluated = data.text_hashes(pd.concat([golden, *externals])["text"])
+    unseen = ~frame["text"].map(data.text_hash).isin(evaluated)
+    train = train[unseen.loc[train.index]]
     shift_data, pools = [], []
-    for k, spec in enumerate(shifts):
+    for k, (spec, external) in enumerate(zip(shifts, externals)):
         n_shift = round(spec.rows * spec.share)
         in_groups = frame["group"].isin(spec.groups)
-        pool = frame[in_groups & (split == "train")].drop(list(used), errors="ignore")
+        pool = frame[in_groups & (split == "train") & unseen].drop(list(used), errors="ignore")
         pool = pool.sample(frac=1.0, random_state=scenario.seed + k)
         shifted_part = pool.iloc[:n_shift]
         used |= set(shifted_part.index)
         steady_part = _cycle(ref_val, steady_at, spec.rows - len(shifted_part))
         steady_at += len(steady_part)
         window = pd.concat([shifted_part, steady_part]).sample(frac=1.0, random_state=scenario.seed + 1 + k)
-        external = data.stratified_sample(frame[in_groups & (split == "test")], e.shifted_max_rows, rng)
         shift_data.append((spec, window, external))
         pools.append(pool.iloc[n_shift:])
 

@@ -247,3 +247,20 @@ def test_partly_bad_window_is_checked_and_bad_rows_quarantined(demo_home):
                                              "duplicate request_id": 1}
     quarantined = pd.concat(pd.read_parquet(p) for p in store.glob("quarantine/model=intent-classifier/inference/*"))
     assert len(quarantined) >= 4 and set(verdict["quarantine_reasons"]) <= set(quarantined["reason"])
+
+
+def test_second_demo_in_the_same_home_starts_the_story_again(demo_home):
+    """Last in this module: it replaces the demo's store data (the tests above read the first run's)."""
+    home, env, first = demo_home
+    from mlflow import MlflowClient
+
+    client = MlflowClient(first["mlflow_tracking_uri"])
+    experiment = client.get_experiment_by_name("refit")
+    runs_before = len(client.search_runs([experiment.experiment_id]))
+    proc = run_cli(["demo", "--json", "--scenario", "clinc-shift-small"], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = last_json(proc.stdout)
+    assert again["champion_before"] > first["champion_after"]  # a new v1 lineage; MLflow keeps the first
+    assert again["champion_after"] == again["champion_before"] + 1 and not again["poisoned_hotfix_promoted"]
+    assert not again["no_drift_window_triggered"]  # the first run's traffic was forgotten, not re-read
+    assert len(client.search_runs([experiment.experiment_id])) > runs_before

@@ -13,15 +13,14 @@ from refit.store import S3Store
 from tasks.ingest import read_labelled_file
 
 ROWS = pd.DataFrame({"text": ["book a flight", "what's my balance"], "label": ["book_flight", "balance"]})
-KNOWN = ["book_flight", "balance", "oos"]
 
 
 def test_local_path_and_file_uri(tmp_path):
     path = tmp_path / "fixes.csv"
     ROWS.to_csv(path, index=False)
     settings = Settings(home=tmp_path / "home")
-    pd.testing.assert_frame_equal(read_labelled_file(str(path), KNOWN, settings), ROWS)
-    pd.testing.assert_frame_equal(read_labelled_file(path.as_uri(), KNOWN, settings), ROWS)
+    pd.testing.assert_frame_equal(read_labelled_file(str(path), settings), ROWS)
+    pd.testing.assert_frame_equal(read_labelled_file(path.as_uri(), settings), ROWS)
 
 
 def test_s3_uri_is_read_through_the_configured_endpoint(tmp_path, s3_endpoint, monkeypatch):
@@ -34,18 +33,19 @@ def test_s3_uri_is_read_through_the_configured_endpoint(tmp_path, s3_endpoint, m
     store.ensure_bucket()
     store.put_parquet("tickets/T-42/fixes.parquet", ROWS)
     settings = Settings(home=tmp_path / "home", s3_endpoint_url=s3_endpoint)
-    got = read_labelled_file(f"s3://{bucket}/tickets/T-42/fixes.parquet", KNOWN, settings)
+    got = read_labelled_file(f"s3://{bucket}/tickets/T-42/fixes.parquet", settings)
     pd.testing.assert_frame_equal(got.reset_index(drop=True), ROWS)
     assert list((tmp_path / "tmp").iterdir()) == []  # the fetched copy is gone once read
     with pytest.raises(RefitError, match="does not exist"):
-        read_labelled_file(f"s3://{bucket}/tickets/T-42/missing.csv", KNOWN, settings)
+        read_labelled_file(f"s3://{bucket}/tickets/T-42/missing.csv", settings)
 
 
-def test_unknown_scheme_and_unknown_labels_are_named(tmp_path):
+def test_unknown_scheme_and_empty_labels_are_named(tmp_path):
+    """Unknown labels are read (the update's new-label policy decides on them); an empty one is an error."""
     settings = Settings(home=tmp_path / "home")
     with pytest.raises(RefitError, match="only local paths, file:// and s3://"):
-        read_labelled_file("https://example.com/fixes.csv", KNOWN, settings)
+        read_labelled_file("https://example.com/fixes.csv", settings)
     path = tmp_path / "fixes.csv"
-    ROWS.to_csv(path, index=False)
-    with pytest.raises(RefitError, match="labels the model does not know"):
-        read_labelled_file(str(path), ["oos"], settings)
+    ROWS.assign(label=["book_flight", "   "]).to_csv(path, index=False)
+    with pytest.raises(RefitError, match=r"1 row\(s\) have an empty label \(first at row 2\)"):
+        read_labelled_file(str(path), settings)

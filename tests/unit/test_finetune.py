@@ -242,8 +242,8 @@ def test_only_a_shortfall_in_improvement_escalates():
     from tasks.finetune import escalates
 
     policy, _ = load_update_policy()
-    assert escalates(["shifted_accuracy_gain"], policy)
-    assert escalates(["shifted_accuracy_gain", "shifted_gain_lower_bound"], policy)
+    assert escalates(["fresh_accuracy_gain"], policy)
+    assert escalates(["fresh_accuracy_gain", "fresh_gain_lower_bound"], policy)
     assert not escalates(["golden_accuracy_loss"], policy)  # a poisoned update stops at the first rung
-    assert not escalates(["shifted_accuracy_gain", "worst_slice_loss (golden/banking)"], policy)
+    assert not escalates(["fresh_accuracy_gain", "worst_slice_loss (golden/banking)"], policy)
     assert not escalates([], policy)  # passed: nothing to escalate

@@ -8,20 +8,20 @@ import pytest
 from tasks.evaluate import Evaluation, SliceMetrics
 from tasks.gate import GatePolicy, Verdict, decide, gate, load_gate_policy, paired_bootstrap
 
-POLICY = GatePolicy(min_shifted_improvement=0.05, max_golden_regression=0.02,
+POLICY = GatePolicy(min_fresh_improvement=0.05, max_golden_regression=0.02,
                     max_update_cost_usd=0.50, max_inference_cost_ratio=1.5)
-RULES = ["shifted_accuracy_gain", "golden_accuracy_loss", "update_cost_usd", "inference_cost_ratio"]
+RULES = ["fresh_accuracy_gain", "golden_accuracy_loss", "update_cost_usd", "inference_cost_ratio"]
 
 
-def evaluation(golden: float, shifted: float, cost_per_1k: float = 0.001) -> Evaluation:
+def evaluation(golden: float, fresh: float, cost_per_1k: float = 0.001) -> Evaluation:
     return Evaluation(
-        slices={"golden": SliceMetrics(400, golden, golden, 0.8), "shifted": SliceMetrics(400, shifted, shifted, 0.7)},
+        slices={"golden": SliceMetrics(400, golden, golden, 0.8), "fresh": SliceMetrics(400, fresh, fresh, 0.7)},
         cpu_seconds_per_1k=cost_per_1k / 0.048 * 3600,
         cost_per_1k_usd=cost_per_1k,
     )
 
 
-CHAMPION = evaluation(golden=0.90, shifted=0.40)
+CHAMPION = evaluation(golden=0.90, fresh=0.40)
 
 
 def rule(verdict: Verdict, name: str):
@@ -37,63 +37,68 @@ def test_shipped_gate_policy_loads():
 
 
 def test_passes_when_every_rule_passes():
-    verdict = decide(CHAMPION, evaluation(golden=0.895, shifted=0.60), 0.10, POLICY)
+    verdict = decide(CHAMPION, evaluation(golden=0.895, fresh=0.60), 0.10, POLICY)
     assert verdict.passed
     assert [r.name for r in verdict.rules] == RULES
     assert all(r.passed for r in verdict.rules) and verdict.failed == []
     assert verdict.summary == "promote: all rules passed"
-    assert rule(verdict, "shifted_accuracy_gain").value == pytest.approx(0.20)
+    assert rule(verdict, "fresh_accuracy_gain").value == pytest.approx(0.20)
     assert rule(verdict, "golden_accuracy_loss").value == pytest.approx(0.005)
     assert rule(verdict, "inference_cost_ratio").value == pytest.approx(1.0)
 
 
 def test_golden_regression_beyond_limit_fails_and_is_named():
-    verdict = decide(CHAMPION, evaluation(golden=0.85, shifted=0.70), 0.10, POLICY)
+    verdict = decide(CHAMPION, evaluation(golden=0.85, fresh=0.70), 0.10, POLICY)
     assert not verdict.passed
     assert [r.name for r in verdict.failed] == ["golden_accuracy_loss"]
     assert verdict.summary.startswith("refuse: ")
     assert "golden_accuracy_loss failed: +0.0500 (must be <= +0.0200)" in verdict.summary
-    assert "shifted_accuracy_gain" not in verdict.summary  # passed rules are not reasons
+    assert "fresh_accuracy_gain" not in verdict.summary  # passed rules are not reasons
 
 
 def test_too_small_improvement_fails():
-    verdict = decide(CHAMPION, evaluation(golden=0.90, shifted=0.42), 0.10, POLICY)
-    assert [r.name for r in verdict.failed] == ["shifted_accuracy_gain"]
+    verdict = decide(CHAMPION, evaluation(golden=0.90, fresh=0.42), 0.10, POLICY)
+    assert [r.name for r in verdict.failed] == ["fresh_accuracy_gain"]
     assert "+0.0200 (must be >= +0.0500)" in verdict.summary
 
 
 def test_too_costly_update_fails():
-    verdict = decide(CHAMPION, evaluation(golden=0.90, shifted=0.70), 0.75, POLICY)
+    verdict = decide(CHAMPION, evaluation(golden=0.90, fresh=0.70), 0.75, POLICY)
     assert not verdict.passed
     assert [r.name for r in verdict.failed] == ["update_cost_usd"]
     assert "update_cost_usd failed: +0.7500 (must be <= +0.5000)" in verdict.summary
 
 
 def test_inference_cost_ratio_rule():
-    pricier = decide(CHAMPION, evaluation(golden=0.90, shifted=0.70, cost_per_1k=0.002), 0.10, POLICY)
+    pricier = decide(CHAMPION, evaluation(golden=0.90, fresh=0.70, cost_per_1k=0.002), 0.10, POLICY)
     assert [r.name for r in pricier.failed] == ["inference_cost_ratio"]
     assert rule(pricier, "inference_cost_ratio").value == pytest.approx(2.0)
-    affordable = decide(CHAMPION, evaluation(golden=0.90, shifted=0.70, cost_per_1k=0.0014), 0.10, POLICY)
+    affordable = decide(CHAMPION, evaluation(golden=0.90, fresh=0.70, cost_per_1k=0.0014), 0.10, POLICY)
     assert affordable.passed and rule(affordable, "inference_cost_ratio").value == pytest.approx(1.4)
-    free_champion = evaluation(golden=0.90, shifted=0.40, cost_per_1k=0.0)
-    unmeasured = decide(free_champion, evaluation(golden=0.90, shifted=0.70), 0.10, POLICY)
-    assert rule(unmeasured, "inference_cost_ratio").passed  # no division by zero
+    free_champion = evaluation(golden=0.90, fresh=0.40, cost_per_1k=0.0)
+    # A champion measured at zero cost: a challenger that costs anything is infinitely dearer, and refused
+    # (it passed before, while the rollout guards called the same ratio infinite); two zeros are equal.
+    dearer = decide(free_champion, evaluation(golden=0.90, fresh=0.70), 0.10, POLICY)
+    assert not rule(dearer, "inference_cost_ratio").passed
+    assert rule(dearer, "inference_cost_ratio").value == float("inf")
+    both_free = decide(free_champion, evaluation(golden=0.90, fresh=0.70, cost_per_1k=0.0), 0.10, POLICY)
+    assert rule(both_free, "inference_cost_ratio").passed
 
 
 def test_several_failures_are_all_reported():
-    verdict = decide(CHAMPION, evaluation(golden=0.80, shifted=0.40, cost_per_1k=0.01), 9.0, POLICY)
+    verdict = decide(CHAMPION, evaluation(golden=0.80, fresh=0.40, cost_per_1k=0.01), 9.0, POLICY)
     assert [r.name for r in verdict.failed] == RULES
     for name in RULES:
         assert f"{name} failed" in verdict.summary
 
 
 def test_value_exactly_at_the_limit_passes():
-    at_limit = decide(evaluation(golden=0.90, shifted=0.10), evaluation(golden=0.88, shifted=0.15), 0.10, POLICY)
+    at_limit = decide(evaluation(golden=0.90, fresh=0.10), evaluation(golden=0.88, fresh=0.15), 0.10, POLICY)
     assert at_limit.passed, at_limit.summary
 
 
 def test_reports_contain_every_rule():
-    verdict = decide(CHAMPION, evaluation(golden=0.85, shifted=0.70), 0.10, POLICY)
+    verdict = decide(CHAMPION, evaluation(golden=0.85, fresh=0.70), 0.10, POLICY)
     as_dict = verdict.to_dict()
     assert as_dict["passed"] is False and as_dict["summary"] == verdict.summary
     assert [r["name"] for r in as_dict["rules"]] == RULES
@@ -109,9 +114,9 @@ def test_reports_contain_every_rule():
 
 
 def test_prefect_task_plain_function():
-    verdict = gate.fn(CHAMPION, evaluation(golden=0.90, shifted=0.70), 0.10, POLICY)
+    verdict = gate.fn(CHAMPION, evaluation(golden=0.90, fresh=0.70), 0.10, POLICY)
     assert isinstance(verdict, Verdict) and verdict.passed
-    assert verdict == decide(CHAMPION, evaluation(golden=0.90, shifted=0.70), 0.10, POLICY)
+    assert verdict == decide(CHAMPION, evaluation(golden=0.90, fresh=0.70), 0.10, POLICY)
 
 
 # --- Per-example, per-slice, latency and budget rules -------------------------------------------
@@ -124,18 +129,18 @@ def hits(n: int, accuracy: float, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(out)
 
 
-def measured(golden: np.ndarray, shifted: np.ndarray, groups: dict[str, float] | None = None,
+def measured(golden: np.ndarray, fresh: np.ndarray, groups: dict[str, float] | None = None,
              latency_p95: float = 10.0, cost_per_1k: float = 0.001) -> Evaluation:
     """An evaluation whose set accuracies come from per-example hits, as ``tasks.evaluate`` makes them."""
     slices = {"golden": SliceMetrics(len(golden), float(golden.mean()), 0.0, 0.8),
-              "shifted": SliceMetrics(len(shifted), float(shifted.mean()), 0.0, 0.7)}
+              "fresh": SliceMetrics(len(fresh), float(fresh.mean()), 0.0, 0.7)}
     return Evaluation(slices, cpu_seconds_per_1k=cost_per_1k / 0.048 * 3600, cost_per_1k_usd=cost_per_1k,
                       groups={name: SliceMetrics(100, acc, acc, 0.8) for name, acc in (groups or {}).items()},
-                      correct={"golden": golden, "shifted": shifted}, latency_ms_p50=latency_p95 / 2,
+                      correct={"golden": golden, "fresh": fresh}, latency_ms_p50=latency_p95 / 2,
                       latency_ms_p95=latency_p95)
 
 
-FULL = GatePolicy(min_shifted_improvement=0.05, require_significant_improvement=True, max_golden_regression=0.02,
+FULL = GatePolicy(min_fresh_improvement=0.05, require_significant_improvement=True, max_golden_regression=0.02,
                   max_slice_regression=0.10, max_update_cost_usd=0.50, max_inference_cost_ratio=1.5,
                   max_latency_p95_ratio=1.5)
 
@@ -152,23 +157,23 @@ def test_paired_bootstrap_interval_holds_the_mean_difference_and_is_repeatable()
 def test_gain_that_could_be_noise_is_refused_when_policy_requires_significance():
     champion = measured(hits(400, 0.90, 0), hits(40, 0.50, 1))
     # 6 more right answers of 40 clears the 5-point minimum, but 40 examples cannot tell it from luck
-    lucky = measured(hits(400, 0.90, 0), np.where(np.arange(40) < 6, 1.0, champion.correct["shifted"]))
+    lucky = measured(hits(400, 0.90, 0), np.where(np.arange(40) < 6, 1.0, champion.correct["fresh"]))
     verdict = decide(champion, lucky, 0.10, FULL)
-    gain = rule(verdict, "shifted_accuracy_gain")
+    gain = rule(verdict, "fresh_accuracy_gain")
     assert gain.passed and gain.ci_low is not None and gain.ci_low <= gain.value <= gain.ci_high
-    bound = rule(verdict, "shifted_gain_lower_bound")
+    bound = rule(verdict, "fresh_gain_lower_bound")
     assert not bound.passed and not verdict.passed
-    assert "shifted_gain_lower_bound failed" in verdict.summary
+    assert "fresh_gain_lower_bound failed" in verdict.summary
     relaxed = decide(champion, lucky, 0.10, FULL.model_copy(update={"require_significant_improvement": False}))
     assert relaxed.passed, relaxed.summary
 
 
 def test_poisoned_update_is_refused_by_golden_and_slice_rules():
-    groups = {"golden/banking": 0.95, "golden/home": 0.90, "shifted/travel": 0.40}
+    groups = {"golden/banking": 0.95, "golden/home": 0.90, "fresh/ungrouped": 0.40}
     champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1), groups)
-    # Better on the shifted set, but it unlearned banking: golden falls and one slice collapses.
+    # Better on the fresh holdout, but it unlearned banking: golden falls and one slice collapses.
     poisoned = measured(hits(1000, 0.80, 2), hits(1000, 0.60, 3),
-                        {"golden/banking": 0.30, "golden/home": 0.90, "shifted/travel": 0.70})
+                        {"golden/banking": 0.30, "golden/home": 0.90, "fresh/ungrouped": 0.70})
     verdict = decide(champion, poisoned, 0.10, FULL)
     failed = [r.name for r in verdict.failed]
     assert failed == ["golden_accuracy_loss", "worst_slice_loss (golden/banking)"]
@@ -187,7 +192,7 @@ def test_small_slices_are_not_judged():
 
 def test_better_but_too_costly_challenger_is_refused():
     champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1), latency_p95=10.0, cost_per_1k=0.001)
-    better = dict(golden=hits(1000, 0.91, 2), shifted=hits(1000, 0.80, 3))
+    better = dict(golden=hits(1000, 0.91, 2), fresh=hits(1000, 0.80, 3))
     slow = decide(champion, measured(**better, latency_p95=25.0), 0.10, FULL)
     assert [r.name for r in slow.failed] == ["latency_p95_ratio"]
     assert rule(slow, "latency_p95_ratio").value == pytest.approx(2.5)
@@ -201,6 +206,6 @@ def test_better_but_too_costly_challenger_is_refused():
 def test_interval_is_shown_in_every_report():
     champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1))
     verdict = decide(champion, measured(hits(1000, 0.90, 2), hits(1000, 0.70, 3)), 0.10, FULL)
-    gain = rule(verdict, "shifted_accuracy_gain")
+    gain = rule(verdict, "fresh_accuracy_gain")
     assert gain.interval in verdict.markdown() and gain.interval in verdict.html("g")
     assert gain.interval.startswith("[+0.2") or gain.interval.startswith("[+0.3")

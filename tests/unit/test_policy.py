@@ -10,7 +10,7 @@ from tasks.finetune import UpdatePolicy
 from tasks.gate import GatePolicy
 
 GATE_YAML = """\
-min_shifted_improvement: 0.05
+min_fresh_improvement: 0.05
 max_golden_regression: 0.02
 max_update_cost_usd: 0.50
 max_inference_cost_ratio: 1.5
@@ -75,7 +75,7 @@ def test_wrong_type_in_update_policy(tmp_path):
 def test_invalid_and_empty_yaml(tmp_path):
     with pytest.raises(RefitError, match="not valid YAML"):
         load_policy(GatePolicy, write(tmp_path, "a: [unclosed\n", "bad.yaml"))
-    with pytest.raises(RefitError, match="min_shifted_improvement"):
+    with pytest.raises(RefitError, match="min_fresh_improvement"):
         load_policy(GatePolicy, write(tmp_path, "", "empty.yaml"))
 
 

@@ -10,7 +10,7 @@ from refit import data, scenario
 from refit.data import text_hashes
 from refit.errors import RefitError
 
-SHIPPED = ["clinc-shift", "clinc-shift-small"]
+SHIPPED = ["clinc-shift", "clinc-shift-small"]  # the one-shift form; clinc-three-shifts below
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_evaluation_sets_respect_their_max_rows(clinc):
 def test_unknown_group_is_refused(clinc):
     sc, _ = scenario.load_scenario("clinc-shift-small")
     broken = sc.model_copy(update={"shift": scenario.Shift(groups=["travel", "no_such_domain"])})
-    with pytest.raises(RefitError, match="shift.groups") as info:
+    with pytest.raises(RefitError, match="shift shift: groups") as info:
         scenario.build(broken, clinc)
     assert "no_such_domain" in str(info.value)
 
@@ -150,3 +150,67 @@ def test_poison_changes_every_label(built):
     assert d.hotfix["label"].tolist() != poisoned["label"].tolist()  # the input frame is not changed in place
     two = scenario.poison(pd.DataFrame({"text": ["x", "y"], "label": ["a", "b"]}), ["a", "b"], seed=0)
     assert two["label"].tolist() == ["b", "a"]
+
+
+# --- Several shifts ---------------------------------------------------------------------------------------
+
+
+def test_the_one_shift_form_is_a_one_element_list():
+    sc, _ = scenario.load_scenario("clinc-shift")
+    [only] = sc.shift_list()
+    assert (only.name, only.groups, only.rows) == ("shift", sc.shift.groups, sc.windows.shifted_rows)
+    assert (only.share, only.labelled_share) == (sc.windows.shifted_share, sc.windows.labelled_share)
+
+
+@pytest.fixture(scope="module")
+def three(clinc):
+    sc, _ = scenario.load_scenario("clinc-three-shifts")
+    return sc, scenario.build(sc, clinc)
+
+
+def test_three_shifts_bring_labels_v1_never_saw(three):
+    sc, d = three
+    assert [s.name for s in d.shifts] == [s.name for s in sc.shifts]
+    # v1 knows the reference and sparse groups only; the later shifts' groups are new to it.
+    assert set(d.train["group"]) == set(sc.reference.groups) | set(sc.reference.sparse_groups)
+    assert set(d.labels) == set(d.train["label"])
+    sparse = d.train[d.train["group"].isin(sc.reference.sparse_groups)]
+    assert sparse["label"].value_counts().max() == sc.reference.sparse_per_label
+    first, *later = d.shifts
+    assert set(first.window.loc[first.window["group"].isin(first.groups), "label"]) <= set(d.labels)
+    for shift in later:
+        in_shift = shift.window[shift.window["group"].isin(shift.groups)]
+        assert not set(in_shift["label"]) & set(d.labels), shift.name
+        assert set(shift.external["group"]) == set(shift.groups)
+
+
+def test_each_shift_window_has_its_size_and_share_and_never_repeats_another(three, clinc):
+    sc, d = three
+    test_texts = set(clinc.loc[clinc["split"] == "test", "text"])
+    seen: set[str] = set()
+    for spec, shift in zip(sc.shifts, d.shifts):
+        assert len(shift.window) == spec.rows
+        assert shift.window["group"].isin(spec.groups).mean() == pytest.approx(spec.share, abs=0.01)
+        shifted_texts = set(shift.window.loc[shift.window["group"].isin(spec.groups), "text"])
+        assert not shifted_texts & seen and not shifted_texts & set(d.train["text"])
+        seen |= shifted_texts
+        assert set(shift.external["text"]) <= test_texts
+        assert not text_hashes(shift.external["text"]) & text_hashes(shift.window["text"])
+
+
+def test_both_shift_forms_at_once_are_refused(tmp_path):
+    def both(raw):
+        raw["shifts"] = [{"name": "a", "groups": ["travel"], "rows": 100, "share": 0.5, "labelled_share": 0.5}]
+    with pytest.raises(RefitError, match="not both"):
+        scenario.load_scenario(_yaml_variant(tmp_path, both))
+
+
+def test_a_shifts_scenario_needs_no_one_shift_keys(tmp_path):
+    def only_shifts(raw):
+        del raw["shift"]
+        for key in ("shifted_rows", "shifted_share", "labelled_share"):
+            del raw["windows"][key]
+        raw["shifts"] = [{"name": "one", "groups": ["travel"], "rows": 100, "share": 0.5, "labelled_share": 0.5},
+                         {"name": "two", "groups": ["meta"], "rows": 100, "share": 0.5, "labelled_share": 0.5}]
+    sc, _ = scenario.load_scenario(_yaml_variant(tmp_path, only_shifts))
+    assert [s.name for s in sc.shift_list()] == ["one", "two"]
