@@ -1,8 +1,8 @@
 # The serving image: `refit serve` on the champion, CPU only.
-#   docker build -f infra/serving.Dockerfile -t refit-serving:latest .
-#   docker run -p 127.0.0.1:8000:8000 -e REFIT_MLFLOW_TRACKING_URI=... -e REFIT_STORE=s3 ... refit-serving:latest
+#   docker build -f infra/serving.Dockerfile -t refit-serving:0.1.0 .
+#   docker run -p 127.0.0.1:8000:8000 -e REFIT_MLFLOW_TRACKING_URI=... -e REFIT_STORE=s3 ... refit-serving:0.1.0
 # Kubernetes: infra/k8s/serving/ (readiness on /readyz, liveness on /healthz).
-FROM python:3.11-slim
+FROM python:3.11.11-slim-bookworm
 WORKDIR /opt/refit
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 \
