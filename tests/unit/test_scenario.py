@@ -214,3 +214,32 @@ def test_a_shifts_scenario_needs_no_one_shift_keys(tmp_path):
                          {"name": "two", "groups": ["meta"], "rows": 100, "share": 0.5, "labelled_share": 0.5}]
     sc, _ = scenario.load_scenario(_yaml_variant(tmp_path, only_shifts))
     assert [s.name for s in sc.shift_list()] == ["one", "two"]
+
+
+def test_a_user_csv_with_groups_and_several_shifts_builds(tmp_path, clinc):
+    """A team's own file: text, label and group columns, no split column; later shifts to groups v1 never saw."""
+    domains = ["banking", "home", "travel", "utility", "meta"]
+    rows = clinc[clinc["group"].isin(domains)].rename(columns={"group": "product", "text": "utterance",
+                                                                "label": "intent"})
+    rows[["utterance", "intent", "product"]].to_csv(tmp_path / "tickets.csv", index=False)
+    spec = {
+        "name": "tickets", "seed": 1,
+        "source": {"kind": "file", "path": str(tmp_path / "tickets.csv"), "text_column": "utterance",
+                   "label_column": "intent", "group_column": "product"},
+        "reference": {"groups": ["banking", "home"], "sparse_groups": ["travel"], "sparse_per_label": 3},
+        "shifts": [{"name": "travel", "groups": ["travel"], "rows": 300, "share": 0.6, "labelled_share": 0.5},
+                   {"name": "utility", "groups": ["utility"], "rows": 300, "share": 0.6, "labelled_share": 0.5},
+                   {"name": "meta", "groups": ["meta"], "rows": 300, "share": 0.6, "labelled_share": 0.5}],
+        "windows": {"no_drift_rows": 100},
+        "evaluation": {"golden_max_rows": 200, "shifted_max_rows": 100},
+        "hotfix": {"rows": 50},
+    }
+    (tmp_path / "tickets.yaml").write_text(yaml.safe_dump(spec))
+    sc, _ = scenario.load_scenario(str(tmp_path / "tickets.yaml"))
+    d = scenario.build(sc, scenario.load_source(sc.source, tmp_path))
+    assert set(d.train["group"]) == {"banking", "home", "travel"}
+    assert [s.name for s in d.shifts] == ["travel", "utility", "meta"]
+    for shift in d.shifts[1:]:
+        new = set(shift.window.loc[shift.window["group"].isin(shift.groups), "label"])
+        assert new and not new & set(d.labels)
+    assert all(len(s.window) == 300 and len(s.external) > 0 for s in d.shifts)
