@@ -16,6 +16,12 @@ and, on the local store, the artifacts.
 
 This module starts processes and talks HTTP; it imports neither Prefect nor
 MLflow (``refit/`` never does), it runs their command lines.
+
+No secret is written or printed: ``stack.json`` holds no ``AWS_*`` key (a
+real endpoint's credentials stay in the caller's environment, which the
+services inherit; the moto endpoint takes fixed placeholder ones, given to
+its clients when they start), and ``status`` masks every secret-looking
+value and URI password (``refit.secrets``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from rich.table import Table
 
 from refit import procs
 from refit.errors import RefitError
+from refit.secrets import is_secret_name, mask_env, mask_uri
 from refit.settings import OFFLINE_ENV, PROJECT_ROOT, Settings
 
 HOST = "127.0.0.1"
@@ -49,7 +56,8 @@ STATE_FILE = "stack.json"
 # that the automation in ZOMBIE_AUTOMATION marks a run whose process died (a killed worker) Crashed.
 WORKER_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
 ZOMBIE_AUTOMATION = PROJECT_ROOT / "infra" / "prefect" / "crash-zombies.yaml"
-# Credentials for the moto endpoint only; a real endpoint takes the caller's AWS variables.
+# Placeholder credentials for the local moto endpoint only (moto checks none): public, never the caller's.
+# A real endpoint takes the caller's AWS variables from the environment, never from stack.json.
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "refit", "AWS_SECRET_ACCESS_KEY": "refit-secret"}
 
 
@@ -104,7 +112,6 @@ def plan(settings: Settings, ports: Ports, pool: str) -> tuple[list[Service], di
         else:
             s3_url = f"http://{HOST}:{ports.s3}"
             client |= {"REFIT_S3_ENDPOINT_URL": s3_url}
-            client |= {k: os.environ.get(k, v) for k, v in MOTO_CREDENTIALS.items()}
             services.append(Service("s3", _python_module("moto.server", "-H", HOST, "-p", str(ports.s3)), s3_url,
                                     marker="moto"))
         client["MLFLOW_S3_ENDPOINT_URL"] = client["REFIT_S3_ENDPOINT_URL"]
@@ -180,6 +187,11 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _with_credentials(client: dict[str, str], services: list[Service]) -> dict[str, str]:
+    """The client environment a started process gets: moto's placeholder keys when the stack runs moto."""
+    return client | MOTO_CREDENTIALS if any(s.name == "s3" for s in services) else client
 
 
 def _start(settings: Settings, service: Service, client_env: dict[str, str]) -> subprocess.Popen:
@@ -273,9 +285,10 @@ def up(settings: Settings, ports: Ports = Ports(), pool: str = "refit", timeout:
     else:
         services, client = plan(settings, ports, pool)
         state = {"pool": pool, "ports": ports.__dict__, "services": [s.__dict__ for s in services],
-                 "client_env": client}
+                 "client_env": {k: v for k, v in client.items() if not is_secret_name(k)}}
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
-    services, client = _services_from_state(state), state["client_env"]
+    services = _services_from_state(state)
+    client = _with_credentials(state["client_env"], services)
 
     servers, worker = services[:-1], services[-1]
     started: dict[str, subprocess.Popen] = {}
@@ -365,15 +378,26 @@ def status(settings: Settings) -> dict:
                                   "healthy": bool(pid) and healthy(service, state["pool"]),
                                   "log": str(stack_dir(settings) / f"{service.name}.log")}
     return {"running": all(s["healthy"] for s in services.values()), "pool": state["pool"],
-            "services": services, "env": state["client_env"]}
+            "services": services, "env": mask_env(state["client_env"])}
 
 
 def client_env(settings: Settings) -> dict[str, str]:
-    """What a shell (or a test) exports to use the running stack."""
+    """What a shell (or a test) exports to use the running stack: no secret in it (see ``env_lines``)."""
     state = _load_state(settings)
     if state is None:
         raise RefitError(f"no stack under {stack_dir(settings)}: run `refit stack up` first")
-    return state["client_env"]
+    return {k: v for k, v in state["client_env"].items() if not is_secret_name(k)}
+
+
+def env_lines(settings: Settings) -> list[str]:
+    """``export`` lines for a shell. Credentials are never printed: a moto stack's placeholders are set
+    only where the shell has none (``${AWS_ACCESS_KEY_ID:-...}``); a real endpoint uses the shell's own.
+    (The stack's own URIs carry no password; one that did would be printed masked, not in clear.)"""
+    state = _load_state(settings)
+    lines = [f"export {key}={shlex.quote(mask_uri(value))}" for key, value in client_env(settings).items()]
+    if state is not None and any(s["name"] == "s3" for s in state["services"]):
+        lines += [f'export {key}="${{{key}:-{value}}}"' for key, value in MOTO_CREDENTIALS.items()]
+    return lines
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------
@@ -462,5 +486,5 @@ def env_command() -> None:
 
     Example: eval "$(refit stack env)"
     """
-    for key, value in client_env(_settings(None)).items():
-        print(f"export {key}={shlex.quote(value)}")
+    for line in env_lines(_settings(None)):
+        print(line)

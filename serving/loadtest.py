@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from refit.errors import RefitError
+from refit.secrets import mask_uri
 from refit.settings import Settings
 
 
@@ -251,7 +252,7 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
     name = settings.model_name
     champion = versions.alias_version(name, versions.CHAMPION)
     if champion is None:
-        raise RefitError(f"model {name} has no champion in {settings.tracking_uri}: run `refit bootstrap` first")
+        raise RefitError(f"model {name} has no champion in {mask_uri(settings.tracking_uri)}: run `refit bootstrap` first")
     frame = load_clinc150(settings.data_dir)
     texts = frame[frame["split"] == "test"]["text"].tolist()
     store = open_store(settings)
