@@ -106,6 +106,38 @@ def bootstrap(store: StoreOption = None, scenario: Annotated[Optional[str], type
 
 
 @app.command()
+def adopt(train: Annotated[Path, typer.Option("--train", help="Labelled CSV/Parquet/JSON(L): the replay pool, and "
+                                              "the training data when no --model is given.")],
+          golden: Annotated[Optional[Path], typer.Option("--golden", help="Golden set (same columns); default: a "
+                                                         "stratified 15% of --train, held out.")] = None,
+          model: Annotated[Optional[Path], typer.Option("--model", help="A transformers sequence-classification "
+                                                        "checkpoint directory, registered as v1 as it is.")] = None,
+          model_name: Annotated[Optional[str], typer.Option("--model-name", help="Registered model name "
+                                                            "(default REFIT_MODEL_NAME).")] = None,
+          text_column: Annotated[str, typer.Option("--text-column", help="Column holding the text.")] = "text",
+          label_column: Annotated[str, typer.Option("--label-column", help="Column holding the label.")] = "label",
+          store: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Make champion v1 from a team's own model, data and golden set, with no scenario.
+
+    Example: refit adopt --model ./my-classifier --train train.csv --golden golden.csv --model-name support-intents --json
+    """
+    if model_name:
+        os.environ["REFIT_MODEL_NAME"] = model_name
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    from tasks.adopt import prepare_adoption
+
+    # Checked before anything is written (not even REFIT_HOME or Prefect's database); the flow checks again.
+    prepare_adoption(train, golden, model, text_column, label_column)
+    _prepare(store)
+    from flows.adopt import adopt as flow_fn
+
+    _emit(_run_flow(flow_fn, train_path=str(train), golden_path=str(golden) if golden else None,
+                    model_path=str(model) if model else None, text_column=text_column, label_column=label_column),
+          as_json, "Adopt")
+
+
+@app.command()
 def monitor(store: StoreOption = None,
             window_end: Annotated[Optional[str], typer.Option(help="ISO time the window ends (default now).")] = None,
             window_hours: Annotated[Optional[float], typer.Option(help="Window length (default: since the last check).")] = None,

