@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     serve_log_flush_rows: int = Field(2000, ge=1, description="Request-log rows buffered before a Parquet part.")
     serve_log_flush_seconds: float = Field(30.0, gt=0, description="Longest a logged row waits in the buffer.")
     serve_rollout_policy: str = Field("rollout", description="Rollout policy name or YAML path (canary, guards).")
+    serve_max_queue_texts: int = Field(1024, ge=1, description="Most texts waiting for a forward pass; a request "
+                                       "that would overfill the queue gets 503 with Retry-After.")
+    serve_request_timeout_seconds: float = Field(30.0, gt=0, description="Longest a /predict request waits for its "
+                                                 "answer before it gets 503 with Retry-After.")
+    serve_log_spill_dir: Path | None = Field(None, description="Where request-log rows wait on local disk while the "
+                                             "store is down (default HOME/serving/spill); drained when it is back.")
+    serve_registry_retry_seconds: float = Field(5.0, gt=0, description="How often the server retries a registry "
+                                                "write that failed (an automatic rollback during an MLflow outage).")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

@@ -7,9 +7,15 @@ state and the last guard verdict), ``POST /admin/reload`` (bearer token: load
 the champion now; what deploy calls after a promotion).
 
 Background work, all started and stopped by the app's lifespan: the
-micro-batching engine, the request-log flusher, the alias poll and the guard
-check. A clean stop answers every request already received, then writes
-every logged row.
+micro-batching engine, the request-log flusher, the alias poll, the guard
+check and the registry retry. A clean stop answers every request already
+received, then writes every logged row.
+
+Failing safe: a full queue or a late answer is a 503 with ``Retry-After``;
+a 500 names an error id, never the exception; a registry write the server
+owes (an automatic rollback, a passed canary) is retried until it lands; a
+restarted server canaries a champion no server has watched yet against
+``previous`` instead of serving it outright.
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from refit.errors import RefitError
+from refit.policy import file_hash
+from refit.secrets import mask_uri
 from refit.settings import Settings
 from refit.store import ObjectStore
-from serving.engine import Engine
+from serving.engine import Engine, Overloaded
 from serving.guards import GuardVerdict, LiveStats, RolloutPolicy, load_rollout_policy
 from serving.metrics import Metrics
 from serving.model import ServedModel, load_version
@@ -39,6 +47,8 @@ from serving.rollout import Rollout, Slot
 from serving.schema import BadRequest, Limits, parse_texts
 
 log = logging.getLogger("refit.serving")
+# Tag on a version that passed a canary and its watch on some server: a restarted server adopts it directly.
+WATCHED_TAG = "refit.canary"
 
 
 class Server:
@@ -46,14 +56,22 @@ class Server:
 
     def __init__(self, settings: Settings, store: ObjectStore, policy: RolloutPolicy, policy_path: Path | None):
         self.settings, self.store, self.policy, self.policy_path = settings, store, policy, policy_path
+        self.policy_name = policy_path.stem if policy_path else None
+        self.policy_hash = file_hash(policy_path) if policy_path else None
         self.model_name = settings.model_name
         self.limits = Limits(settings.serve_max_texts, settings.serve_max_text_chars)
         self.metrics = Metrics()
         self.stats: dict[int, LiveStats] = {}
-        self.rollout = Rollout(policy, lambda: LiveStats(settings.cpu_usd_per_hour), self._on_rollback)
-        self.engine = Engine(settings.serve_batch_size, self._on_pass, settings.serve_batch_wait_ms / 1000)
+        self.rollout = Rollout(policy, lambda: LiveStats(settings.cpu_usd_per_hour), self._on_rollback,
+                               on_settle=self._on_settle)
+        self.engine = Engine(settings.serve_batch_size, self._on_pass, settings.serve_batch_wait_ms / 1000,
+                             settings.serve_max_queue_texts, settings.serve_request_timeout_seconds)
         self.request_log = RequestLog(store, self.model_name, settings.serve_log_flush_rows,
-                                      settings.serve_log_flush_seconds)
+                                      settings.serve_log_flush_seconds,
+                                      settings.serve_log_spill_dir or settings.home_dir / "serving" / "spill")
+        # Registry writes this server owes, retried until they land: {what: (function, its arguments)}.
+        self.owed: dict[str, tuple] = {}
+        self._owed_lock = asyncio.Lock()
         self.experiment_id: str | None = None
         self._tokenizer = None
         self._loading = asyncio.Lock()
@@ -82,11 +100,33 @@ class Server:
             if version in self.rollout.refused:
                 return {"loaded": self.rollout.serving_version, "adopted": f"v{version} was rolled back here"}
             started = time.monotonic()
+            if self.rollout.champion is None:
+                baseline = await asyncio.to_thread(self._baseline_for, version)
+                if baseline is not None:  # first serve the version it replaced, then canary it against that one
+                    self.rollout.adopt(await asyncio.to_thread(self._load, baseline))
             model = await asyncio.to_thread(self._load, version)
             adopted = self.rollout.adopt(model)
             self._update_version_gauges()
             log.info("loaded v%d in %.1fs (%s)", version, time.monotonic() - started, adopted)
             return {"loaded": version, "adopted": adopted, "load_seconds": round(time.monotonic() - started, 2)}
+
+    def _baseline_for(self, version: int) -> int | None:
+        """The version a (re)starting server canaries ``version`` against, or None to serve it directly.
+
+        Directly: the policy says so, or the version passed a canary and its
+        watch on some server (tag ``refit.canary``), or there is nothing it
+        replaced (the bootstrap). Otherwise, after a restart mid-canary, or a
+        promotion that happened while no server ran, it is canaried against
+        ``previous``, as a running server would have done.
+        """
+        from registry import versions
+
+        if self.policy.mode == "direct":
+            return None
+        if versions.version_tags(self.model_name, version).get(WATCHED_TAG, "").startswith("passed"):
+            return None
+        previous = versions.alias_version(self.model_name, versions.PREVIOUS)
+        return previous if previous is not None and previous != version else None
 
     def _update_version_gauges(self) -> None:
         status = self.rollout.status()
@@ -94,25 +134,59 @@ class Server:
         self.metrics.model_version.labels("candidate").set(status["candidate"] or 0)
 
     # -- rollback ----------------------------------------------------------
-    def _on_rollback(self, verdict: GuardVerdict, phase: str) -> None:
-        """The guard failed and the old version already answers; now make the registry agree."""
+    def _on_rollback(self, verdict: GuardVerdict, phase: str, restored: int) -> None:
+        """The guard failed and the old version already answers; now make the registry agree (retried)."""
         self.metrics.rollbacks.inc()
         self._update_version_gauges()
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._record_rollback, verdict, phase))
+        self._owe(f"rollback of v{verdict.new_version}", self._record_rollback, verdict, phase, restored)
+
+    def _on_settle(self, version: int, baseline: int) -> None:
+        """A version passed its canary and watch here: say so in the registry, so a restart need not redo it."""
+        from registry import versions
+
+        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._owe(f"canary of v{version}", versions.set_tags, self.model_name, version,
+                  {WATCHED_TAG: f"passed against v{baseline} at {when}"})
+
+    def _owe(self, what: str, function, *args) -> None:
+        """Do a registry write now in the background; if it fails, keep it and retry until it lands."""
+        self.owed[what] = (function, args)
+        task = asyncio.get_running_loop().create_task(self._pay(what))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _record_rollback(self, verdict: GuardVerdict, phase: str) -> None:
+    async def _pay(self, what: str) -> None:
+        async with self._owed_lock:  # one try of each at a time: the retry loop and a fresh write never race
+            if what not in self.owed:
+                return
+            function, args = self.owed[what]
+            try:
+                await asyncio.to_thread(function, *args)
+            except Exception as exc:  # MLflow or the store down, the lock busy: keep it, retry later
+                log.warning("%s not written to the registry yet (%s: %s); retrying every %g s", what,
+                            type(exc).__name__, mask_uri(str(exc))[:300], self.settings.serve_registry_retry_seconds)
+                return
+            self.owed.pop(what, None)
+
+    async def _pay_owed(self) -> None:
+        for what in list(self.owed):
+            await self._pay(what)
+
+    def _record_rollback(self, verdict: GuardVerdict, phase: str, restored: int) -> None:
+        """Move the aliases back and record why; raises on an outage (so it is retried), not on a conflict."""
         from registry.rollout import roll_back
+        from registry.versions import LockBusy
 
         title = f"Automatic rollback of {self.model_name} v{verdict.new_version} ({phase})"
         try:
             result = roll_back(self.model_name, verdict.new_version, f"guard failed during {phase}: {verdict.summary}",
                                experiment_id=self.experiment_id, store=self.store,
-                               source=f"refit serve ({phase} guard)",
+                               source=f"refit serve ({phase} guard)", restore_to=restored,
                                guard_html=verdict.html(title), guard_markdown=f"# {title}\n\n{verdict.markdown()}",
                                guard_json=verdict.to_dict() | {"policy": self.policy.model_dump()})
             log.warning("rolled back in MLflow: %s", result)
+        except LockBusy:
+            raise  # a promotion holds the lock: try again later
         except RefitError as exc:  # the champion moved on meanwhile: nothing of ours to undo
             log.warning("rollback of v%d not recorded in MLflow: %s", verdict.new_version, exc)
 
@@ -128,6 +202,8 @@ class Server:
             raise BadRequest(503, "no model loaded yet: the server is starting or no champion is registered")
         try:
             labels, confidence = await self.engine.predict(slot, texts)
+        except Overloaded:
+            raise  # load, not the model's fault: the guards do not count it
         except Exception:
             slot.stats.record_request(time.perf_counter() - received, None)
             raise
@@ -152,6 +228,8 @@ class Server:
             started = time.perf_counter()
             try:
                 _, confidence = await self.engine.predict(slot, texts)
+            except Overloaded:
+                return  # no room for the copy: the shadow sees less traffic, nobody waits for it
             except Exception:
                 slot.stats.record_request(time.perf_counter() - started, None)
                 return
@@ -176,7 +254,7 @@ class Server:
                 self.metrics.mean_confidence.labels(str(slot.version)).set(figures.mean_confidence)
                 self.metrics.cost_per_1k.labels(str(slot.version)).set(figures.cost_per_1k_usd)
         self.metrics.log_rows.set(self.request_log.rows_logged)
-        self.metrics.log_buffered.set(self.request_log.buffered)
+        self.metrics.log_buffered.set(self.request_log.buffered + self.request_log.rows_spilled)
 
     # -- background --------------------------------------------------------
     async def _every(self, seconds: float, what, name: str) -> None:
@@ -205,6 +283,8 @@ class Server:
         self._tasks.append(asyncio.create_task(self._first_load(), name="first-load"))
         self._tasks.append(asyncio.create_task(
             self._every(self.policy.check_every_seconds, self._check_guards, "guard check"), name="guards"))
+        self._tasks.append(asyncio.create_task(
+            self._every(self.settings.serve_registry_retry_seconds, self._pay_owed, "registry retry"), name="owed"))
         if self.settings.serve_poll_seconds > 0:
             self._tasks.append(asyncio.create_task(
                 self._every(self.settings.serve_poll_seconds, self.reload, "alias poll"), name="poll"))
@@ -220,6 +300,9 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self.owed:
+            log.error("stopping with registry writes not done: %s; the next server's canary repeats them",
+                      ", ".join(self.owed))
         await self.engine.stop()
         await asyncio.to_thread(self.request_log.close)
         if self._threads_before:
@@ -271,6 +354,16 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         server.metrics.errors.labels("unavailable" if exc.status == 503 else "bad_request").inc()
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        server.metrics.requests.labels("503").inc()
+        server.metrics.errors.labels("overloaded").inc()
+        return JSONResponse({"error": exc.message}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return _internal_error(server, "request failed", "internal", exc)
+
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         """{"texts": ["book a flight to Paris"]} -> a label, confidence and model version per text."""
@@ -278,13 +371,10 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         texts = parse_texts(body, server.limits)
         try:
             return JSONResponse(await server.predict(texts))
-        except BadRequest:
+        except (BadRequest, Overloaded):
             raise
         except Exception as exc:
-            log.exception("prediction failed")
-            server.metrics.requests.labels("500").inc()
-            server.metrics.errors.labels("inference").inc()
-            return JSONResponse({"error": f"prediction failed: {type(exc).__name__}: {exc}"}, status_code=500)
+            return _internal_error(server, "prediction failed", "inference", exc)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -304,7 +394,9 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
 
     @app.get("/rollout")
     async def rollout() -> dict:
-        return server.rollout.status() | {"policy": server.policy.model_dump(), "policy_file": str(server.policy_path)}
+        """Routing state, the policy in force (by name and hash: no path of this machine) and owed registry writes."""
+        return server.rollout.status() | {"policy": server.policy.model_dump(), "policy_name": server.policy_name,
+                                          "policy_hash": server.policy_hash, "registry_writes_owed": sorted(server.owed)}
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> JSONResponse:
@@ -318,6 +410,16 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         return JSONResponse({"rows_written": rows, "rows_logged": server.request_log.rows_logged})
 
     return app
+
+
+def _internal_error(server: Server, what: str, kind: str, exc: Exception) -> JSONResponse:
+    """A 500 that names an error id to find in the server log, and nothing of the exception itself."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s (error id %s)", what, error_id, exc_info=exc)
+    server.metrics.requests.labels("500").inc()
+    server.metrics.errors.labels(kind).inc()
+    return JSONResponse({"error": f"{what}: internal error (error id {error_id}; the server log has the details)"},
+                        status_code=500)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -2,13 +2,21 @@
 
 Requests wait in a queue while the model is busy; the next pass takes as many
 of them as fit in ``batch_size`` texts (waiting up to ``max_wait`` for more:
-a fuller pass costs less per text), grouped by the model that answers them. One thread runs every pass, so two models (canary and champion) never
-fight over the cores, and the event loop stays free for HTTP.
+a fuller pass costs less per text), grouped by the model that answers them.
+One thread runs every pass, so two models (canary and champion) never fight
+over the cores, and the event loop stays free for HTTP.
+
+The queue is bounded in texts (``max_queue_texts``): a request that would
+overfill it is refused at once with ``Overloaded``, which the app answers as
+503 with ``Retry-After``, rather than waiting behind minutes of work. A
+request not answered within ``timeout`` seconds is refused the same way and
+its texts are skipped if no pass has taken them yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +27,20 @@ import numpy as np
 from serving.rollout import Slot
 
 
+class Overloaded(Exception):
+    """The server cannot take this request now: the queue is full or the request waited too long."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+
 @dataclass
 class _Job:
     slot: Slot
     texts: list[str]
     future: asyncio.Future = field(repr=False)
+    abandoned: bool = False  # its caller timed out: a pass that has not taken it yet skips it
 
 
 class Engine:
@@ -35,9 +52,13 @@ class Engine:
     """
 
     def __init__(self, batch_size: int, on_pass: Callable[[Slot, int, float], None] | None = None,
-                 max_wait: float = 0.0):
+                 max_wait: float = 0.0, max_queue_texts: int | None = None, timeout: float | None = None):
         self.batch_size, self.max_wait = batch_size, max_wait
+        self.max_queue_texts, self.timeout = max_queue_texts, timeout
         self.on_pass = on_pass
+        self.queued_texts = 0  # texts waiting for a pass (the event loop's thread only: no lock needed)
+        self.refused = 0
+        self._seconds_per_text = 0.01  # moving average of the pass time, for Retry-After
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
@@ -45,10 +66,29 @@ class Engine:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine")
 
+    def retry_after(self) -> int:
+        """Seconds until the queue has drained, by the recent pass rate: what ``Retry-After`` says."""
+        return max(1, math.ceil(self.queued_texts * self._seconds_per_text))
+
     async def predict(self, slot: Slot, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        """Labels and confidences for ``texts``; ``Overloaded`` if the queue is full or the answer is late."""
+        if self.max_queue_texts is not None and self.queued_texts and \
+                self.queued_texts + len(texts) > self.max_queue_texts:
+            self.refused += 1
+            raise Overloaded(f"the server is at capacity ({self.queued_texts} texts queued, limit "
+                             f"{self.max_queue_texts}); retry later", self.retry_after())
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(slot, texts, future))
-        return await future
+        job = _Job(slot, texts, future)
+        self.queued_texts += len(texts)
+        self._queue.put_nowait(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError:
+            job.abandoned = True
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody reads it now
+            self.refused += 1
+            raise Overloaded(f"no answer within {self.timeout:g} s: the server is overloaded; retry later",
+                             self.retry_after()) from None
 
     async def stop(self) -> None:
         """Finish every queued job, then stop."""
@@ -77,6 +117,11 @@ class Engine:
             size += len(job.texts)
         return jobs, False
 
+    def _taken(self, jobs: list[_Job]) -> list[_Job]:
+        """Jobs leave the queue's count when a pass takes them; a timed-out one is dropped unanswered."""
+        self.queued_texts -= sum(len(job.texts) for job in jobs)
+        return [job for job in jobs if not job.abandoned]
+
     def _infer(self, slot: Slot, texts: list[str]) -> tuple[list[str], np.ndarray]:
         cpu = time.process_time()
         labels, confidence = slot.model.predict(texts)
@@ -91,13 +136,17 @@ class Engine:
             if first is None:
                 return
             jobs, stop = await self._gather(first)
+            jobs = self._taken(jobs)
             by_slot: dict[int, list[_Job]] = {}
             for job in jobs:
                 by_slot.setdefault(id(job.slot), []).append(job)
             for group in by_slot.values():
                 texts = [t for job in group for t in job.texts]
+                started = time.perf_counter()
                 try:
                     labels, confidence = await loop.run_in_executor(self._executor, self._infer, group[0].slot, texts)
+                    self._seconds_per_text = (0.8 * self._seconds_per_text
+                                              + 0.2 * (time.perf_counter() - started) / len(texts))
                 except Exception as exc:  # the model failed: those requests fail, the server goes on
                     for job in group:
                         if not job.future.done():

@@ -114,8 +114,20 @@ class LiveStats:
                            round(per_1k * self._price, 8))
 
 
-def _ratio(new: float, old: float) -> float:
-    return new / old if old > 0 else (1.0 if new <= 0 else float("inf"))
+def ratio(new: float, old: float) -> float:
+    """``new / old``, failing safe when ``old`` is zero.
+
+    Both zero: 1.0 (no change). ``old`` zero and ``new`` positive: ``inf``, so
+    an ``at_most`` rule (cost, latency) refuses and an ``at_least`` rule
+    (confidence) passes: a rise from nothing is never waved through as "no
+    change". A zero that only means "not measured" (an old version with no
+    traffic in the window) must not reach here: ``Rollout`` judges only when
+    both sides have ``min_requests``. The promotion gate should use the same
+    function (it returns 1.0 today, which passes any cost against a zero).
+    """
+    if old > 0:
+        return new / old
+    return 1.0 if new <= 0 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -159,9 +171,9 @@ def judge(new: Figures, old: Figures, guards: Guards, new_version: int, old_vers
     """Every guard of the policy applied to the two models' figures over the same window."""
     checks = [
         at_most("error_rate_increase", new.error_rate - old.error_rate, guards.max_error_rate_increase),
-        at_most("latency_p95_ratio", _ratio(new.latency_p95_ms, old.latency_p95_ms), guards.max_latency_p95_ratio),
-        at_least("confidence_ratio", _ratio(new.mean_confidence, old.mean_confidence), guards.min_confidence_ratio),
-        at_most("cost_per_1k_ratio", _ratio(new.cpu_seconds_per_1k, old.cpu_seconds_per_1k),
+        at_most("latency_p95_ratio", ratio(new.latency_p95_ms, old.latency_p95_ms), guards.max_latency_p95_ratio),
+        at_least("confidence_ratio", ratio(new.mean_confidence, old.mean_confidence), guards.min_confidence_ratio),
+        at_most("cost_per_1k_ratio", ratio(new.cpu_seconds_per_1k, old.cpu_seconds_per_1k),
                 guards.max_cost_per_1k_ratio),
     ]
     return GuardVerdict(all(c.passed for c in checks), checks, new, old, new_version, old_version)

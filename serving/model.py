@@ -79,8 +79,10 @@ class ServedModel:
 
 
 def merged(adapter_dir: Path) -> torch.nn.Module:
-    """The adapter folded into the base weights: a plain transformers classifier."""
-    model = modeling.load_model(adapter_dir).merge_and_unload()
+    """The adapter folded into the base weights: a plain transformers classifier (safetensors only)."""
+    from registry.versions import require_safetensors
+
+    model = modeling.load_model(require_safetensors(adapter_dir)).merge_and_unload()
     model.eval()
     return model
 

@@ -3,20 +3,30 @@
 Rows go to ``inference/`` through ``refit.requestlog.write_inference``, the
 layout the monitor reads. A part is written when the buffer holds
 ``flush_rows`` rows or its oldest row is ``flush_seconds`` old, and on
-shutdown. A failed write keeps its rows in the buffer for the next attempt,
-so a clean stop loses nothing: rows answered = rows logged.
+shutdown.
+
+No row is ever dropped. A part the store refuses (it is down, or full) is
+written instead to a local directory laid out like the store (``spill_dir``,
+a ``LocalStore``), under the very key it will have in the store, so memory
+stays bounded however long the outage lasts. The flusher drains spilled parts
+to the store once it answers again, each under its own key: a drain cut short
+and done again overwrites, never duplicates. A server restarted on the same
+``spill_dir`` drains what the last one left. Rows answered = rows in the
+store + rows spilled, at every moment after a flush.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pandas as pd
 
 from refit import requestlog
-from refit.store import ObjectStore
+from refit.store import LocalStore, ObjectStore
 
 log = logging.getLogger("refit.serving")
 
@@ -24,9 +34,11 @@ log = logging.getLogger("refit.serving")
 class RequestLog:
     """Thread-safe buffer in front of the object store, flushed by size, by age and on close."""
 
-    def __init__(self, store: ObjectStore, model_name: str, flush_rows: int = 2000, flush_seconds: float = 30.0):
+    def __init__(self, store: ObjectStore, model_name: str, flush_rows: int = 2000, flush_seconds: float = 30.0,
+                 spill_dir: Path | None = None):
         self.store, self.model_name = store, model_name
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.spill = LocalStore(spill_dir) if spill_dir is not None else None
         self._rows: list[dict] = []
         self._oldest: float | None = None
         self._lock = threading.Lock()
@@ -34,9 +46,20 @@ class RequestLog:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.rows_logged = 0
+        self._next_drain = 0.0
+        self.rows_logged = 0  # rows in the store
         self.parts_written = 0
         self.write_failures = 0
+        self.rows_spilled = self._count_spilled()  # rows on local disk, waiting for the store
+
+    @property
+    def _prefix(self) -> str:
+        return f"inference/model={self.model_name}/"
+
+    def _count_spilled(self) -> int:
+        if self.spill is None:
+            return 0
+        return sum(_parquet_rows(self.spill.get_bytes(key)) for key in self.spill.list(self._prefix))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
@@ -57,29 +80,80 @@ class RequestLog:
         return len(self._rows)
 
     def flush(self) -> int:
-        """Write what is buffered as one part per day; returns the rows written."""
+        """Write what is buffered as one part per day; returns the rows written to the store.
+
+        If the store refuses the part, its rows go to the spill directory
+        (returns 0); only if that fails too do they stay buffered, and the
+        error is raised.
+        """
         with self._write_lock:
             with self._lock:
                 rows, self._rows, self._oldest = self._rows, [], None
             if not rows:
                 return 0
+            frame = pd.DataFrame(rows, columns=requestlog.INFERENCE_COLUMNS)
             try:
-                requestlog.write_inference(self.store, self.model_name,
-                                           pd.DataFrame(rows, columns=requestlog.INFERENCE_COLUMNS))
-            except Exception:
-                with self._lock:  # put them back in front, for the next attempt
-                    self._rows = rows + self._rows
-                    self._oldest = time.monotonic()
+                requestlog.write_inference(self.store, self.model_name, frame)
+            except Exception as exc:
                 self.write_failures += 1
-                raise
+                try:
+                    self._spill(frame, exc)
+                except Exception:
+                    with self._lock:  # put them back in front, for the next attempt
+                        self._rows = rows + self._rows
+                        self._oldest = time.monotonic()
+                    raise
+                return 0
             self.rows_logged += len(rows)
             self.parts_written += 1
             return len(rows)
+
+    def _spill(self, frame: pd.DataFrame, cause: Exception) -> None:
+        if self.spill is None:
+            raise cause
+        requestlog.write_inference(self.spill, self.model_name, frame)
+        self.rows_spilled += len(frame)
+        self._next_drain = time.monotonic() + min(self.flush_seconds, 5.0)
+        log.warning("request log: the store refused a part (%s: %s); %d rows wait in %s",
+                    type(cause).__name__, str(cause)[:200], self.rows_spilled, self.spill.root)
+
+    def drain(self) -> int:
+        """Move spilled parts to the store, each under its own key; returns the rows moved.
+
+        Stops at the first part the store refuses (it is still down) and
+        raises that error; what moved stays moved.
+        """
+        if self.spill is None:
+            return 0
+        moved = 0
+        with self._write_lock:
+            for key in self.spill.list(self._prefix):
+                data = self.spill.get_bytes(key)
+                self.store.put_bytes(key, data)
+                self.spill.delete(key)
+                rows = _parquet_rows(data)
+                moved += rows
+                self.rows_spilled -= rows
+                self.rows_logged += rows
+                self.parts_written += 1
+        if moved:
+            log.info("request log: %d spilled rows drained to %s", moved, self.store.uri(self._prefix))
+        return moved
 
     def _due(self) -> bool:
         with self._lock:
             return bool(self._rows) and (len(self._rows) >= self.flush_rows
                                          or time.monotonic() - (self._oldest or 0) >= self.flush_seconds)
+
+    def _drain_due(self) -> None:
+        if not self.rows_spilled or time.monotonic() < self._next_drain:
+            return
+        try:
+            self.drain()
+        except Exception as exc:  # still down: try again a little later, at most every flush interval
+            self._next_drain = time.monotonic() + min(self.flush_seconds, 5.0)
+            log.info("request log: store still refuses spilled parts (%s); %d rows wait", type(exc).__name__,
+                     self.rows_spilled)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -91,9 +165,10 @@ class RequestLog:
                 except Exception:
                     log.exception("request log: writing a part failed; its rows stay buffered")
                     self._stop.wait(1.0)
+            self._drain_due()
 
     def close(self, attempts: int = 5) -> None:
-        """Stop the flusher and write everything left, retrying a failing store a few times."""
+        """Stop the flusher and write everything left: to the store, or to the spill directory if it is down."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -101,8 +176,22 @@ class RequestLog:
         for attempt in range(attempts):
             try:
                 self.flush()
-                return
+                break
             except Exception:
                 log.exception("request log: final flush failed (attempt %d of %d)", attempt + 1, attempts)
                 time.sleep(0.5 * (attempt + 1))
-        log.error("request log: %d rows could not be written to %s", self.buffered, self.store.uri("inference/"))
+        if self.buffered:
+            log.error("request log: %d rows could be written neither to %s nor to the spill directory",
+                      self.buffered, self.store.uri("inference/"))
+        if self.rows_spilled:
+            try:
+                self.drain()
+            except Exception:
+                log.warning("request log: %d rows stay in %s until a server on it drains them to the store",
+                            self.rows_spilled, self.spill.root if self.spill else "-")
+
+
+def _parquet_rows(data: bytes) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows

@@ -11,7 +11,11 @@ States of one server:
 
 A guard failing in ``canary``, ``shadow`` or ``watch`` puts the old version
 back at once (in memory) and hands the bad version to ``on_rollback``, which
-moves the aliases in MLflow. Every swap replaces a reference: a request holds
+moves the aliases in MLflow; a watch that ends well calls ``on_settle``.
+The guards judge only when both sides have ``min_requests`` in the window:
+an old version that got no traffic (``canary_share: 1``) is compared through
+its figures from just before the canary began, and with no baseline at all
+nothing is judged, so a ratio never divides by an empty window. Every swap replaces a reference: a request holds
 the model it was given until it is answered, so none is dropped.
 """
 
@@ -48,15 +52,18 @@ class Rollout:
 
     policy: RolloutPolicy
     make_stats: Callable[[], LiveStats]
-    on_rollback: Callable[[GuardVerdict, str], None] = lambda verdict, phase: None
+    on_rollback: Callable[[GuardVerdict, str, int], None] = lambda verdict, phase, restored: None
+    on_settle: Callable[[int, int], None] = lambda version, baseline: None
     champion: Slot | None = None
     candidate: Slot | None = None  # the new version during canary/shadow; the old one during watch
     phase: str = "stable"
     phase_started: float = 0.0
     frozen_old: Figures | None = None
+    before: Figures | None = None  # the old version's figures from before the canary: the fallback baseline
     refused: set[int] = field(default_factory=set)
     last_verdict: GuardVerdict | None = None
     events: list[dict] = field(default_factory=list)
+    _settled: tuple[int, int] | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _rng: random.Random = field(default_factory=lambda: random.Random(0))
 
@@ -98,6 +105,7 @@ class Rollout:
                 self._event("swapped", version=model.version)
                 return "direct"
             # Fresh figures for both, so the guards compare them over the same window.
+            self.before = baseline.stats.figures()
             self.champion, self.candidate = Slot(baseline.model, self.make_stats()), new
             self.phase, self.phase_started, self.frozen_old = self.policy.mode, time.monotonic(), None
             self._event(f"{self.policy.mode} started", version=model.version, baseline=baseline.version)
@@ -107,8 +115,13 @@ class Rollout:
         """Evaluate the guards once; roll back, end the window or end the watch as they say."""
         with self._lock:
             verdict, failed_in = self._check()
+            settled = self._settled
+            self._settled = None
+            restored = self.champion.version if self.champion else None
         if failed_in:
-            self.on_rollback(verdict, failed_in)  # outside the lock: it talks to MLflow
+            self.on_rollback(verdict, failed_in, restored)  # outside the lock: it talks to MLflow
+        if settled:
+            self.on_settle(*settled)
         return verdict
 
     def _check(self) -> tuple[GuardVerdict | None, str | None]:
@@ -121,9 +134,14 @@ class Rollout:
         else:
             new, old, old_version = self.candidate, self.champion.stats.figures(), self.champion.version
             span = self.policy.window_seconds
-        if new.stats.requests < self.policy.min_requests:
-            if self.phase == "watch" and elapsed >= span:
+        if old is not None and old.requests < self.policy.min_requests:
+            old = self.before if self.before is not None and self.before.requests >= self.policy.min_requests else None
+        if new.stats.requests < self.policy.min_requests or old is None:
+            if elapsed >= span and self.phase == "watch":
                 self._settle()
+            elif elapsed >= span and new.stats.requests >= self.policy.min_requests:
+                self._event("not judged", version=new.version, reason="the old version had no traffic to compare")
+                self._promote_candidate(None)
             return None, None
         verdict = judge(new.stats.figures(), old, self.policy.guards, new.version, old_version)
         self.last_verdict = verdict
@@ -145,16 +163,20 @@ class Rollout:
         self._event("rolled back", version=bad, to=self.champion.version, phase=self.phase, reason=verdict.summary)
         self.candidate, self.phase, self.frozen_old = None, "stable", None
 
-    def _promote_candidate(self, verdict: GuardVerdict) -> None:
+    def _promote_candidate(self, verdict: GuardVerdict | None) -> None:
         old = self.champion
         self.frozen_old = old.stats.figures()
+        if self.frozen_old.requests < self.policy.min_requests:
+            self.frozen_old = self.before
         self.champion, self.candidate = Slot(self.candidate.model, self.make_stats()), old
         self.phase, self.phase_started = "watch", time.monotonic()
-        self._event("canary passed", version=self.champion.version, verdict=verdict.summary)
+        self._event("canary passed", version=self.champion.version,
+                    verdict=verdict.summary if verdict else "not judged: no baseline")
 
     def _settle(self) -> None:
         self._event("settled", version=self.champion.version)
-        self.candidate, self.phase, self.frozen_old = None, "stable", None
+        self._settled = (self.champion.version, self.candidate.version)
+        self.candidate, self.phase, self.frozen_old, self.before = None, "stable", None, None
 
     def status(self) -> dict:
         with self._lock:
