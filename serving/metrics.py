@@ -29,8 +29,8 @@ class Metrics:
         self.cost_per_1k = Gauge("refit_inference_cost_per_1k_usd", "Inference cost per 1,000 predictions.",
                                  ["version"], registry=r)
         self.log_rows = Gauge("refit_request_log_rows", "Request-log rows written to the store.", registry=r)
-        self.log_buffered = Gauge("refit_request_log_buffered", "Request-log rows waiting for the next part.",
-                                  registry=r)
+        self.log_buffered = Gauge("refit_request_log_buffered", "Request-log rows not in the store yet: "
+                                  "buffered, or spilled to local disk while it is down.", registry=r)
         self.rollbacks = Counter("refit_rollbacks", "Automatic rollbacks by this server.", registry=r)
 
     def render(self) -> bytes:

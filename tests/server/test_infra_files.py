@@ -231,14 +231,14 @@ def test_secrets_have_no_defaults_in_compose():
     assert "change-me" not in text
     references = re.findall(r"\$\{(\w+)(:?[-?])?([^}]*)\}", text)
     secrets = [(name, op) for name, op, _ in references
-               if re.search(r"PASSWORD|SECRET|TOKEN|ROOT_USER|ACCESS_KEY", name)]
+               if re.search(r"PASSWORD|SECRET|TOKEN|ROOT_USER|ACCESS_KEY|AUTH_STRING", name)]
     assert {name for name, _ in secrets} >= {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
-                                             "REFIT_SERVE_ADMIN_TOKEN"}
+                                             "REFIT_SERVE_ADMIN_TOKEN", "PREFECT_API_AUTH_STRING"}
     assert all(op == ":?" for _, op in secrets), secrets
     compose = _compose()
     for service in compose["services"].values():
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"PASSWORD|SECRET|TOKEN", key):
+            if re.search(r"PASSWORD|SECRET|TOKEN|AUTH_STRING", key):
                 assert str(value).startswith("${") and ":?" in str(value), key
 
 
