@@ -222,9 +222,9 @@ def base_model_hash(adapter_dir: Path | None = None) -> str:
     return (base.sha256 or weights_sha256(resolve_base(base)))[:16]
 
 
-def load_tokenizer(adapter_dir: Path | None = None):
-    """The tokenizer of an adapter's base, or of the configured base."""
-    return AutoTokenizer.from_pretrained(base_model_path(adapter_dir))
+def load_tokenizer(adapter_dir: Path | None = None, base: BaseRef | None = None):
+    """The tokenizer of an adapter's base, of ``base``, or of the configured base."""
+    return AutoTokenizer.from_pretrained(resolve_base(base) if base is not None else base_model_path(adapter_dir))
 
 
 # --- what the model is made of --------------------------------------------------------------------------------
