@@ -223,10 +223,14 @@ class S3Store(ObjectStore):
 
     def __init__(self, bucket: str, prefix: str = "", client=None, *, endpoint_url: str | None = None, region: str = "us-east-1"):
         import boto3
+        from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.client = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+        # An endpoint that is down is known in seconds, not minutes (botocore waits 60 s per connect by
+        # default): the request log spills to disk and the lock's waiters retry instead of hanging.
+        config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def _key(self, key: str) -> str:
         return self.prefix + _check_key(key)

@@ -103,7 +103,11 @@ class Server:
             if self.rollout.champion is None:
                 baseline = await asyncio.to_thread(self._baseline_for, version)
                 if baseline is not None:  # first serve the version it replaced, then canary it against that one
-                    self.rollout.adopt(await asyncio.to_thread(self._load, baseline))
+                    try:
+                        self.rollout.adopt(await asyncio.to_thread(self._load, baseline))
+                    except Exception as exc:  # noqa: BLE001 - no baseline to go back to: serve the champion as is
+                        log.warning("v%d (previous) could not be loaded to canary v%d against (%s: %s); serving "
+                                    "v%d directly", baseline, version, type(exc).__name__, exc, version)
             model = await asyncio.to_thread(self._load, version)
             adopted = self.rollout.adopt(model)
             self._update_version_gauges()
