@@ -18,6 +18,7 @@ from refit.policy import file_hash
 from refit.scenario import build, load_scenario, load_source
 from registry import versions
 from registry.tracking import RUN_TYPE, code_revision, flat_params, log_json, log_policy
+from tasks.adopt import publish_base
 from tasks.deploy import promote, write_reference
 from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune, load_update_policy
@@ -48,6 +49,7 @@ def bootstrap(scenario: str | None = None) -> dict:
         log_policy(spec_path, "scenario")
         golden = write_golden(ctx.store, name, data.golden)
         trained = fine_tune(data.train, policy.bootstrap, ctx.rates, labels=data.labels, seed=ctx.settings.seed)
+        publish_base(trained.adapter_dir)  # a REFIT_BASE_MODEL checkpoint is stored in the run, found again by hash
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         evaluation = evaluate(trained.adapter_dir, {"golden": golden.frame}, ctx.rates)
         mlflow.log_metrics(trained.cost.metrics() | evaluation.metrics("champion"))
@@ -56,7 +58,8 @@ def bootstrap(scenario: str | None = None) -> dict:
             "refit.train_data_fingerprint": fingerprint(data.train),
             **golden.tags(),
             "refit.code_revision": code_revision(),
-            "refit.base_model_sha256": modeling.base_model_hash(),
+            "refit.base_model_sha256": modeling.base_model_hash(trained.adapter_dir),
+            "refit.base_model_uri": modeling.base_of(trained.adapter_dir).location or "packaged",
             "refit.policy_hash": file_hash(policy_path),
             "refit.gate_verdict": "bootstrap (no gate)",
             "refit.update_cost_usd": trained.cost.usd,
@@ -64,7 +67,7 @@ def bootstrap(scenario: str | None = None) -> dict:
             "refit.labels": str(len(data.labels)),
         })
         model = modeling.load_model(trained.adapter_dir)
-        reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(),
+        reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(trained.adapter_dir),
                                         pool=data.train, trained_on=data.train, seed=ctx.settings.seed)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         promote(name, version, versions.alias_version(name, versions.CHAMPION))

@@ -81,11 +81,9 @@ def demo(scenario: str | None = None) -> dict:
         boot = _subflow(stages, "bootstrap", bootstrap, scenario=scenario)
         v1 = boot["version"]
         golden_v1 = read_golden(ctx.store, name).frame
-        tokenizer = modeling.load_tokenizer()
-
         now = datetime.now(timezone.utc).replace(microsecond=0)
         start = now - WINDOW * (len(data.shifts) + 1)
-        stages.run("replay-no-drift", replay_traffic, ctx.store, name, _model(name, v1), tokenizer, v1,
+        stages.run("replay-no-drift", replay_traffic, ctx.store, name, *_served_by(name, v1), v1,
                    data.no_drift_window, start, start + WINDOW, seed=spec.seed)
         quiet = _subflow(stages, "monitor-no-drift", monitor, window_end=(start + WINDOW).isoformat(),
                          window_hours=WINDOW.total_seconds() / 3600)
@@ -94,7 +92,7 @@ def demo(scenario: str | None = None) -> dict:
         for k, shift in enumerate(data.shifts, start=1):
             begin, end = start + WINDOW * k, start + WINDOW * (k + 1)
             champion = versions.alias_version(name, versions.CHAMPION)
-            stages.run(f"replay-{shift.name}", replay_traffic, ctx.store, name, _model(name, champion), tokenizer,
+            stages.run(f"replay-{shift.name}", replay_traffic, ctx.store, name, *_served_by(name, champion),
                        champion, shift.window, begin, end, labelled_share=shift.labelled_share, seed=spec.seed + k)
             drifted = _subflow(stages, f"monitor-{shift.name}", monitor, window_end=end.isoformat(),
                                window_hours=WINDOW.total_seconds() / 3600)
@@ -126,8 +124,10 @@ def demo(scenario: str | None = None) -> dict:
     return summary
 
 
-def _model(name: str, version: int):
-    return modeling.load_model(versions.download_adapter(name, version))
+def _served_by(name: str, version: int) -> tuple:
+    """The version's model and tokenizer, to score simulated traffic as serving would."""
+    adapter = versions.download_adapter(name, version)
+    return modeling.load_model(adapter), modeling.load_tokenizer(adapter)
 
 
 def _outcome(name: str, shift: str, external, champion: int, drifted: dict, updated: dict | None) -> ShiftOutcome:

@@ -74,7 +74,8 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
                           nested=True, tags=tags) as attempt_run:
         mlflow.log_params(flat_params("recipe", recipe) | {"rows": len(frame)})
         warm = start_dir if recipe.start == "warm" else None
-        trained = fine_tune(frame, recipe, ctx.rates, labels=data.labels, warm_start=warm, seed=ctx.settings.seed)
+        trained = fine_tune(frame, recipe, ctx.rates, labels=data.labels, warm_start=warm, seed=ctx.settings.seed,
+                            base=modeling.base_of(champion_dir))
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates)
         verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd, tuple(data.learned))
@@ -212,7 +213,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
     budget = ctx.settings.monthly_budget_usd
     full_frame = full_retrain_frame(pool, training, data.eval_texts)
     frames = {"warm": training.frame, "fresh": full_frame}
-    tokenizer = modeling.load_tokenizer()
+    tokenizer = modeling.load_tokenizer(champion_dir)
     tokens = {start: count_tokens(frame["text"].tolist(), tokenizer) for start, frame in frames.items()
               if any(r.start == start for r in policy.ladder)}  # tokenised once, priced per rung
     tags = {RUN_TYPE: "update", "refit.model": name, "refit.kind": kind, "refit.parent_version": str(champion),
@@ -233,6 +234,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         mlflow.log_metric("month_spend_before_usd", spent)
         attempts: list[Attempt] = []
         for index, recipe in enumerate(policy.ladder, start=1):
+            recipe = data.recipe(recipe, policy)
             work = recipe.work_tokens(tokens[recipe.start])
             estimate = ctx.rates.price(work * per_token)
             so_far = sum(a.trained.cost.usd for a in attempts)
@@ -274,7 +276,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 kind=kind, reason=reason, champion=champion, run_id=run.info.run_id, recipe=final.recipe.name,
                 attempts=len(attempts), source=source, training=training, data=data, golden=golden,
                 drift_run_id=drift_run_id, rules_path=rules_path, verdict=verdict, cost_usd=total_cost,
-                cpu_seconds=total_cpu, after=after))
+                cpu_seconds=total_cpu, after=after, adapter_dir=trained.adapter_dir))
             if verdict.passed:
                 model = modeling.load_model(trained.adapter_dir)
                 reference_uri = write_reference(ctx.store, name, version, model, tokenizer,

@@ -49,7 +49,7 @@ def register(model_name: str, run_id: str, tags: dict[str, str]) -> int:
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(
-            model_name, description="Intent classifier kept fresh by refit: LoRA adapters over all-MiniLM-L6-v2."
+            model_name, description="Text classifier kept fresh by refit: LoRA adapters over its base model (tag refit.base_model_uri)."
         )
     source = f"{client.get_run(run_id).info.artifact_uri}/{ADAPTER_DIR}"
     version = client.create_model_version(model_name, source=source, run_id=run_id,

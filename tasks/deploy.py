@@ -84,7 +84,7 @@ def _abandon_version(txn) -> None:
 
 def update_version_tags(*, kind: str, reason: str | None, champion: int, run_id: str, recipe: str, attempts: int,
                         source: str, training, data, golden, drift_run_id: str | None, rules_path, verdict,
-                        cost_usd: float, cpu_seconds: float, after) -> dict[str, str]:
+                        cost_usd: float, cpu_seconds: float, after, adapter_dir) -> dict[str, str]:
     """Everything an updated version's page in the MLflow UI says about where it came from and how it was judged."""
     from refit.data import fingerprint
     from refit.policy import file_hash
@@ -101,7 +101,8 @@ def update_version_tags(*, kind: str, reason: str | None, champion: int, run_id:
         "refit.train_data_fingerprint": training.fingerprint,
         "refit.drift_run_id": drift_run_id or "none",
         "refit.code_revision": code_revision(),
-        "refit.base_model_sha256": modeling.base_model_hash(),
+        "refit.base_model_sha256": modeling.base_model_hash(adapter_dir),
+        "refit.base_model_uri": modeling.base_of(adapter_dir).location or "packaged",
         "refit.policy_hash": file_hash(rules_path),
         "refit.gate_verdict": "passed" if verdict.passed else "refused",
         "refit.gate_reasons": verdict.summary,

@@ -168,9 +168,8 @@ def served(adapter_dirs: dict[str, Path], runtime: str | None = None) -> dict[st
     from serving.model import from_adapter
 
     runtime = runtime or Settings().serve_runtime
-    tokenizer = modeling.load_tokenizer()
     with _one_thread():
-        return {name: from_adapter(path, 0, tokenizer=tokenizer, runtime=runtime, threads=1)
+        return {name: from_adapter(path, 0, tokenizer=modeling.load_tokenizer(path), runtime=runtime, threads=1)
                 for name, path in adapter_dirs.items()}
 
 
@@ -221,7 +220,7 @@ def grow_golden(store, model_name: str, golden, fresh: pd.DataFrame, max_per_lab
 
 def accuracy_on(adapter_dir: Path, frames: dict[str, pd.DataFrame]) -> dict[str, float]:
     """Accuracy of one adapter on each named frame: for reports (a scenario's ``external`` sets), never a gate."""
-    model, tokenizer = modeling.load_model(adapter_dir), modeling.load_tokenizer()
+    model, tokenizer = modeling.load_model(adapter_dir), modeling.load_tokenizer(adapter_dir)
     out = {}
     for name, frame in frames.items():
         predicted, _ = modeling.predict(model, tokenizer, frame["text"].tolist())

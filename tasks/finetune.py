@@ -76,6 +76,12 @@ class UpdatePolicy(StrictModel):
         ge=1, description="Rows a label the champion does not know needs before its head grows to learn it.")
     golden_max_per_label: int = Field(
         ge=1, description="Cap per label of the golden suite as fresh holdouts join it (oldest dropped first).")
+    new_label_replay_ratio: float = Field(
+        ge=0, description="Replay rows per new row in an update that grows the head: the old labels' regions "
+                          "need more defending when new classes compete for them.")
+    new_label_distill_weight: float = Field(
+        ge=0, le=1, description="In an update that grows the head, the least weight of the champion's own soft "
+                                "outputs on replay rows (warm rungs).")
     max_label_mix_shift: float | None = Field(
         None, gt=0, le=1, description="Delayed labels whose mix is this far (total variation) from the model's "
                                       "predictions on the same requests are refused whole; None: not checked.")
@@ -152,6 +158,13 @@ class UpdateData:
     def fresh(self) -> pd.DataFrame:
         return self.sets["fresh"]
 
+    def recipe(self, recipe: Recipe, policy: UpdatePolicy) -> Recipe:
+        """The rung as this update runs it: a warm rung that grows the head also distils toward the champion."""
+        if not self.learned or recipe.start != "warm":
+            return recipe
+        return recipe.model_copy(update={"distill_weight": max(recipe.distill_weight,
+                                                                policy.new_label_distill_weight)})
+
 
 def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, known_labels: list[str],
                    learned: list[str], policy: UpdatePolicy, source: str, seed: int = 0) -> UpdateData:
@@ -170,7 +183,8 @@ def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, 
                          f"policy needs min_fresh_rows={policy.min_fresh_rows}: wait for more labels")
     sets = {"fresh": fresh, "golden": golden}
     eval_texts = text_hashes(pd.concat([fresh["text"], golden["text"]]))
-    training = assemble(train_rows, pool, eval_texts, policy.replay_ratio, seed)
+    replay_ratio = policy.new_label_replay_ratio if learned else policy.replay_ratio
+    training = assemble(train_rows, pool, eval_texts, replay_ratio, seed)
     return UpdateData(training, sets, eval_texts, list(known_labels) + [l for l in learned if l not in known_labels],
                       list(learned))
 
@@ -191,19 +205,24 @@ class Trained:
 
 
 def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: list[str] | None = None,
-                  warm_start: Path | None = None, seed: int = 0, on_step=None) -> Trained:
-    """Train from the champion's adapter (``warm_start``) or a fresh one over the base.
+                  warm_start: Path | None = None, seed: int = 0, on_step=None,
+                  base: modeling.BaseRef | None = None) -> Trained:
+    """Train from the champion's adapter (``warm_start``) or a fresh one over ``base``.
 
-    On a warm start, rows with ``origin == "replay"`` are distilled toward the
-    champion's own outputs when the recipe gives them a weight.
+    ``base`` defaults to the configured base (``REFIT_BASE_MODEL``); an update
+    passes its champion's, so a full retrain of an adopted model starts over
+    the adopted checkpoint, with its tokenizer. On a warm start, rows with
+    ``origin == "replay"`` are distilled toward the champion's own outputs when
+    the recipe gives them a weight.
     """
     import torch
 
-    tokenizer = modeling.load_tokenizer()
+    tokenizer = modeling.load_tokenizer(warm_start) if warm_start is not None else modeling.load_tokenizer(base=base)
     if warm_start is not None:
         model = modeling.load_model(warm_start, trainable=True)
     else:
-        model = modeling.new_model(labels, modeling.LoraSpec(rank=recipe.rank, alpha=recipe.alpha), seed=seed)
+        model = modeling.new_model(labels, modeling.LoraSpec(rank=recipe.rank, alpha=recipe.alpha), seed=seed,
+                                   base=base)
     label_ids = {label: i for i, label in enumerate(modeling.model_labels(model))}
     unknown = sorted(set(frame["label"]) - set(label_ids))
     if unknown:
@@ -256,6 +275,6 @@ def _progress_logger(label: str):
 
 @task(name="fine-tune", cache_policy=NO_CACHE)
 def fine_tune(frame: pd.DataFrame, recipe: Recipe, rates: Rates, labels: list[str] | None = None,
-              warm_start: Path | None = None, seed: int = 0) -> Trained:
+              warm_start: Path | None = None, seed: int = 0, base: modeling.BaseRef | None = None) -> Trained:
     return train_adapter(frame, recipe, rates, labels=labels, warm_start=warm_start, seed=seed,
-                         on_step=_progress_logger("fine-tune"))
+                         on_step=_progress_logger("fine-tune"), base=base)
