@@ -8,12 +8,11 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import open_context, user_error
+from flows.common import open_context, settings_for, user_error
 from refit import modeling
 from refit.data import fingerprint
 from refit.errors import RefitError
 from refit.evalsets import write_golden
-from refit.settings import Settings
 from refit.policy import file_hash
 from refit.scenario import build, load_scenario, load_source
 from registry import versions
@@ -24,7 +23,7 @@ from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune, load_update_policy
 
 @flow(name="bootstrap")
-def bootstrap(scenario: str | None = None) -> dict:
+def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dict:
     """Train the first champion on the scenario's reference data.
 
     Registers it in MLflow with alias ``champion`` and writes the reference
@@ -32,7 +31,7 @@ def bootstrap(scenario: str | None = None) -> dict:
     test rows of the groups v1 knows) to the object store.
     """
     try:
-        settings = Settings()
+        settings = settings_for(model_name)
         spec, spec_path = load_scenario(scenario or settings.scenario)
         data = build(spec, load_source(spec.source, settings.data_dir))
         ctx = open_context(settings)

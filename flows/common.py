@@ -46,6 +46,18 @@ def _quiet_user_errors() -> None:
             logger.addFilter(_UserErrorsWithoutTraceback())
 
 
+def settings_for(model_name: str | None = None) -> Settings:
+    """Settings from the environment, for ``model_name`` when given (a deployment's or the event's model).
+
+    Raises:
+        RefitError: the settings (or the name) are invalid, in one line.
+    """
+    try:
+        return Settings(**({"model_name": model_name} if model_name else {}))
+    except Exception as exc:  # pydantic's ValidationError: one line
+        raise RefitError(f"invalid settings: {str(exc).splitlines()[0]}") from None
+
+
 def open_context(settings: Settings | None = None) -> Context:
     """Settings (from the environment by default), then the store and MLflow they name."""
     _quiet_user_errors()

@@ -23,7 +23,7 @@ from prefect.logging import get_run_logger
 from prefect.states import State
 
 from flows.bootstrap import bootstrap
-from flows.common import open_context, user_error
+from flows.common import open_context, settings_for, user_error
 from flows.monitor import monitor
 from flows.update import update
 from refit import modeling
@@ -31,7 +31,6 @@ from refit.demo_report import ShiftOutcome, summarize
 from refit.errors import RefitError
 from refit.evalsets import read_golden
 from refit.requestlog import delete_model_data
-from refit.settings import Settings
 from refit.scenario import build, load_scenario, load_source, poison
 from registry import versions
 from tasks.evaluate import accuracy_on
@@ -64,10 +63,10 @@ def _subflow(stages: Stages, stage: str, flow_fn, **params) -> dict:
 
 
 @flow(name="demo")
-def demo(scenario: str | None = None) -> dict:
+def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
     """Run the loop and return the summary the CLI prints with ``--json``."""
     try:
-        settings = Settings()
+        settings = settings_for(model_name)
         spec, _ = load_scenario(scenario or settings.scenario)
         data = build(spec, load_source(spec.source, settings.data_dir))
         ctx = open_context(settings)
@@ -78,7 +77,7 @@ def demo(scenario: str | None = None) -> dict:
     externals = {shift.name: shift.external for shift in data.shifts}
     try:
         stages.run("forget-earlier-demo", delete_model_data, ctx.store, name)
-        boot = _subflow(stages, "bootstrap", bootstrap, scenario=scenario)
+        boot = _subflow(stages, "bootstrap", bootstrap, scenario=scenario, model_name=name)
         v1 = boot["version"]
         golden_v1 = read_golden(ctx.store, name).frame
         now = datetime.now(timezone.utc).replace(microsecond=0)
@@ -86,7 +85,7 @@ def demo(scenario: str | None = None) -> dict:
         stages.run("replay-no-drift", replay_traffic, ctx.store, name, *_served_by(name, v1), v1,
                    data.no_drift_window, start, start + WINDOW, seed=spec.seed)
         quiet = _subflow(stages, "monitor-no-drift", monitor, window_end=(start + WINDOW).isoformat(),
-                         window_hours=WINDOW.total_seconds() / 3600)
+                         window_hours=WINDOW.total_seconds() / 3600, model_name=name)
 
         outcomes: list[ShiftOutcome] = []
         for k, shift in enumerate(data.shifts, start=1):
@@ -95,21 +94,22 @@ def demo(scenario: str | None = None) -> dict:
             stages.run(f"replay-{shift.name}", replay_traffic, ctx.store, name, *_served_by(name, champion),
                        champion, shift.window, begin, end, labelled_share=shift.labelled_share, seed=spec.seed + k)
             drifted = _subflow(stages, f"monitor-{shift.name}", monitor, window_end=end.isoformat(),
-                               window_hours=WINDOW.total_seconds() / 3600)
+                               window_hours=WINDOW.total_seconds() / 3600, model_name=name)
             updated = None
             if drifted["action"] == "update":
                 updated = _subflow(stages, f"update-{shift.name}", update, window_start=begin.isoformat(),
-                                   window_end=end.isoformat(), drift_run_id=drifted["drift_run_id"])
+                                   window_end=end.isoformat(), drift_run_id=drifted["drift_run_id"], model_name=name)
             outcomes.append(stages.run(f"score-{shift.name}", _outcome, name, shift.name, shift.external, champion,
                                        drifted, updated))
 
         final = versions.alias_version(name, versions.CHAMPION)
-        hotfix_file = ctx.settings.home_dir / "demo" / "hotfix-poisoned.csv"
+        hotfix_file = ctx.settings.home_dir / "demo" / f"hotfix-poisoned-{name}.csv"
         hotfix_file.parent.mkdir(parents=True, exist_ok=True)
         final_labels = modeling.read_labels(versions.download_adapter(name, final))
         poison(data.hotfix, final_labels, spec.seed)[["text", "label"]].to_csv(hotfix_file, index=False)
         # force: the poisoned file is the same on every run, and an earlier run's refusal must not answer for this one
-        hotfix = _subflow(stages, "hotfix-poisoned", update, labels_path=str(hotfix_file), force=True)
+        hotfix = _subflow(stages, "hotfix-poisoned", update, labels_path=str(hotfix_file), force=True,
+                          model_name=name)
 
         champion_after = versions.alias_version(name, versions.CHAMPION)
         ends = stages.run("score-final", _final_scores, name, v1, champion_after, golden_v1, externals)

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
-from flows.common import open_context, parse_time, user_error
+from flows.common import open_context, parse_time, settings_for, user_error
 from refit import requestlog
 from refit.errors import RefitError, WindowTooSmall
 from refit.policy import file_hash
@@ -31,14 +31,17 @@ DRIFT_EVENT = "refit.drift.detected"
 
 
 @flow(name="monitor")
-def monitor(window_end: str | None = None, window_hours: float | None = None, policy: str = "drift") -> dict:
+def monitor(window_end: str | None = None, window_hours: float | None = None, policy: str = "drift",
+            model_name: str | None = None) -> dict:
     """Check the traffic window ending at ``window_end`` (default now).
 
     With ``window_hours`` unset the window starts where the previous check
     ended (at most 24 hours back), so a window is never measured twice.
+    ``model_name``: which model's traffic (default ``REFIT_MODEL_NAME``); the
+    drift event carries it to the update.
     """
     try:
-        ctx = open_context()
+        ctx = open_context(settings_for(model_name))
         name = ctx.model_name
         drift_policy, policy_path = load_drift_policy(policy)
         update_policy, _ = load_update_policy()
@@ -98,7 +101,8 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
                              description=f"{name} drift check: {action}")
     if action == "update":
         emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"},
-                   payload={"window_start": start.isoformat(), "window_end": end.isoformat(), "window_uri": uri,
+                   payload={"model_name": name, "window_start": start.isoformat(), "window_end": end.isoformat(),
+                            "window_uri": uri,
                             "severity": result.severity, "model_version": champion,
                             "drift_run_id": run.info.run_id})
     get_run_logger().info(f"drift {'detected' if result.drift_detected else 'not detected'} "

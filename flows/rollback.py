@@ -5,17 +5,17 @@ from __future__ import annotations
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from flows.common import open_context, user_error
+from flows.common import open_context, settings_for, user_error
 from refit.errors import RefitError
 from registry.rollout import roll_back
 from tasks.deploy import notify_server
 
 
 @flow(name="rollback")
-def rollback(reason: str = "manual rollback") -> dict:
+def rollback(reason: str = "manual rollback", model_name: str | None = None) -> dict:
     """Move ``champion`` back to ``previous``, tag the demoted version with ``reason``, tell the server."""
     try:
-        ctx = open_context()
+        ctx = open_context(settings_for(model_name))
         result = roll_back(ctx.model_name, None, reason, experiment_id=ctx.experiment_id, store=ctx.store,
                            source="manual")
     except RefitError as exc:

@@ -24,13 +24,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 from prefect.transactions import transaction
 
-from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, user_error
+from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, settings_for, user_error
 from refit import modeling
 from refit.data import fingerprint
 from refit.evalsets import read_golden
 from refit.errors import RefitError
 from refit.policy import file_hash
-from refit.settings import Settings
 from registry import versions
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
                                log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token,
@@ -125,7 +124,7 @@ def ladder_markdown(attempts: list[Attempt]) -> str:
 @flow(name="update")
 def update(window_start: str | None = None, window_end: str | None = None, labels_path: str | None = None,
            drift_run_id: str | None = None, gate_policy: str = "gate", reason: str | None = None,
-           force: bool = False) -> dict:
+           force: bool = False, model_name: str | None = None) -> dict:
     """Fine-tune, evaluate against the champion, gate on quality and cost, promote on a pass.
 
     One update per model runs at a time (a Prefect global concurrency limit
@@ -142,11 +141,12 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         gate_policy: gate policy name or YAML path.
         reason: why this update runs (a hotfix's ticket, say); recorded on the run and the version.
         force: train even if this window or file already paid for a fine-tune (after changing the gate, say).
+        model_name: which model (default ``REFIT_MODEL_NAME``); the drift event's trigger passes the event's.
     """
     try:
-        settings = Settings()
-    except Exception as exc:  # pydantic's ValidationError: one line
-        return user_error(RefitError(f"invalid settings: {str(exc).splitlines()[0]}"))
+        settings = settings_for(model_name)
+    except RefitError as exc:
+        return user_error(exc)
     try:
         with one_at_a_time(f"refit-update-{settings.model_name}"):
             return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force)

@@ -26,10 +26,14 @@ err = Console(stderr=True)
 
 StoreOption = Annotated[Optional[str], typer.Option("--store", help="Object store: local (default) or s3.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
+ModelNameOption = Annotated[Optional[str], typer.Option(
+    "--model-name", help="Registered model name (default REFIT_MODEL_NAME): one install serves several models.")]
 
 
-def _prepare(store: str | None = None) -> Settings:
+def _prepare(store: str | None = None, model_name: str | None = None) -> Settings:
     """Settings from the environment, with the process set up to use them offline."""
+    if model_name:
+        os.environ["REFIT_MODEL_NAME"] = model_name
     if store:
         if store not in ("local", "s3"):
             raise RefitError(f"--store must be local or s3, not {store!r}")
@@ -71,12 +75,12 @@ def _emit(result: dict, as_json: bool, title: str) -> None:
 
 @app.command()
 def demo(store: StoreOption = None, scenario: Annotated[Optional[str], typer.Option(help="Scenario name or YAML path.")] = None,
-         as_json: JsonOption = False) -> None:
+         model_name: ModelNameOption = None, as_json: JsonOption = False) -> None:
     """Run the whole loop on the default scenario: bootstrap, no-drift, shift, update, poisoned hotfix.
 
     Example: refit demo --json
     """
-    settings = _prepare(store)
+    settings = _prepare(store, model_name)
     from flows.demo import demo as demo_flow
 
     result = _run_flow(demo_flow, scenario=scenario)
@@ -94,12 +98,12 @@ def demo(store: StoreOption = None, scenario: Annotated[Optional[str], typer.Opt
 
 @app.command()
 def bootstrap(store: StoreOption = None, scenario: Annotated[Optional[str], typer.Option(help="Scenario name or YAML path.")] = None,
-              as_json: JsonOption = False) -> None:
+              model_name: ModelNameOption = None, as_json: JsonOption = False) -> None:
     """Train champion v1 from the scenario and register it.
 
     Example: refit bootstrap --scenario clinc-shift
     """
-    _prepare(store)
+    _prepare(store, model_name)
     from flows.bootstrap import bootstrap as flow_fn
 
     _emit(_run_flow(flow_fn, scenario=scenario), as_json, "Bootstrap")
@@ -142,12 +146,12 @@ def monitor(store: StoreOption = None,
             window_end: Annotated[Optional[str], typer.Option(help="ISO time the window ends (default now).")] = None,
             window_hours: Annotated[Optional[float], typer.Option(help="Window length (default: since the last check).")] = None,
             policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift",
-            as_json: JsonOption = False) -> None:
+            model_name: ModelNameOption = None, as_json: JsonOption = False) -> None:
     """Check the newest traffic window for drift.
 
     Example: refit monitor --window-hours 24 --json
     """
-    _prepare(store)
+    _prepare(store, model_name)
     from flows.monitor import monitor as flow_fn
 
     _emit(_run_flow(flow_fn, window_end=window_end, window_hours=window_hours, policy=policy), as_json, "Drift check")
@@ -162,12 +166,12 @@ def update(labels: Annotated[Optional[str], typer.Option(
            reason: Annotated[Optional[str], typer.Option(help="Why (a ticket); recorded on the run and version.")] = None,
            force: Annotated[bool, typer.Option(help="Train even if this window or file already paid for a "
                                                      "fine-tune.")] = False,
-           store: StoreOption = None, as_json: JsonOption = False) -> None:
+           model_name: ModelNameOption = None, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Fine-tune, gate and (on a pass) promote an update.
 
     Example (hotfix): refit update --labels s3://bucket/fixes.csv --reason "T-42: travel intents wrong"
     """
-    _prepare(store)
+    _prepare(store, model_name)
     from flows.update import update as flow_fn
 
     result = _run_flow(flow_fn, labels_path=labels, window_start=window_start,
@@ -177,12 +181,12 @@ def update(labels: Annotated[Optional[str], typer.Option(
 
 @app.command()
 def rollback(reason: Annotated[str, typer.Option(help="Why; recorded on the demoted version.")] = "manual rollback",
-             store: StoreOption = None, as_json: JsonOption = False) -> None:
+             model_name: ModelNameOption = None, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Move the champion back to the previous version.
 
     Example: refit rollback --reason "complaints from support"
     """
-    _prepare(store)
+    _prepare(store, model_name)
     from flows.rollback import rollback as flow_fn
 
     _emit(_run_flow(flow_fn, reason=reason), as_json, "Rollback")
@@ -237,13 +241,16 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
             skipped[ours] = f"no column {theirs!r} in the {' and '.join(lacking)} file"
     signal_of = {"predicted_label": "prediction", "confidence": "confidence"}
     skipped = {signal_of[ours]: why for ours, why in skipped.items() if ours in signal_of}
-    # Request ids and timestamps are not measured, but they are validated (duplicates, bad times) where present.
-    checked_only = [c for c in ("request_id", "timestamp") if c not in rename and c not in rename.values()]
+    # Request ids and timestamps are not measured, but they are validated (duplicates, bad times) where present;
+    # a reference's scored_on column says whether its confidences are on rows the champion never trained on.
+    checked_only = [c for c in ("request_id", "timestamp", "scored_on")
+                    if c not in rename and c not in rename.values()]
     reference, current = (
         frames[side][list(rename) + [c for c in checked_only if c in frames[side].columns]].rename(columns=rename)
         for side in ("reference", "current"))
 
-    # Prefect comes in with the task modules (their @task decorators); nothing starts a flow or a server.
+    # Only what a check needs: tasks.drift builds its Prefect task on first use, and Evidently is imported
+    # only for its HTML report, which this command does not write. Validation still imports Prefect.
     from tasks.drift import load_drift_policy, measure_drift
     from tasks.validate import split_bad_inference_rows
 
@@ -258,7 +265,7 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
         raise RefitError(f"window rejected: {len(kept)} usable rows of {len(current)} in {current_path}, "
                          f"policy needs at least {policy.min_window_rows}"
                          + (f" ({len(bad)} quarantined: {_reasons(bad)})" if len(bad) else ""))
-    result = measure_drift(reference_kept, kept, policy)
+    result = measure_drift(reference_kept, kept, policy, report=False)
     verdict = result.to_dict() | {
         "rows_checked": len(current),
         "rows_kept": len(kept),
@@ -357,32 +364,55 @@ def _int_list(value: str, option: str) -> list[int]:
 
 @bench_app.command("drift")
 def bench_drift(as_json: JsonOption = False,
-                pairs: Annotated[int, typer.Option(min=1, help="Quiet and shifted window pairs per size.")] = 40,
-                sizes: Annotated[str, typer.Option(
-                    help="Window sizes to calibrate, comma-separated ('' skips).")] = "200,500,2000",
+                pairs: Annotated[int, typer.Option(min=1, help="Quiet and shifted window pairs per row.")] = 40,
+                sizes: Annotated[str, typer.Option(help="Window sizes, comma-separated ('' skips).")] = "500",
+                families: Annotated[str, typer.Option(
+                    help="Shift families, comma-separated: within (new intents in known domains), between.")]
+                = "within,between",
+                gradual: Annotated[str, typer.Option(
+                    help="Extra shares of new intents measured on the within family, comma-separated percents "
+                         "('' skips).")] = "5,10,20",
                 scale: Annotated[str, typer.Option(
                     help="Window sizes to time, comma-separated ('' skips).")] = "10000,100000",
                 baseline_pairs: Annotated[int, typer.Option(
-                    min=0, help="Pairs per size also checked by Evidently's default text drift (~2-4 s each).")] = 10,
+                    min=0, help="Pairs per row also checked by Evidently's default text drift (~2-4 s each).")] = 10,
                 shift_share: Annotated[float, typer.Option(
-                    min=0.01, max=1.0, help="Share of a shifted window from the domains the reference lacks.")] = 0.3,
+                    min=0.01, max=1.0, help="Share of a shifted window from the shift's intents.")] = 0.3,
+                calibration_pairs: Annotated[int, typer.Option(
+                    min=0, help="Quiet pairs per family, seeds apart from the measured ones, whose signal "
+                                "quantiles are printed for the policy's thresholds (0 skips).")] = 0,
+                calibration_rate: Annotated[float, typer.Option(
+                    min=0.001, max=0.5, help="Target false-alarm rate of each signal's calibrated threshold.")]
+                = 0.02,
                 policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift") -> None:
-    """False alarms, detections and cost of the drift check on real CLINC150 windows.
+    """False alarms and detections of the drift check on real CLINC150 windows scored by a real champion.
 
     Example: refit bench drift --pairs 40 --sizes 500 --scale "" --json
     """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    from refit.bench_drift import FAMILIES, run_benchmark, tables
+
     size_list, scale_list = _int_list(sizes, "--sizes"), _int_list(scale, "--scale")
+    family_list = tuple(f.strip() for f in families.split(",") if f.strip())
+    if not family_list or any(f not in FAMILIES for f in family_list):
+        raise RefitError(f"--families takes {' and/or '.join(FAMILIES)}, comma-separated, not {families!r}")
+    try:
+        shares = tuple(float(p) / 100 for p in gradual.split(",") if p.strip())
+    except ValueError:
+        raise RefitError(f"--gradual takes comma-separated percents, not {gradual!r}") from None
+    if any(not 0 < share <= 1 for share in shares):
+        raise RefitError(f"--gradual percents must be above 0 and at most 100, got {gradual!r}")
     data_dir = Settings().data_dir
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from refit.bench_drift import run_benchmark, tables
-
+    rows = sum(1 + (len(set(shares) | {shift_share}) if f == "within" else 1) for f in family_list)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
-        job = bar.add_task("drift benchmark", total=2 * pairs * len(size_list) + len(scale_list))
+        job = bar.add_task("drift benchmark", total=2 * pairs * rows * len(size_list) + len(scale_list)
+                           + calibration_pairs * len(family_list))
         result = run_benchmark(data_dir, pairs, size_list, scale_list, baseline_pairs, shift_share, policy,
+                               family_list, shares, calibration_pairs, calibration_rate,
                                progress=lambda what, n: bar.update(job, advance=n, description=what))
     out = err if as_json else Console()
     for table in tables(result):
@@ -423,6 +453,33 @@ def bench_update_cost(as_json: JsonOption = False,
         out.print(table)
     if as_json:
         print(json.dumps(result, default=str))
+
+
+labels_app = typer.Typer(help="Labels in: delayed ground truth from your labelling process.", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("import")
+def labels_import(file: Annotated[Path, typer.Argument(help="CSV/Parquet/JSON(L) with request_id,label (labels of "
+                                                         "served requests) and/or text,label (never served).")],
+                  model_name: ModelNameOption = None, store: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Import labels: each row checked (request id in the request log, label not empty, no duplicate).
+
+    Refused rows go to quarantine with the reason; accepted + quarantined = rows in the file. A label the
+    model does not know is accepted: the next update's new-label policy decides on it.
+
+    Example: refit labels import corrections.csv --model-name support-intents --json
+    """
+    settings = _prepare(store, model_name)
+    from refit.data import read_table
+    from refit.labels import import_labels
+    from refit.store import open_store
+
+    rows = read_table(file)
+    if rows.empty:
+        raise RefitError(f"{file} has no rows")
+    result = import_labels(open_store(settings), settings.model_name, rows, source=f"import:{file.name}")
+    _emit(result.to_dict() | {"model_name": settings.model_name}, as_json, f"Labels for {settings.model_name}")
 
 
 # `refit stack up|down|status|env`: the local Prefect server, worker and MLflow server (refit/stack.py).

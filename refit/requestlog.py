@@ -59,16 +59,27 @@ def read_inference(store: ObjectStore, model_name: str, start: datetime, end: da
     return frame[(ts >= start) & (ts < end)].reset_index(drop=True)
 
 
-def read_labels(store: ObjectStore, model_name: str) -> pd.DataFrame:
-    frame = store.read_parquet_prefix(f"labels/model={model_name}/")
-    return frame if len(frame) else pd.DataFrame(columns=LABEL_COLUMNS)
+def read_labels(store: ObjectStore, model_name: str, since: date | None = None) -> pd.DataFrame:
+    """Label rows, all of them or only the date partitions written on ``since`` (UTC) or later.
+
+    Labels are partitioned by the day they arrived, so an update reads only
+    what arrived since its window began, not the whole history.
+    """
+    if since is None:
+        frames = [store.read_parquet_prefix(f"labels/model={model_name}/")]
+    else:
+        today = datetime.now(timezone.utc).date()
+        frames = [store.read_parquet_prefix(f"labels/model={model_name}/date={day.isoformat()}/")
+                  for day in [since + timedelta(days=i) for i in range(max(0, (today - since).days) + 1)]]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LABEL_COLUMNS)
 
 
 def window_uri(store: ObjectStore, model_name: str, start: datetime, end: datetime) -> str:
     return f"{store.uri(f'inference/model={model_name}/')}?start={start.isoformat()}&end={end.isoformat()}"
 
 
-MODEL_DATA_PREFIXES = ("inference", "labels", "reference", "evaluation", "quarantine")
+MODEL_DATA_PREFIXES = ("inference", "labels", "examples", "reference", "evaluation", "quarantine")
 
 
 def delete_model_data(store: ObjectStore, model_name: str) -> int:

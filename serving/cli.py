@@ -11,14 +11,16 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Address to bind (def
           port: Annotated[Optional[int], typer.Option(help="Port (default REFIT_SERVE_PORT, 8000).")] = None,
           policy: Annotated[Optional[str], typer.Option(help="Rollout policy name or YAML path.")] = None,
           store: Annotated[Optional[str], typer.Option("--store", help="Object store: local (default) or s3.")] = None,
+          model_name: Annotated[Optional[str], typer.Option("--model-name", help="Registered model to serve "
+                                                            "(default REFIT_MODEL_NAME).")] = None,
           ) -> None:
     """Serve the champion over HTTP: /predict, /healthz, /readyz, /metrics, /rollout, /admin/reload.
 
-    Example: REFIT_SERVE_ADMIN_TOKEN=secret refit serve --port 8000
+    Example: REFIT_SERVE_ADMIN_TOKEN=secret refit serve --port 8000 --model-name support-intents
     """
     from refit.cli import _prepare
 
-    settings = _prepare(store)
+    settings = _prepare(store, model_name)
     import logging
 
     import uvicorn

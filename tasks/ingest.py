@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from refit import modeling, requestlog
+from refit.labels import read_examples
 from refit.errors import RefitError
 from refit.store import ObjectStore
 from tasks.validate import check_label_mix, validate_labels
@@ -64,7 +65,8 @@ def _stamp() -> str:
 def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: datetime,
                     known_labels: list[str] | None = None, max_label_mix_shift: float | None = None,
                     min_rows_for_mix: int = 50) -> pd.DataFrame:
-    """Texts of the window's requests that have a delayed label, with that label and the request's time.
+    """Texts of the window's requests that have a delayed label, with that label and the request's time,
+    plus the examples imported (``refit labels import`` with text, label) during the window.
 
     Label feedback that cannot be used (no request id, empty label) goes to
     quarantine with its reason first. Labels the model does not know are
@@ -75,7 +77,7 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
     refused (a broken labelling job or poisoning).
     """
     served = requestlog.read_inference(store, model_name, start, end)
-    labels = requestlog.read_labels(store, model_name)
+    labels = requestlog.read_labels(store, model_name, since=start.date())
     if len(labels):
         labels, rejected = validate_labels(labels)
         if len(rejected):
@@ -90,7 +92,9 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
             raise RefitError(f"label batch rejected: {check.reason} of the model's predictions for the same "
                              f"{len(judged)} requests; quarantined at {uri}")
     columns = ["text", "label"] + (["timestamp"] if "timestamp" in joined.columns else [])
-    return joined[columns].reset_index(drop=True)
+    examples = read_examples(store, model_name, start, end)  # imported text,label rows, never served
+    return pd.concat([joined[columns], examples[columns]], ignore_index=True) if len(examples) else \
+        joined[columns].reset_index(drop=True)
 
 
 def pending_prefix(model_name: str) -> str:

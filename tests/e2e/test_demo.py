@@ -194,7 +194,7 @@ def test_update_over_budget_is_refused_before_training(demo_home):
     client = MlflowClient(result["mlflow_tracking_uri"])
     versions_before = len(client.search_model_versions("name='intent-classifier'"))
     labels = home / "hotfix-new.csv"  # not the demo's file: that one already paid for its update
-    pd.read_csv(home / "demo" / "hotfix-poisoned.csv").iloc[1:].to_csv(labels, index=False)
+    pd.read_csv(home / "demo" / "hotfix-poisoned-intent-classifier.csv").iloc[1:].to_csv(labels, index=False)
     proc = run_cli(["update", "--json", "--labels", str(labels)], env | {"REFIT_MONTHLY_BUDGET_USD": "0.000001"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     refused = last_json(proc.stdout)
@@ -212,7 +212,7 @@ def test_same_hotfix_file_never_pays_twice(demo_home):
 
     client = MlflowClient(result["mlflow_tracking_uri"])
     versions_before = len(client.search_model_versions("name='intent-classifier'"))
-    proc = run_cli(["update", "--json", "--labels", str(home / "demo" / "hotfix-poisoned.csv")], env)
+    proc = run_cli(["update", "--json", "--labels", str(home / "demo" / "hotfix-poisoned-intent-classifier.csv")], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = last_json(proc.stdout)
     assert again["promoted"] is False and "already updated for this file" in again["reason"]
