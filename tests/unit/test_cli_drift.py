@@ -1,8 +1,10 @@
 """`refit drift` and `refit bench drift` as a user runs them: a subprocess, files on disk, no server.
 
-The files are CLINC150 windows built the way the benchmark builds them
+The files are CLINC150 windows drawn the way the benchmark draws them
 (``refit.bench_drift``): a 1,000-text reference of the scenario's five
 domains plus ``oos`` from the training split, and a window of other texts.
+True intents stand in for predictions here: these tests are about the
+command, not about how well a champion's outputs reveal drift.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def pools(data_dir) -> bench_drift.Pools:
     return bench_drift.load_pools(data_dir)
 
 
+def served(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
+    return pd.DataFrame({"text": rows["text"].to_numpy(), "predicted_label": rows["label"].to_numpy(),
+                         "confidence": np.random.default_rng(seed).uniform(0.6, 1.0, len(rows))})
+
+
+def served_pair(pools, size: int, index: int, kind: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    reference, current = bench_drift.pair_rows(pools, size, index, kind)
+    return served(reference, index), served(current, index + 1)
+
+
 def renamed(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns as another team might name them, with the true intent as a label column."""
     renamed_ = frame.rename(columns={"text": "utterance", "predicted_label": "intent"})
@@ -56,7 +68,7 @@ def renamed(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_same_distribution_window_is_not_drift_and_bad_rows_are_counted(pools, tmp_path):
-    reference, current = bench_drift.pair(pools, 500, index=0, kind=bench_drift.QUIET)
+    reference, current = served_pair(pools, 500, index=0, kind=bench_drift.QUIET)
     current = renamed(current)
     current.insert(0, "request_id", [f"r{i}" for i in range(len(current))])
     bad = pd.DataFrame({"request_id": ["x1", "x2", "r0"], "utterance": ["", "   ", "a duplicate of r0's id"],
@@ -79,13 +91,13 @@ def test_same_distribution_window_is_not_drift_and_bad_rows_are_counted(pools, t
     assert (verdict["rows_current"], verdict["rows_reference"]) == (500, 1000)
     assert verdict["signals_skipped"] == {}
     assert verdict["labels"]["current_labelled_rows"] == 500
-    assert "domain_classifier_novelty" in proc.stderr  # with --json the table goes to stderr
+    assert "embedding_novelty" in proc.stderr  # with --json the table goes to stderr
 
 
 def test_forty_percent_shifted_window_is_drift(pools, tmp_path):
     rng = np.random.default_rng(40)
-    reference = bench_drift.reference_window(pools, rng)
-    current = bench_drift.window(pools, 500, rng, shift_share=0.4)
+    reference = served(bench_drift.reference_rows(pools, rng), 0)
+    current = served(bench_drift.window_rows(pools, 500, rng, shift_share=0.4), 1)
     reference.to_json(tmp_path / "reference.jsonl", orient="records", lines=True)
     current.to_parquet(tmp_path / "window.parquet")
 
@@ -97,7 +109,7 @@ def test_forty_percent_shifted_window_is_drift(pools, tmp_path):
 
 
 def test_without_json_a_table_is_printed_and_absent_default_columns_are_skipped(pools, tmp_path):
-    reference, current = bench_drift.pair(pools, 300, index=1, kind=bench_drift.SHIFTED)
+    reference, current = served_pair(pools, 300, index=1, kind=bench_drift.SHIFTED)
     reference[["text", "predicted_label"]].to_csv(tmp_path / "reference.csv", index=False)
     current[["text", "predicted_label"]].to_csv(tmp_path / "window.csv", index=False)
 
@@ -107,6 +119,23 @@ def test_without_json_a_table_is_printed_and_absent_default_columns_are_skipped(
     assert "Drift check:" in proc.stdout and "label_shift" in proc.stdout
     assert "skipped: no column 'confidence'" in proc.stdout
     assert not proc.stdout.strip().splitlines()[-1].startswith("{")
+
+
+def test_a_reference_scored_on_held_out_rows_lets_the_champion_signals_count(pools, tmp_path):
+    reference, current = served_pair(pools, 500, index=2, kind=bench_drift.QUIET)
+    current = current.assign(confidence=current["confidence"] - 0.3)
+    current.to_parquet(tmp_path / "window.parquet")
+    reference.to_parquet(tmp_path / "trained_on.parquet")
+    reference.assign(scored_on="held_out").to_parquet(tmp_path / "held_out.parquet")
+
+    trained_on = last_json(refit("drift", tmp_path / "trained_on.parquet", tmp_path / "window.parquet", "--json"))
+    held_out = last_json(refit("drift", tmp_path / "held_out.parquet", tmp_path / "window.parquet", "--json"))
+
+    assert trained_on["signals"]["confidence_drop"]["drifted"]
+    assert not trained_on["signals"]["confidence_drop"]["counts_toward_verdict"]
+    assert trained_on["severity"] == "none", trained_on
+    assert held_out["signals"]["confidence_drop"]["counts_toward_verdict"]
+    assert (held_out["drift_detected"], held_out["severity"]) == (True, "low"), held_out
 
 
 @pytest.mark.parametrize("option, column, side", [
@@ -155,21 +184,27 @@ def test_window_with_too_few_usable_rows_is_rejected_with_its_reasons(tmp_path):
 # --- the benchmark ------------------------------------------------------------------------------------
 
 
-def test_benchmark_pairs_are_repeatable_and_shaped_as_described(pools):
-    reference, quiet = bench_drift.pair(pools, 500, index=3, kind=bench_drift.QUIET)
-    again, quiet_again = bench_drift.pair(pools, 500, index=3, kind=bench_drift.QUIET)
-    _, shifted = bench_drift.pair(pools, 500, index=3, kind=bench_drift.SHIFTED)
+def test_benchmark_pairs_are_repeatable_and_shaped_as_described(pools, data_dir):
+    reference, quiet = bench_drift.pair_rows(pools, 500, index=3, kind=bench_drift.QUIET)
+    again, quiet_again = bench_drift.pair_rows(pools, 500, index=3, kind=bench_drift.QUIET)
+    _, shifted = bench_drift.pair_rows(pools, 500, index=3, kind=bench_drift.SHIFTED)
+    _, natural = bench_drift.pair_rows(pools, 500, index=3, kind=bench_drift.NATURAL)
 
     pd.testing.assert_frame_equal(quiet, quiet_again)
     pd.testing.assert_frame_equal(reference, again)
-    assert (len(reference), len(quiet), len(shifted)) == (1000, 500, 500)
+    assert (len(reference), len(quiet), len(shifted), len(natural)) == (1000, 500, 500, 500)
+    # the reference is training-split text the champion never trained on
     assert set(reference["text"]).issubset(set(pools.reference["text"]))
+    assert not set(reference["text"]) & set(pools.train["text"])
     assert not set(quiet["text"]) & set(reference["text"])  # other texts ...
-    assert set(quiet["predicted_label"]).issubset(set(pools.label_shares.index))  # ... of the same intents
+    assert set(quiet["label"]).issubset(set(pools.label_shares.index))  # ... of the same intents
     unseen = ~shifted["text"].isin(pools.quiet["text"])
-    assert unseen.sum() == 150 and set(shifted["text"][unseen]).issubset(set(pools.shifted["text"]))
-    # quiet windows keep the training split's out-of-scope share (1.3%), not the held-out splits' 23%
-    assert (quiet["predicted_label"] == "oos").mean() < 0.05
+    assert unseen.sum() == 150 and set(shifted["label"][unseen]).isdisjoint(set(pools.label_shares.index))
+    # quiet windows keep the training split's out-of-scope share (1.3%), the validation mix has more
+    assert (quiet["label"] == "oos").mean() < 0.03 < (natural["label"] == "oos").mean()
+    within = bench_drift.load_pools(data_dir, "within")
+    assert set(within.shifted["group"]) == set(within.quiet["group"]) - {"oos"}  # same domains ...
+    assert set(within.shifted["label"]).isdisjoint(set(within.quiet["label"]))  # ... other intents
 
 
 def test_int_list_option():
@@ -181,19 +216,28 @@ def test_int_list_option():
 
 
 def test_bench_drift_prints_one_json_object_last(tmp_path, data_dir):
-    proc = refit("bench", "drift", "--json", "--pairs", "1", "--sizes", "300", "--scale", "2000,4000",
-                 "--baseline-pairs", "1")
+    proc = refit("bench", "drift", "--json", "--pairs", "2", "--sizes", "500", "--families", "within",
+                 "--gradual", "10", "--scale", "2000,4000", "--baseline-pairs", "1", timeout=900)
     result = last_json(proc)
 
-    [row] = result["calibration"]
-    assert row["size"] == 300 and row["pairs"] == 1
-    assert row["quiet"]["detected"] + row["shifted"]["detected"] <= 2
-    assert row["evidently_default"]["pairs"] == 1 and "quiet" in row["evidently_default"]
+    rows = {(r["mode"], r["shift_share"]): r for r in result["results"]}
+    assert set(rows) == {("text", 0.1), ("text", 0.3), ("champion", 0.1), ("champion", 0.3)}
+    for (mode, share), row in rows.items():
+        assert row["family"] == "within" and row["size"] == 500 and row["pairs"] == 2
+        assert row["quiet"]["detected"] == 0, row  # seeded pairs: these two quiet windows are quiet ...
+        if share == 0.3:
+            assert row["shifted"]["detected"] == 2, row  # ... and these two shifted ones are caught
+    assert rows[("text", 0.3)]["evidently_default"]["pairs"] == 1
+    # a real champion: it errs on held-out rows, which true labels standing in for predictions never do
+    champion = result["champion"]["within"]
+    assert 0.8 < champion["held_out_accuracy"] < 1.0 and champion["labels"] == 101
+    assert "confidence_drop" in rows[("champion", 0.3)]["shifted"]["signal_range"]
+    assert "confidence_drop" not in rows[("text", 0.3)]["shifted"]["signal_range"]
     runs = result["scale"]["runs"]
     assert [r["rows"] for r in runs] == [2000, 4000]
     assert all(r["rows_sampled"] == result["setup"]["max_sample_rows"] for r in runs)
-    assert result["scale"]["time_ratio"] > 0
-    assert "Drift calibration" in proc.stderr and "Drift check cost" in proc.stderr
+    assert not any(r["drift_detected"] for r in runs)  # quiet windows, however large
+    assert "Drift check on CLINC150" in proc.stderr and "Drift check cost" in proc.stderr
 
 
 def test_bench_module_imports_nothing_heavy():

@@ -1,7 +1,9 @@
 """Drift checks on real CLINC150 text: quiet windows stay quiet, shifted ones fire.
 
 True intents stand in for the model's predicted labels and a uniform random
-number for its confidence, so the tests need no model.
+number for its confidence, so the tests need no trained model: they test the
+check's logic. How well it detects drift with a real champion is
+``refit bench drift``'s to measure.
 """
 
 from __future__ import annotations
@@ -151,9 +153,10 @@ def test_signals_without_their_columns_are_skipped(clinc, policy):
     result = measure_drift(reference[["text"]], current, policy)
 
     # only the signals that need nothing but text remain
-    assert set(result.signals) == {"text", "embedding", "descriptor_length"}
-    off = policy.model_copy(update={"embedding": policy.embedding.model_copy(update={"enabled": False})})
-    assert set(measure_drift(reference[["text"]], current, off).signals) == {"text", "descriptor_length"}
+    assert set(result.signals) == {"text", "descriptor_length"}
+    with_embedding = _enabled(policy, "embedding")
+    assert set(measure_drift(reference[["text"]], current, with_embedding).signals) == {
+        "text", "descriptor_length", "embedding"}
 
 
 def test_window_above_the_sample_limit_is_sampled_by_label(clinc, policy):
@@ -182,8 +185,9 @@ def test_result_serialises_without_the_report(clinc, policy):
     verdict = json.loads(json.dumps(result.to_dict()))
     assert "report_html" not in verdict
     assert verdict["signals"]["text"]["direction"] == "above"
-    assert "Evidently" in result.report_html and "Domain-classifier novelty share" in result.report_html
+    assert "Evidently" in result.report_html and "Embedding novelty (refit)" in result.report_html
     assert check_drift.name == "drift"
+    assert measure_drift(reference, current, policy, report=False).report_html == ""
 
 
 def test_shipped_policy_loads():
@@ -235,7 +239,8 @@ def test_decide_action_dedupes_cools_down_and_waits_for_labels():
 
 
 EXTRA_SIGNALS = ("embedding", "descriptor_length", "descriptor_oov", "descriptor_non_letter", "performance",
-                 "performance_estimate")
+                 "confidence_drop", "low_confidence", "performance_estimate")
+CHAMPION_SIGNALS = ("confidence_drop", "low_confidence", "performance_estimate")
 
 
 def _enabled(policy: DriftPolicy, *names: str, **changes) -> DriftPolicy:
@@ -253,10 +258,11 @@ def _labelled(frame: pd.DataFrame, wrong_share: float = 0.0, seed: int = 0) -> p
     return out.assign(predicted_label=predicted)
 
 
-def test_shipped_policy_reports_extras_but_they_do_not_count(policy):
+def test_shipped_policy_counts_only_the_calibrated_champion_signals(policy):
     assert {n for n in EXTRA_SIGNALS if getattr(policy, n).enabled} == {
-        "embedding", "descriptor_length", "performance", "performance_estimate"}
-    assert not any(getattr(policy, n).counts_toward_verdict for n in EXTRA_SIGNALS)
+        "descriptor_length", "performance", *CHAMPION_SIGNALS}
+    assert {n for n in EXTRA_SIGNALS if getattr(policy, n).counts_toward_verdict} == set(CHAMPION_SIGNALS)
+    assert policy.text.method == "embedding_novelty"
 
 
 def test_every_extra_signal_is_reported_and_none_changes_a_quiet_verdict(clinc, policy):
@@ -275,8 +281,13 @@ def test_every_extra_signal_is_reported_and_none_changes_a_quiet_verdict(clinc, 
     assert performance["accuracy_reference"] == performance["accuracy_current"] == 1.0
     assert performance["macro_f1_current"] == 1.0
     estimate = result.signals["performance_estimate"].details
-    assert 0.6 < estimate["estimated_accuracy_current"] < 1.0
-    assert "Drift in descriptor_length" in result.report_html or "descriptor_length" in result.report_html
+    # every reference prediction is right, so CBPE maps every confidence to a hit rate of 1
+    assert estimate["reference_accuracy"] == estimate["estimated_accuracy_current"] == 1.0
+    assert -0.4 < estimate["reference_calibration_gap"] < -0.1  # confidences are uniform on 0.6-1.0
+    assert estimate["reference_scored_on"] == "training or unknown"
+    # the report shows every signal Evidently measured, descriptors included
+    assert "Drift in column descriptor_length" in result.report_html or "descriptor_length" in result.report_html.split(
+        "Embedding novelty")[-1], "descriptor_length missing from the report"
 
 
 def test_embedding_signal_is_larger_on_a_shifted_window(clinc, policy):
@@ -325,3 +336,147 @@ def test_descriptors_fire_on_very_long_texts(clinc, policy):
 
     assert result.signals["descriptor_length"].drifted, result.to_dict()
     assert result.signals["descriptor_non_letter"].drifted
+
+
+# --- embedding novelty, champion signals, and what a check imports -------------------------------------
+
+
+def within_domain_windows(clinc: pd.DataFrame, seed: int, new_share: float, n_reference: int = 1000,
+                          n_current: int = 500) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A reference of 10 of each home domain's 15 intents; ``new_share`` of the window from the other 5."""
+    rng = np.random.default_rng(seed)
+    home = clinc[clinc["domain"].isin(HOME_DOMAINS)]
+    intents = sorted(home["intent"].unique())
+    known = {i for d in HOME_DOMAINS for i in sorted(home.loc[home["domain"] == d, "intent"].unique())[:10]}
+    assert len(known) == 50 and len(intents) == 75
+    seen, new = home[home["intent"].isin(known)], home[~home["intent"].isin(known)]
+    reference = seen.iloc[rng.choice(len(seen), n_reference, replace=False)]
+    rest = seen.drop(reference.index)
+    n_new = round(new_share * n_current)
+    current = pd.concat([rest.iloc[rng.choice(len(rest), n_current - n_new, replace=False)],
+                         new.iloc[rng.choice(len(new), n_new, replace=False)]])
+    return _as_served(reference, rng)[["text"]], _as_served(current, rng)[["text"]]
+
+
+def test_embedding_novelty_sees_new_intents_inside_known_domains(clinc, policy):
+    quiet = measure_drift(*within_domain_windows(clinc, seed=0, new_share=0.0), policy, report=False)
+    shifted = measure_drift(*within_domain_windows(clinc, seed=0, new_share=0.3), policy, report=False)
+
+    text_quiet, text_shifted = quiet.signals["text"], shifted.signals["text"]
+    assert text_quiet.method == "embedding_novelty"
+    assert not text_quiet.drifted and abs(text_quiet.value) < policy.text.threshold, text_quiet
+    assert text_shifted.drifted and text_shifted.value > 2 * policy.text.threshold, text_shifted
+    assert text_shifted.details["current_similarity"] < text_shifted.details["reference_similarity"]
+    assert (quiet.severity, shifted.severity) == ("none", "low")
+
+
+def test_embedding_novelty_samples_at_most_max_rows_a_side(clinc, policy):
+    reference, current = windows(clinc, seed=11, n_reference=1000, n_current=800)
+    small = policy.model_copy(update={"text": policy.text.model_copy(update={"max_rows": 300})})
+
+    details = measure_drift(reference, current, small, report=False).signals["text"].details
+
+    assert (details["rows_reference"], details["rows_current"]) == (300, 300)
+
+
+def _held_out(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(scored_on="held_out")
+
+
+def test_champion_signals_count_only_when_the_reference_was_scored_on_held_out_rows(clinc, policy):
+    reference, current = windows(clinc, seed=12)
+    unsure = current.assign(confidence=current["confidence"] - 0.3)
+
+    trained_on = measure_drift(reference, unsure, policy, report=False)
+    held_out = measure_drift(_held_out(reference), unsure, policy, report=False)
+    quiet = measure_drift(_held_out(reference), current, policy, report=False)
+
+    for name in CHAMPION_SIGNALS:
+        assert trained_on.signals[name].drifted and not trained_on.signals[name].counts_toward_verdict, name
+        assert held_out.signals[name].drifted and held_out.signals[name].counts_toward_verdict, name
+        assert not quiet.signals[name].drifted, quiet.signals[name]
+    assert trained_on.severity == "none" and held_out.severity == "low"
+    assert held_out.signals["low_confidence"].details["share_current"] > 0.5
+    assert held_out.signals["performance_estimate"].details["reference_scored_on"] == "held_out"
+
+
+def test_cbpe_maps_confidence_to_the_reference_hit_rate():
+    from tasks.drift import expected_accuracy
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0, 1, 20_000)
+    correct = rng.uniform(0, 1, 20_000) < confidence ** 2  # over-confident: the hit rate is confidence squared
+
+    estimate = expected_accuracy(confidence, correct, rng.uniform(0.5, 1.0, 5_000))
+
+    assert abs(estimate - 7 / 12) < 0.02  # mean of c^2 for c uniform on [0.5, 1]
+    assert abs(rng.uniform(0.5, 1.0, 5_000).mean() - estimate) > 0.15  # the raw mean confidence is far off
+
+
+def test_cbpe_signal_uses_the_labelled_reference(clinc, policy):
+    reference, current = windows(clinc, seed=13)
+    rng = np.random.default_rng(13)
+    wrong = rng.uniform(0, 1, len(reference)) > reference["confidence"]  # hit rate = confidence
+    labelled = _held_out(reference.assign(label=np.where(wrong, "another intent", reference["predicted_label"])))
+
+    signal = measure_drift(labelled, current.assign(confidence=current["confidence"] - 0.2), policy,
+                           report=False).signals["performance_estimate"]
+
+    assert signal.method == "cbpe"
+    assert abs(signal.details["reference_accuracy"] - (~wrong).mean()) < 1e-9
+    assert 0.1 < signal.value < 0.3 and signal.drifted and signal.counts_toward_verdict, signal
+
+
+def test_refit_values_match_evidentlys(clinc, policy):
+    """Refit computes the shipped methods itself (no Evidently import); Evidently, given them, measures the same."""
+    from tasks.drift import _evidently_report
+
+    reference, current = windows(clinc, seed=14, shifted_share=0.2)
+
+    ours = measure_drift(reference, current, policy, report=False).signals
+    theirs, report_html = _evidently_report(reference, current, policy, {"text": "text", "confidence": "confidence"},
+                                            ["text", "confidence"], [], "text", "predicted_label", "confidence")
+
+    assert theirs["confidence"] == pytest.approx(ours["confidence"].value, rel=1e-9)
+    assert theirs["text"] == pytest.approx(ours["text"].value, rel=1e-6)
+    assert "Embedding novelty (refit)" in report_html
+
+
+def test_classification_quality_matches_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from tasks.drift import classification_quality
+
+    rng = np.random.default_rng(1)
+    truth = rng.choice(list("abcde"), 300)
+    predicted = np.where(rng.uniform(size=300) < 0.7, truth, rng.choice(list("abcdef"), 300))
+    frame = pd.DataFrame({"label": truth, "predicted": predicted})
+
+    quality = classification_quality(frame, "label", "predicted")
+
+    assert quality["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    assert quality["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+
+
+def test_sentence_embeddings_reuse_gives_the_same_vectors():
+    from tasks import drift
+
+    texts = ["what is my balance", "book a table for two", "what is my balance"]
+    first = drift.sentence_embeddings(texts)
+    drift._embedded.clear()
+    again = drift.sentence_embeddings(texts[::-1])
+
+    np.testing.assert_allclose(first, again[::-1], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(first[0], first[2])
+
+
+def test_importing_the_drift_stage_loads_no_prefect_evidently_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import tasks.drift, sys; before = [m for m in ('prefect', 'evidently', 'torch') if m in sys.modules]; "
+            "from tasks.drift import check_drift; print(before, type(check_drift).__name__, check_drift.name)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "[] Task drift", proc.stderr[-2000:]
