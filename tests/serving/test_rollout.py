@@ -150,6 +150,9 @@ def test_good_version_passes_the_canary_and_takes_all_traffic(registry, start_se
     assert set(traffic.versions_after(settled)) == {2}
     assert registry.champion() == v2 and server.state.rollout.status()["refused"] == []
     assert server.state.rollout.last_verdict.passed
+    # Recorded where every server (and this one after a restart) finds it: no second canary for v2.
+    _wait_for(lambda: versions.version_tags(registry.name, v2).get("refit.canary", "").startswith("passed against v1"),
+              30, "the passed canary recorded in MLflow")
 
 
 def test_manual_rollback_flow_tells_the_server(registry, start_server, tmp_path, prefect_harness):
