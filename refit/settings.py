@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     serve_url: str | None = Field(None, description="Where deploy and rollback tell the server to reload; None: "
                                                     "they tell nobody and the server's alias poll finds the change.")
     serve_admin_token: SecretStr | None = Field(None, description="Bearer token of /admin/*; None disables them.")
+    serve_feedback_token: SecretStr | None = Field(None, description="Bearer token of POST /feedback (labels from "
+                                                                     "your labelling process); None: refused.")
     serve_poll_seconds: float = Field(15.0, ge=0, description="How often the server checks the champion alias; 0 never.")
     serve_max_texts: int = Field(64, ge=1, description="Most texts one /predict request may carry.")
     serve_max_text_chars: int = Field(2000, ge=1, description="Longest text accepted (the monitor's limit too).")

@@ -402,14 +402,30 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         return server.rollout.status() | {"policy": server.policy.model_dump(), "policy_name": server.policy_name,
                                           "policy_hash": server.policy_hash, "registry_writes_owed": sorted(server.owed)}
 
+    @app.post("/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        """{"labels": [{"request_id": "...", "label": "..."}]} -> {"accepted", "quarantined", "reasons"}.
+
+        Bearer ``REFIT_SERVE_FEEDBACK_TOKEN``; refused while it is unset. Each
+        label is checked as ``refit labels import`` checks it (``refit.labels``):
+        a request id this server still buffers counts as served.
+        """
+        _authorize(request, settings.serve_feedback_token, "/feedback", "REFIT_SERVE_FEEDBACK_TOKEN")
+        rows = parse_feedback(await _read_body(request, server.limits.max_body_bytes))
+        from refit.labels import import_labels
+
+        result = await asyncio.to_thread(import_labels, server.store, settings.model_name, rows, source="feedback",
+                                         buffered_ids=server.request_log.pending_ids())
+        return JSONResponse(result.to_dict())
+
     @app.post("/admin/reload")
     async def reload(request: Request) -> JSONResponse:
-        _authorize(request, settings)
+        _authorize(request, settings.serve_admin_token)
         return JSONResponse(await server.reload() | {"rollout": server.rollout.status()["phase"]})
 
     @app.post("/admin/flush")
     async def flush(request: Request) -> JSONResponse:
-        _authorize(request, settings)
+        _authorize(request, settings.serve_admin_token)
         rows = await asyncio.to_thread(server.request_log.flush)
         return JSONResponse({"rows_written": rows, "rows_logged": server.request_log.rows_logged})
 
@@ -440,10 +456,38 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _authorize(request: Request, settings: Settings) -> None:
-    if settings.serve_admin_token is None:
-        raise BadRequest(403, "admin endpoints are disabled: set REFIT_SERVE_ADMIN_TOKEN")
+def _authorize(request: Request, token, what: str = "admin endpoints",
+               setting: str = "REFIT_SERVE_ADMIN_TOKEN") -> None:
+    if token is None:
+        raise BadRequest(403, f"{what}: disabled until {setting} is set")
     given = request.headers.get("authorization", "")
-    expected = f"Bearer {settings.serve_admin_token.get_secret_value()}"
+    expected = f"Bearer {token.get_secret_value()}"
     if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise BadRequest(401, "admin endpoints need the header 'Authorization: Bearer <REFIT_SERVE_ADMIN_TOKEN>'")
+        raise BadRequest(401, f"{what}: send the header 'Authorization: Bearer <{setting}>'")
+
+
+def parse_feedback(body: bytes):
+    """The /feedback body as a frame of labels; a malformed body is a 4xx naming the problem."""
+    import json
+
+    import pandas as pd
+
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict) or set(data) != {"labels"} or not isinstance(data["labels"], list):
+        raise BadRequest(422, 'body must be {"labels": [{"request_id": "...", "label": "..."}, ...]}')
+    if not data["labels"]:
+        raise BadRequest(422, "labels is empty")
+    allowed = {"request_id", "label", "text"}
+    for i, item in enumerate(data["labels"]):
+        if not isinstance(item, dict) or not set(item) <= allowed or "label" not in item:
+            raise BadRequest(422, f"labels[{i}] must be an object with label and request_id (or text)")
+        if not all(v is None or isinstance(v, str) for v in item.values()):
+            raise BadRequest(422, f"labels[{i}]: request_id, label and text must be strings")
+    frame = pd.DataFrame(data["labels"])
+    for column in ("request_id", "text"):
+        if column not in frame.columns:
+            frame[column] = None
+    return frame

@@ -79,6 +79,15 @@ class RequestLog:
     def buffered(self) -> int:
         return len(self._rows)
 
+    def pending_ids(self) -> set[str]:
+        """Request ids answered but not in the store yet: buffered, or spilled to local disk."""
+        with self._lock:
+            ids = {str(row["request_id"]) for row in self._rows}
+        if self.spill is not None:
+            for key in self.spill.list(self._prefix):
+                ids |= set(self.spill.get_parquet(key)["request_id"].astype(str))
+        return ids
+
     def flush(self) -> int:
         """Write what is buffered as one part per day; returns the rows written to the store.
 

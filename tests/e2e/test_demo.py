@@ -249,6 +249,37 @@ def test_partly_bad_window_is_checked_and_bad_rows_quarantined(demo_home):
     assert len(quarantined) >= 4 and set(verdict["quarantine_reasons"]) <= set(quarantined["reason"])
 
 
+def test_a_second_model_runs_its_own_loop_beside_the_first(demo_home):
+    """Many models, one install: another name in the same home leaves the first's aliases, spend and log alone."""
+    home, env, first = demo_home
+    from mlflow import MlflowClient
+
+    from registry.tracking import month_spend
+
+    client = MlflowClient(first["mlflow_tracking_uri"])
+    experiment = client.get_experiment_by_name("refit")
+
+    def first_state():
+        aliases = client.get_registered_model("intent-classifier").aliases
+        log = sorted(p.name for p in (home / "store" / "inference" / "model=intent-classifier").rglob("*.parquet"))
+        import mlflow
+
+        mlflow.set_tracking_uri(first["mlflow_tracking_uri"])
+        return aliases, month_spend(experiment.experiment_id, "intent-classifier", 0), log
+
+    before = first_state()
+    proc = run_cli(["demo", "--json", "--scenario", "clinc-shift-small", "--model-name", "second-model"], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    second = last_json(proc.stdout)
+    assert second["champion_after"] == 2 and not second["poisoned_hotfix_promoted"]  # its own version numbers
+    assert client.get_model_version_by_alias("second-model", "champion").version == "2"
+    assert first_state() == before
+    assert (home / "store" / "inference" / "model=second-model").is_dir()
+    updates = client.search_runs([experiment.experiment_id], "tags.`refit.model` = 'second-model' and "
+                                                             "tags.`refit.run_type` = 'update'")
+    assert len(updates) == 2 and all(r.data.metrics["update_cost_usd"] >= 0 for r in updates)
+
+
 def test_second_demo_in_the_same_home_starts_the_story_again(demo_home):
     """Last in this module: it replaces the demo's store data (the tests above read the first run's)."""
     home, env, first = demo_home
