@@ -153,3 +153,109 @@ def test_adopted_checkpoint_is_v1_as_it_is(team, tmp_path, data_dir):
     # A fresh home stays unwritten: not even REFIT_HOME is made.
     proc = run_cli(["adopt", "--train", str(bad / "empty.csv")], _env(tmp_path / "untouched", data_dir), timeout=300)
     assert proc.returncode == 2 and not (tmp_path / "untouched").exists()
+
+
+NEW_INTENTS = ["pay_bill", "oil_change_how", "recipe", "restaurant_reviews"]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "server exited"
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the server never became ready")
+
+
+def test_adopted_model_is_served_labelled_monitored_and_updated(team, tmp_path, data_dir):
+    """A team's first hour: adopt, serve, traffic, labels in both ways, drift, an update, v2 answering."""
+    import socket
+    from datetime import datetime, timedelta, timezone
+
+    import httpx
+
+    from refit.data import load_clinc150
+
+    root, checkpoint, _ = team
+    home, name = tmp_path / "home", "support-intents"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "direct.yaml").write_text(
+        "mode: direct\ncanary_share: 1.0\nwindow_seconds: 5\nmin_requests: 5\ncheck_every_seconds: 1\n"
+        "watch_seconds: 5\nguards:\n  max_error_rate_increase: 0.01\n  max_latency_p95_ratio: 100.0\n"
+        "  min_confidence_ratio: 0.0\n  max_cost_per_1k_ratio: 100.0\n")
+    env = _env(home, data_dir) | {
+        "REFIT_SERVE_PORT": str(port), "REFIT_SERVE_URL": f"http://127.0.0.1:{port}",
+        "REFIT_SERVE_ADMIN_TOKEN": "admin-secret", "REFIT_SERVE_FEEDBACK_TOKEN": "feedback-secret",
+        "REFIT_SERVE_POLL_SECONDS": "2", "REFIT_SERVE_ROLLOUT_POLICY": str(tmp_path / "direct.yaml")}
+    proc = run_cli(["adopt", "--model", str(checkpoint), "--train", str(root / "train.csv"), "--golden",
+                    str(root / "golden.parquet"), "--model-name", name, "--json"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    server = subprocess.Popen(REFIT + ["serve", "--model-name", name], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, server)
+        # Traffic drifts: most requests are intents the adopted model was never trained on.
+        clinc = load_clinc150(data_dir)
+        val = clinc[clinc["split"] == "val"]
+        window = pd.concat([val[val["label"].isin(INTENTS)].groupby("label").head(15),
+                            clinc[(clinc["split"] == "train") & clinc["label"].isin(NEW_INTENTS)]
+                            .groupby("label").head(70)]).sample(frac=1.0, random_state=0)
+        started = datetime.now(timezone.utc) - timedelta(seconds=5)
+        answered = []
+        for start in range(0, len(window), 8):
+            part = window.iloc[start : start + 8]
+            reply = httpx.post(url + "/predict", json={"texts": part["text"].tolist()}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            answered += [(p["request_id"], label) for p, label in zip(reply.json()["predictions"], part["label"])]
+        assert httpx.get(url + "/readyz").json()["model_version"] == 1
+
+        # Labels in: half through /feedback (ids still buffered in the server), half through `refit labels import`.
+        half = len(answered) // 2
+        feedback = httpx.post(url + "/feedback", headers={"Authorization": "Bearer feedback-secret"}, timeout=60,
+                              json={"labels": [{"request_id": i, "label": l} for i, l in answered[:half]]}).json()
+        assert (feedback["accepted"], feedback["quarantined"]) == (half, 0)
+        flushed = httpx.post(url + "/admin/flush", headers={"Authorization": "Bearer admin-secret"}, timeout=60)
+        assert flushed.status_code == 200
+        pd.DataFrame(answered[half:], columns=["request_id", "label"]).to_csv(tmp_path / "labels.csv", index=False)
+        imported = run_cli(["labels", "import", str(tmp_path / "labels.csv"), "--model-name", name, "--json"], env)
+        assert imported.returncode == 0, imported.stderr[-2000:]
+        assert json.loads(imported.stdout.strip().splitlines()[-1])["accepted"] == len(answered) - half
+
+        ended = datetime.now(timezone.utc) + timedelta(seconds=1)
+        hours = str((ended - started).total_seconds() / 3600)
+        check = run_cli(["monitor", "--model-name", name, "--window-end", ended.isoformat(), "--window-hours", hours,
+                         "--json"], env)
+        assert check.returncode == 0, check.stderr[-3000:]
+        verdict = json.loads(check.stdout.strip().splitlines()[-1])
+        assert verdict["drift_detected"] and verdict["action"] == "update", verdict
+        update = run_cli(["update", "--model-name", name, "--window-start", started.isoformat(), "--window-end",
+                          ended.isoformat(), "--json"], env)
+        assert update.returncode == 0, update.stderr[-3000:]
+        result = json.loads(update.stdout.strip().splitlines()[-1])
+        assert result["promoted"] and result["version"] == 2, result["verdict"]
+        assert result["new_labels"] == len(NEW_INTENTS)
+
+        import time
+
+        deadline = time.monotonic() + 120  # deploy told the server; a direct swap
+        while time.monotonic() < deadline and httpx.get(url + "/readyz").json().get("model_version") != 2:
+            time.sleep(1)
+        texts = clinc[(clinc["split"] == "test") & (clinc["label"] == "recipe")]["text"].head(8).tolist()
+        reply = httpx.post(url + "/predict", json={"texts": texts}, timeout=60).json()
+        assert {p["model_version"] for p in reply["predictions"]} == {2}
+        assert sum(p["label"] == "recipe" for p in reply["predictions"]) >= 6  # v2 answers an intent v1 never had
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
