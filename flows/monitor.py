@@ -95,19 +95,53 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
         mlflow.log_metrics(metrics)
         mlflow.log_text(result.report_html, "drift_report.html")
         log_json(verdict, "verdict.json")
+        # An update is marked on the run only once its event is out (below): a check whose event never left
+        # is not a trigger, so the next check of the window tries again instead of deduplicating it forever.
         mlflow.set_tags({"refit.drift_detected": str(result.drift_detected), "refit.severity": result.severity,
-                         "refit.action": action})
+                         "refit.action": UNSENT if action == "update" else action})
     create_markdown_artifact(_markdown(name, verdict, result), key="drift-verdict",
                              description=f"{name} drift check: {action}")
     if action == "update":
-        emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"},
-                   payload={"model_name": name, "window_start": start.isoformat(), "window_end": end.isoformat(),
-                            "window_uri": uri,
-                            "severity": result.severity, "model_version": champion,
-                            "drift_run_id": run.info.run_id})
+        payload = {"model_name": name, "window_start": start.isoformat(), "window_end": end.isoformat(),
+                   "window_uri": uri, "severity": result.severity, "model_version": champion,
+                   "drift_run_id": run.info.run_id}
+        try:
+            emit_then_mark(run.info.run_id, lambda: emit_event(
+                DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"}, payload=payload))
+        except RefitError as exc:
+            return user_error(exc)
     get_run_logger().info(f"drift {'detected' if result.drift_detected else 'not detected'} "
           f"(severity {result.severity}) on {len(validated.kept)} rows: action {action} ({why})")
     return verdict
+
+
+UNSENT = "update (event not sent)"
+
+
+def emit_then_mark(run_id: str, emit) -> None:
+    """Send the drift event, then tag the check's run ``refit.action = update`` (what dedupe and cooldown read).
+
+    Raises:
+        RefitError: the event could not be sent; the run keeps ``UNSENT``, so the window is not deduplicated.
+    """
+    from mlflow import MlflowClient
+
+    try:
+        sent = emit()
+    except Exception as exc:  # the events client: no API, a refused connection
+        raise RefitError(f"drift event {DRIFT_EVENT} not sent ({type(exc).__name__}: {exc}); the window is not "
+                         "marked as updated, so the next check will try again") from None
+    if sent is None and events_on():
+        raise RefitError(f"drift event {DRIFT_EVENT} not sent (the events client refused it; Prefect's log says "
+                         "why); the window is not marked as updated, so the next check will try again")
+    MlflowClient().set_tag(run_id, "refit.action", "update")
+
+
+def events_on() -> bool:
+    """Whether this process sends Prefect events at all (a returned ``None`` is then a failure, not a setting)."""
+    from prefect.events.worker import should_emit_events
+
+    return should_emit_events()
 
 
 def _markdown(name: str, verdict: dict, result) -> str:

@@ -38,7 +38,7 @@ from tasks.deploy import promote, read_reference, register_version, update_versi
 from tasks.evaluate import Evaluation, evaluate_pair, grow_golden
 from tasks.finetune import (Recipe, Trained, UpdateData, count_tokens, escalates, fine_tune, full_retrain_frame,
                             load_update_policy, prepare_update)
-from tasks.gate import GatePolicy, Verdict, gate, load_gate_policy
+from tasks.gate import GatePolicy, Verdict, chosen_gate_policy, gate, load_gate_policy
 from tasks.ingest import admit_new_labels, labelled_window, read_labelled_file
 
 
@@ -123,7 +123,7 @@ def ladder_markdown(attempts: list[Attempt]) -> str:
 
 @flow(name="update")
 def update(window_start: str | None = None, window_end: str | None = None, labels_path: str | None = None,
-           drift_run_id: str | None = None, gate_policy: str = "gate", reason: str | None = None,
+           drift_run_id: str | None = None, gate_policy: str | None = None, reason: str | None = None,
            force: bool = False, model_name: str | None = None) -> dict:
     """Fine-tune, evaluate against the champion, gate on quality and cost, promote on a pass.
 
@@ -138,7 +138,8 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         labels_path: a CSV/Parquet/JSON file with ``text`` and ``label`` (hotfix): a path, file:// or
             s3:// URI; replaces the window.
         drift_run_id: the MLflow run of the drift check that triggered this update (lineage).
-        gate_policy: gate policy name or YAML path.
+        gate_policy: a gate policy's name in ``refit/policies/`` (default ``REFIT_GATE_POLICY``); a run may not
+            pass a file path, so it cannot weaken its own gate: the operator pins one with ``REFIT_GATE_POLICY``.
         reason: why this update runs (a hotfix's ticket, say); recorded on the run and the version.
         force: train even if this window or file already paid for a fine-tune (after changing the gate, say).
         model_name: which model (default ``REFIT_MODEL_NAME``); the drift event's trigger passes the event's.
@@ -165,7 +166,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 get_run_logger().warning(f"closed {len(closed)} update run(s) left running by a killed update "
                                          f"(marked KILLED in MLflow): {', '.join(closed)}")
         policy, policy_path = load_update_policy()
-        rules, rules_path = load_gate_policy(gate_policy)
+        rules, rules_path = load_gate_policy(chosen_gate_policy(gate_policy, settings))
         champion = versions.alias_version(name, versions.CHAMPION)
         if champion is None:
             raise RefitError(f"model {name} has no champion: run bootstrap first")

@@ -162,7 +162,8 @@ def update(labels: Annotated[Optional[str], typer.Option(
                help="Labelled CSV/Parquet/JSON (text, label), a path or file:// / s3:// URI: the hotfix path.")] = None,
            window_start: Annotated[Optional[str], typer.Option(help="Start of the labelled traffic window (ISO).")] = None,
            window_end: Annotated[Optional[str], typer.Option(help="End of the labelled traffic window (ISO).")] = None,
-           gate: Annotated[str, typer.Option(help="Gate policy name or YAML path.")] = "gate",
+           gate: Annotated[Optional[str], typer.Option(help="Gate policy name, or a YAML path (pinned for this "
+                                                            "command as REFIT_GATE_POLICY).")] = None,
            reason: Annotated[Optional[str], typer.Option(help="Why (a ticket); recorded on the run and version.")] = None,
            force: Annotated[bool, typer.Option(help="Train even if this window or file already paid for a "
                                                      "fine-tune.")] = False,
@@ -171,6 +172,9 @@ def update(labels: Annotated[Optional[str], typer.Option(
 
     Example (hotfix): refit update --labels s3://bucket/fixes.csv --reason "T-42: travel intents wrong"
     """
+    if gate and (Path(gate).suffix in (".yaml", ".yml") or "/" in gate):
+        os.environ["REFIT_GATE_POLICY"] = str(Path(gate).resolve())  # the operator pins a file; runs name policies
+        gate = None
     _prepare(store, model_name)
     from flows.update import update as flow_fn
 
@@ -472,9 +476,10 @@ def labels_import(file: Annotated[Path, typer.Argument(help="CSV/Parquet/JSON(L)
     """
     settings = _prepare(store, model_name)
     from refit.data import read_table
-    from refit.labels import import_labels
+    from refit.labels import check_source, import_labels
     from refit.store import open_store
 
+    check_source(str(file), settings.allowed_label_sources())
     rows = read_table(file)
     if rows.empty:
         raise RefitError(f"{file} has no rows")

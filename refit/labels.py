@@ -152,3 +152,28 @@ def read_examples(store: ObjectStore, model_name: str, start: datetime, end: dat
 
 def _days(first: date, last: date) -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def check_source(uri: str, allowed: list[str] | None) -> None:
+    """Refuse a labelled file outside ``allowed`` (``REFIT_LABEL_SOURCES``): local directories, ``s3://`` prefixes.
+
+    A local path is compared after resolving links and ``..``, so it cannot
+    step out of an allowed directory; ``file://`` URIs are local paths.
+
+    Raises:
+        RefitError: one line naming the setting and what it allows.
+    """
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    if allowed is None:
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        ok = any(entry.startswith("s3://") and uri.startswith(entry.rstrip("/") + "/") for entry in allowed)
+    else:
+        path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri).expanduser().resolve()
+        ok = any(not entry.startswith("s3://") and path.is_relative_to(Path(entry).expanduser().resolve())
+                 for entry in allowed)
+    if not ok:
+        raise RefitError(f"labelled file {uri} is outside REFIT_LABEL_SOURCES ({', '.join(allowed)})")

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     serve_url: str | None = Field(None, description="Where deploy and rollback tell the server to reload; None: "
                                                     "they tell nobody and the server's alias poll finds the change.")
     serve_admin_token: SecretStr | None = Field(None, description="Bearer token of /admin/*; None disables them.")
+    label_sources: str | None = Field(None, description="Comma-separated local directories and s3://bucket/prefix "
+                                      "entries a labelled file may come from; anything else is refused. Unset: any "
+                                      "readable file (on a Prefect server: HOME/inbox/ and the store's inbox/).")
+    gate_policy: str = Field("gate", description="The gate policy updates use: a name in refit/policies/, or a YAML "
+                                                 "path pinned here by the operator (a run may pass names only).")
     serve_feedback_token: SecretStr | None = Field(None, description="Bearer token of POST /feedback (labels from "
                                                                      "your labelling process); None: refused.")
     serve_poll_seconds: float = Field(15.0, ge=0, description="How often the server checks the champion alias; 0 never.")
@@ -99,6 +104,17 @@ class Settings(BaseSettings):
     @cached_property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    def allowed_label_sources(self, on_server: bool = False) -> list[str] | None:
+        """Where labelled files may come from: ``label_sources``, else the inbox on a Prefect server, else anywhere."""
+        if self.label_sources:
+            return [entry.strip() for entry in self.label_sources.split(",") if entry.strip()]
+        if not on_server:
+            return None
+        prefix = f"{self.s3_prefix.strip('/')}/" if self.s3_prefix.strip("/") else ""
+        store_inbox = (f"s3://{self.s3_bucket}/{prefix}inbox/" if self.store == "s3"
+                       else str(self.local_store_root / "inbox"))
+        return [str(self.home_dir / "inbox"), store_inbox]
 
     @property
     def local_store_root(self) -> Path:

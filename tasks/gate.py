@@ -46,6 +46,27 @@ def load_gate_policy(name_or_path: str = "gate") -> tuple[GatePolicy, Path]:
     return load_policy(GatePolicy, name_or_path)
 
 
+def chosen_gate_policy(requested: str | None, settings) -> str:
+    """The gate policy a run uses: a name in ``refit/policies/``, or the file the operator pinned.
+
+    A deployment run's parameters come from whoever may start it; a path
+    there could point at a laxer gate, so only ``REFIT_GATE_POLICY`` (the
+    worker's environment) may name a file.
+
+    Raises:
+        RefitError: a path that is not the pinned one.
+    """
+    from refit.errors import RefitError
+
+    if requested in (None, "", settings.gate_policy):
+        return settings.gate_policy
+    if any(mark in requested for mark in ("/", "\\")) or requested.endswith((".yaml", ".yml")) or \
+            requested.startswith("."):
+        raise RefitError(f"gate policy {requested!r}: a run may only name a policy in refit/policies/ (such as "
+                         f"'gate'); to use a file, pin it with REFIT_GATE_POLICY")
+    return requested
+
+
 @dataclass(frozen=True)
 class Verdict:
     passed: bool

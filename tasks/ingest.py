@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from refit import modeling, requestlog
-from refit.labels import read_examples
+from refit.labels import check_source, read_examples
 from refit.errors import RefitError
 from refit.store import ObjectStore
 from tasks.validate import check_label_mix, validate_labels
@@ -201,7 +201,9 @@ def read_labelled_file(path: str, settings=None) -> pd.DataFrame:
     from refit.data import load_table
     from refit.settings import Settings
 
-    with fetched_labelled_file(path, settings or Settings()) as local:
+    settings = settings or Settings()
+    check_source(path, settings.allowed_label_sources(on_server=_on_prefect_server()))
+    with fetched_labelled_file(path, settings) as local:
         frame = load_table(local)[["text", "label"]]
     if frame.empty:
         raise RefitError(f"hotfix file {path} has no rows")
@@ -210,3 +212,9 @@ def read_labelled_file(path: str, settings=None) -> pd.DataFrame:
         raise RefitError(f"hotfix file {path}: {int(blank.sum())} row(s) have an empty label "
                          f"(first at row {int(blank.to_numpy().argmax()) + 1})")
     return frame.assign(label=frame["label"].astype(str))
+
+
+def _on_prefect_server() -> bool:
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)

@@ -105,21 +105,37 @@ def test_second_check_of_the_same_window_starts_no_second_update(stack, deployed
     assert [r["id"] for r in stack.flow_runs("update")] == [path["update_run"]["id"]]
 
 
-def _hotfix_file(stack, tmp_path):
+def _hotfix_file(stack, directory):
     from refit.scenario import poison
 
     spec, data = stack_session.scenario_data(stack)
-    path = tmp_path / "hotfix-poisoned.csv"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "hotfix-poisoned.csv"
     poison(data.hotfix, data.labels, spec.seed)[["text", "label"]].to_csv(path, index=False)
     return path
+
+
+def test_a_hotfix_file_outside_the_inbox_is_refused_on_a_server(stack, deployed, tmp_path):
+    """On a Prefect server a run may read labels only from REFIT_HOME/inbox/ and the store's inbox/ by default."""
+    params = {"labels_path": str(_hotfix_file(stack, tmp_path / "elsewhere"))}
+    stack.run(PREFECT + ["deployment", "run", "update/hotfix", "--params", json.dumps(params)])
+    run = stack.wait_for("the refused hotfix", lambda: [r for r in stack.flow_runs("hotfix")
+                                                        if r["parameters"].get("labels_path") == params["labels_path"]],
+                         timeout=60)[0]
+    run = stack.wait_done(run["id"], timeout=300)
+    assert run["state_type"] == "FAILED"
+    assert "outside REFIT_LABEL_SOURCES" in run["state"]["message"], run["state"]["message"]
 
 
 def test_hotfix_deployment_run_by_hand_is_still_gated(stack, deployed, tmp_path):
     client = stack.mlflow()
     champion = client.get_model_version_by_alias(MODEL, "champion").version
-    params = {"labels_path": str(_hotfix_file(stack, tmp_path)), "reason": "support saw wrong intents on travel"}
+    params = {"labels_path": str(_hotfix_file(stack, stack.home / "inbox")),
+              "reason": "support saw wrong intents on travel"}
     stack.run(PREFECT + ["deployment", "run", "update/hotfix", "--params", json.dumps(params)])
-    run = stack.wait_for("the hotfix run", lambda: stack.flow_runs("hotfix"), timeout=60)[0]
+    run = stack.wait_for("the hotfix run", lambda: [r for r in stack.flow_runs("hotfix")
+                                                    if r["parameters"].get("labels_path") == params["labels_path"]],
+                         timeout=60)[0]
     run = stack.wait_done(run["id"], timeout=900)
     assert run["state_type"] == "COMPLETED", stack.run_logs(run["id"])
     assert run["parameters"]["labels_path"] == params["labels_path"]
