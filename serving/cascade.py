@@ -1,0 +1,276 @@
+"""The cascade as served: a cheap student answers the texts it is sure of, the champion the rest.
+
+In each micro-batch the student scores every text; only the texts whose
+student confidence is below the calibrated threshold go to the champion's
+forward pass. Every answer says which tier gave it (``served_by``). The
+student is a linear model over TF-IDF word and character n-grams, distilled
+from the champion (``tasks/cascade.py`` builds, calibrates and gates it).
+
+A student is stored as JSON (vocabularies, labels, settings) plus an ``.npz``
+of arrays read with ``allow_pickle=False``: nothing executable is loaded, as
+adapters load from safetensors only. A version whose cascade did not pass its
+gate (tag ``refit.cascade_verdict``) is served by its champion alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("refit.serving")
+
+STUDENT, CHAMPION = "student", "champion"
+STUDENT_JSON, STUDENT_ARRAYS = "student.json", "student.npz"
+ARTIFACT_DIR = "cascade"  # in the cascade run: student.json, student.npz, cascade.json, cascade.html
+VERDICT_TAG, THRESHOLD_TAG, RUN_TAG = "refit.cascade_verdict", "refit.cascade_threshold", "refit.cascade_run_id"
+SHARE_TAG = "refit.cascade_student_share"
+GUARD_TAG = "refit.cascade_guard"  # JSON: max_share_drop and guard_min_texts of the policy it was gated under
+FALLBACK_TAG = "refit.cascade_fallback"  # set when the live guard tripped: the reason; the cascade is not loaded again
+
+
+@dataclass(frozen=True)
+class Student:
+    """TF-IDF n-grams (one vectorizer per entry of ``vectorizers``) and a linear layer over the champion's labels."""
+
+    labels: tuple[str, ...]
+    vectorizers: tuple  # fitted sklearn TfidfVectorizers
+    coef: np.ndarray  # (labels, features)
+    intercept: np.ndarray  # (labels,)
+
+    def features(self, texts: Sequence[str]):
+        from scipy.sparse import hstack
+
+        return hstack([v.transform(list(texts)) for v in self.vectorizers], format="csr")
+
+    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        logits = np.asarray(self.features(texts) @ self.coef.T) + self.intercept
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+
+    def predict(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        if not texts:
+            return [], np.zeros(0, dtype=np.float32)
+        proba = self.probabilities(texts)
+        best = proba.argmax(axis=1)
+        return [self.labels[i] for i in best], proba[np.arange(len(best)), best].astype(np.float32)
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        specs = [{"params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vec.get_params().items()
+                             if k in _PARAMS},
+                  "vocabulary": {term: int(i) for term, i in vec.vocabulary_.items()}} for vec in self.vectorizers]
+        (directory / STUDENT_JSON).write_text(json.dumps({"labels": list(self.labels), "vectorizers": specs}))
+        arrays = {f"idf_{i}": vec.idf_ for i, vec in enumerate(self.vectorizers)}
+        np.savez(directory / STUDENT_ARRAYS, coef=self.coef.astype(np.float32),
+                 intercept=self.intercept.astype(np.float32), **arrays)
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> Student:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        spec = json.loads((Path(directory) / STUDENT_JSON).read_text())
+        with np.load(Path(directory) / STUDENT_ARRAYS, allow_pickle=False) as arrays:
+            vectorizers = []
+            for i, vec_spec in enumerate(spec["vectorizers"]):
+                params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vec_spec["params"].items()}
+                vec = TfidfVectorizer(**params, vocabulary=vec_spec["vocabulary"])
+                vec.idf_ = arrays[f"idf_{i}"]
+                vectorizers.append(vec)
+            return cls(tuple(spec["labels"]), tuple(vectorizers), arrays["coef"], arrays["intercept"])
+
+
+# The vectorizer settings a student records (plain values only).
+_PARAMS = ("analyzer", "ngram_range", "lowercase", "sublinear_tf", "min_df", "strip_accents", "norm", "use_idf",
+           "smooth_idf", "token_pattern", "binary", "max_df")
+
+
+@dataclass
+class TierStats:
+    """What each tier answered and what it cost, since the cascade was loaded (inference thread writes)."""
+
+    texts: int = 0
+    student_texts: int = 0
+    student_cpu_seconds: float = 0.0
+    champion_cpu_seconds: float = 0.0  # of the escalated texts' passes
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, texts: int, student: int, student_cpu: float, champion_cpu: float) -> None:
+        with self._lock:
+            self.texts += texts
+            self.student_texts += student
+            self.student_cpu_seconds += student_cpu
+            self.champion_cpu_seconds += champion_cpu
+
+    @property
+    def student_share(self) -> float:
+        return self.student_texts / self.texts if self.texts else 0.0
+
+    def cpu_seconds_per_1k(self) -> dict[str, float]:
+        """CPU-seconds per 1,000 texts answered: the student's (it scores every text), the champion's, the total."""
+        if not self.texts:
+            return {STUDENT: 0.0, CHAMPION: 0.0, "cascade": 0.0}
+        per = 1000 / self.texts
+        return {STUDENT: self.student_cpu_seconds * per, CHAMPION: self.champion_cpu_seconds * per,
+                "cascade": (self.student_cpu_seconds + self.champion_cpu_seconds) * per}
+
+
+@dataclass
+class ShareGuard:
+    """Live guard on the student's share over the newest ``min_texts`` texts.
+
+    A share below the gated share minus ``max_drop`` means the traffic got
+    harder than what the cascade was gated on: the guard trips, once, and
+    the champion answers alone from then on.
+    """
+
+    gated_share: float
+    max_drop: float
+    min_texts: int
+    tripped: str | None = None
+    recorded: bool = False  # the server wrote the trip to MLflow
+    _passes: deque = field(default_factory=deque, repr=False)  # (texts, student texts) per pass
+    _texts: int = 0
+    _student: int = 0
+
+    def observe(self, texts: int, student: int) -> str | None:
+        """Count one pass; returns the reason once the guard has tripped."""
+        self._passes.append((texts, student))
+        self._texts, self._student = self._texts + texts, self._student + student
+        while self._passes and self._texts - self._passes[0][0] >= self.min_texts:
+            old_texts, old_student = self._passes.popleft()
+            self._texts, self._student = self._texts - old_texts, self._student - old_student
+        floor = self.gated_share - self.max_drop
+        if self.tripped is None and self._texts >= self.min_texts and self._student / self._texts < floor:
+            self.tripped = (f"student share {self._student / self._texts:.3f} over the last {self._texts} texts fell "
+                            f"below {floor:.3f} (gated share {self.gated_share:.3f} - max_share_drop "
+                            f"{self.max_drop:.3f}): traffic got harder; the champion serves alone")
+            log.warning("cascade guard tripped: %s", self.tripped)
+        return self.tripped
+
+
+@dataclass
+class CascadeModel:
+    """A served champion with its student in front: the same ``predict`` as ``ServedModel``, plus the tier."""
+
+    champion: object  # serving.model.ServedModel
+    student: Student
+    threshold: float
+    stats: TierStats = field(default_factory=TierStats)
+    guard: ShareGuard | None = None
+
+    @property
+    def version(self) -> int:
+        return self.champion.version
+
+    @property
+    def runtime(self) -> str:
+        return f"cascade+{self.champion.runtime}"
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.champion.labels
+
+    def predict(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        labels, confidence, _ = self.predict_tiers(texts)
+        return labels, confidence
+
+    def predict_tiers(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, list[str]]:
+        """Labels, confidences and the tier that answered each text, in the order given."""
+        if self.guard is not None and self.guard.tripped:
+            start = time.process_time()
+            labels, confidence = self.champion.predict(texts)
+            self.stats.record(len(texts), 0, 0.0, time.process_time() - start)
+            return list(labels), confidence, served_by_champion(texts)
+        start = time.process_time()
+        labels, confidence = self.student.predict(texts)
+        labels, confidence = list(labels), np.asarray(confidence, dtype=np.float32)
+        escalated = [i for i, c in enumerate(confidence) if c < self.threshold]
+        student_cpu = time.process_time() - start
+        served_by = [STUDENT] * len(texts)
+        if escalated:
+            champion_labels, champion_conf = self.champion.predict([texts[i] for i in escalated])
+            for row, i in enumerate(escalated):
+                labels[i], confidence[i], served_by[i] = champion_labels[row], champion_conf[row], CHAMPION
+        self.stats.record(len(texts), len(texts) - len(escalated), student_cpu,
+                          time.process_time() - start - student_cpu)
+        if self.guard is not None:
+            self.guard.observe(len(texts), len(texts) - len(escalated))
+        return labels, confidence, served_by
+
+
+def served_by_champion(texts: Sequence[str]) -> list[str]:
+    return [CHAMPION] * len(texts)
+
+
+def load_cascade(model_name: str, version: int, champion) -> CascadeModel | None:
+    """The version's gated cascade around ``champion``, or None (no cascade, or one its gate refused).
+
+    Reads the version's tags: only ``refit.cascade_verdict=passed`` loads,
+    with the threshold recorded there and the student stored in the cascade
+    run (``refit.cascade_run_id``).
+    """
+    import mlflow
+
+    from registry import versions
+
+    tags = versions.version_tags(model_name, version)
+    verdict = tags.get(VERDICT_TAG)
+    if verdict != "passed":
+        if verdict:
+            log.info("v%d: cascade %s (%s); the champion serves alone", version, verdict,
+                     tags.get("refit.cascade_reasons", "")[:300])
+        return None
+    if tags.get(FALLBACK_TAG):
+        log.info("v%d: the cascade's live guard tripped (%s); the champion serves alone", version,
+                 tags[FALLBACK_TAG][:300])
+        return None
+    directory = mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path=ARTIFACT_DIR)
+    guard = json.loads(tags.get(GUARD_TAG, "null"))
+    model = CascadeModel(champion, Student.load(Path(directory)), float(tags[THRESHOLD_TAG]),
+                         guard=ShareGuard(float(tags[SHARE_TAG]), guard["max_share_drop"], guard["guard_min_texts"])
+                         if guard and SHARE_TAG in tags else None)
+    if tuple(model.student.labels) != tuple(champion.labels):
+        log.warning("v%d: the cascade's student knows other labels than the champion; the champion serves alone",
+                    version)
+        return None
+    log.info("v%d: serving as a cascade (student threshold %.4f, gated student share %s)", version,
+             model.threshold, tags.get(SHARE_TAG, "?"))
+    return model
+
+
+def with_cascade(model_name: str, version: int, champion):
+    """What the server answers with for a version: its gated cascade, else the champion alone.
+
+    A cascade that cannot be loaded (its run's artifacts gone, say) is not a
+    reason to refuse the version: the champion serves alone, with a warning.
+    """
+    try:
+        return load_cascade(model_name, version, champion) or champion
+    except Exception as exc:  # noqa: BLE001 - any registry or file problem: the champion alone
+        log.warning("v%d: cascade not loaded (%s: %s); the champion serves alone", version, type(exc).__name__, exc)
+        return champion
+
+
+def record_fallback(model_name: str, version: int, reason: str, experiment_id: str | None,
+                    source: str = "refit serve") -> None:
+    """The live guard tripped: tag the version (the cascade is not loaded again) and keep a run with the reason."""
+    import mlflow
+
+    from registry import versions
+    from registry.tracking import RUN_TYPE
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"cascade fallback v{version}",
+                          tags={RUN_TYPE: "cascade-fallback", "refit.model": model_name,
+                                "refit.version": str(version), "refit.source": source}):
+        mlflow.log_text(json.dumps({"model_name": model_name, "version": version, "reason": reason}, indent=2),
+                        "cascade_fallback.json")
+    versions.set_tags(model_name, version, {FALLBACK_TAG: reason[:5000]})

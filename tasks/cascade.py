@@ -1,0 +1,396 @@
+"""Cascade: build, calibrate and gate a cheap tier that answers the easy traffic in front of the champion.
+
+The student is a linear model over TF-IDF word and character n-grams,
+distilled from the champion's soft outputs on texts production already has
+(the replay pool and recent traffic, no new labels). Chosen by measurement
+(docs/cascade.md): it costs about 1% of a MiniLM forward pass per text,
+where a student with fewer transformer layers would cost a third or more and
+leave too little room for the texts it must escalate.
+
+Its threshold is calibrated on a calibration split of those texts that is
+never one of the sets that judge it (a text of ``fresh`` or ``golden`` is
+removed by its normalised hash before anything is split): the lowest student
+confidence at which the texts it would answer disagree with the champion on
+at most ``max_calibration_disagreement`` of the calibration texts.
+
+The cascade is then gated as a unit, as served (``serving.cascade``, ONNX
+Runtime, one thread, side by side with the champion alone), on the same
+golden and fresh sets the promotion gate used: accuracy ratio, worst slice
+loss, CPU per 1,000 ratio and the student's share. A refused cascade is not
+served; its verdict says which rule refused it and by how much.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from refit.cost import Rates
+from refit.data import text_hash
+from refit.policy import StrictModel, load_policy
+from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
+from serving.cascade import (ARTIFACT_DIR, CHAMPION, GUARD_TAG, RUN_TAG, STUDENT, THRESHOLD_TAG, VERDICT_TAG,
+                             CascadeModel, Student)
+
+log = logging.getLogger("refit.cascade")
+SOFT_TOP_K = 3  # the champion's top labels per text a student learns from, weighted by their probability
+
+
+class CascadePolicy(StrictModel):
+    """How a student is calibrated, what its cascade must show to be served, and its live guard."""
+
+    calibration_share: float = Field(gt=0, lt=1, description="Share of the unlabelled texts kept for calibration.")
+    min_calibration_texts: int = Field(ge=1, description="Fewer calibration texts: no cascade is built.")
+    max_calibration_disagreement: float = Field(
+        ge=0, lt=1, description="Share of calibration texts the student may answer differently from the champion.")
+    min_accuracy_ratio: float = Field(gt=0, description="Cascade / champion accuracy on each judging set.")
+    max_slice_loss: float = Field(ge=0, description="Accuracy any one slice (set/group) may lose, in fractions.")
+    min_slice_rows: int = Field(ge=1, description="Smaller slices are reported but not judged.")
+    max_cost_ratio: float = Field(gt=0, description="Cascade / champion inference CPU per 1,000, as served.")
+    min_student_share: float = Field(ge=0, le=1, description="Share of the judged texts the student must answer.")
+    max_share_drop: float = Field(ge=0, le=1, description="Live guard: the student's share may fall this far "
+                                  "below its gated share before the champion serves alone.")
+    guard_min_texts: int = Field(ge=1, description="Live guard: texts served before the share is judged.")
+    student_c: float = Field(gt=0, description="Inverse regularisation of the student's logistic regression.")
+
+
+def load_cascade_policy(name_or_path: str = "cascade") -> tuple[CascadePolicy, Path]:
+    return load_policy(CascadePolicy, name_or_path)
+
+
+# --- the student ------------------------------------------------------------------------------------------------
+
+def vectorizers():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return (TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True),
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, lowercase=True))
+
+
+def fit_student(texts: Sequence[str], teacher: np.ndarray, labels: Sequence[str], c: float,
+                top_k: int = SOFT_TOP_K) -> Student:
+    """Distil the champion's probabilities ``teacher`` (texts x labels) into a TF-IDF logistic regression.
+
+    Soft targets: each text is a training row for each of the champion's
+    ``top_k`` labels, weighted by the champion's probability of it (the
+    cross-entropy against the champion's distribution, cut to its top).
+    """
+    from scipy.sparse import hstack
+    from sklearn.linear_model import LogisticRegression
+
+    fitted = tuple(v.fit(list(texts)) for v in vectorizers())
+    features = hstack([v.transform(list(texts)) for v in fitted], format="csr")
+    top = np.argsort(-teacher, axis=1)[:, :top_k]
+    rows = np.repeat(np.arange(len(texts)), top.shape[1])
+    targets = top.reshape(-1)
+    weights = teacher[rows, targets]
+    keep = weights > 1e-3
+    rows, targets, weights = rows[keep], targets[keep], weights[keep]
+    classifier = LogisticRegression(C=c, max_iter=300)
+    classifier.fit(features[rows], targets, sample_weight=weights)
+    coef = np.zeros((len(labels), features.shape[1]), dtype=np.float32)
+    intercept = np.full(len(labels), -1e4, dtype=np.float32)  # a label no text was taught: never the student's
+    coef[classifier.classes_] = classifier.coef_
+    intercept[classifier.classes_] = classifier.intercept_
+    return Student(tuple(labels), fitted, coef, intercept)
+
+
+def calibrate(student_labels: Sequence[str], student_conf: np.ndarray, champion_labels: Sequence[str],
+              max_disagreement: float) -> float:
+    """The lowest student confidence whose answers disagree with the champion on few enough calibration texts.
+
+    Texts at or above the threshold are answered by the student; what the
+    cascade can lose against the champion is at most their disagreements,
+    counted over all calibration texts. Returns ``inf`` (the student never
+    answers) when even its surest answer breaks the limit.
+    """
+    conf = np.asarray(student_conf, dtype=np.float64)
+    if len(conf) == 0:
+        return float("inf")
+    disagree = np.array([s != c for s, c in zip(student_labels, champion_labels)], dtype=np.float64)
+    order = np.argsort(-conf, kind="stable")
+    lost = np.cumsum(disagree[order]) / len(conf)
+    sorted_conf = conf[order]
+    # Cut only between distinct confidences: every text with the threshold's confidence is answered.
+    last_of_tie = np.append(sorted_conf[1:] != sorted_conf[:-1], True)
+    ok = np.flatnonzero((lost <= max_disagreement) & last_of_tie)
+    return float(sorted_conf[ok[-1]]) if len(ok) else float("inf")
+
+
+def split_for_calibration(texts: Sequence[str], judging: Sequence[str], share: float,
+                          seed: int = 0) -> tuple[list[str], list[str]]:
+    """Unique texts, minus every text of the judging sets (by normalised hash), split into fit and calibration.
+
+    The split is by hash, so a text keeps its side across runs.
+    """
+    banned = {text_hash(t) for t in judging}
+    seen, kept = set(), []
+    for text in texts:
+        key = text_hash(text)
+        if key in banned or key in seen or not str(text).strip():
+            continue
+        seen.add(key)
+        kept.append(str(text))
+    cut = int(share * 1000)
+    calibration = [t for t in kept if int(text_hash(f"{seed}:{t}")[:8], 16) % 1000 < cut]
+    chosen = set(calibration)
+    return [t for t in kept if t not in chosen], calibration
+
+
+# --- the gate ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CascadeVerdict:
+    passed: bool
+    rules: list[Rule]
+    threshold: float
+    error: str = ""  # why no cascade could be built at all
+
+    @property
+    def failed(self) -> list[Rule]:
+        return [r for r in self.rules if not r.passed]
+
+    @property
+    def summary(self) -> str:
+        if self.passed:
+            return "serve the cascade: all rules passed"
+        if self.error:
+            return f"champion alone: the cascade could not be built ({self.error})"
+        return "champion alone: " + "; ".join(r.sentence for r in self.failed)
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "summary": self.summary, "threshold": self.threshold, "error": self.error,
+                "rules": [asdict(r) | {"sentence": r.sentence} for r in self.rules]}
+
+    def markdown(self) -> str:
+        return f"**Cascade verdict: {self.summary}** (threshold {self.threshold:.4f})\n\n{markdown_table(self.rules)}"
+
+
+@dataclass(frozen=True)
+class TierFigures:
+    """One way of serving (champion alone, or the cascade) measured on the judging sets."""
+
+    accuracy: dict[str, float]  # per set
+    groups: dict[str, tuple[int, float]]  # "<set>/<group>" -> (rows, accuracy)
+    student_share: dict[str, float]  # per set (0 for the champion alone)
+    cpu_seconds_per_1k: float
+    latency_ms_p95: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def judge(champion: TierFigures, cascade: TierFigures, threshold: float, policy: CascadePolicy) -> CascadeVerdict:
+    """Every rule of ``policy`` for the cascade against the champion alone, on every judging set."""
+    rules = []
+    for name, accuracy in champion.accuracy.items():
+        ratio = cascade.accuracy[name] / accuracy if accuracy else 1.0
+        rules.append(at_least(f"{name}_accuracy_ratio", ratio, policy.min_accuracy_ratio))
+    losses = {g: champion.groups[g][1] - acc for g, (rows, acc) in cascade.groups.items()
+              if g in champion.groups and rows >= policy.min_slice_rows}
+    if losses:
+        worst = max(losses, key=losses.get)
+        rules.append(at_most(f"worst_slice_loss ({worst})", losses[worst], policy.max_slice_loss))
+    cost = cascade.cpu_seconds_per_1k / champion.cpu_seconds_per_1k if champion.cpu_seconds_per_1k else float("inf")
+    rules.append(at_most("cpu_per_1k_ratio", cost, policy.max_cost_ratio))
+    shares = cascade.student_share
+    rules.append(at_least("student_share", min(shares.values()) if shares else 0.0, policy.min_student_share))
+    return CascadeVerdict(all(r.passed for r in rules), rules, threshold)
+
+
+def worst_slice_loss(champion: TierFigures, cascade: TierFigures, min_rows: int = 1) -> float:
+    losses = [champion.groups[g][1] - acc for g, (rows, acc) in cascade.groups.items()
+              if g in champion.groups and rows >= min_rows]
+    return round(max(losses), 6) if losses else 0.0
+
+
+# --- measuring as served ----------------------------------------------------------------------------------------
+
+def figures(model, sets: dict[str, pd.DataFrame], cpu_per_1k: float, p95: float) -> TierFigures:
+    """Accuracy per set and per group slice, and the student's share, of a served model or cascade."""
+    accuracy, groups, shares = {}, {}, {}
+    for name, frame in sets.items():
+        texts = frame["text"].tolist()
+        if isinstance(model, CascadeModel):
+            predicted, _, tiers = model.predict_tiers(texts)
+            shares[name] = float(np.mean([t == STUDENT for t in tiers])) if tiers else 0.0
+        else:
+            predicted, _ = model.predict(texts)
+        correct = np.array([p == t for p, t in zip(predicted, frame["label"])], dtype=np.float64)
+        accuracy[name] = float(correct.mean()) if len(correct) else 0.0
+        if "group" in frame.columns:
+            for group, rows in frame.groupby("group", sort=True).indices.items():
+                groups[f"{name}/{group}"] = (len(rows), float(correct[rows].mean()))
+    return TierFigures(accuracy, groups, shares, round(cpu_per_1k, 4), round(p95, 3))
+
+
+def measure(champion, cascade: CascadeModel, sets: dict[str, pd.DataFrame], cost_texts: list[str],
+            latency_texts: list[str]) -> tuple[TierFigures, TierFigures]:
+    """Champion alone and the cascade, side by side on one thread (``tasks.evaluate``'s meters)."""
+    from tasks.evaluate import cpu_seconds_per_1k, latency_ms
+
+    models = {CHAMPION: champion, "cascade": cascade}
+    cpu = cpu_seconds_per_1k(models, cost_texts)
+    latency = latency_ms(models, latency_texts)
+    return (figures(champion, sets, cpu[CHAMPION], latency[CHAMPION][1]),
+            figures(cascade, sets, cpu["cascade"], latency["cascade"][1]))
+
+
+def teach(champion, texts: list[str], batch: int = 256) -> np.ndarray:
+    """The served champion's probabilities for ``texts`` (its batches sorted by length, as it serves)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), len(champion.labels)), dtype=np.float32)
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
+        for chunk in range(0, len(rows), champion.batch_size):
+            part = rows[chunk : chunk + champion.batch_size]
+            out[part] = champion.probabilities([texts[i] for i in part])
+    return out
+
+
+@dataclass
+class Built:
+    """A cascade built and judged (not yet logged)."""
+
+    cascade: CascadeModel | None
+    verdict: CascadeVerdict
+    champion: TierFigures | None
+    figures: TierFigures | None
+    fit_texts: int
+    calibration_texts: list[str]
+    calibration_agreement: float
+
+
+def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets: dict[str, pd.DataFrame],
+          policy: CascadePolicy, seed: int = 0, cost_texts: list[str] | None = None,
+          latency_texts: list[str] | None = None) -> Built:
+    """Distil, calibrate and judge a cascade in front of the served ``champion``; nothing is logged."""
+    from tasks.evaluate import LATENCY_SAMPLE_ROWS, COST_SAMPLE_ROWS, _sample_texts
+
+    judging = [t for frame in sets.values() for t in frame["text"]]
+    fit, calibration = split_for_calibration(list(pool_texts) + list(recent_texts), judging,
+                                             policy.calibration_share, seed)
+    if len(calibration) < policy.min_calibration_texts or not fit:
+        rule = at_least("calibration_texts", len(calibration), policy.min_calibration_texts)
+        return Built(None, CascadeVerdict(False, [rule], float("inf")), None, None, len(fit), calibration, 0.0)
+    teacher = teach(champion, fit)
+    student = fit_student(fit, teacher, champion.labels, policy.student_c)
+    champion_labels, _ = champion.predict(calibration)
+    student_labels, student_conf = student.predict(calibration)
+    threshold = calibrate(student_labels, student_conf, champion_labels, policy.max_calibration_disagreement)
+    agreement = float(np.mean([s == c for s, c in zip(student_labels, champion_labels)]))
+    cascade = CascadeModel(champion, student, threshold)
+    before, after = measure(champion, cascade, sets, cost_texts or _sample_texts(sets, COST_SAMPLE_ROWS),
+                            latency_texts or _sample_texts(sets, LATENCY_SAMPLE_ROWS))
+    verdict = judge(before, after, threshold, policy)
+    return Built(cascade, verdict, before, after, len(fit), calibration, agreement)
+
+
+# --- the one call the flows make -------------------------------------------------------------------------------
+
+def _html(title: str, verdict: CascadeVerdict, result: dict) -> str:
+    facts = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                    for k, v in result.items() if not isinstance(v, dict))
+    return html_page(title, verdict.summary, html_table(verdict.rules) + f"<table>{facts}</table>")
+
+
+def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.DataFrame, recent_texts: Sequence[str],
+                  sets: dict[str, pd.DataFrame], rates: Rates, experiment_id: str, policy: str = "cascade",
+                  seed: int = 0) -> dict:
+    """Build, calibrate and gate the cascade of a registered version, and record it in MLflow.
+
+    Called by the flows after a promotion (and after bootstrap or adopt
+    registers v1). Logs a ``cascade`` run (nested under the active run, if
+    any) holding the student, ``cascade.json`` and ``cascade.html``, and tags
+    the version with the verdict, threshold and figures: what ``refit serve``
+    reads to decide whether to serve the cascade. Never raises for a
+    cascade that cannot be built: the verdict says why, and the champion
+    serves alone.
+
+    Args:
+        model_name: registered model.
+        version: the version just promoted.
+        adapter_dir: its adapter (local directory).
+        pool: the replay pool (a ``text`` column; labels are not used).
+        recent_texts: recent unlabelled traffic.
+        sets: the judging sets (``golden`` and, after an update, ``fresh``): never fitted or calibrated on.
+        rates: prices, for cost per 1,000 in USD.
+        experiment_id: MLflow experiment of the run.
+        policy: cascade policy name or YAML path.
+        seed: of the calibration split.
+    """
+    import tempfile
+
+    import mlflow
+
+    from refit.policy import file_hash
+    from registry import versions
+    from registry.tracking import RUN_TYPE, log_json, log_policy
+    from tasks.evaluate import served
+
+    rules, rules_path = load_cascade_policy(policy)
+    try:
+        champion = served({CHAMPION: Path(adapter_dir)})[CHAMPION]
+        built = build(champion, pool["text"].tolist(), list(recent_texts), sets, rules, seed)
+    except Exception as exc:  # noqa: BLE001 - a cascade is an optimisation: its failure never blocks the champion
+        log.exception("cascade of %s v%d could not be built", model_name, version)
+        built = Built(None, CascadeVerdict(False, [], float("inf"), f"{type(exc).__name__}: {exc}"[:500]),
+                      None, None, 0, [], 0.0)
+    verdict = built.verdict
+    result = {"model_name": model_name, "version": version, "passed": verdict.passed, "verdict": verdict.summary,
+              "threshold": verdict.threshold, "fit_texts": built.fit_texts,
+              "calibration_texts": len(built.calibration_texts),
+              "calibration_agreement": round(built.calibration_agreement, 4)}
+    if built.figures is not None:
+        champ, casc = built.champion, built.figures
+        result |= {
+            "cost_ratio": round(casc.cpu_seconds_per_1k / champ.cpu_seconds_per_1k, 4),
+            "accuracy_ratio": round(min(casc.accuracy[s] / champ.accuracy[s] if champ.accuracy[s] else 1.0
+                                        for s in champ.accuracy), 4),
+            "student_share": round(min(casc.student_share.values()), 4),
+            "worst_slice_loss": worst_slice_loss(champ, casc, rules.min_slice_rows),
+            "champion_cpu_seconds_per_1k": champ.cpu_seconds_per_1k,
+            "cascade_cpu_seconds_per_1k": casc.cpu_seconds_per_1k,
+            "champion_cost_per_1k_usd": round(rates.price(champ.cpu_seconds_per_1k), 8),
+            "cascade_cost_per_1k_usd": round(rates.price(casc.cpu_seconds_per_1k), 8),
+            "champion": champ.to_dict(), "cascade": casc.to_dict()}
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"cascade v{version}", nested=nested,
+                          tags={RUN_TYPE: "cascade", "refit.model": model_name, "refit.version": str(version)}) as run:
+        log_policy(rules_path)
+        mlflow.log_params({f"cascade.{k}": v for k, v in rules.model_dump().items()})
+        mlflow.log_metrics({k: float(v) for k, v in result.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+                           | {"passed": float(verdict.passed)})
+        if built.cascade is not None:
+            with tempfile.TemporaryDirectory(prefix="refit-student-") as directory:
+                mlflow.log_artifacts(str(built.cascade.student.save(Path(directory))), ARTIFACT_DIR)
+        log_json(verdict.to_dict() | result, f"{ARTIFACT_DIR}/cascade.json")
+        mlflow.log_text(_html(f"Cascade: {model_name} v{version}", verdict, result), f"{ARTIFACT_DIR}/cascade.html")
+    result["run_id"] = run.info.run_id
+    tags = {VERDICT_TAG: "passed" if verdict.passed else "refused", "refit.cascade_reasons": verdict.summary[:5000],
+            THRESHOLD_TAG: repr(verdict.threshold), RUN_TAG: run.info.run_id,
+            "refit.cascade_policy_hash": file_hash(rules_path),
+            GUARD_TAG: json.dumps({"max_share_drop": rules.max_share_drop, "guard_min_texts": rules.guard_min_texts})}
+    for key in ("cost_ratio", "accuracy_ratio", "student_share", "worst_slice_loss"):
+        if key in result:
+            tags[f"refit.cascade_{key}"] = str(result[key])
+    versions.set_tags(model_name, version, tags)
+    log.info("cascade of %s v%d: %s", model_name, version, verdict.summary)
+    return result
+
+
+@task(name="cascade", cache_policy=NO_CACHE)
+def cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.DataFrame, recent_texts: Sequence[str],
+            sets: dict[str, pd.DataFrame], rates: Rates, experiment_id: str, policy: str = "cascade") -> dict:
+    return build_cascade(model_name, version, adapter_dir, pool, recent_texts, sets, rates, experiment_id, policy)

@@ -1,0 +1,201 @@
+"""The cascade: calibration never sees judging texts, the threshold holds the policy, the gate refuses a loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.cascade import CHAMPION, STUDENT, CascadeModel, Student
+from tasks.cascade import (CascadePolicy, TierFigures, build, calibrate, fit_student, judge, load_cascade_policy,
+                           split_for_calibration)
+
+LABELS = ("balance", "flight", "weather")
+WORDS = {"balance": ["balance", "account", "money", "bank"], "flight": ["flight", "fly", "plane", "airport"],
+         "weather": ["weather", "rain", "sunny", "forecast"]}
+
+
+def texts_of(label: str, n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"{' '.join(rng.choice(WORDS[label], size=3))} please {i}" for i in range(n)]
+
+
+class KeywordChampion:
+    """A served model stand-in: labels a text by the label whose keywords it holds, counting every call."""
+
+    labels, batch_size, version, runtime = LABELS, 32, 1, "test"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def probabilities(self, texts):
+        out = np.full((len(texts), len(LABELS)), 0.05, dtype=np.float32)
+        for row, text in enumerate(texts):
+            for col, label in enumerate(LABELS):
+                out[row, col] += sum(word in text for word in WORDS[label])
+        return out / out.sum(axis=1, keepdims=True)
+
+    def predict(self, texts):
+        self.seen.extend(texts)
+        proba = self.probabilities(texts)
+        return [LABELS[i] for i in proba.argmax(axis=1)], proba.max(axis=1)
+
+
+def policy(**changes) -> CascadePolicy:
+    shipped, _ = load_cascade_policy()
+    return shipped.model_copy(update=changes)
+
+
+def test_shipped_policy_loads_and_states_the_issue_targets():
+    shipped, path = load_cascade_policy()
+    assert path.name == "cascade.yaml"
+    assert shipped.min_accuracy_ratio == 0.99 and shipped.max_cost_ratio == 0.5 and shipped.max_slice_loss == 0.02
+
+
+def test_policy_typo_is_an_error(tmp_path):
+    from refit.errors import RefitError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(load_cascade_policy()[1].read_text() + "max_cost_ration: 0.4\n")
+    with pytest.raises(RefitError, match="max_cost_ration"):
+        load_cascade_policy(str(bad))
+
+
+def test_calibration_split_never_holds_a_judging_text():
+    pool = [f"text number {i}" for i in range(400)]
+    judging = pool[::3] + ["  TEXT NUMBER 1 "]  # a judging text in another case and spacing is still the same text
+    fit, calibration = split_for_calibration(pool + pool[:50], judging, share=0.3)
+    banned = {t.strip().lower() for t in judging}
+    assert not banned & {t.lower() for t in fit + calibration}
+    assert "text number 1" not in fit + calibration
+    assert not set(fit) & set(calibration)
+    assert len(fit) + len(calibration) == len(set(pool)) - len(set(pool[::3]) | {"text number 1"})
+    assert 0.2 < len(calibration) / (len(fit) + len(calibration)) < 0.4
+
+
+def test_build_calibrates_only_on_texts_outside_the_judging_sets():
+    pool = [t for label in LABELS for t in texts_of(label, 80)]
+    golden = pd.DataFrame({"text": pool[::4], "label": [lab for lab in LABELS for _ in range(20)],
+                           "group": "g"})
+    champion = KeywordChampion()
+    built = build(champion, pool, [], {"golden": golden}, policy(min_calibration_texts=10),
+                  cost_texts=pool[:30], latency_texts=pool[:3])
+    judged = set(golden["text"])
+    assert built.calibration_texts and not judged & set(built.calibration_texts)
+    assert built.fit_texts + len(built.calibration_texts) == len(set(pool) - judged)
+
+
+def test_threshold_is_the_lowest_that_keeps_disagreement_within_policy():
+    conf = np.array([0.99, 0.95, 0.90, 0.80, 0.70, 0.60, 0.50, 0.40, 0.30, 0.20])
+    champion = ["a"] * 10
+    student = ["a", "a", "a", "a", "b", "a", "a", "b", "a", "a"]
+    # One disagreement in ten is 10%: allowed, the cut may go down to 0.50 (the next disagreement is at 0.40).
+    assert calibrate(student, conf, champion, 0.10) == pytest.approx(0.50)
+    # No disagreement allowed: only the four surest answers.
+    assert calibrate(student, conf, champion, 0.0) == pytest.approx(0.80)
+    # The surest answer already disagrees: the student never answers.
+    assert calibrate(["b"] + student[1:], conf, champion, 0.0) == float("inf")
+
+
+def test_threshold_never_splits_a_tie():
+    conf = np.array([0.9, 0.8, 0.8, 0.7])
+    assert calibrate(["a", "a", "b", "a"], conf, ["a"] * 4, 0.0) == pytest.approx(0.9)
+
+
+def figures(accuracy: float, cpu: float, share: float, slice_accuracy: float = 0.9) -> TierFigures:
+    return TierFigures({"golden": accuracy, "fresh": accuracy}, {"golden/banking": (100, slice_accuracy)},
+                       {"golden": share, "fresh": share}, cpu, 5.0)
+
+
+def test_gate_passes_a_cheap_cascade_that_keeps_accuracy():
+    verdict = judge(figures(0.90, 10.0, 0.0), figures(0.895, 4.0, 0.7, 0.89), 0.8, policy())
+    assert verdict.passed, verdict.summary
+    assert {r.name for r in verdict.rules} >= {"golden_accuracy_ratio", "fresh_accuracy_ratio", "cpu_per_1k_ratio",
+                                                "student_share", "worst_slice_loss (golden/banking)"}
+
+
+def test_gate_refuses_a_cascade_that_loses_accuracy_and_says_by_how_much():
+    verdict = judge(figures(0.90, 10.0, 0.0), figures(0.85, 2.0, 0.9, 0.80), 0.5, policy())
+    assert not verdict.passed
+    failed = {r.name for r in verdict.failed}
+    assert failed == {"golden_accuracy_ratio", "fresh_accuracy_ratio", "worst_slice_loss (golden/banking)"}
+    assert verdict.summary.startswith("champion alone: ")
+    assert "golden_accuracy_ratio failed: +0.9444 (must be >= +0.9900)" in verdict.summary
+
+
+def test_gate_refuses_a_cascade_that_costs_too_much_or_answers_too_little():
+    verdict = judge(figures(0.90, 10.0, 0.0), figures(0.90, 6.0, 0.1), 0.99, policy())
+    assert {r.name for r in verdict.failed} == {"cpu_per_1k_ratio", "student_share"}
+
+
+def test_distilled_student_agrees_with_its_teacher_on_unseen_texts():
+    champion = KeywordChampion()
+    train = [t for label in LABELS for t in texts_of(label, 40)]
+    student = fit_student(train, champion.probabilities(train), LABELS, c=20.0)
+    unseen = [t for label in LABELS for t in texts_of(label, 20, seed=1)]
+    predicted, confidence = student.predict(unseen)
+    assert np.mean([p == c for p, c in zip(predicted, champion.predict(unseen)[0])]) > 0.9
+    assert confidence.shape == (len(unseen),) and (confidence > 0).all()
+
+
+def test_student_round_trips_without_pickle(tmp_path):
+    champion = KeywordChampion()
+    train = [t for label in LABELS for t in texts_of(label, 30)]
+    student = fit_student(train, champion.probabilities(train), LABELS, c=5.0)
+    loaded = Student.load(student.save(tmp_path / "student"))
+    probe = ["is it sunny", "book a plane", "my bank account"]
+    np.testing.assert_allclose(loaded.probabilities(probe), student.probabilities(probe), atol=1e-5)
+    assert loaded.labels == LABELS
+
+
+def test_served_by_is_right_per_text_and_only_unsure_texts_reach_the_champion():
+    champion = KeywordChampion()
+    train = [t for label in LABELS for t in texts_of(label, 40)]
+    student = fit_student(train, champion.probabilities(train), LABELS, c=20.0)
+    texts = ["rain forecast sunny weather", "hello there", "flight plane airport fly", "zzz"]
+    _, confidence = student.predict(texts)
+    threshold = float(np.sort(confidence)[1]) + 1e-6  # the two least sure go to the champion
+    cascade = CascadeModel(champion, student, threshold)
+    labels, _, served_by = cascade.predict_tiers(texts)
+    expected = [STUDENT if c >= threshold else CHAMPION for c in confidence]
+    assert served_by == expected and served_by.count(CHAMPION) == 2
+    assert champion.seen == [t for t, s in zip(texts, served_by) if s == CHAMPION]
+    assert labels[0] == "weather" and labels[2] == "flight"
+    assert cascade.stats.texts == 4 and cascade.stats.student_share == pytest.approx(0.5)
+
+
+def test_guard_falls_back_to_the_champion_when_the_share_collapses():
+    from serving.cascade import ShareGuard
+
+    champion = KeywordChampion()
+    train = [t for label in LABELS for t in texts_of(label, 40)]
+    student = fit_student(train, champion.probabilities(train), LABELS, c=20.0)
+    easy = [t for label in LABELS for t in texts_of(label, 10, seed=2)]
+    hard = [f"qq zz {i}" for i in range(30)]
+    easy_conf, hard_conf = student.predict(easy)[1], student.predict(hard)[1]
+    assert hard_conf.max() < easy_conf.min(), "precondition: the student is surer of the easy texts"
+    guard = ShareGuard(gated_share=0.9, max_drop=0.25, min_texts=20)
+    cascade = CascadeModel(champion, student, float(easy_conf.min()), guard=guard)
+
+    for start in range(0, len(easy), 5):
+        assert set(cascade.predict_tiers(easy[start : start + 5])[2]) == {STUDENT}
+    assert guard.tripped is None
+    for start in range(0, 15, 5):  # the newest 20 texts hold 15 hard ones: share 0.25, below 0.9 - 0.25
+        cascade.predict_tiers(hard[start : start + 5])
+    assert guard.tripped and "fell below 0.650" in guard.tripped
+    champion.seen.clear()
+    assert cascade.predict_tiers(easy[:4])[2] == [CHAMPION] * 4  # easy texts too: the champion alone now
+    assert champion.seen == easy[:4]
+
+
+def test_guard_holds_while_the_share_stays_within_policy():
+    from serving.cascade import ShareGuard
+
+    guard = ShareGuard(gated_share=0.6, max_drop=0.25, min_texts=100)
+    for _ in range(50):
+        guard.observe(10, 4)  # share 0.40 >= 0.35
+    assert guard.tripped is None
+    guard.observe(10, 0)  # the newest 100 texts: 36 of them the student's, 0.36 still above
+    assert guard.tripped is None
+    guard.observe(10, 0)
+    assert guard.tripped is not None  # 0.32 < 0.35
