@@ -31,6 +31,7 @@ from refit.demo_report import ShiftOutcome, summarize
 from refit.errors import RefitError
 from refit.evalsets import read_golden
 from refit.requestlog import delete_model_data
+from refit.secrets import mask_uri
 from refit.scenario import build, load_scenario, load_source, poison
 from registry import versions
 from tasks.evaluate import accuracy_on
@@ -118,7 +119,7 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
 
     summary = summarize(v1=v1, champion_after=champion_after, quiet=quiet, shifts=outcomes, hotfix=hotfix,
                         golden_before=ends["golden_before"], golden_after=ends["golden_after"],
-                        external_final=ends["external_final"], tracking_uri=ctx.settings.tracking_uri,
+                        external_final=ends["external_final"], tracking_uri=mask_uri(ctx.settings.tracking_uri),
                         store_uri=ctx.store.uri(), stage_seconds=stages.seconds)
     get_run_logger().info("demo summary: %s", summary)
     return summary

@@ -284,8 +284,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                                                 pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
                                                 trained_on=frames[final.recipe.start], seed=ctx.settings.seed)
                 versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
-                with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}"):
-                    promote(name, version, champion)
+                with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}") as lease:
+                    promote(name, version, champion, lease=lease)
                     grown_to = grow_golden(ctx.store, name, golden, data.fresh, policy.golden_max_per_label)
                 versions.set_tags(name, version, grown_to.tags("refit.golden_after"))
         result = {

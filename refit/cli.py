@@ -93,7 +93,9 @@ def demo(store: StoreOption = None, scenario: Annotated[Optional[str], typer.Opt
     (err if as_json else Console()).print(stage_table)
     _emit(result, as_json, "Demo result")
     if not as_json:
-        Console().print(f"Review it: mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000")
+        from refit.secrets import mask_uri
+
+        Console().print(f"Review it: refit ui --port 5000   (MLflow store {mask_uri(settings.tracking_uri)})")
 
 
 @app.command()
@@ -203,8 +205,9 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
     Example: refit ui --port 5000
     """
     settings = _prepare()
-    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", settings.tracking_uri,
-                         "--host", "127.0.0.1", "--port", str(port)])
+    # The store's URI (a password, for a database) goes through the environment, never a command line.
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = settings.tracking_uri
+    os.execvp("mlflow", ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)])
 
 
 def _drift_files(reference_path: Path, current_path: Path, policy_name: str, text_column: str,

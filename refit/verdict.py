@@ -36,6 +36,19 @@ class Rule:
         return f"{self.name} {verb}: {self.value:+.4f}{ci} (must be {self.comparison} {self.limit:+.4f})"
 
 
+def ratio(new: float, old: float) -> float:
+    """``new / old``, failing safe when ``old`` is zero: the gate's and the guards' one definition.
+
+    Both zero: 1.0 (no change). ``old`` zero and ``new`` positive: ``inf``, so
+    an ``at_most`` rule (cost, latency) refuses and an ``at_least`` rule
+    (confidence) passes: a rise from nothing is never waved through as "no
+    change". A zero that only means "not measured" must not reach here.
+    """
+    if old > 0:
+        return new / old
+    return 1.0 if new <= 0 else float("inf")
+
+
 def at_least(name: str, value: float, limit: float, ci: tuple[float, float] | None = None) -> Rule:
     value = round(value, 6)  # 0.90 - 0.88 must meet a 0.02 limit despite float noise
     return Rule(name, value, limit, ">=", value >= limit, *(ci or (None, None)))

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from refit.policy import StrictModel, load_policy
-from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
+from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table, ratio
 
 
 class Guards(StrictModel):
@@ -112,22 +112,6 @@ class LiveStats:
             return Figures(self._requests, self._errors, self._predictions, round(float(p50), 2),
                            round(float(p95), 2), round(mean_conf, 4), round(per_1k, 4),
                            round(per_1k * self._price, 8))
-
-
-def ratio(new: float, old: float) -> float:
-    """``new / old``, failing safe when ``old`` is zero.
-
-    Both zero: 1.0 (no change). ``old`` zero and ``new`` positive: ``inf``, so
-    an ``at_most`` rule (cost, latency) refuses and an ``at_least`` rule
-    (confidence) passes: a rise from nothing is never waved through as "no
-    change". A zero that only means "not measured" (an old version with no
-    traffic in the window) must not reach here: ``Rollout`` judges only when
-    both sides have ``min_requests``. The promotion gate should use the same
-    function (it returns 1.0 today, which passes any cost against a zero).
-    """
-    if old > 0:
-        return new / old
-    return 1.0 if new <= 0 else float("inf")
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,10 @@ def update_version_tags(*, kind: str, reason: str | None, champion: int, run_id:
 
 
 @task(name="promote", cache_policy=NO_CACHE, **RETRY)
-def promote(model_name: str, version: int, expected_champion: int | None) -> int | None:
-    """Move ``champion`` to ``version`` (guarded); returns the old champion."""
-    previous = versions.promote(model_name, version, expected_champion)
+def promote(model_name: str, version: int, expected_champion: int | None,
+            lease: versions.Lease | None = None) -> int | None:
+    """Move ``champion`` to ``version`` (guarded, and fenced by the promotion lock's ``lease``); returns the old one."""
+    previous = versions.promote(model_name, version, expected_champion, lease=lease)
     versions.set_tags(model_name, version, {"refit.deployed": "champion"})
     _log(f"{model_name} v{version} is champion; server: {notify_server()}")
     return previous

@@ -18,7 +18,7 @@ from prefect import task
 from pydantic import Field
 
 from refit.policy import StrictModel, load_policy
-from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
+from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table, ratio
 from tasks.evaluate import Evaluation
 
 FRESH, GOLDEN = "fresh", "golden"  # the update's held-out new labels; the regression suite
@@ -124,13 +124,6 @@ def _interval(champion: Evaluation, challenger: Evaluation, name: str, policy: G
     return (low, high) if sign > 0 else (-high, -low)
 
 
-def _ratio(new: float, old: float) -> float:
-    """new / old; a zero ``old`` is 1.0 against a zero ``new`` and infinite against anything more."""
-    if old:
-        return new / old
-    return 1.0 if not new else float("inf")
-
-
 def decide(champion: Evaluation, challenger: Evaluation, update_cost_usd: float, policy: GatePolicy,
            budget_left_usd: float | None = None, labels_learned: tuple[str, ...] = ()) -> Verdict:
     """Apply every rule of ``policy`` to the two evaluations and the update's cost.
@@ -156,10 +149,10 @@ def decide(champion: Evaluation, challenger: Evaluation, update_cost_usd: float,
     rules.append(at_most("update_cost_usd", update_cost_usd, policy.max_update_cost_usd))
     if budget_left_usd is not None:
         rules.append(at_most("update_cost_vs_budget_left_usd", update_cost_usd, round(budget_left_usd, 6)))
-    rules.append(at_most("inference_cost_ratio", _ratio(challenger.cost_per_1k_usd, champion.cost_per_1k_usd),
+    rules.append(at_most("inference_cost_ratio", ratio(challenger.cost_per_1k_usd, champion.cost_per_1k_usd),
                           policy.max_inference_cost_ratio))
     if policy.max_latency_p95_ratio is not None:
-        rules.append(at_most("latency_p95_ratio", _ratio(challenger.latency_ms_p95, champion.latency_ms_p95),
+        rules.append(at_most("latency_p95_ratio", ratio(challenger.latency_ms_p95, champion.latency_ms_p95),
                               policy.max_latency_p95_ratio))
     return Verdict(all(r.passed for r in rules), rules, tuple(labels_learned))
 
