@@ -17,6 +17,7 @@ from refit.settings import Settings
 from registry import versions
 from registry.tracking import RUN_TYPE, flat_params, log_json, log_policy
 from tasks.adopt import adopted_adapter, existing_versions, golden_quality, lineage_tags, prepare_adoption, publish_base
+from tasks.cascade import cascade
 from tasks.deploy import promote, write_reference
 from tasks.finetune import fine_tune, load_update_policy
 
@@ -75,6 +76,8 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(adapter_dir),
                                         pool=adoption.train, trained_on=adoption.train, seed=ctx.settings.seed)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
+        cascade(name, version, adapter_dir, adoption.train, [], {"golden": golden.frame}, ctx.rates,
+                ctx.experiment_id)  # the cheap tier, gated as a unit before the server is told
         promote(name, version, versions.alias_version(name, versions.CHAMPION))
         result = {"model_name": name, "version": version, "labels": len(adoption.labels),
                   "golden_accuracy": quality.accuracy, "golden_rows": golden.rows,

@@ -18,6 +18,7 @@ from refit.scenario import build, load_scenario, load_source
 from registry import versions
 from registry.tracking import RUN_TYPE, code_revision, flat_params, log_json, log_policy
 from tasks.adopt import publish_base
+from tasks.cascade import cascade
 from tasks.deploy import promote, write_reference
 from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune, load_update_policy
@@ -69,6 +70,8 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(trained.adapter_dir),
                                         pool=data.train, trained_on=data.train, seed=ctx.settings.seed)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
+        cascade(name, version, trained.adapter_dir, data.train, [], {"golden": golden.frame}, ctx.rates,
+                ctx.experiment_id)  # the cheap tier, gated as a unit before the server is told
         promote(name, version, versions.alias_version(name, versions.CHAMPION))
         result = {"version": version, "run_id": run.info.run_id, "reference_uri": reference_uri,
                   "golden_accuracy": evaluation.slices["golden"].accuracy, "golden_rows": golden.rows,

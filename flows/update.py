@@ -34,6 +34,7 @@ from registry import versions
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
                                log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token,
                                month_spend)
+from tasks.cascade import cascade
 from tasks.deploy import promote, read_reference, register_version, update_version_tags, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair, grow_golden
 from tasks.finetune import (Recipe, Trained, UpdateData, count_tokens, escalates, fine_tune, full_retrain_frame,
@@ -284,6 +285,9 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                                                 pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
                                                 trained_on=frames[final.recipe.start], seed=ctx.settings.seed)
                 versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
+                # The cheap tier, gated as a unit; before the promotion tells the server, which then loads it.
+                cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,
+                        ctx.experiment_id)
                 with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}") as lease:
                     promote(name, version, champion, lease=lease)
                     grown_to = grow_golden(ctx.store, name, golden, data.fresh, policy.golden_max_per_label)

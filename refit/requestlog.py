@@ -6,7 +6,7 @@ Layout in the object store (S3 or the local directory)::
     labels/model=<name>/date=YYYY-MM-DD/part-<unix ms>-<uuid8>.parquet
 
 An inference row is one served request: ``request_id``, ``timestamp`` (UTC),
-``text``, ``predicted_label``, ``confidence``, ``model_version``. A label row
+``text``, ``predicted_label``, ``confidence``, ``model_version``, ``served_by``. A label row
 is delayed ground truth: ``request_id``, ``label``, ``source``.
 """
 
@@ -19,7 +19,8 @@ import pandas as pd
 
 from refit.store import ObjectStore
 
-INFERENCE_COLUMNS = ["request_id", "timestamp", "text", "predicted_label", "confidence", "model_version"]
+# served_by: the cascade tier that answered ("student" or "champion"); rows written without it were the champion's.
+INFERENCE_COLUMNS = ["request_id", "timestamp", "text", "predicted_label", "confidence", "model_version", "served_by"]
 LABEL_COLUMNS = ["request_id", "label", "source"]
 
 
@@ -30,6 +31,8 @@ def _part_key(kind: str, model_name: str, day: date) -> str:
 
 def write_inference(store: ObjectStore, model_name: str, rows: pd.DataFrame) -> list[str]:
     """Append served requests, one part per day they span. Returns the URIs."""
+    if "served_by" not in rows.columns:
+        rows = rows.assign(served_by="champion")
     rows = rows[INFERENCE_COLUMNS]
     days = pd.to_datetime(rows["timestamp"], utc=True).dt.date
     return [store.put_parquet(_part_key("inference", model_name, day), part) for day, part in rows.groupby(days)]

@@ -38,6 +38,7 @@ from refit.policy import file_hash
 from refit.secrets import mask_uri
 from refit.settings import Settings
 from refit.store import ObjectStore
+from serving.cascade import record_fallback, served_by_champion, with_cascade
 from serving.engine import Engine, Overloaded
 from serving.guards import GuardVerdict, LiveStats, RolloutPolicy, load_rollout_policy
 from serving.metrics import Metrics
@@ -84,8 +85,9 @@ class Server:
         from refit import modeling
 
         self._tokenizer = self._tokenizer or modeling.load_tokenizer()
-        return load_version(self.model_name, version, self.settings.serve_batch_size, self._tokenizer,
-                            self.settings.serve_runtime, inference_threads(self.settings, "onnx"))
+        model = load_version(self.model_name, version, self.settings.serve_batch_size, self._tokenizer,
+                             self.settings.serve_runtime, inference_threads(self.settings, "onnx"))
+        return with_cascade(self.model_name, version, model)
 
     async def reload(self) -> dict:
         """Serve the version behind the champion alias, if it is not the one served already."""
@@ -205,7 +207,7 @@ class Server:
         if slot is None:
             raise BadRequest(503, "no model loaded yet: the server is starting or no champion is registered")
         try:
-            labels, confidence = await self.engine.predict(slot, texts)
+            labels, confidence, *tiers = await self.engine.predict(slot, texts)
         except Overloaded:
             raise  # load, not the model's fault: the guards do not count it
         except Exception:
@@ -217,21 +219,22 @@ class Server:
             self._mirror(shadow, texts)
         version = str(slot.version)
         now = datetime.now(timezone.utc)
+        served_by = tiers[0] if tiers else served_by_champion(texts)
         rows = [{"request_id": uuid.uuid4().hex, "timestamp": now, "text": text, "predicted_label": label,
-                 "confidence": float(conf), "model_version": version}
-                for text, label, conf in zip(texts, labels, confidence)]
+                 "confidence": float(conf), "model_version": version, "served_by": tier}
+                for text, label, conf, tier in zip(texts, labels, confidence, served_by)]
         self.request_log.append(rows)
         self._observe(version, latency, labels, confidence)
         return {"model_version": slot.version, "predictions": [
             {"request_id": r["request_id"], "label": r["predicted_label"], "confidence": round(r["confidence"], 6),
-             "model_version": slot.version} for r in rows]}
+             "model_version": slot.version, "served_by": r["served_by"]} for r in rows]}
 
     def _mirror(self, slot: Slot, texts: list[str]) -> None:
         """Shadow: the new version scores a copy; its answer is measured, never returned or logged."""
         async def score() -> None:
             started = time.perf_counter()
             try:
-                _, confidence = await self.engine.predict(slot, texts)
+                _, confidence, *_ = await self.engine.predict(slot, texts)
             except Overloaded:
                 return  # no room for the copy: the shadow sees less traffic, nobody waits for it
             except Exception:
@@ -257,6 +260,11 @@ class Server:
                 figures = slot.stats.figures()
                 self.metrics.mean_confidence.labels(str(slot.version)).set(figures.mean_confidence)
                 self.metrics.cost_per_1k.labels(str(slot.version)).set(figures.cost_per_1k_usd)
+            cascade = getattr(getattr(slot, "model", None), "stats", None)  # a cascade's tiers (TierStats)
+            if cascade is not None and cascade.texts:
+                self.metrics.student_share.labels(str(slot.version)).set(cascade.student_share)
+                for tier, seconds in cascade.cpu_seconds_per_1k().items():
+                    self.metrics.tier_cpu_per_1k.labels(str(slot.version), tier).set(seconds)
         self.metrics.log_rows.set(self.request_log.rows_logged)
         self.metrics.log_buffered.set(self.request_log.buffered + self.request_log.rows_spilled)
 
@@ -272,6 +280,12 @@ class Server:
     async def _check_guards(self) -> None:
         if self.rollout.check() is not None:
             self._update_version_gauges()
+        for slot in (self.rollout.champion, self.rollout.candidate):
+            guard = getattr(slot.model, "guard", None) if slot is not None else None
+            if guard is not None and guard.tripped and not guard.recorded:  # a cascade's share collapsed
+                guard.recorded = True
+                self._owe(f"cascade fallback of v{slot.version}", record_fallback, self.model_name, slot.version,
+                          guard.tripped, self.experiment_id)
 
     async def start(self) -> None:
         import torch

@@ -22,8 +22,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from serving.rollout import Slot
 
 
@@ -70,8 +68,9 @@ class Engine:
         """Seconds until the queue has drained, by the recent pass rate: what ``Retry-After`` says."""
         return max(1, math.ceil(self.queued_texts * self._seconds_per_text))
 
-    async def predict(self, slot: Slot, texts: list[str]) -> tuple[list[str], np.ndarray]:
-        """Labels and confidences for ``texts``; ``Overloaded`` if the queue is full or the answer is late."""
+    async def predict(self, slot: Slot, texts: list[str]) -> tuple:
+        """Labels and confidences for ``texts`` (and, from a cascade, the tier of each); ``Overloaded`` if the
+        queue is full or the answer is late."""
         if self.max_queue_texts is not None and self.queued_texts and \
                 self.queued_texts + len(texts) > self.max_queue_texts:
             self.refused += 1
@@ -122,12 +121,14 @@ class Engine:
         self.queued_texts -= sum(len(job.texts) for job in jobs)
         return [job for job in jobs if not job.abandoned]
 
-    def _infer(self, slot: Slot, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    def _infer(self, slot: Slot, texts: list[str]) -> tuple:
+        """Labels and confidences; a cascade (``predict_tiers``) adds the tier that answered each text."""
         cpu = time.process_time()
-        labels, confidence = slot.model.predict(texts)
+        tiers = getattr(slot.model, "predict_tiers", None)
+        answer = tiers(texts) if tiers is not None else slot.model.predict(texts)
         if self.on_pass is not None:
             self.on_pass(slot, len(texts), time.process_time() - cpu)
-        return labels, confidence
+        return answer
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -144,7 +145,7 @@ class Engine:
                 texts = [t for job in group for t in job.texts]
                 started = time.perf_counter()
                 try:
-                    labels, confidence = await loop.run_in_executor(self._executor, self._infer, group[0].slot, texts)
+                    answer = await loop.run_in_executor(self._executor, self._infer, group[0].slot, texts)
                     self._seconds_per_text = (0.8 * self._seconds_per_text
                                               + 0.2 * (time.perf_counter() - started) / len(texts))
                 except Exception as exc:  # the model failed: those requests fail, the server goes on
@@ -156,7 +157,7 @@ class Engine:
                 for job in group:
                     end = start + len(job.texts)
                     if not job.future.done():
-                        job.future.set_result((labels[start:end], confidence[start:end]))
+                        job.future.set_result(tuple(part[start:end] for part in answer))
                     start = end
             if stop:
                 return

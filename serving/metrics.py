@@ -32,6 +32,11 @@ class Metrics:
         self.log_buffered = Gauge("refit_request_log_buffered", "Request-log rows not in the store yet: "
                                   "buffered, or spilled to local disk while it is down.", registry=r)
         self.rollbacks = Counter("refit_rollbacks", "Automatic rollbacks by this server.", registry=r)
+        self.student_share = Gauge("refit_cascade_student_share", "Share of texts the cascade's student answered "
+                                   "since the version was loaded.", ["version"], registry=r)
+        self.tier_cpu_per_1k = Gauge("refit_cascade_cpu_seconds_per_1k", "Inference CPU-seconds per 1,000 texts "
+                                     "answered, by cascade tier (student, champion, cascade).", ["version", "tier"],
+                                     registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
