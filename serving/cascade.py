@@ -211,6 +211,18 @@ def served_by_champion(texts: Sequence[str]) -> list[str]:
     return [CHAMPION] * len(texts)
 
 
+def student_share(window) -> float | None:
+    """Share of a request-log window (a DataFrame) the student answered; None when no row says.
+
+    The monitor and ``refit report`` read it: a falling share means the
+    traffic moved away from what the student is sure of.
+    """
+    if "served_by" not in window.columns:
+        return None
+    tiers = window["served_by"].dropna()
+    return float((tiers == STUDENT).mean()) if len(tiers) else None
+
+
 def load_cascade(model_name: str, version: int, champion) -> CascadeModel | None:
     """The version's gated cascade around ``champion``, or None (no cascade, or one its gate refused).
 

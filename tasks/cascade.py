@@ -382,9 +382,10 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
             THRESHOLD_TAG: repr(verdict.threshold), RUN_TAG: run.info.run_id,
             "refit.cascade_policy_hash": file_hash(rules_path),
             GUARD_TAG: json.dumps({"max_share_drop": rules.max_share_drop, "guard_min_texts": rules.guard_min_texts})}
-    for key in ("cost_ratio", "accuracy_ratio", "student_share", "worst_slice_loss"):
+    for key in ("cost_ratio", "accuracy_ratio", "student_share", "worst_slice_loss", "champion_cpu_seconds_per_1k",
+                "cascade_cpu_seconds_per_1k"):
         if key in result:
-            tags[f"refit.cascade_{key}"] = str(result[key])
+            tags[f"refit.cascade_{key.removeprefix('cascade_')}"] = str(result[key])
     versions.set_tags(model_name, version, tags)
     log.info("cascade of %s v%d: %s", model_name, version, verdict.summary)
     return result
@@ -394,3 +395,4 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
 def cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.DataFrame, recent_texts: Sequence[str],
             sets: dict[str, pd.DataFrame], rates: Rates, experiment_id: str, policy: str = "cascade") -> dict:
     return build_cascade(model_name, version, adapter_dir, pool, recent_texts, sets, rates, experiment_id, policy)
+

@@ -199,3 +199,11 @@ def test_guard_holds_while_the_share_stays_within_policy():
     assert guard.tripped is None
     guard.observe(10, 0)
     assert guard.tripped is not None  # 0.32 < 0.35
+
+
+def test_student_share_of_a_request_log_window():
+    from serving.cascade import student_share
+
+    assert student_share(pd.DataFrame({"text": ["a"]})) is None  # written before the cascade existed
+    window = pd.DataFrame({"served_by": [STUDENT, STUDENT, CHAMPION, None]})
+    assert student_share(window) == pytest.approx(2 / 3)
