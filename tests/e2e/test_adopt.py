@@ -252,10 +252,12 @@ def test_adopted_model_is_served_labelled_monitored_and_updated(team, tmp_path, 
         deadline = time.monotonic() + 120  # deploy told the server; a direct swap
         while time.monotonic() < deadline and httpx.get(url + "/readyz").json().get("model_version") != 2:
             time.sleep(1)
-        texts = clinc[(clinc["split"] == "test") & (clinc["label"] == "recipe")]["text"].head(8).tolist()
-        reply = httpx.post(url + "/predict", json={"texts": texts}, timeout=60).json()
+        texts = clinc[(clinc["split"] == "test") & clinc["label"].isin(NEW_INTENTS)].groupby("label").head(10)
+        reply = httpx.post(url + "/predict", json={"texts": texts["text"].tolist()}, timeout=60).json()
         assert {p["model_version"] for p in reply["predictions"]} == {2}
-        assert sum(p["label"] == "recipe" for p in reply["predictions"]) >= 6  # v2 answers an intent v1 never had
+        # v2 answers intents v1 could never output (v1 scores 0 on them): at least half of these held-out texts.
+        hits = [p["label"] == label for p, label in zip(reply["predictions"], texts["label"])]
+        assert sum(hits) >= 20, sum(hits)
     finally:
         server.terminate()
         server.wait(timeout=60)
