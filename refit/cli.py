@@ -462,6 +462,57 @@ def bench_update_cost(as_json: JsonOption = False,
         print(json.dumps(result, default=str))
 
 
+@bench_app.command("cascade")
+def bench_cascade(as_json: JsonOption = False,
+                  scenario: Annotated[str, typer.Option(help="Scenario name or YAML path.")] = "clinc-shift",
+                  home: Annotated[Optional[Path], typer.Option(
+                      help="REFIT_HOME of the run (default: a new temporary directory, kept).")] = None) -> None:
+    """Champion alone against its cascade (student + champion), side by side on the same held-out texts.
+
+    Bootstraps the scenario in its own REFIT_HOME (the flow builds and gates the cascade), then measures both as
+    refit serve runs them, on one thread. Example: refit bench cascade --scenario clinc-shift-small --json
+    """
+    import tempfile
+
+    os.environ["REFIT_HOME"] = str(home or tempfile.mkdtemp(prefix="refit-bench-cascade-"))
+    os.environ.pop("PREFECT_HOME", None)  # the run's own Prefect database, under its REFIT_HOME
+    _prepare()
+    from flows.bootstrap import bootstrap as flow_fn
+    from refit.bench_cascade import run_benchmark, summary, table
+
+    with err.status("cascade benchmark") as status:
+        def progress(what: str) -> None:
+            err.print(f"[dim]{what}[/]")
+            status.update(what)
+
+        result = run_benchmark(scenario, progress, bootstrap=lambda name: _run_flow(flow_fn, scenario=name))
+    Console().print(table(result))
+    if as_json:
+        print(json.dumps(summary(result), default=str))
+
+
+@app.command()
+def report(model_name: ModelNameOption = None, as_json: JsonOption = False) -> None:
+    """Cost on one page per model: champion, versions, updates and spend this month against the budget, CPU per
+    1,000 alone and as a cascade, the student's share, the estimated monthly serving cost. Logged to MLflow
+    (a report run: report.html, report.md, report.json).
+
+    Example: refit report --model-name intent-classifier --json
+    """
+    settings = _prepare(model_name=model_name)
+    from refit.report import cost_report
+    from refit.store import open_store
+    from registry.tracking import configure
+
+    reports = cost_report([settings.model_name] if model_name else None, configure(settings), open_store(settings),
+                          settings.cpu_usd_per_hour, settings.monthly_budget_usd)
+    if as_json:
+        print(json.dumps(reports, default=str))
+        return
+    for page in reports:
+        _emit(page, False, f"Cost report: {page['model_name']}")
+
+
 labels_app = typer.Typer(help="Labels in: delayed ground truth from your labelling process.", no_args_is_help=True)
 app.add_typer(labels_app, name="labels")
 
