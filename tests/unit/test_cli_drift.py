@@ -226,7 +226,9 @@ def test_bench_drift_prints_one_json_object_last(tmp_path, data_dir):
         assert row["family"] == "within" and row["size"] == 500 and row["pairs"] == 2
         assert row["quiet"]["detected"] == 0, row  # seeded pairs: these two quiet windows are quiet ...
         if share == 0.3:
-            assert row["shifted"]["detected"] == 2, row  # ... and these two shifted ones are caught
+            # ... every shifted window reads more novel text than any quiet one ...
+            assert row["shifted"]["signal_range"]["text"][0] > row["quiet"]["signal_range"]["text"][1], row
+    assert rows[("champion", 0.3)]["shifted"]["detected"] == 2  # ... and with the champion's outputs, both fire
     assert rows[("text", 0.3)]["evidently_default"]["pairs"] == 1
     # a real champion: it errs on held-out rows, which true labels standing in for predictions never do
     champion = result["champion"]["within"]

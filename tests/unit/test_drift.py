@@ -480,3 +480,25 @@ def test_importing_the_drift_stage_loads_no_prefect_evidently_or_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "[] Task drift", proc.stderr[-2000:]
+
+
+def test_the_plain_torch_encoder_matches_transformers():
+    """``sentence_embeddings`` runs BERT without transformers; the same texts through ``AutoModel`` agree."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from tasks import drift
+
+    texts = ["what is my balance", "can you book a table for two at 7 tonight at the italian place downtown",
+             "hi", "Transfer $40 from checking to savings, please!"]
+    path = drift._base_model_path()
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    features = tokenizer(texts, padding=True, truncation=True, max_length=drift.EMBEDDING_MAX_LENGTH,
+                         return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**features).last_hidden_state
+    mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    drift._embedded.clear()
+
+    np.testing.assert_allclose(drift.sentence_embeddings(texts), expected, atol=1e-5)
