@@ -142,3 +142,16 @@ def cost_report(model_names: list[str] | None, experiment_id: str, store, cpu_us
             mlflow.log_text(markdown(reports), "report.md")
             log_json(reports, "report.json")
     return reports
+
+
+def cascade_figures(model_name: str, version: int) -> dict:
+    """A version's cascade as its gate measured it: what ``refit demo --json`` adds (None without a cascade)."""
+    from registry import versions
+    from serving.cascade import FALLBACK_TAG, VERDICT_TAG
+
+    tags = versions.version_tags(model_name, version)
+    return {"cascade_served": tags.get(VERDICT_TAG) == "passed" and not tags.get(FALLBACK_TAG),
+            "cascade_verdict": tags.get("refit.cascade_reasons"),
+            "cascade_cost_ratio": _float(tags, "refit.cascade_cost_ratio"),
+            "cascade_accuracy_ratio": _float(tags, "refit.cascade_accuracy_ratio"),
+            "student_share": _float(tags, "refit.cascade_student_share")}

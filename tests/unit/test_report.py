@@ -70,3 +70,13 @@ def test_a_cascade_that_fell_back_is_priced_as_the_champion_alone(ledger):
     [page] = cost_report([MODEL], experiment_id, store, 0.048, 1.0, log=False)
     assert page["cascade"].startswith("fell back")
     assert page["serving_cost_per_1k_usd"] == pytest.approx(10.0 / 3600 * 0.048, rel=1e-3)
+
+
+def test_cascade_figures_for_the_demo(ledger):
+    from refit.report import cascade_figures
+
+    _, _, version = ledger
+    figures = cascade_figures(MODEL, version)
+    assert figures["cascade_served"] and figures["student_share"] == 0.7
+    assert figures["cascade_cost_ratio"] is None  # not tagged in this ledger: None, not an error
+    assert cascade_figures(MODEL, 1)["cascade_served"] is False  # v1 never had a cascade
