@@ -30,6 +30,7 @@ from refit import modeling
 from refit.demo_report import ShiftOutcome, summarize
 from refit.errors import RefitError
 from refit.evalsets import read_golden
+from refit.report import cascade_figures
 from refit.requestlog import delete_model_data
 from refit.secrets import mask_uri
 from refit.scenario import build, load_scenario, load_source, poison
@@ -121,6 +122,7 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
                         golden_before=ends["golden_before"], golden_after=ends["golden_after"],
                         external_final=ends["external_final"], tracking_uri=mask_uri(ctx.settings.tracking_uri),
                         store_uri=ctx.store.uri(), stage_seconds=stages.seconds)
+    summary |= cascade_figures(name, champion_after)  # the final champion's cheap tier, as its gate measured it
     get_run_logger().info("demo summary: %s", summary)
     return summary
 

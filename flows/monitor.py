@@ -18,9 +18,11 @@ from flows.common import open_context, parse_time, settings_for, user_error
 from refit import requestlog
 from refit.errors import RefitError, WindowTooSmall
 from refit.policy import file_hash
+from refit.report import markdown as cost_markdown, model_report
 from registry import versions
 from registry.tracking import (RUN_TYPE, flat_params, last_checked_window_end, log_json, log_policy,
                                update_triggers)
+from serving.cascade import student_share
 from tasks.deploy import read_reference
 from tasks.drift import check_drift, decide_action, load_drift_policy
 from tasks.finetune import load_update_policy
@@ -87,11 +89,13 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
             "action": action, "action_reason": why, "window_uri": uri, "champion_version": champion, "labelled_rows": labelled,
             "rows_in": validated.rows_in, "rows_quarantined": validated.rows_quarantined,
             "quarantine_reasons": validated.reasons, "drift_run_id": run.info.run_id,
+            "student_share": student_share(validated.kept),  # the cascade's cheap tier: a falling share is drift too
         }
         metrics = {f"signal_{n}": s.value for n, s in result.signals.items()}
         metrics |= {"rows_in": validated.rows_in, "rows_kept": len(validated.kept),
                     "rows_quarantined": validated.rows_quarantined, "drift_detected": float(result.drift_detected),
-                    "labelled_rows": labelled}
+                    "labelled_rows": labelled} | ({"student_share": verdict["student_share"]}
+                                                  if verdict["student_share"] is not None else {})
         mlflow.log_metrics(metrics)
         mlflow.log_text(result.report_html, "drift_report.html")
         log_json(verdict, "verdict.json")
@@ -101,6 +105,9 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
                          "refit.action": UNSENT if action == "update" else action})
     create_markdown_artifact(_markdown(name, verdict, result), key="drift-verdict",
                              description=f"{name} drift check: {action}")
+    create_markdown_artifact(cost_markdown([model_report(name, ctx.experiment_id, ctx.store, ctx.settings.cpu_usd_per_hour,
+                                                         ctx.settings.monthly_budget_usd)]), key="cost-report",
+                             description=f"{name}: cost on one page (refit report)")
     if action == "update":
         payload = {"model_name": name, "window_start": start.isoformat(), "window_end": end.isoformat(),
                    "window_uri": uri, "severity": result.severity, "model_version": champion,
