@@ -463,25 +463,42 @@ def sentence_embeddings(texts: list[str] | tuple[str, ...]) -> np.ndarray:
         tokenizer, weights, config = _base_encoder()
         input_ids = [encoding.ids for encoding in tokenizer.encode_batch(todo)]
         order = np.argsort([len(ids) for ids in input_ids], kind="stable")
-        with torch.inference_mode():
-            for start in range(0, len(order), EMBEDDING_BATCH):
-                batch = order[start:start + EMBEDDING_BATCH]
-                longest = max(len(input_ids[i]) for i in batch)
-                ids = torch.zeros((len(batch), longest), dtype=torch.long)
-                mask = torch.zeros((len(batch), longest), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, :len(input_ids[i])] = torch.tensor(input_ids[i])
-                    mask[row, :len(input_ids[i])] = 1
-                hidden = _bert_forward(weights, config, ids, mask)
-                kept = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * kept).sum(1) / kept.sum(1).clamp(min=1)
-                fresh.update(zip((todo[i] for i in batch), torch.nn.functional.normalize(pooled, dim=-1).numpy()))
+        # Batches of short texts are too small to split across threads: on a busy 2-core machine two threads
+        # embedded 600 CLINC150 texts in 8-10 s, one in 2.7-4 s.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fresh = _embed(todo, input_ids, order, weights, config)
+        finally:
+            torch.set_num_threads(threads)
     out = np.stack([fresh[t] if t in fresh else _embedded[t] for t in texts]) if texts else np.zeros((0, 384))
     if len(_embedded) + len(fresh) > EMBEDDING_CACHE_ROWS:
         _embedded.clear()
     if len(fresh) <= EMBEDDING_CACHE_ROWS:
         _embedded.update(fresh)
     return out.astype(np.float32)
+
+
+def _embed(texts: list[str], input_ids: list[list[int]], order: np.ndarray, weights: dict,
+           config: dict) -> dict[str, np.ndarray]:
+    """Each text's mean-pooled, normalised vector; ``order`` batches texts of similar length together."""
+    import torch
+
+    fresh: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for start in range(0, len(order), EMBEDDING_BATCH):
+            batch = order[start:start + EMBEDDING_BATCH]
+            longest = max(len(input_ids[i]) for i in batch)
+            ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, :len(input_ids[i])] = torch.tensor(input_ids[i])
+                mask[row, :len(input_ids[i])] = 1
+            hidden = _bert_forward(weights, config, ids, mask)
+            kept = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * kept).sum(1) / kept.sum(1).clamp(min=1)
+            fresh.update(zip((texts[i] for i in batch), torch.nn.functional.normalize(pooled, dim=-1).numpy()))
+    return fresh
 
 
 def _top_k_mean(similarity: np.ndarray, k: int) -> np.ndarray:
