@@ -207,3 +207,64 @@ def test_student_share_of_a_request_log_window():
     assert student_share(pd.DataFrame({"text": ["a"]})) is None  # written before the cascade existed
     window = pd.DataFrame({"served_by": [STUDENT, STUDENT, CHAMPION, None]})
     assert student_share(window) == pytest.approx(2 / 3)
+
+
+def test_served_by_stays_with_its_text_when_concurrent_requests_share_a_pass():
+    import asyncio
+
+    from serving.engine import Engine
+    from serving.guards import LiveStats
+    from serving.rollout import Slot
+
+    champion = KeywordChampion()
+    train = [t for label in LABELS for t in texts_of(label, 40)]
+    student = fit_student(train, champion.probabilities(train), LABELS, c=20.0)
+    sure = texts_of("weather", 3, seed=5)
+    unsure = ["qq zz 1", "qq zz 2"]
+    threshold = float(student.predict(sure)[1].min())
+    assert student.predict(unsure)[1].max() < threshold
+    slot = Slot(CascadeModel(champion, student, threshold), LiveStats(0.048))
+    passes: list[int] = []
+
+    async def run():
+        engine = Engine(batch_size=32, on_pass=lambda s, n, cpu: passes.append(n), max_wait=0.2)
+        engine.start()
+        answers = await asyncio.gather(engine.predict(slot, [sure[0], unsure[0]]),
+                                       engine.predict(slot, [unsure[1], sure[1], sure[2]]))
+        await engine.stop()
+        return answers
+
+    first, second = asyncio.run(run())
+    assert passes == [5]  # one forward pass for both requests
+    assert first[2] == [STUDENT, CHAMPION] and second[2] == [CHAMPION, STUDENT, STUDENT]
+    assert first[0][0] == "weather" and len(first[1]) == 2 and len(second[0]) == 3
+
+
+def test_a_cascade_that_cannot_be_built_is_refused_with_its_reason_and_never_raises(tmp_path, monkeypatch):
+    import mlflow
+
+    import tasks.evaluate
+    from refit.cost import Rates
+    from refit.settings import Settings
+    from registry import versions
+    from registry.tracking import configure
+    from serving.cascade import VERDICT_TAG
+    from tasks.cascade import build_cascade
+
+    monkeypatch.setenv("REFIT_HOME", str(tmp_path / "home"))
+    experiment_id = configure(Settings())
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        pass
+    version = versions.register("m", run.info.run_id, {})
+
+    def broken(adapter_dirs, runtime=None):
+        raise RuntimeError("export broke")
+
+    monkeypatch.setattr(tasks.evaluate, "served", broken)
+    golden = pd.DataFrame({"text": ["a"], "label": ["balance"]})
+    result = build_cascade("m", version, tmp_path, pd.DataFrame({"text": ["x"]}), [], {"golden": golden},
+                           Rates(0.048, 2.5), experiment_id)
+    assert not result["passed"]
+    assert "could not be built (RuntimeError: export broke)" in result["verdict"]
+    tags = versions.version_tags("m", version)
+    assert tags[VERDICT_TAG] == "refused" and "export broke" in tags["refit.cascade_reasons"]
