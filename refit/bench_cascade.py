@@ -22,6 +22,7 @@ and threshold), so the figures say how far it was from passing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 
@@ -86,11 +87,13 @@ def measure(champion, cascade, frame: pd.DataFrame, min_slice_rows: int) -> dict
     }
 
 
-def run_benchmark(scenario: str = SCENARIO, progress: Progress = lambda what: None, bootstrap=None) -> dict:
+def run_benchmark(scenario: str = SCENARIO, progress: Progress = lambda what: None, bootstrap=None,
+                  http_seconds: float = 10.0) -> dict:
     """Bootstrap (which builds and gates the cascade as the flow does), then measure both ways of serving.
 
     ``bootstrap``: runs the bootstrap flow and returns its result (the CLI
     passes one that runs it in-process on its temporary Prefect API).
+    ``http_seconds``: length of each HTTP load round (0 skips the HTTP comparison).
     """
     import torch
 
@@ -125,6 +128,8 @@ def run_benchmark(scenario: str = SCENARIO, progress: Progress = lambda what: No
         "cost_ratio": result["cost_ratio"] <= TARGETS["cost_ratio_max"],
         "accuracy_ratio": result["accuracy_ratio"] >= TARGETS["accuracy_ratio_min"],
         "worst_slice_loss": result["worst_slice_loss"] <= TARGETS["worst_slice_loss_max"]}
+    if http_seconds > 0:
+        result["http"] = http_comparison(settings, version, frame["text"].tolist(), http_seconds, progress=progress)
     return result
 
 
@@ -141,11 +146,75 @@ def table(result: dict):
                 f"{cascade['p95_ms']:.1f}", f"{cascade['student_share']:.3f}")
     out.add_row("ratio / loss", f"{result['accuracy_ratio']:.4f}", f"{result['cost_ratio']:.3f}", "",
                 f"worst slice {result['worst_slice']}: {result['worst_slice_loss']:+.4f}")
+    for mode, figures in result.get("http", {}).items():
+        out.add_row(f"HTTP {mode} ({figures['runtime']})", "", "", "",
+                    f"{figures['http_texts_per_s']:.0f} texts/s ({figures['vs_pipeline']:.2f}x pipeline)")
     return out
 
 
 def summary(result: dict) -> dict:
     """The JSON line: the issue's keys first, then the detail."""
-    keys = ("champion", "cascade", "worst_slice_loss", "cost_ratio", "accuracy_ratio", "targets_met")
-    return {k: result[k] for k in keys} | {k: v for k, v in result.items() if k not in keys}
+    keys = ("champion", "cascade", "worst_slice_loss", "cost_ratio", "accuracy_ratio", "targets_met", "http")
+    return {k: result[k] for k in keys if k in result} | {k: v for k, v in result.items() if k not in keys}
 
+
+
+def http_comparison(settings, version: int, texts: list[str], seconds: float = 10.0, rounds: int = 2,
+                    concurrency: int = 8, progress: Progress = lambda what: None) -> dict:
+    """Texts per second through ``refit serve`` over HTTP, with the cascade and with the champion alone,
+    each against ``transformers.pipeline`` on the champion (``serving.loadtest.compare_throughput``).
+
+    The champion-alone server is the same version with its cascade verdict
+    set aside for the run (tag restored after): a server loads a cascade only
+    when the verdict says ``passed``.
+    """
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+
+    from registry import versions
+    from serving.app import inference_threads
+    from serving.cascade import VERDICT_TAG
+    from serving.loadtest import _free_port, _wait_ready, compare_throughput
+
+    name = settings.model_name
+    adapter_dir = versions.download_adapter(name, version)
+    verdict = versions.version_tags(name, version).get(VERDICT_TAG, "")
+    out = {}
+    try:
+        for mode in ("cascade", "champion"):
+            if mode == "champion":
+                versions.set_tags(name, version, {VERDICT_TAG: f"set aside by refit bench cascade ({verdict})"})
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            env = os.environ | {"REFIT_SERVE_PORT": str(port), "REFIT_SERVE_URL": url, "REFIT_SERVE_POLL_SECONDS": "0",
+                                "REFIT_SERVE_ADMIN_TOKEN": secrets.token_hex(16)}
+            log_file = open(Path(tempfile.mkdtemp(prefix="refit-bench-cascade-")) / "serve.log", "w+")
+            proc = subprocess.Popen([sys.executable, "-m", "refit.cli", "serve", "--port", str(port)], env=env,
+                                    stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                _wait_ready(url, proc)
+                runtime = httpx.get(url + "/rollout", timeout=10).json()["runtimes"].get(str(version))
+                progress(f"HTTP: {mode} ({runtime}) against transformers.pipeline, {rounds} rounds of {seconds:.0f} s")
+                figures, _ = compare_throughput(url, adapter_dir, texts, settings.serve_batch_size,
+                                                inference_threads(settings), concurrency, (1, 8), rounds=rounds,
+                                                seconds=seconds, pipeline_texts=500, runtime=settings.serve_runtime)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            out[mode] = {"runtime": runtime, "http_texts_per_s": figures["server_http_texts_per_s"],
+                         "pipeline_texts_per_s": max(v for k, v in figures.items()
+                                                     if k.startswith("pipeline_") and k.endswith("_texts_per_s")),
+                         "vs_pipeline": figures["server_http_vs_best_pipeline"]}
+    finally:
+        if verdict:
+            versions.set_tags(name, version, {VERDICT_TAG: verdict})
+    return out

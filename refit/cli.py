@@ -466,7 +466,10 @@ def bench_update_cost(as_json: JsonOption = False,
 def bench_cascade(as_json: JsonOption = False,
                   scenario: Annotated[str, typer.Option(help="Scenario name or YAML path.")] = "clinc-shift",
                   home: Annotated[Optional[Path], typer.Option(
-                      help="REFIT_HOME of the run (default: a new temporary directory, kept).")] = None) -> None:
+                      help="REFIT_HOME of the run (default: a new temporary directory, kept).")] = None,
+                  http_seconds: Annotated[float, typer.Option(
+                      min=0, help="Seconds per HTTP load round through refit serve, cascade and champion alone, each "
+                                  "against transformers.pipeline (0 skips).")] = 10.0) -> None:
     """Champion alone against its cascade (student + champion), side by side on the same held-out texts.
 
     Bootstraps the scenario in its own REFIT_HOME (the flow builds and gates the cascade), then measures both as
@@ -485,7 +488,8 @@ def bench_cascade(as_json: JsonOption = False,
             err.print(f"[dim]{what}[/]")
             status.update(what)
 
-        result = run_benchmark(scenario, progress, bootstrap=lambda name: _run_flow(flow_fn, scenario=name))
+        result = run_benchmark(scenario, progress, bootstrap=lambda name: _run_flow(flow_fn, scenario=name),
+                               http_seconds=http_seconds)
     Console().print(table(result))
     if as_json:
         print(json.dumps(summary(result), default=str))
