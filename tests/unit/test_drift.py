@@ -365,7 +365,7 @@ def test_embedding_novelty_sees_new_intents_inside_known_domains(clinc, policy):
     text_quiet, text_shifted = quiet.signals["text"], shifted.signals["text"]
     assert text_quiet.method == "embedding_novelty"
     assert not text_quiet.drifted and abs(text_quiet.value) < policy.text.threshold, text_quiet
-    assert text_shifted.drifted and text_shifted.value > 2 * policy.text.threshold, text_shifted
+    assert text_shifted.drifted and text_shifted.value > text_quiet.value + 0.04, (text_quiet, text_shifted)
     assert text_shifted.details["current_similarity"] < text_shifted.details["reference_similarity"]
     assert (quiet.severity, shifted.severity) == ("none", "low")
 
