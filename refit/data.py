@@ -137,6 +137,29 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int | np.random.Generat
     return frame.iloc[np.sort(np.concatenate(picked))] if picked else frame.iloc[0:0]
 
 
+def per_label_sample(frame: pd.DataFrame, n: int, seed: int, column: str = "label") -> pd.DataFrame:
+    """Exactly ``min(n, len(frame))`` rows, as even across ``column`` values as their counts allow.
+
+    Each value gets the same share; a value with fewer rows gives what it
+    lacks to the others (water-filling), so a label learned from a handful of
+    rows is replayed as often as one that has thousands.
+    """
+    if len(frame) <= n:
+        return frame
+    rng = np.random.default_rng(seed)
+    groups = sorted(frame.groupby(column, sort=True).indices.items(), key=lambda item: len(item[1]))
+    take, left = {}, n
+    for i, (value, idx) in enumerate(groups):
+        share = left // (len(groups) - i)
+        take[value] = min(len(idx), share)
+        left -= take[value]
+    extra = [value for value, idx in reversed(groups) if len(idx) > take[value]]
+    for value in extra[:left]:  # the remainder, one each to the largest groups
+        take[value] += 1
+    picked = [rng.choice(idx, take[value], replace=False) for value, idx in groups if take[value]]
+    return frame.iloc[np.sort(np.concatenate(picked))]
+
+
 def fingerprint(frame: pd.DataFrame, columns: list[str] | None = None) -> str:
     """Content hash of a frame's rows (order-independent): lineage for data."""
     columns = columns or [c for c in ("text", "label") if c in frame.columns]

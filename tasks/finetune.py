@@ -20,7 +20,7 @@ from pydantic import Field
 
 from refit import modeling
 from refit.cost import Meter, Rates, TrainingCost
-from refit.data import stratified_sample, text_hash, text_hashes
+from refit.data import per_label_sample, stratified_sample, text_hash, text_hashes
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
 
@@ -79,6 +79,8 @@ class UpdatePolicy(StrictModel):
     new_label_replay_ratio: float = Field(
         ge=0, description="Replay rows per new row in an update that grows the head: the old labels' regions "
                           "need more defending when new classes compete for them.")
+    # An update that grows the head also replays every label alike (refit.data.per_label_sample), not in
+    # proportion to the pool: labels learned in earlier shifts have few rows there and were being forgotten.
     new_label_distill_weight: float = Field(
         ge=0, le=1, description="In an update that grows the head, the least weight of the champion's own soft "
                                 "outputs on replay rows (warm rungs).")
@@ -113,7 +115,7 @@ class TrainingSet:
 
 
 def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str], replay_ratio: float,
-             seed: int) -> TrainingSet:
+             seed: int, per_label: bool = False) -> TrainingSet:
     """New labelled rows plus a label-stratified replay sample, deduplicated and leak-free.
 
     Any row whose text is in an evaluation set is dropped (leakage guard by
@@ -132,7 +134,8 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
 
     pool = replay_pool[["text", "label"]]
     pool = pool[~pool["text"].str.strip().str.lower().isin(set(key)) & ~pool["text"].map(text_hash).isin(eval_texts)]
-    replay = stratified_sample(pool, min(len(pool), round(len(clean) * replay_ratio)), seed)
+    size = min(len(pool), round(len(clean) * replay_ratio))
+    replay = per_label_sample(pool, size, seed) if per_label else stratified_sample(pool, size, seed)
     frame = pd.concat([clean.assign(origin="new"), replay.assign(origin="replay")], ignore_index=True)
     dataset = Dataset.from_pandas(frame, preserve_index=False)
     return TrainingSet(frame, len(clean), len(replay), duplicates, int(leaked.sum()), dataset._fingerprint)
@@ -184,7 +187,7 @@ def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, 
     sets = {"fresh": fresh, "golden": golden}
     eval_texts = text_hashes(pd.concat([fresh["text"], golden["text"]]))
     replay_ratio = policy.new_label_replay_ratio if learned else policy.replay_ratio
-    training = assemble(train_rows, pool, eval_texts, replay_ratio, seed)
+    training = assemble(train_rows, pool, eval_texts, replay_ratio, seed, per_label=bool(learned))
     return UpdateData(training, sets, eval_texts, list(known_labels) + [l for l in learned if l not in known_labels],
                       list(learned))
 

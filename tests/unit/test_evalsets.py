@@ -93,3 +93,16 @@ def test_golden_grows_capped_per_label_oldest_first(tmp_path):
     assert (a.loc[a["text"].str.startswith("new"), "added"] == 2).all()
     assert a["group"].eq("banking").all()  # a fresh row takes its label's group in the suite
     assert out.loc[out["label"] == "z", "group"].tolist() == ["ungrouped"]
+
+
+def test_per_label_replay_gives_small_labels_their_share():
+    from refit.data import per_label_sample
+
+    pool = pd.concat([pd.DataFrame({"text": [f"{label} {i}" for i in range(n)], "label": label})
+                      for label, n in (("old", 1000), ("older", 800), ("new_a", 6), ("new_b", 20))])
+    picked = per_label_sample(pool, 100, seed=0)
+    counts = picked["label"].value_counts().to_dict()
+    assert len(picked) == 100 and counts["new_a"] == 6  # all it has
+    assert counts["new_b"] == 20 and abs(counts["old"] - counts["older"]) <= 1  # the rest shared evenly
+    assert per_label_sample(pool, 100, seed=0).equals(picked)
+    assert len(per_label_sample(pool, 5000, seed=0)) == len(pool)
