@@ -60,8 +60,12 @@ def test_mlflow_keeps_every_run_report_and_version(demo_home):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("refit")
     runs = client.search_runs([experiment.experiment_id])
-    kinds = sorted(r.data.tags["refit.run_type"] for r in runs if r.data.tags["refit.run_type"] != "update-attempt")
+    kinds = sorted(r.data.tags["refit.run_type"] for r in runs
+                   if r.data.tags["refit.run_type"] not in ("update-attempt", "cascade", "report"))
     assert kinds == ["bootstrap", "drift-check", "drift-check", "update", "update"]
+    # Every version that became champion had its cheap tier built and gated (v1 at bootstrap, v2 at promotion).
+    cascades = [r for r in runs if r.data.tags["refit.run_type"] == "cascade"]
+    assert sorted(r.data.tags["refit.version"] for r in cascades) == ["1", "2"]
     # Every ladder attempt is a nested run of its update, with its own gate verdict and adapter.
     updates = {r.info.run_id: r for r in runs if r.data.tags["refit.run_type"] == "update"}
     attempts = [r for r in runs if r.data.tags["refit.run_type"] == "update-attempt"]
