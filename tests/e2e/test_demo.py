@@ -276,7 +276,7 @@ def test_a_second_model_runs_its_own_loop_beside_the_first(demo_home):
     assert proc.returncode == 0, proc.stderr[-4000:]
     second = last_json(proc.stdout)
     assert second["champion_after"] == 2 and not second["poisoned_hotfix_promoted"]  # its own version numbers
-    assert client.get_model_version_by_alias("second-model", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("second-model", "champion").version) == "2"
     assert first_state() == before
     assert (home / "store" / "inference" / "model=second-model").is_dir()
     updates = client.search_runs([experiment.experiment_id], "tags.`refit.model` = 'second-model' and "
