@@ -53,7 +53,7 @@ def test_deploy_all_registers_every_deployment_as_designed(stack, deployed):
     assert automation["trigger"]["expect"] == ["refit.drift.detected"]
     (action,) = automation["actions"]
     assert action["deployment_id"] == deployments["update"]["id"]
-    assert set(action["parameters"]) == {"window_start", "window_end", "drift_run_id"}
+    assert set(action["parameters"]) == {"model_name", "window_start", "window_end", "drift_run_id"}  # the event's model
     # The pool is a process pool, made by the worker `refit stack up` started.
     assert stack.call("/work_pools/refit", method="GET")["type"] == "process"
 
