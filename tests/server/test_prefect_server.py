@@ -63,8 +63,8 @@ def test_schedule_fires_monitor_whose_event_starts_update_which_promotes(stack, 
     check, update_run = path["drift_check"], path["update_run"]
     assert check.data.tags["refit.severity"] in ("low", "high")
     assert update_run["state_type"] == "COMPLETED", stack.run_logs(update_run["id"])
-    # The trigger handed the drifted window and the drift run to the update, as prefect.yaml maps them.
-    assert update_run["parameters"] == {"window_start": check.data.tags["refit.window_start"],
+    # The trigger handed the event's model, the drifted window and the drift run to the update (prefect.yaml).
+    assert update_run["parameters"] == {"model_name": MODEL, "window_start": check.data.tags["refit.window_start"],
                                         "window_end": check.data.tags["refit.window_end"],
                                         "drift_run_id": check.info.run_id}
     client = stack.mlflow()
