@@ -39,8 +39,9 @@ def test_the_hotfix_reader_applies_the_setting(tmp_path):
     settings = Settings(home=tmp_path / "home", label_sources=str(tmp_path / "inbox"))
     with pytest.raises(RefitError, match="outside REFIT_LABEL_SOURCES"):
         read_labelled_file(str(outside), settings)
-    # Before, a hotfix run could read any file the worker could.
-    assert len(read_labelled_file(str(outside), Settings(home=tmp_path / "home"))) == 1
+    # Before, a hotfix run could read any file the worker could; inside the sources it still reads.
+    assert len(read_labelled_file(str(outside), Settings(home=tmp_path / "home", label_sources=str(tmp_path)))) == 1
+    assert Settings(home=tmp_path / "home").allowed_label_sources(on_server=False) is None  # unset, no server
     # On a Prefect server the default is the inbox under REFIT_HOME and the store's inbox/.
     assert Settings(home=tmp_path / "home").allowed_label_sources(on_server=True) == [
         str((tmp_path / "home").resolve() / "inbox"), str((tmp_path / "home").resolve() / "store" / "inbox")]
