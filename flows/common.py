@@ -15,6 +15,7 @@ from refit.cost import Rates
 from refit.errors import RefitError
 from refit.settings import Settings
 from refit.store import ObjectStore, open_store
+from tasks.ingest import on_prefect_server  # noqa: F401  (flows import it from here)
 from registry.tracking import configure
 
 
@@ -117,13 +118,6 @@ def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
             f"another update has held the concurrency limit {name} for over {timeout_seconds / 60:.0f} min; "
             f"if none is running (a server restart forgets leases), free it: "
             f"prefect gcl update {name} --active-slots 0") from None
-
-
-def on_prefect_server() -> bool:
-    """Whether flows talk to a Prefect server (``PREFECT_API_URL``), not a temporary API of their own."""
-    from prefect.settings import get_current_settings
-
-    return bool(get_current_settings().api.url)
 
 
 def user_error(exc: RefitError) -> State:

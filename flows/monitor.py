@@ -78,7 +78,7 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
         current = validated.kept
         if drift_policy.performance.enabled and "request_id" in current.columns:
             # delayed labels, where they have arrived, for the performance signal
-            labels = requestlog.read_labels(ctx.store, name)[["request_id", "label"]]
+            labels = requestlog.read_labels(ctx.store, name, since=start.date())[["request_id", "label"]]
             current = current.merge(labels.drop_duplicates("request_id", keep="last"), on="request_id", how="left")
         result = check_drift(reference, current, drift_policy)
         labelled = len(labelled_window(ctx.store, name, start, end)) if result.drift_detected else 0

@@ -102,7 +102,12 @@ def import_labels(store: ObjectStore, model_name: str, rows: pd.DataFrame, *, so
     mark(~has_id & ~has_text, "neither request_id nor text")
     ids = frame["request_id"].where(has_id).astype(object).map(lambda v: None if _blank(v) else str(v).strip())
     if has_id.any():
-        served = (known_ids if known_ids is not None else served_ids(store, model_name)) | set(map(str, buffered_ids))
+        buffered = set(map(str, buffered_ids))
+        # The request log is read only for ids the caller's buffer does not hold (a /feedback call for requests
+        # the server just answered reads nothing).
+        looked_up = set(ids[has_id].dropna()) - buffered
+        served = buffered | (known_ids if known_ids is not None else
+                             served_ids(store, model_name) if looked_up else set())
         mark(has_id & ~ids.isin(served), "unknown request_id (not in the request log)")
         mark(has_id & ids.duplicated(keep="first"), "duplicate request_id in this batch")
         mark(has_id & ids.isin(labelled_ids(store, model_name)), "request_id already labelled")

@@ -202,7 +202,7 @@ def read_labelled_file(path: str, settings=None) -> pd.DataFrame:
     from refit.settings import Settings
 
     settings = settings or Settings()
-    check_source(path, settings.allowed_label_sources(on_server=_on_prefect_server()))
+    check_source(path, settings.allowed_label_sources(on_server=on_prefect_server()))
     with fetched_labelled_file(path, settings) as local:
         frame = load_table(local)[["text", "label"]]
     if frame.empty:
@@ -214,7 +214,8 @@ def read_labelled_file(path: str, settings=None) -> pd.DataFrame:
     return frame.assign(label=frame["label"].astype(str))
 
 
-def _on_prefect_server() -> bool:
+def on_prefect_server() -> bool:
+    """Whether flows talk to a Prefect server (``PREFECT_API_URL``), not a temporary API of their own."""
     from prefect.settings import get_current_settings
 
     return bool(get_current_settings().api.url)
