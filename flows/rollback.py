@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from flows.common import open_context, settings_for, user_error
+from refit import faults
 from refit.errors import RefitError
 from registry.rollout import roll_back
 from tasks.deploy import notify_server
@@ -20,6 +21,7 @@ def rollback(reason: str = "manual rollback", model_name: str | None = None) -> 
                            source="manual")
     except RefitError as exc:
         return user_error(exc)
+    faults.point("rollback.recorded")
     server = notify_server(ctx.settings)
     get_run_logger().info(f"rolled back {ctx.model_name}: champion v{result['rolled_back']} -> "
                           f"v{result['champion']} ({reason}); server: {server}")

@@ -25,7 +25,7 @@ from prefect.logging import get_run_logger
 from prefect.transactions import transaction
 
 from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, settings_for, user_error
-from refit import modeling
+from refit import faults, modeling
 from refit.data import fingerprint
 from refit.evalsets import read_golden
 from refit.errors import RefitError
@@ -76,6 +76,7 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
         warm = start_dir if recipe.start == "warm" else None
         trained = fine_tune(frame, recipe, ctx.rates, labels=data.labels, warm_start=warm, seed=ctx.settings.seed,
                             base=modeling.base_of(champion_dir))
+        faults.point("update.after_train")
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates)
         verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd, tuple(data.learned))
@@ -279,6 +280,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 attempts=len(attempts), source=source, training=training, data=data, golden=golden,
                 drift_run_id=drift_run_id, rules_path=rules_path, verdict=verdict, cost_usd=total_cost,
                 cpu_seconds=total_cpu, after=after, adapter_dir=trained.adapter_dir))
+            faults.point("update.after_register")
             if verdict.passed:
                 model = modeling.load_model(trained.adapter_dir)
                 reference_uri = write_reference(ctx.store, name, version, model, tokenizer,
@@ -289,7 +291,9 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,
                         ctx.experiment_id)
                 with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}") as lease:
+                    faults.point("update.before_promote")
                     promote(name, version, champion, lease=lease)
+                    faults.point("update.after_promote")
                     grown_to = grow_golden(ctx.store, name, golden, data.fresh, policy.golden_max_per_label)
                 versions.set_tags(name, version, grown_to.tags("refit.golden_after"))
         result = {

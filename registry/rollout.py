@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from refit import faults
 from refit.errors import RefitError
 from registry import versions
 from registry.tracking import RUN_TYPE
@@ -56,6 +57,7 @@ def _move_aliases_back(model_name: str, bad_version: int | None, restore_to: int
     The champion moves first: a crash before ``previous`` is cleared leaves
     ``previous`` naming the champion itself, which a second rollback refuses.
     """
+    faults.point("rollback.locked")
     current = versions.alias_version(model_name, versions.CHAMPION)
     target = versions.alias_version(model_name, versions.PREVIOUS)
     if bad_version is not None and restore_to is not None and current == restore_to != bad_version:
@@ -69,11 +71,13 @@ def _move_aliases_back(model_name: str, bad_version: int | None, restore_to: int
     if lease is not None:
         lease.fence(model_name)
     versions.set_alias(model_name, versions.CHAMPION, target)
+    faults.point("rollback.champion_moved")
     try:
         MlflowClient().delete_registered_model_alias(model_name, versions.PREVIOUS)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
+    faults.point("rollback.aliases_moved")
     return bad_version, target
 
 
@@ -93,6 +97,7 @@ def _record(model_name: str, bad_version: int, target: int, reason: str, experim
         RUN_TYPE: "rollback", "refit.model": model_name, "refit.rolled_back_version": str(bad_version),
         "refit.restored_version": str(target), "refit.reason": reason[:5000], "refit.rolled_back_by": source})
     run_id = run.info.run_id
+    faults.point("rollback.run_created")
     status = "FAILED"
     try:
         if guard_html:

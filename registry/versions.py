@@ -22,6 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from refit import faults
 from refit.errors import RefitError
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
@@ -244,6 +245,7 @@ def promotion_lock(store, model_name: str, holder: str, ttl_seconds: float = LEA
     _, tag = store.get_versioned(key)
     number = _claim_fence(store, model_name, token)
     held = Lease(store, key, token, number, tag, body)
+    faults.point("lock.acquired")
     stop = threading.Event()
     renewer = threading.Thread(target=_keep_renewed, args=(held, ttl_seconds / 3, stop), daemon=True,
                                name=f"lease-{model_name}")

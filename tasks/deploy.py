@@ -18,7 +18,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from refit import modeling
+from refit import faults, modeling
 from refit.settings import Settings
 from refit.store import ObjectStore
 from registry import versions
@@ -46,6 +46,7 @@ def write_reference(store: ObjectStore, model_name: str, version: int, model, to
                              "predicted_label": predicted, "confidence": confidence.astype(float)})
     prefix = reference_prefix(model_name, version)
     store.put_parquet(prefix + "pool.parquet", pool[["text", "label"]].reset_index(drop=True))
+    faults.point("update.reference_write")
     store.put_parquet(prefix + "sample.parquet", snapshot)
     return store.uri(prefix)
 
@@ -124,6 +125,7 @@ def promote(model_name: str, version: int, expected_champion: int | None,
             lease: versions.Lease | None = None) -> int | None:
     """Move ``champion`` to ``version`` (guarded, and fenced by the promotion lock's ``lease``); returns the old one."""
     previous = versions.promote(model_name, version, expected_champion, lease=lease)
+    faults.point("update.promote")
     versions.set_tags(model_name, version, {"refit.deployed": "champion"})
     _log(f"{model_name} v{version} is champion; server: {notify_server()}")
     return previous
