@@ -211,12 +211,15 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
 
 
 def _drift_files(reference_path: Path, current_path: Path, policy_name: str, text_column: str,
-                 optional_columns: dict[str, tuple[str, bool]]) -> dict:
+                 optional_columns: dict[str, tuple[str, bool]], embeddings_cache: bool = True) -> dict:
     """Read, validate and measure two files; the verdict as a JSON-ready dict.
 
     ``optional_columns`` maps refit's name (``predicted_label``, ``confidence``,
     ``label``) to the file's name and whether the user named it: a named
     column must be in both files, a default one is used when both have it.
+    With ``embeddings_cache`` the reference's embeddings are read from beside
+    it, and written there when missing, stale or short of what this check
+    embedded: the reference is the same check after check, the window is not.
     """
     from refit.data import read_table
 
@@ -256,8 +259,8 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
         frames[side][list(rename) + [c for c in checked_only if c in frames[side].columns]].rename(columns=rename)
         for side in ("reference", "current"))
 
-    # Only what a check needs: tasks.drift builds its Prefect task on first use, and Evidently is imported
-    # only for its HTML report, which this command does not write. Validation still imports Prefect.
+    # Only what a check needs: tasks.drift and tasks.validate build their Prefect tasks on first use, and
+    # Evidently is imported only for its HTML report, which this command does not write.
     from tasks.drift import load_drift_policy, measure_drift
     from tasks.validate import split_bad_inference_rows
 
@@ -272,7 +275,10 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
         raise RefitError(f"window rejected: {len(kept)} usable rows of {len(current)} in {current_path}, "
                          f"policy needs at least {policy.min_window_rows}"
                          + (f" ({len(bad)} quarantined: {_reasons(bad)})" if len(bad) else ""))
+    sidecar = _read_reference_embeddings(reference_path, reference_kept["text"]) if embeddings_cache else None
     result = measure_drift(reference_kept, kept, policy, report=False)
+    if sidecar is not None:
+        _write_reference_embeddings(reference_kept["text"], *sidecar)
     verdict = result.to_dict() | {
         "rows_checked": len(current),
         "rows_kept": len(kept),
@@ -289,6 +295,35 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
     if "label" in rename.values():
         verdict["labels"] = _label_summary(reference_kept, kept)
     return verdict
+
+
+def _read_reference_embeddings(reference_path: Path, texts) -> tuple[Path, bytes | None]:
+    """The reference's sidecar and its bytes, with its vectors made known to the encoder when they fit."""
+    from tasks.drift import embeddings_sidecar, reuse_reference_embeddings
+
+    path = embeddings_sidecar(reference_path)
+    payload = path.read_bytes() if path.is_file() else None
+    status = reuse_reference_embeddings(payload, texts)
+    if status != "read" and payload is not None:
+        err.print(f"reference embeddings in {path} are {status}: computing them again", markup=False, highlight=False)
+    return path, payload if status == "read" else None
+
+
+def _write_reference_embeddings(texts, path: Path, payload: bytes | None) -> None:
+    """Keep what this check embedded of the reference beside it, for the next check (written whole, then moved)."""
+    from tasks.drift import reference_embeddings_payload
+
+    fresh = reference_embeddings_payload(texts, payload)
+    if fresh is None:
+        return
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_bytes(fresh)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        err.print(f"reference embeddings not kept ({exc}): the next check embeds the reference again",
+                  markup=False, highlight=False)
 
 
 def _reasons(bad) -> dict[str, int]:
@@ -335,8 +370,14 @@ def drift(reference: Annotated[Path, typer.Argument(help="Reference table: .parq
               help="Confidence column (default: confidence, used when both files have it).")] = None,
           label_column: Annotated[Optional[str], typer.Option(
               help="True-label column, reported only (default: label, used when both files have it).")] = None,
-          policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift") -> None:
+          policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift",
+          embeddings_cache: Annotated[bool, typer.Option(
+              help="Keep the reference's embeddings beside it (REFERENCE.embeddings.npz) and reuse them while "
+                   "the reference's texts and the encoder are unchanged.")] = True) -> None:
     """Check a window against a reference, with no server: validate it, measure the drift signals, print the verdict.
+
+    The first check of a reference embeds it and keeps the vectors beside it;
+    later checks embed only the window.
 
     Example: refit drift reference.parquet window.csv --text-column utterance --json
     """
@@ -344,7 +385,7 @@ def drift(reference: Annotated[Path, typer.Argument(help="Reference table: .parq
         os.environ.setdefault(key, value)
     optional = {ours: (given or ours, given is not None) for ours, given in
                 (("predicted_label", prediction_column), ("confidence", confidence_column), ("label", label_column))}
-    verdict = _drift_files(reference, current, policy, text_column, optional)
+    verdict = _drift_files(reference, current, policy, text_column, optional, embeddings_cache)
     heading = (f"Drift check: {'DRIFT' if verdict['drift_detected'] else 'no drift'} "
                f"(severity {verdict['severity']})")
     (err if as_json else Console()).print(_signal_table(verdict, heading))

@@ -479,6 +479,114 @@ def sentence_embeddings(texts: list[str] | tuple[str, ...]) -> np.ndarray:
     return out.astype(np.float32)
 
 
+EMBEDDINGS_SUFFIX = ".embeddings.npz"
+EMBEDDING_SCHEME = "mean-pooled, L2-normalised, float32"
+
+
+def embeddings_sidecar(reference_path: Path) -> Path:
+    """Where a reference file's embeddings are kept: beside it, ``reference.parquet.embeddings.npz``."""
+    return reference_path.with_name(reference_path.name + EMBEDDINGS_SUFFIX)
+
+
+@cache
+def encoder_fingerprint() -> str:
+    """What a cached vector depends on besides its text: the base model's files, truncation and pooling.
+
+    The weights file is fingerprinted by its size, its header (every tensor's
+    name, shape and offset) and its first and last MiB rather than hashed
+    whole (0.16 s of a 5 s check): any retrained model changes those bytes.
+    """
+    import hashlib
+
+    path = _base_model_path()
+    digest = hashlib.sha256(f"{EMBEDDING_SCHEME}; max {EMBEDDING_MAX_LENGTH} tokens".encode())
+    for name in ("config.json", "tokenizer.json"):
+        digest.update((path / name).read_bytes())
+    weights = path / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("rb") as file:
+        header = int.from_bytes(file.read(8), "little")
+        digest.update(f"{size} {header}".encode())
+        digest.update(file.read(min(header, size)))
+        digest.update(file.read(1 << 20))
+        file.seek(max(0, size - (1 << 20)))
+        digest.update(file.read())
+    return digest.hexdigest()
+
+
+def texts_fingerprint(texts) -> str:
+    """The set of texts a reference holds, order and repeats aside."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in sorted(set(map(str, texts))):
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def reuse_reference_embeddings(payload: bytes | None, reference_texts) -> str:
+    """Make the vectors saved with a reference known to ``sentence_embeddings``, if they still fit it.
+
+    ``payload`` is what ``reference_embeddings_payload`` wrote (a file's or an
+    object's bytes, ``None`` when there is none). Vectors are used only when
+    they were made by this encoder for this reference's set of texts, so a
+    changed reference or model is embedded afresh, never mixed with old vectors.
+
+    Returns:
+        ``read``, ``missing``, ``stale`` (another encoder or reference) or
+        ``unreadable``.
+    """
+    import io
+    import json
+    import zipfile
+
+    if payload is None:
+        return "missing"
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as saved:
+            meta = json.loads(saved["meta"].tobytes().decode("utf-8"))
+            texts = json.loads(saved["texts"].tobytes().decode("utf-8"))
+            vectors = saved["vectors"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return "unreadable"
+    if (meta.get("encoder") != encoder_fingerprint() or meta.get("reference") != texts_fingerprint(reference_texts)
+            or vectors.ndim != 2 or len(vectors) != len(texts) or vectors.dtype != np.float32):
+        return "stale"
+    _embedded.update(zip(texts, vectors))
+    return "read"
+
+
+def reference_embeddings_payload(reference_texts, already: bytes | None = None) -> bytes | None:
+    """The vectors of those of a reference's texts this process embedded, to keep beside the reference.
+
+    A check embeds only the reference rows it samples, so these are what the
+    next check of the same reference needs. ``None`` when there is nothing
+    to add to ``already`` (the payload read before the check).
+    """
+    import io
+    import json
+    import zipfile
+
+    texts = [t for t in dict.fromkeys(map(str, reference_texts)) if t in _embedded]
+    if not texts:
+        return None
+    if already is not None:
+        try:
+            with np.load(io.BytesIO(already), allow_pickle=False) as saved:
+                known = json.loads(saved["texts"].tobytes().decode("utf-8"))
+            if set(texts) <= set(known):
+                return None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass
+    meta = {"encoder": encoder_fingerprint(), "reference": texts_fingerprint(reference_texts), "rows": len(texts),
+            "scheme": EMBEDDING_SCHEME, "max_tokens": EMBEDDING_MAX_LENGTH}
+    out = io.BytesIO()
+    np.savez(out, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+             texts=np.frombuffer(json.dumps(texts).encode("utf-8"), dtype=np.uint8),
+             vectors=np.stack([_embedded[t] for t in texts]).astype(np.float32))
+    return out.getvalue()
+
+
 def _embed(texts: list[str], input_ids: list[list[int]], order: np.ndarray, weights: dict,
            config: dict) -> dict[str, np.ndarray]:
     """Each text's mean-pooled, normalised vector; ``order`` batches texts of similar length together."""
@@ -709,8 +817,6 @@ def _native_value(name: str, settings: SignalPolicy, ref: pd.DataFrame, cur: pd.
     if method == LABEL_SHIFT:
         return label_shift(ref[column], cur[column]), {}
     if method == "wasserstein":
-        from scipy.stats import wasserstein_distance
-
         before = pd.to_numeric(ref[column], errors="coerce").dropna().to_numpy(dtype=float)
         after = pd.to_numeric(cur[column], errors="coerce").dropna().to_numpy(dtype=float)
         # Evidently's normed Wasserstein distance, to the same floor on the reference's spread
@@ -756,6 +862,49 @@ def _extra_signal(name: str, value: float, settings: ExtraSignalPolicy, counts: 
                   details={k: v if isinstance(v, str) else float(v) for k, v in details.items()})
 
 
+def wasserstein_distance(u: np.ndarray, v: np.ndarray) -> float:
+    """``scipy.stats.wasserstein_distance`` of two unweighted samples: the area between their empirical CDFs.
+
+    The same arithmetic as scipy's, without importing ``scipy.stats`` (1-2 s
+    of a ``refit drift`` on 2 busy cores); a unit test holds it to scipy.
+    """
+    u, v = np.sort(np.asarray(u, dtype=float)), np.sort(np.asarray(v, dtype=float))
+    values = np.concatenate((u, v))
+    values.sort(kind="mergesort")
+    u_cdf = u.searchsorted(values[:-1], "right") / u.size
+    v_cdf = v.searchsorted(values[:-1], "right") / v.size
+    return float(np.dot(np.abs(u_cdf - v_cdf), np.diff(values)))
+
+
+def isotonic_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The non-decreasing fit of ``y`` on ``x``, clipped to [0, 1], as sklearn's ``IsotonicRegression`` makes it.
+
+    Returns the distinct ``x`` (values closer than 1e-15 are one, as in
+    sklearn) and the fitted value at each; in between, the fit is linear.
+    Pool-adjacent-violators on the mean ``y`` of each distinct ``x``,
+    weighted by its count. Written out because importing sklearn's took
+    1.3 s of a 5 s ``refit drift``; a unit test holds it to sklearn.
+    """
+    order = np.lexsort((y, x))
+    x, y = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
+    starts = [0]
+    for i in range(1, len(x)):
+        if x[i] - x[starts[-1]] >= np.finfo(float).resolution:
+            starts.append(i)
+    weights = np.diff(np.r_[starts, len(x)]).astype(float)
+    means = np.add.reduceat(y, starts) / weights
+    blocks: list[list[float]] = []  # [mean, weight, distinct x values in the block]
+    for mean, weight in zip(means, weights):
+        block = [mean, weight, 1]
+        while blocks and blocks[-1][0] >= block[0]:
+            last = blocks.pop()
+            total = last[1] + block[1]
+            block = [(last[0] * last[1] + block[0] * block[1]) / total, total, last[2] + block[2]]
+        blocks.append(block)
+    fitted = np.repeat([b[0] for b in blocks], [b[2] for b in blocks])
+    return x[starts], np.clip(fitted, 0.0, 1.0)
+
+
 def expected_accuracy(reference_confidence: np.ndarray, reference_correct: np.ndarray,
                       confidence: np.ndarray) -> float:
     """CBPE-style expected accuracy of ``confidence``: each confidence mapped to the reference's hit rate there.
@@ -763,13 +912,11 @@ def expected_accuracy(reference_confidence: np.ndarray, reference_correct: np.nd
     The map is an isotonic (monotone) fit of the reference's correct-or-not
     against its confidences, so it corrects a champion that is over- or
     under-confident, as long as the reference was scored on rows it never
-    trained on.
+    trained on. Confidences outside the reference's range take the value at
+    its nearest end.
     """
-    from sklearn.isotonic import IsotonicRegression
-
-    calibration = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
-    calibration.fit(reference_confidence, reference_correct.astype(float))
-    return float(calibration.predict(confidence).mean())
+    knots, fitted = isotonic_fit(reference_confidence, reference_correct.astype(float))
+    return float(np.interp(np.asarray(confidence, dtype=float), knots, fitted).mean())
 
 
 def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, text_column: str,

@@ -93,6 +93,51 @@ def test_same_distribution_window_is_not_drift_and_bad_rows_are_counted(pools, t
     assert verdict["labels"]["current_labelled_rows"] == 500
     assert "embedding_novelty" in proc.stderr  # with --json the table goes to stderr
 
+    # The reference's embeddings were kept beside it; the next check reads them (and imports only what it uses).
+    sidecar = tmp_path / "reference.parquet.embeddings.npz"
+    written = sidecar.stat().st_mtime_ns
+    again = refit_reporting_imports("drift", tmp_path / "reference.parquet", tmp_path / "window.csv", "--json",
+                                    "--text-column", "utterance", "--prediction-column", "intent")
+    assert last_json(again) == verdict
+    assert sidecar.stat().st_mtime_ns == written and "computing them again" not in again.stderr
+    assert "heavy imports: []" in again.stderr, again.stderr[-2000:]
+
+
+def refit_reporting_imports(*args: str | Path) -> subprocess.CompletedProcess:
+    """``refit`` run as ``refit(...)`` runs it, saying at exit which heavy modules it imported."""
+    heavy = ("prefect", "mlflow", "evidently", "transformers", "sklearn", "scipy.stats")
+    code = ("import atexit, sys; from refit.cli import main; "
+            f"atexit.register(lambda: print('heavy imports:', [m for m in {heavy!r} if m in sys.modules], "
+            "file=sys.stderr)); "
+            f"sys.argv = ['refit', *{[str(a) for a in args]!r}]; main()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFIT_")}
+    env |= {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_changed_reference_is_embedded_again(pools, tmp_path):
+    reference, current = served_pair(pools, 300, index=4, kind=bench_drift.QUIET)
+    current.to_parquet(tmp_path / "window.parquet")
+    reference.to_parquet(tmp_path / "reference.parquet")
+    sidecar = tmp_path / "reference.parquet.embeddings.npz"
+    sidecar.write_bytes(b"left by something else")
+
+    first_proc = refit("drift", tmp_path / "reference.parquet", tmp_path / "window.parquet", "--json")
+    first = last_json(first_proc)
+    reference.iloc[:-100].to_parquet(tmp_path / "reference.parquet")
+    kept = sidecar.read_bytes()
+    changed = refit("drift", tmp_path / "reference.parquet", tmp_path / "window.parquet", "--json")
+    without = last_json(refit("drift", tmp_path / "reference.parquet", tmp_path / "window.parquet", "--json",
+                              "--no-embeddings-cache"))
+
+    assert "are unreadable: computing them again" in first_proc.stderr
+    assert "are stale: computing them again" in changed.stderr
+    assert sidecar.read_bytes() != kept  # rewritten for the new reference
+    assert last_json(changed)["signals"]["text"]["value"] == pytest.approx(without["signals"]["text"]["value"],
+                                                                          abs=1e-6)
+    assert first["rows_reference"] == 1000 and last_json(changed)["rows_reference"] == 900
+
 
 def test_forty_percent_shifted_window_is_drift(pools, tmp_path):
     rng = np.random.default_rng(40)

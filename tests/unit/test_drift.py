@@ -502,3 +502,67 @@ def test_the_plain_torch_encoder_matches_transformers():
     drift._embedded.clear()
 
     np.testing.assert_allclose(drift.sentence_embeddings(texts), expected, atol=1e-5)
+
+
+def test_wasserstein_distance_matches_scipy():
+    from scipy.stats import wasserstein_distance as scipys
+
+    from tasks.drift import wasserstein_distance
+
+    rng = np.random.default_rng(3)
+    for n, m in ((1, 1), (7, 300), (500, 1000)):
+        u, v = rng.normal(size=n), rng.normal(0.4, 2.0, m)
+        assert wasserstein_distance(u, v) == pytest.approx(scipys(u, v), rel=1e-12, abs=1e-15)
+    ties = np.round(rng.uniform(size=400), 1)
+    assert wasserstein_distance(ties, ties[::-1]) == 0.0
+    assert wasserstein_distance(ties, ties + 0.25) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_isotonic_expected_accuracy_matches_sklearn(seed):
+    from sklearn.isotonic import IsotonicRegression
+
+    from tasks.drift import expected_accuracy
+
+    rng = np.random.default_rng(seed)
+    confidence = rng.uniform(0.3, 1.0, [1, 5, 400, 1000, 300, 2000][seed])
+    if seed % 2:  # ties, and values 1 ulp apart, which sklearn merges as one
+        confidence = np.r_[np.round(confidence, 2), np.nextafter(np.round(confidence[:20], 2), 2)]
+    correct = rng.uniform(size=len(confidence)) < confidence ** 2
+    window = rng.uniform(0.0, 1.2, 800)  # beyond the reference's range on both sides
+
+    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(confidence, correct.astype(float))
+
+    assert expected_accuracy(confidence, correct, window) == pytest.approx(fitted.predict(window).mean(), abs=1e-12)
+
+
+def test_reference_embeddings_are_reused_only_for_the_same_reference_and_encoder():
+    from tasks import drift
+
+    reference = pd.Series(["what is my balance", "book a table for two", "what is my balance", "play some jazz"])
+    drift._embedded.clear()
+    vectors = drift.sentence_embeddings(list(reference))
+    drift.sentence_embeddings(["a window text, not the reference's"])
+    payload = drift.reference_embeddings_payload(reference)
+    assert payload is not None
+    assert drift.reference_embeddings_payload(reference, already=payload) is None  # nothing new to keep
+
+    drift._embedded.clear()
+    assert drift.reuse_reference_embeddings(payload, reference[::-1]) == "read"  # order and repeats aside
+    assert set(drift._embedded) == set(reference)  # the window's text was not kept with the reference
+    assert np.array_equal(drift.sentence_embeddings(list(reference)), vectors)
+
+    drift._embedded.clear()
+    assert drift.reuse_reference_embeddings(payload, reference.replace("play some jazz", "play some rock")) == "stale"
+    assert drift.reuse_reference_embeddings(None, reference) == "missing"
+    assert drift.reuse_reference_embeddings(b"not an npz file", reference) == "unreadable"
+    assert drift._embedded == {}
+    # another encoder (weights, tokenizer or pooling) makes them stale too
+    import io
+
+    with np.load(io.BytesIO(payload)) as saved:
+        parts = dict(saved)
+    meta = json.loads(parts["meta"].tobytes())
+    other = io.BytesIO()
+    np.savez(other, **parts | {"meta": np.frombuffer(json.dumps(meta | {"encoder": "0" * 64}).encode(), np.uint8)})
+    assert drift.reuse_reference_embeddings(other.getvalue(), reference) == "stale"
