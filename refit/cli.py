@@ -536,6 +536,38 @@ def bench_cascade(as_json: JsonOption = False,
         print(json.dumps(summary(result), default=str))
 
 
+@bench_app.command("faults")
+def bench_faults(as_json: JsonOption = False,
+                 home: Annotated[Optional[Path], typer.Option(
+                     help="REFIT_HOME of the run (default: a new temporary directory, kept).")] = None,
+                 only: Annotated[Optional[str], typer.Option(
+                     help="Run only these faults, comma-separated (names as in the result).")] = None) -> None:
+    """The loop under injected faults: kills at each stage of an update and a rollback, an expired lock, two
+    updates at once, MLflow and S3 stopped; after each, the operator's recovery and the invariants checked.
+
+    Runs in its own REFIT_HOME with embedded defaults (about 30 min on 2 busy cores). Example:
+    refit bench faults --only lock.expired_two_waiters,update.kill.after_train --json
+    """
+    import tempfile
+
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    from rich.markup import escape as escape_markup
+
+    from refit.bench_faults import run_benchmark, table
+
+    run_home = home or Path(tempfile.mkdtemp(prefix="refit-bench-faults-"))
+    names = [name.strip() for name in only.split(",") if name.strip()] if only else None
+
+    def progress(what: str) -> None:
+        err.print(f"[dim]{escape_markup(what)}[/]", soft_wrap=True, highlight=False)
+
+    result = run_benchmark(run_home, names, progress)
+    (err if as_json else Console()).print(table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
 @app.command()
 def report(model_name: ModelNameOption = None, as_json: JsonOption = False) -> None:
     """Cost on one page per model: champion, versions, updates and spend this month against the budget, CPU per
