@@ -25,15 +25,15 @@ from prefect.logging import get_run_logger
 from prefect.transactions import transaction
 
 from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, settings_for, user_error
-from refit import faults, modeling
+from refit import faults, modeling, procs
 from refit.data import fingerprint
 from refit.evalsets import read_golden
 from refit.errors import RefitError
 from refit.policy import file_hash
 from registry import versions
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
-                               log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token,
-                               month_spend)
+                               killed_charged, log_json, log_policy, log_training_input,
+                               measured_cpu_seconds_per_work_token, month_spend, reserve_budget)
 from tasks.cascade import cascade
 from tasks.deploy import promote, read_reference, register_version, update_version_tags, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair, grow_golden
@@ -161,12 +161,11 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
     try:
         ctx = open_context(settings)
         name = ctx.model_name
-        if on_prefect_server():
-            closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_id()}",
-                                             _flow_run_ended)
-            if closed:
-                get_run_logger().warning(f"closed {len(closed)} update run(s) left running by a killed update "
-                                         f"(marked KILLED in MLflow): {', '.join(closed)}")
+        closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_id()}",
+                                         _flow_run_ended if on_prefect_server() else None)
+        if closed:
+            get_run_logger().warning(f"closed {len(closed)} update run(s) left running by a killed update "
+                                     f"(marked KILLED in MLflow, charged): {', '.join(closed)}")
         policy, policy_path = load_update_policy()
         rules, rules_path = load_gate_policy(chosen_gate_policy(gate_policy, settings))
         champion = versions.alias_version(name, versions.CHAMPION)
@@ -221,8 +220,10 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
               if any(r.start == start for r in policy.ladder)}  # tokenised once, priced per rung
     tags = {RUN_TYPE: "update", "refit.model": name, "refit.kind": kind, "refit.parent_version": str(champion),
             "refit.drift_run_id": drift_run_id or "none", "refit.data_source": source, "refit.reason": reason or kind,
-            "refit.trigger_key": trigger_key, "refit.flow_run_id": _flow_run_id()}
-    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=kind, tags=tags) as run:
+            "refit.trigger_key": trigger_key, "refit.flow_run_id": _flow_run_id(), "refit.process": procs.identity()}
+    # SIGTERM (Prefect turns it into an exception) stops the attempt at once: the run is closed KILLED, charged.
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=kind, tags=tags) as run, \
+            killed_charged(run.info.run_id, f"{kind} of {name}"):
         mlflow.log_params(flat_params("gate", rules) | {
             "ladder": " -> ".join(r.name for r in policy.ladder), "reason": reason or kind,
             "replay_ratio": policy.replay_ratio, "new_rows": training.new_rows, "replay_rows": training.replay_rows,
@@ -243,16 +244,20 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
             so_far = sum(a.trained.cost.usd for a in attempts)
             if index == 1:
                 mlflow.log_metric("estimate_cost_usd", estimate)
-            if spent + so_far + estimate > budget:
+            # Reserved in the ledger before training, so an update running beside this one counts it.
+            fits, with_it = reserve_budget(ctx.experiment_id, name, run.info.run_id, so_far + estimate, budget,
+                                           _month_start_ms())
+            if not fits:
                 stop = (f"refused before training: estimated ${estimate:.4f} would take this month's spend "
-                        f"${spent:.4f} past the budget ${budget:.2f}" if index == 1 else
+                        f"(${with_it - estimate:.4f} with every reservation) past the budget ${budget:.2f}"
+                        if index == 1 else
                         f"budget stops the ladder before {recipe.name}: estimated ${estimate:.4f} on top of "
-                        f"${spent + so_far:.4f} passes ${budget:.2f}")
+                        f"${with_it - estimate:.4f} passes ${budget:.2f}")
                 get_run_logger().info(stop)
                 mlflow.set_tag("refit.ladder_stopped", stop)
                 break
             attempts.append(run_attempt(ctx, index, recipe, frames[recipe.start], champion_dir, start_dir, data,
-                                        rules, work, estimate, budget - spent - so_far))
+                                        rules, work, estimate, budget - (with_it - estimate)))
             if attempts[-1].verdict.passed or not escalates([r.name for r in attempts[-1].verdict.failed], policy):
                 break
         if not attempts:

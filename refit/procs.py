@@ -47,3 +47,33 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When the process started, in clock ticks since boot (field 22 of /proc/PID/stat): tells a recycled pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def identity(pid: int | None = None) -> str:
+    """``host:pid:start`` of this (or that) process: recorded on a run so a later one can tell if it still lives."""
+    import socket
+
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or '?'}"
+
+
+def gone(process: str) -> bool | None:
+    """Whether the process that ``identity`` named has ended: None when it ran on another host (not ours to judge)."""
+    import socket
+
+    try:
+        host, pid, start = process.rsplit(":", 2)
+        pid_number = int(pid)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    return not alive(pid_number) or _start_ticks(pid_number) != start

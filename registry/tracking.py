@@ -7,8 +7,10 @@ its settings, so tests and production point the same code at different stores.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,14 +88,85 @@ def flat_params(prefix: str, obj) -> dict[str, str]:
 
 
 def month_spend(experiment_id: str, model_name: str, month_start_ms: int) -> float:
-    """Update spend this month: the ledger is the update runs themselves."""
+    """Update spend this month: the ledger is the update runs themselves.
+
+    A finished (or closed) run counts what it was charged (``update_cost_usd``);
+    one still training counts what it reserved before training
+    (``reserved_usd``), so two updates at once cannot both spend the same
+    headroom.
+    """
     runs = MlflowClient().search_runs(
         [experiment_id],
         filter_string=(f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
                        f"and attributes.start_time >= {month_start_ms}"),
         max_results=5000,
     )
-    return float(sum(run.data.metrics.get("update_cost_usd", 0.0) for run in runs))
+    return float(sum(run.data.metrics.get("update_cost_usd", run.data.metrics.get("reserved_usd", 0.0))
+                     for run in runs))
+
+
+def reserve_budget(experiment_id: str, model_name: str, run_id: str, reserve_usd: float, budget_usd: float,
+                   month_start_ms: int) -> tuple[bool, float]:
+    """Reserve ``reserve_usd`` on the update run before it trains: (whether it fits, the month's spend with it).
+
+    The reservation is written first and the ledger read after, so of two
+    updates racing for the last headroom at least the later one sees the
+    other's reservation (both may refuse: the budget fails closed). A
+    refused reservation is withdrawn to what the run had reserved before.
+    """
+    client = MlflowClient()
+    before = client.get_run(run_id).data.metrics.get("reserved_usd", 0.0)
+    client.log_metric(run_id, "reserved_usd", reserve_usd)
+    spend = month_spend(experiment_id, model_name, month_start_ms)
+    if spend <= budget_usd + 1e-12:
+        return True, spend
+    client.log_metric(run_id, "reserved_usd", before)
+    return False, spend
+
+
+@contextmanager
+def killed_charged(run_id: str, what: str) -> Iterator[None]:
+    """Inside an update's MLflow run: a stop signal (SIGTERM, which Prefect raises, or Ctrl-C) closes the run KILLED.
+
+    The run is charged (``charge_killed_update``) and ended before the signal
+    goes on up, so MLflow never shows it FAILED or RUNNING and the month's
+    ledger has what the machine spent.
+    """
+    from prefect.exceptions import ExternalSignal
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, ExternalSignal) as exc:
+        why = f"stopped by {'SIGTERM' if isinstance(exc, ExternalSignal) else type(exc).__name__} while running"
+        charge = charge_killed_update(run_id, f"{why} ({what})")
+        mlflow.end_run("KILLED")
+        logging.getLogger("refit").warning(f"{what}: {why}; run {run_id} closed KILLED, charged ${charge:.5f}")
+        raise
+
+
+def charge_killed_update(run_id: str, why: str) -> float:
+    """Close an update run stopped mid-way (SIGTERM, or found abandoned) as KILLED, charged; returns the charge.
+
+    The charge is what its finished attempts cost plus the reservation of the
+    attempt that never finished: the machine time was spent, whatever became
+    of it. Its attempt runs still open are closed KILLED too.
+    """
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    attempts = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    finished = sum(a.data.metrics.get("update_cost_usd", 0.0) for a in attempts if a.info.status == "FINISHED")
+    metrics = run.data.metrics
+    # The reservation covers finished attempts too (it is their cost plus the open rung's estimate).
+    charge = metrics.get("update_cost_usd", max(metrics.get("reserved_usd", 0.0),
+                                                finished + metrics.get("estimate_cost_usd", 0.0)))
+    for attempt in attempts:
+        if attempt.info.status != "FINISHED":
+            client.set_tag(attempt.info.run_id, "refit.abandoned", why)
+            client.set_terminated(attempt.info.run_id, status="KILLED")
+    client.set_tag(run_id, "refit.abandoned", why)
+    client.log_metric(run_id, "update_cost_usd", charge)
+    client.set_terminated(run_id, status="KILLED")
+    return charge
 
 
 def last_checked_window_end(experiment_id: str, model_name: str) -> str | None:
@@ -176,34 +249,35 @@ def finished_update(experiment_id: str, model_name: str, trigger_key: str):
 
 
 def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str,
-                            flow_run_ended: Callable[[str], bool]) -> list[str]:
-    """Mark update runs of ``model_name`` left RUNNING by a flow run that is over as KILLED; returns their ids.
+                            flow_run_ended: Callable[[str], bool] | None = None) -> list[str]:
+    """Mark update runs of ``model_name`` left RUNNING by an update that is over as KILLED, charged; their ids.
 
-    A run whose flow run (tag ``refit.flow_run_id``) has ended, yet is still
-    RUNNING in MLflow, was stopped from outside: a killed worker, a lost
-    machine (the Prefect server marks such runs Crashed). ``flow_run_ended``
-    answers for the server the caller talks to; a run it does not know, or
-    one without the tag, is left alone. The abandoned update promoted
-    nothing (promotion is its last step) and does not count as a duplicate.
-    Its last attempt was never metered, so the budget is charged what the
-    finished attempts cost plus the first rung's estimate: the machine time
-    was spent, whatever became of it.
+    A run still RUNNING in MLflow whose update has ended was stopped from
+    outside: SIGKILL, a killed worker, a lost machine. It is over when the
+    process that ran it (tag ``refit.process``, on this host) is gone, or
+    when its flow run (tag ``refit.flow_run_id``) has ended on the Prefect
+    server ``flow_run_ended`` asks. A run neither can judge (another host's,
+    on no server) is left alone. The abandoned update promoted nothing
+    (promotion is its last step) and does not count as a duplicate; it is
+    charged its finished attempts plus its reservation (``charge_killed_update``).
     """
+    from refit import procs
+
+    def ended(run) -> bool:
+        process = run.data.tags.get("refit.process")
+        if process and procs.gone(process):
+            return True
+        flow_run_id = run.data.tags.get("refit.flow_run_id")
+        return bool(flow_run_ended and flow_run_id and flow_run_id != "none" and flow_run_ended(flow_run_id))
+
     client = MlflowClient()
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`refit.model` = '{model_name}' and attributes.status = 'RUNNING'", max_results=500,
+        filter_string=(f"tags.`refit.model` = '{model_name}' and tags.`{RUN_TYPE}` = 'update' "
+                       "and attributes.status = 'RUNNING'"), max_results=500,
     )
-    runs = [run for run in runs if run.data.tags.get(RUN_TYPE) in ("update", "update-attempt")
-            and run.data.tags.get("refit.flow_run_id") and flow_run_ended(run.data.tags["refit.flow_run_id"])]
+    runs = [run for run in runs if ended(run)]
     for run in runs:
-        client.set_tag(run.info.run_id, "refit.abandoned",
-                       f"left running by an update that stopped without finishing (killed); closed by {found_by}")
-        metrics = run.data.metrics
-        if run.data.tags.get(RUN_TYPE) == "update" and "update_cost_usd" not in metrics:
-            finished = client.search_runs(
-                [experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'FINISHED'")
-            spent = sum(attempt.data.metrics.get("update_cost_usd", 0.0) for attempt in finished)
-            client.log_metric(run.info.run_id, "update_cost_usd", spent + metrics.get("estimate_cost_usd", 0.0))
-        client.set_terminated(run.info.run_id, status="KILLED")
+        charge_killed_update(run.info.run_id, "left running by an update that stopped without finishing (killed); "
+                                              f"closed by {found_by}")
     return [run.info.run_id for run in runs]
