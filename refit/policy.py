@@ -23,7 +23,8 @@ POLICY_DIR = Path(__file__).resolve().parent / "policies"
 class StrictModel(BaseModel):
     """Base for policies and scenarios: strict types, frozen, unknown keys rejected."""
 
-    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+    # NaN compares false with every threshold (a rule that never fires or never passes), so numbers must be finite.
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 M = TypeVar("M", bound=StrictModel)
@@ -47,15 +48,25 @@ def load_yaml_model(model: type[M], path: Path) -> M:
     """Parse ``path`` into ``model``; errors name the file and the field."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as exc:
+        raise RefitError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     except yaml.YAMLError as exc:
-        raise RefitError(f"{path} is not valid YAML: {exc}") from exc
+        raise RefitError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        raise RefitError(f"{path} is not valid YAML: nested too deeply") from None
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(_key(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
         )
-        raise RefitError(f"{path}: {problems}") from exc
+        raise RefitError(f"{path}: {' '.join(problems.split())}") from exc
+
+
+def _key(part) -> str:
+    """A location part as written in the file; quoted when it is empty or holds spaces or control characters."""
+    text = str(part)
+    return text if text.isprintable() and text.strip() == text and text else repr(text)
 
 
 def load_policy(model: type[M], name_or_path: str | Path) -> tuple[M, Path]:

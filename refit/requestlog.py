@@ -58,8 +58,9 @@ def read_inference(store: ObjectStore, model_name: str, start: datetime, end: da
     frame = pd.concat(frames, ignore_index=True)
     if "timestamp" not in frame.columns:
         return frame
-    ts = pd.to_datetime(frame["timestamp"], utc=True)
-    return frame[(ts >= start) & (ts < end)].reset_index(drop=True)
+    # A row whose timestamp is not a time (another writer's part) is kept, not dropped: validation quarantines it.
+    ts = pd.to_datetime(frame["timestamp"], utc=True, errors="coerce", format="mixed")
+    return frame[ts.isna() | ((ts >= start) & (ts < end))].reset_index(drop=True)
 
 
 def read_labels(store: ObjectStore, model_name: str, since: date | None = None) -> pd.DataFrame:

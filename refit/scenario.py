@@ -83,7 +83,7 @@ class Hotfix(StrictModel):
 class Scenario(StrictModel):
     name: str
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31, description="numpy and pandas take seeds in [0, 2**32); shifts add to it.")
     source: Source
     reference: Reference
     shift: Shift | None = None

@@ -45,7 +45,7 @@ from serving.metrics import Metrics
 from serving.model import ServedModel, load_version
 from serving.requestlog import RequestLog
 from serving.rollout import Rollout, Slot
-from serving.schema import BadRequest, Limits, parse_texts
+from serving.schema import BadRequest, Limits, load_json, parse_texts, valid_unicode
 
 log = logging.getLogger("refit.serving")
 # Tag on a version that passed a canary and its watch on some server: a restarted server adopts it directly.
@@ -482,14 +482,9 @@ def _authorize(request: Request, token, what: str = "admin endpoints",
 
 def parse_feedback(body: bytes):
     """The /feedback body as a frame of labels; a malformed body is a 4xx naming the problem."""
-    import json
-
     import pandas as pd
 
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"body is not JSON: {exc}") from None
+    data = load_json(body)
     if not isinstance(data, dict) or set(data) != {"labels"} or not isinstance(data["labels"], list):
         raise BadRequest(422, 'body must be {"labels": [{"request_id": "...", "label": "..."}, ...]}')
     if not data["labels"]:
@@ -500,6 +495,8 @@ def parse_feedback(body: bytes):
             raise BadRequest(422, f"labels[{i}] must be an object with label and request_id (or text)")
         if not all(v is None or isinstance(v, str) for v in item.values()):
             raise BadRequest(422, f"labels[{i}]: request_id, label and text must be strings")
+        if not all(v is None or valid_unicode(v) for v in item.values()):
+            raise BadRequest(422, f"labels[{i}]: not valid Unicode (a lone surrogate escape such as \\ud800)")
     frame = pd.DataFrame(data["labels"])
     for column in ("request_id", "text"):
         if column not in frame.columns:

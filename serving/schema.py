@@ -30,14 +30,35 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
+def load_json(body: bytes):
+    """The body as JSON, or a 400 naming the problem.
+
+    ``json`` raises ValueError (not only JSONDecodeError) for a number of
+    over 4,300 digits, and RecursionError for arrays nested too deeply: both
+    are the client's mistake, not a 500.
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(400, "malformed JSON: nested too deeply") from None
+
+
+def valid_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON allows the escape; UTF-8, Parquet and tokenizers do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_texts(body: bytes, limits: Limits) -> list[str]:
     """The texts of a ``{"texts": [...]}`` body, or ``BadRequest`` naming what is wrong."""
     if len(body) > limits.max_body_bytes:
         raise BadRequest(413, f"request body is {len(body):,} bytes; the limit is {limits.max_body_bytes:,}")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"malformed JSON: {exc}") from None
+    payload = load_json(body)
     if not isinstance(payload, dict) or "texts" not in payload:
         raise BadRequest(422, 'body must be a JSON object with a "texts" list, e.g. {"texts": ["book a flight"]}')
     unknown = sorted(set(payload) - {"texts"})
@@ -55,6 +76,8 @@ def parse_texts(body: bytes, limits: Limits) -> list[str]:
             raise BadRequest(422, f"texts[{i}] is not a string (got {type(text).__name__})")
         if not text.strip():
             raise BadRequest(422, f"texts[{i}] is empty")
+        if not valid_unicode(text):
+            raise BadRequest(422, f"texts[{i}] is not valid Unicode (a lone surrogate escape such as \\ud800)")
         if len(text) > limits.max_text_chars:
             raise BadRequest(413, f"texts[{i}] is {len(text):,} characters; the limit is {limits.max_text_chars:,}")
     return texts

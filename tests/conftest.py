@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,20 @@ FAKE_AWS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+FUZZ_CASES = pytest.StashKey[Counter]()
+
+
+@pytest.fixture(scope="session")
+def fuzz_cases(request) -> Counter:
+    """Cases run per input surface by the hypothesis tests (test_fuzz_*), printed at the end of the session."""
+    return request.config.stash.setdefault(FUZZ_CASES, Counter())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for surface, n in sorted(config.stash.get(FUZZ_CASES, Counter()).items()):
+        terminalreporter.write_line(f"fuzz cases: {surface}={n}")
 
 
 def pytest_collection_modifyitems(config, items):
