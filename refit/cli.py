@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from refit import orphans
@@ -67,9 +68,9 @@ def _emit(result: dict, as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(result, default=str))
         return
-    table = Table(title=title, show_header=False)
+    table = Table(title=escape(title), show_header=False)  # names and paths are the user's: never rich markup
     for key, value in result.items():
-        table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+        table.add_row(key, escape(json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)))
     Console().print(table)
 
 
@@ -635,7 +636,7 @@ def main() -> None:
     try:
         app()
     except RefitError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
