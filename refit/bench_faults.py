@@ -95,6 +95,7 @@ class Pending:
     child: Child
     problems: list[str]
     notes: list[str] = field(default_factory=list)
+    registry_after_fault: list[str] | None = None  # None: every registry problem after recovery counts
 
 
 def _now_ms() -> int:
@@ -146,6 +147,7 @@ class Bench:
         self.rows_lost = 0
         self.steps = 0
         self.files: dict[str, Path] = {}
+        self.refused: set[tuple[int | None, str]] = set()  # (champion, file) pairs the gate refused
         self._experiment_id: str | None = None
 
     # -- processes -------------------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ class Bench:
                                      max_results=5000)
         expected, problems = 0.0, []
         for run in updates:
-            attempts = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+            attempts = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
+                                                           "and tags.`refit.run_type` = 'update-attempt'")
             metered = sum(a.data.metrics.get("update_cost_usd", 0.0) for a in attempts)
             unmetered = [a for a in attempts if "update_cost_usd" not in a.data.metrics]
             owed = metered + sum(a.data.metrics.get("estimate_cost_usd", run.data.metrics.get("estimate_cost_usd", 0.0))
@@ -295,7 +298,10 @@ class Bench:
     def after_recovery(self, pending: Pending) -> Fault:
         """The checks that follow the recovery: registry, runs left RUNNING, the ledger, for this fault's window."""
         problems = list(pending.problems)
-        problems += self.registry_problems()
+        after = self.registry_problems()
+        if pending.registry_after_fault is not None:  # a series: only what this fault (or one before it) left
+            after = [p for p in after if p in pending.registry_after_fault]
+        problems += after
         running = self.running_runs(pending.child.started_ms, pending.child.ended_ms)
         if running:
             problems.append(f"left RUNNING after recovery: {', '.join(running)}")
@@ -345,25 +351,32 @@ class Bench:
 
     def fresh_file(self, skip: tuple[str, ...] = ()) -> Path:
         """A domain file the champion has not learned: an update on it can pass its gate."""
-        learned = self.learned(self.alias("champion"))
+        champion = self.alias("champion")
+        learned = self.learned(champion)
         for name, path in self.files.items():
-            if name not in learned and name not in skip:
+            if name not in learned and name not in skip and (champion, name) not in self.refused:
                 return path
         raise RuntimeError(f"every domain is learned by the champion's lineage ({sorted(learned)})")
 
     def update(self, label: str, faults: str | None = None, env: dict | None = None, path: Path | None = None) -> Child:
         path = path or self.fresh_file()
-        return self.cli(label, "update", "--labels", str(path), "--force", "--reason", f"bench faults: {label}",
-                        "--json", faults=faults, env=env)
+        champion = self.alias("champion")
+        child = self.cli(label, "update", "--labels", str(path), "--force", "--reason", f"bench faults: {label}",
+                         "--json", faults=faults, env=env)
+        if child.result is not None and child.result.get("promoted") is False:
+            self.refused.add((champion, path.stem))  # this domain does not pass against this champion
+        return child
 
     def ensure_previous(self) -> None:
         """A champion with a previous version to roll back to (an update, when there is none)."""
         champion, previous = self.alias("champion"), self.alias("previous")
         if previous is None or previous == champion:
-            self.progress("an update, so that there is a previous champion to roll back to")
-            done = self.update("setup-update")
-            if not (done.result or {}).get("promoted"):
-                raise RuntimeError(f"the setup update did not promote (exit {done.rc}): {done.tail()}")
+            for _ in range(3):  # a domain the gate refuses is skipped for the next
+                self.progress("an update, so that there is a previous champion to roll back to")
+                done = self.update("setup-update")
+                if (done.result or {}).get("promoted"):
+                    return
+            raise RuntimeError(f"the setup update did not promote (exit {done.rc}): {done.tail()}")
 
     # -- faults ----------------------------------------------------------------------------------------------
 
@@ -377,7 +390,10 @@ class Bench:
             champion = self.alias("champion")
             reached = self.points_dir / f"update.{point}.reached"
             reached.unlink(missing_ok=True)
-            child = self.update(name.replace(".", "-"), faults=f"update.{point}={how}")
+            for _ in range(3):  # an update the gate refuses never reaches the later points: the next domain
+                child = self.update(name.replace(".", "-"), faults=f"update.{point}={how}")
+                if reached.exists() or child.rc != 0 or (child.result or {}).get("promoted") is not False:
+                    break
             problems, notes = [], [f"exit {child.rc} after {child.seconds:.0f} s"]
             if not reached.exists():
                 problems.append(f"the fault point update.{point} was never reached ({child.tail()})")
@@ -394,7 +410,7 @@ class Bench:
             elif now != champion:
                 problems.append(f"champion moved v{champion} -> v{now} although the update stopped before "
                                 "promoting")
-            pending.append(Pending(name, child, problems, notes))
+            pending.append(Pending(name, child, problems, notes, self.registry_problems()))
         self.progress(f"recovery: the next update, after {len(points)} stopped update(s)")
         recovery = self.update(f"recovery-after-{how}")
         recovered = f"recovered by the next update (exit {recovery.rc}, promoted " \
