@@ -16,7 +16,7 @@ from refit.evalsets import write_golden
 from refit.policy import file_hash
 from refit.scenario import build, load_scenario, load_source
 from registry import versions
-from registry.tracking import RUN_TYPE, code_revision, flat_params, log_json, log_policy
+from registry.tracking import RUN_TYPE, code_revision, flat_params, killed_charged, log_json, log_policy
 from tasks.adopt import publish_base
 from tasks.cascade import cascade
 from tasks.deploy import promote, write_reference
@@ -42,7 +42,8 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
 
     name = ctx.model_name
     tags = {RUN_TYPE: "bootstrap", "refit.model": name, "refit.scenario": spec.name}
-    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="bootstrap", tags=tags) as run:
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="bootstrap", tags=tags) as run, \
+            killed_charged(run.info.run_id, "bootstrap", charge=False):
         mlflow.log_params(flat_params("recipe", policy.bootstrap) | {"scenario": spec.name, "train_rows": len(data.train),
                                                                     "labels": len(data.labels)})
         log_policy(policy_path)

@@ -125,12 +125,13 @@ def reserve_budget(experiment_id: str, model_name: str, run_id: str, reserve_usd
 
 
 @contextmanager
-def killed_charged(run_id: str, what: str) -> Iterator[None]:
-    """Inside an update's MLflow run: a stop signal (SIGTERM, which Prefect raises, or Ctrl-C) closes the run KILLED.
+def killed_charged(run_id: str, what: str, charge: bool = True) -> Iterator[None]:
+    """Inside a flow's MLflow run: a stop signal (SIGTERM, which Prefect raises, or Ctrl-C) closes the run KILLED.
 
-    The run is charged (``charge_killed_update``) and ended before the signal
+    An update's run is charged (``charge_killed_update``) before the signal
     goes on up, so MLflow never shows it FAILED or RUNNING and the month's
-    ledger has what the machine spent.
+    ledger has what the machine spent; other runs (``charge=False``) are
+    only closed.
     """
     from prefect.exceptions import ExternalSignal
 
@@ -138,9 +139,14 @@ def killed_charged(run_id: str, what: str) -> Iterator[None]:
         yield
     except (KeyboardInterrupt, SystemExit, ExternalSignal) as exc:
         why = f"stopped by {'SIGTERM' if isinstance(exc, ExternalSignal) else type(exc).__name__} while running"
-        charge = charge_killed_update(run_id, f"{why} ({what})")
+        if charge:
+            charged = charge_killed_update(run_id, f"{why} ({what})")
+            note = f", charged ${charged:.5f}"
+        else:
+            MlflowClient().set_tag(run_id, "refit.abandoned", f"{why} ({what})")
+            note = ""
         mlflow.end_run("KILLED")
-        logging.getLogger("refit").warning(f"{what}: {why}; run {run_id} closed KILLED, charged ${charge:.5f}")
+        logging.getLogger("refit").warning(f"{what}: {why}; run {run_id} closed KILLED{note}")
         raise
 
 
