@@ -98,6 +98,11 @@ class Pending:
     registry_after_fault: list[str] | None = None  # None: every registry problem after recovery counts
 
 
+def _version_of(problem: str) -> str:
+    """``"previous v5 is tagged ..."`` -> ``"v5 is tagged ..."``: one version's problem, whichever alias it holds now."""
+    return problem.split(" ", 1)[1] if problem.startswith(("champion v", "previous v")) else problem
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -300,7 +305,8 @@ class Bench:
         problems = list(pending.problems)
         after = self.registry_problems()
         if pending.registry_after_fault is not None:  # a series: only what this fault (or one before it) left
-            after = [p for p in after if p in pending.registry_after_fault]
+            left = {_version_of(p) for p in pending.registry_after_fault}
+            after = [p for p in after if _version_of(p) in left]
         problems += after
         running = self.running_runs(pending.child.started_ms, pending.child.ended_ms)
         if running:
