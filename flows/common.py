@@ -13,7 +13,7 @@ from prefect.states import Failed, State
 
 from refit.cost import Rates
 from refit.errors import RefitError
-from refit.settings import Settings
+from refit.settings import Settings, settings_error
 from refit.store import ObjectStore, open_store
 from tasks.ingest import on_prefect_server  # noqa: F401  (flows import it from here)
 from registry.tracking import configure
@@ -56,7 +56,7 @@ def settings_for(model_name: str | None = None) -> Settings:
     try:
         return Settings(**({"model_name": model_name} if model_name else {}))
     except Exception as exc:  # pydantic's ValidationError: one line
-        raise RefitError(f"invalid settings: {str(exc).splitlines()[0]}") from None
+        raise RefitError(f"invalid settings: {settings_error(exc)}") from None
 
 
 def open_context(settings: Settings | None = None) -> Context:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from refit import orphans
 from refit.errors import RefitError
-from refit.settings import OFFLINE_ENV, Settings
+from refit.settings import OFFLINE_ENV, Settings, settings_error
 
 app = typer.Typer(help="Keep a deployed language model fresh, automatically and cheaply.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -44,7 +44,7 @@ def _prepare(store: str | None = None, model_name: str | None = None) -> Setting
     try:
         settings = Settings()
     except Exception as exc:  # pydantic's ValidationError, reported in one line
-        raise RefitError(f"invalid settings: {str(exc).splitlines()[0]} {str(exc).splitlines()[-1].strip()}") from exc
+        raise RefitError(f"invalid settings: {settings_error(exc)}") from exc
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     # Prefect's local API keeps its database under REFIT_HOME, so runs can be reviewed later.
     os.environ.setdefault("PREFECT_HOME", str(settings.home_dir / "prefect"))

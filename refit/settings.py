@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         env_prefix="REFIT_", extra="forbid", frozen=True)
 
     home: Path = Field(Path(".refit"), description="Root of every embedded default.")
-    model_name: str = "intent-classifier"
+    # One path segment of the store's keys (model=<name>/) and an MLflow registered model name: no slashes.
+    model_name: str = Field("intent-classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                            description="Registered model name: letters, digits, '.', '_' and '-'.")
     scenario: str = Field("clinc-shift", description="Scenario name or path to a YAML file.")
     data_dir: Path = Field(default_factory=_default_data_dir, description="CLINC150 directory.")
     base_model: Path = Field(default_factory=_packaged_base_model, description="Local transformers "
@@ -155,3 +157,17 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+def settings_error(exc: Exception) -> str:
+    """A pydantic ValidationError of Settings in one line: which setting (its REFIT_ variable), what is wrong."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc).splitlines()[0]
+    parts = []
+    for error in errors():
+        field = ".".join(str(part) for part in error.get("loc", ())) or "settings"
+        value = error.get("input")
+        shown = f" (got {str(value)[:60]!r})" if isinstance(value, (str, int, float)) else ""
+        parts.append(f"REFIT_{field.upper()}: {error.get('msg', 'invalid')}{shown}")
+    return "; ".join(parts)

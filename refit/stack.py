@@ -48,7 +48,7 @@ from rich.table import Table
 from refit import procs
 from refit.errors import RefitError
 from refit.secrets import is_secret_name, mask_env, mask_uri
-from refit.settings import OFFLINE_ENV, PROJECT_ROOT, Settings
+from refit.settings import OFFLINE_ENV, PROJECT_ROOT, Settings, settings_error
 
 HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
@@ -416,7 +416,7 @@ def _settings(store: str | None) -> Settings:
     try:
         return Settings()
     except Exception as exc:  # pydantic's ValidationError, in one line
-        raise RefitError(f"invalid settings: {str(exc).splitlines()[0]}") from exc
+        raise RefitError(f"invalid settings: {settings_error(exc)}") from exc
 
 
 def _print_status(result: dict, as_json: bool) -> None:

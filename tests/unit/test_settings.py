@@ -118,3 +118,19 @@ def test_yaml_config_file_set_after_import(tmp_path, monkeypatch):
     config.write_text("model_name: from-yaml\n")
     monkeypatch.setenv("REFIT_CONFIG", str(config))
     assert Settings().model_name == "from-yaml"
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", "x y", "-lead", ""])
+def test_a_model_name_that_is_not_one_path_segment_is_refused_naming_the_setting(monkeypatch, name):
+    from refit.settings import settings_error
+
+    monkeypatch.setenv("REFIT_MODEL_NAME", name)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert settings_error(info.value).startswith("REFIT_MODEL_NAME: ")
+
+
+def test_good_model_names_pass(monkeypatch):
+    for name in ("intent-classifier", "Support_Bot.v2", "a"):
+        monkeypatch.setenv("REFIT_MODEL_NAME", name)
+        assert Settings().model_name == name
