@@ -51,7 +51,10 @@ them (value, threshold, drifted) and count only where the policy sets
 Refit computes the shipped methods itself; Evidently is imported only for
 another method or for the HTML report (the monitor's artifact), where its
 ``ValueDrift`` metrics show the same values. ``check_drift``, the Prefect
-task, is built on first use, so ``refit drift`` imports neither.
+task, is built on first use, so ``refit drift`` imports neither. The encoder
+runs on ONNX Runtime from an export made once per encoder (with torch) and
+kept under ``REFIT_HOME/cache/encoders``, so later checks import neither
+torch nor transformers (``refit/encoder_onnx.py``).
 
 The thresholds in ``refit/policies/drift.yaml`` are calibrated on quiet
 CLINC150 windows by ``refit bench drift --calibration-pairs``; the numbers
@@ -60,6 +63,7 @@ are in that file and in ``docs/drift.md``.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -76,6 +80,8 @@ from refit.policy import StrictModel, load_policy
 
 if TYPE_CHECKING:
     from registry.tracking import Trigger
+
+log = logging.getLogger("refit.drift")
 
 Direction = Literal["above", "below"]
 
@@ -123,7 +129,12 @@ EXTRA_SIGNAL_METHODS: dict[str, dict[str, Direction]] = {
 NATIVE_METHODS = frozenset({EMBEDDING_NOVELTY, NOVELTY, LABEL_SHIFT, "wasserstein"})
 LOW_CONFIDENCE_QUANTILE = 0.10
 EMBEDDING_MAX_LENGTH = 64
-EMBEDDING_BATCH = 128
+EMBEDDING_BATCH = 128  # torch
+# ONNX Runtime on one thread: 500 CLINC150 texts took 1.3-1.4 s CPU in batches of 16-32, 1.8-2.0 s in 128s and
+# 3.9 s in 512s (activations of a large batch fall out of cache); two threads took more CPU and more wall time.
+ONNX_BATCH = 32
+ENCODER_THREADS = 1
+EMBEDDING_RUNTIMES = ("onnx", "torch")
 WORD = re.compile(r"[^\W\d_]+")
 
 
@@ -382,24 +393,32 @@ def _base_model_path() -> Path:
 
 
 @cache
-def _base_encoder():
-    """The packaged all-MiniLM-L6-v2's tokenizer, weights and config, loaded once per process.
+def _base_tokenizer():
+    """The packaged all-MiniLM-L6-v2's fast tokenizer (``tokenizers``, no transformers), truncating at 64 tokens."""
+    from tokenizers import Tokenizer
 
-    Read with ``tokenizers`` and ``safetensors`` alone: importing transformers
-    and building its model took 3.8 s of a 10 s ``refit drift`` on 2 cores.
-    ``_bert_forward`` is the BERT encoder's forward pass in plain torch; a
-    unit test holds it to transformers' ``AutoModel`` output.
+    tokenizer = Tokenizer.from_file(str(_base_model_path() / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=EMBEDDING_MAX_LENGTH)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+@cache
+def _base_encoder():
+    """The packaged all-MiniLM-L6-v2's weights (torch tensors) and config, loaded once per process.
+
+    Read with ``safetensors`` alone: importing transformers and building its
+    model took 3.8 s of a 10 s ``refit drift`` on 2 cores. ``_bert_forward``
+    is the BERT encoder's forward pass in plain torch; a unit test holds it to
+    transformers' ``AutoModel`` output. Only the torch path and the one-time
+    ONNX export need this.
     """
     import json
 
     from safetensors.torch import load_file
-    from tokenizers import Tokenizer
 
     path = _base_model_path()
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length=EMBEDDING_MAX_LENGTH)
-    tokenizer.no_padding()
-    return tokenizer, load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())
+    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())
 
 
 def _bert_forward(weights: dict, config: dict, input_ids, attention_mask):
@@ -411,8 +430,8 @@ def _bert_forward(weights: dict, config: dict, input_ids, attention_mask):
     batch, length = input_ids.shape
     size = config["hidden_size"] // heads
 
-    def norm(x, name):
-        return layer_norm(x, x.shape[-1:], weights[f"{name}.weight"], weights[f"{name}.bias"], eps)
+    def norm(x, name):  # the shape from the config, not from x: the ONNX exporter needs it constant
+        return layer_norm(x, (config["hidden_size"],), weights[f"{name}.weight"], weights[f"{name}.bias"], eps)
 
     def dense(x, name):
         return linear(x, weights[f"{name}.weight"], weights[f"{name}.bias"])
@@ -448,35 +467,85 @@ EMBEDDING_CACHE_ROWS = 50_000
 _embedded: dict[str, np.ndarray] = {}
 
 
-def sentence_embeddings(texts: list[str] | tuple[str, ...]) -> np.ndarray:
+def sentence_embeddings(texts: list[str] | tuple[str, ...], runtime: str = "onnx") -> np.ndarray:
     """Mean-pooled, L2-normalised base-model embeddings, batched by length (max 64 tokens).
+
+    ``runtime="onnx"`` runs the encoder on ONNX Runtime from its export (made
+    once, kept under ``REFIT_HOME/cache/encoders``; see ``_onnx_encoder``),
+    so a process that finds the export imports neither torch nor transformers;
+    where there is no export and none can be made, torch runs it. The two
+    agree within 1e-5 (a unit test holds them to it).
 
     Each text's vector is kept for the next checks (up to 50,000 texts, ~77 MB):
     the reference is the same in every check until the champion changes.
     """
-    import torch
-
+    if runtime not in EMBEDDING_RUNTIMES:
+        raise ValueError(f"runtime must be one of {EMBEDDING_RUNTIMES}, not {runtime!r}")
     texts = [str(t) for t in texts]
     todo = list(dict.fromkeys(t for t in texts if t not in _embedded))
     fresh: dict[str, np.ndarray] = {}
     if todo:
-        tokenizer, weights, config = _base_encoder()
-        input_ids = [encoding.ids for encoding in tokenizer.encode_batch(todo)]
+        input_ids = [encoding.ids for encoding in _base_tokenizer().encode_batch(todo)]
         order = np.argsort([len(ids) for ids in input_ids], kind="stable")
-        # Batches of short texts are too small to split across threads: on a busy 2-core machine two threads
-        # embedded 600 CLINC150 texts in 8-10 s, one in 2.7-4 s.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            fresh = _embed(todo, input_ids, order, weights, config)
-        finally:
-            torch.set_num_threads(threads)
+        session = _onnx_encoder() if runtime == "onnx" else None
+        if session is not None:
+            fresh = _embed_onnx(todo, input_ids, order, session)
+        else:
+            fresh = _embed_torch(todo, input_ids, order)
     out = np.stack([fresh[t] if t in fresh else _embedded[t] for t in texts]) if texts else np.zeros((0, 384))
     if len(_embedded) + len(fresh) > EMBEDDING_CACHE_ROWS:
         _embedded.clear()
     if len(fresh) <= EMBEDDING_CACHE_ROWS:
         _embedded.update(fresh)
     return out.astype(np.float32)
+
+
+def encoder_cache_dir() -> Path:
+    """Where exported encoders are kept: ``REFIT_HOME/cache/encoders``."""
+    from refit.settings import Settings
+
+    return Settings().home_dir / "cache" / "encoders"
+
+
+PROBE_TEXTS = (
+    "hi",
+    "what is my balance",
+    "Transfer $40 from checking to savings, please!",
+    "can you book a table for two at 7 tonight at the italian place downtown",
+    " ".join(["please remind me to call my mother about the birthday party on saturday"] * 8),  # past 64 tokens
+)
+
+
+@cache
+def _onnx_encoder():
+    """An ONNX Runtime session on the base encoder's export, exported first if there is none; ``None``: use torch.
+
+    The export is keyed by ``encoder_fingerprint`` (another model or pooling
+    gets its own file) and moved into place only once it agrees with the
+    torch pass on ``PROBE_TEXTS`` batched alone, together and 33 at a time.
+    A file that will not open is exported again; an export that fails or
+    disagrees leaves this process on torch, and says so.
+    """
+    from refit import encoder_onnx
+
+    path = encoder_onnx.encoder_file(encoder_cache_dir(), encoder_fingerprint())
+    if path.is_file():
+        try:
+            return encoder_onnx.open_session(path, ENCODER_THREADS)
+        except Exception as exc:  # a truncated or foreign file: ONNX Runtime's errors have no common class
+            log.warning("sentence encoder export %s does not open (%s): exporting it again", path, exc)
+    rows = [encoding.ids for encoding in _base_tokenizer().encode_batch(list(PROBE_TEXTS))]
+    probes = [rows[:1], rows, [rows[i % len(rows)] for i in range(33)]]
+    weights, config = _base_encoder()
+    try:
+        diff = encoder_onnx.export(lambda ids, mask: _encode(weights, config, ids, mask), path, probes,
+                                   ENCODER_THREADS)
+        session = encoder_onnx.open_session(path, ENCODER_THREADS)
+    except Exception as exc:  # any export, write or runtime failure: torch embeds, as before the export existed
+        log.warning("sentence encoder not exported to ONNX (%s: %s): embedding with torch", type(exc).__name__, exc)
+        return None
+    log.info("sentence encoder exported to %s (largest difference from torch %.1e)", path, diff)
+    return session
 
 
 EMBEDDINGS_SUFFIX = ".embeddings.npz"
@@ -587,25 +656,51 @@ def reference_embeddings_payload(reference_texts, already: bytes | None = None) 
     return out.getvalue()
 
 
-def _embed(texts: list[str], input_ids: list[list[int]], order: np.ndarray, weights: dict,
-           config: dict) -> dict[str, np.ndarray]:
-    """Each text's mean-pooled, normalised vector; ``order`` batches texts of similar length together."""
+def _encode(weights: dict, config: dict, input_ids, attention_mask):
+    """The embedding in torch: last hidden states mean-pooled over the mask, then L2-normalised.
+
+    The torch path runs it and the ONNX export is traced from it, so the two
+    compute the same thing.
+    """
     import torch
 
+    hidden = _bert_forward(weights, config, input_ids, attention_mask)
+    kept = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * kept).sum(1) / kept.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _embed_torch(texts: list[str], input_ids: list[list[int]], order: np.ndarray) -> dict[str, np.ndarray]:
+    """Each text's vector by torch; ``order`` batches texts of similar length together."""
+    import torch
+
+    from refit.encoder_onnx import padded
+
+    weights, config = _base_encoder()
     fresh: dict[str, np.ndarray] = {}
-    with torch.inference_mode():
-        for start in range(0, len(order), EMBEDDING_BATCH):
-            batch = order[start:start + EMBEDDING_BATCH]
-            longest = max(len(input_ids[i]) for i in batch)
-            ids = torch.zeros((len(batch), longest), dtype=torch.long)
-            mask = torch.zeros((len(batch), longest), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, :len(input_ids[i])] = torch.tensor(input_ids[i])
-                mask[row, :len(input_ids[i])] = 1
-            hidden = _bert_forward(weights, config, ids, mask)
-            kept = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * kept).sum(1) / kept.sum(1).clamp(min=1)
-            fresh.update(zip((texts[i] for i in batch), torch.nn.functional.normalize(pooled, dim=-1).numpy()))
+    # Batches of short texts are too small to split across threads: on a busy 2-core machine two threads
+    # embedded 600 CLINC150 texts in 8-10 s, one in 2.7-4 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), EMBEDDING_BATCH):
+                batch = order[start:start + EMBEDDING_BATCH]
+                ids, mask = (torch.from_numpy(a) for a in padded([input_ids[i] for i in batch]))
+                fresh.update(zip((texts[i] for i in batch), _encode(weights, config, ids, mask).numpy()))
+    finally:
+        torch.set_num_threads(threads)
+    return fresh
+
+
+def _embed_onnx(texts: list[str], input_ids: list[list[int]], order: np.ndarray, session) -> dict[str, np.ndarray]:
+    """Each text's vector by the ONNX export; ``order`` batches texts of similar length together."""
+    from refit.encoder_onnx import padded, run
+
+    fresh: dict[str, np.ndarray] = {}
+    for start in range(0, len(order), ONNX_BATCH):
+        batch = order[start:start + ONNX_BATCH]
+        fresh.update(zip((texts[i] for i in batch), run(session, *padded([input_ids[i] for i in batch]))))
     return fresh
 
 

@@ -26,9 +26,11 @@ from refit.errors import RefitError
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def refit(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def refit(*args: str | Path, timeout: float = 300, home: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFIT_")}
     env |= {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    if home is not None:
+        env["REFIT_HOME"] = str(home)
     return subprocess.run([sys.executable, "-m", "refit.cli", *map(str, args)], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -103,17 +105,50 @@ def test_same_distribution_window_is_not_drift_and_bad_rows_are_counted(pools, t
     assert "heavy imports: []" in again.stderr, again.stderr[-2000:]
 
 
-def refit_reporting_imports(*args: str | Path) -> subprocess.CompletedProcess:
+def refit_reporting_imports(*args: str | Path, home: Path | None = None) -> subprocess.CompletedProcess:
     """``refit`` run as ``refit(...)`` runs it, saying at exit which heavy modules it imported."""
-    heavy = ("prefect", "mlflow", "evidently", "transformers", "sklearn", "scipy.stats")
+    heavy = ("prefect", "mlflow", "evidently", "transformers", "torch", "sklearn", "scipy.stats")
     code = ("import atexit, sys; from refit.cli import main; "
             f"atexit.register(lambda: print('heavy imports:', [m for m in {heavy!r} if m in sys.modules], "
             "file=sys.stderr)); "
             f"sys.argv = ['refit', *{[str(a) for a in args]!r}]; main()")
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFIT_")}
     env |= {"DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    if home is not None:
+        env["REFIT_HOME"] = str(home)
     return subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def test_the_window_is_embedded_on_onnx_runtime_from_an_export_kept_under_refit_home(pools, tmp_path):
+    """First check: the encoder is exported to REFIT_HOME/cache/encoders; later ones import neither torch nor
+    transformers. A broken export is made again; where none can be written, torch embeds and the verdict agrees."""
+    reference, current = served_pair(pools, 300, index=5, kind=bench_drift.SHIFTED)
+    reference.to_parquet(tmp_path / "reference.parquet")
+    current.to_parquet(tmp_path / "window.parquet")
+    home = tmp_path / "home"
+    files = (tmp_path / "reference.parquet", tmp_path / "window.parquet", "--json", "--no-embeddings-cache")
+
+    first = last_json(refit("drift", *files, home=home))
+    [export] = (home / "cache" / "encoders").glob("*.onnx")
+    again = refit_reporting_imports("drift", *files, home=home)
+    export.write_bytes(export.read_bytes()[:4096])  # cut short, as by a full disk
+    repaired = refit("drift", *files, home=home)
+    (tmp_path / "not-a-folder").write_text("REFIT_HOME is a file: no export can be kept under it")
+    on_torch = refit("drift", *files, home=tmp_path / "not-a-folder")
+
+    assert last_json(again) == first
+    assert "heavy imports: []" in again.stderr, again.stderr[-2000:]
+    assert "does not open" in repaired.stderr and "exporting it again" in repaired.stderr
+    assert last_json(repaired) == first and export.stat().st_size > 10_000_000
+    assert "not exported to ONNX" in on_torch.stderr and "embedding with torch" in on_torch.stderr
+    torch_verdict = last_json(on_torch)
+    assert (torch_verdict["drift_detected"], torch_verdict["severity"]) == (first["drift_detected"], first["severity"])
+    assert first["drift_detected"]  # a shifted window: the text signal has something to measure
+    for name, signal in first["signals"].items():
+        other = torch_verdict["signals"][name]
+        assert other["drifted"] == signal["drifted"], name
+        assert other["value"] == pytest.approx(signal["value"], abs=1e-5), name
 
 
 def test_a_changed_reference_is_embedded_again(pools, tmp_path):

@@ -501,7 +501,32 @@ def test_the_plain_torch_encoder_matches_transformers():
     expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
     drift._embedded.clear()
 
-    np.testing.assert_allclose(drift.sentence_embeddings(texts), expected, atol=1e-5)
+    np.testing.assert_allclose(drift.sentence_embeddings(texts, runtime="torch"), expected, atol=1e-5)
+
+
+def test_onnx_embeddings_equal_the_torch_ones(clinc, tmp_path, monkeypatch):
+    """The ONNX export (traced from the torch code) embeds as torch does, to float noise, batch sizes aside."""
+    from refit import encoder_onnx
+    from tasks import drift
+
+    monkeypatch.setenv("REFIT_HOME", str(tmp_path))
+    drift._onnx_encoder.cache_clear()
+    texts = list(clinc["text"].sample(300, random_state=7)) + list(drift.PROBE_TEXTS)
+    try:
+        session = drift._onnx_encoder()
+        drift._embedded.clear()
+        on_torch = drift.sentence_embeddings(texts, runtime="torch")
+        drift._embedded.clear()
+        on_onnx = drift.sentence_embeddings(texts, runtime="onnx")
+    finally:
+        drift._embedded.clear()
+        drift._onnx_encoder.cache_clear()
+
+    assert session is not None  # exported and opened: otherwise "onnx" would have run torch, and this proves nothing
+    assert [p.name for p in (tmp_path / "cache" / "encoders").iterdir()] == [
+        encoder_onnx.encoder_file(tmp_path, drift.encoder_fingerprint()).name]  # no partial file left beside it
+    np.testing.assert_allclose(on_onnx, on_torch, atol=1e-5, rtol=0)
+    assert encoder_onnx.encoder_file(tmp_path, "a" * 64) != encoder_onnx.encoder_file(tmp_path, "b" * 64)
 
 
 def test_wasserstein_distance_matches_scipy():
