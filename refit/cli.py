@@ -378,7 +378,8 @@ def drift(reference: Annotated[Path, typer.Argument(help="Reference table: .parq
     """Check a window against a reference, with no server: validate it, measure the drift signals, print the verdict.
 
     The first check of a reference embeds it and keeps the vectors beside it;
-    later checks embed only the window.
+    later checks embed only the window. The encoder runs on ONNX Runtime,
+    exported once (with torch) to REFIT_HOME/cache/encoders.
 
     Example: refit drift reference.parquet window.csv --text-column utterance --json
     """
