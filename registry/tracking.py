@@ -140,7 +140,7 @@ def killed_charged(run_id: str, what: str, charge: bool = True) -> Iterator[None
     except (KeyboardInterrupt, SystemExit, ExternalSignal) as exc:
         why = f"stopped by {'SIGTERM' if isinstance(exc, ExternalSignal) else type(exc).__name__} while running"
         if charge:
-            charged = charge_killed_update(run_id, f"{why} ({what})")
+            charged, _ = charge_killed_update(run_id, f"{why} ({what})")
             note = f", charged ${charged:.5f}"
         else:
             MlflowClient().set_tag(run_id, "refit.abandoned", f"{why} ({what})")
@@ -150,8 +150,10 @@ def killed_charged(run_id: str, what: str, charge: bool = True) -> Iterator[None
         raise
 
 
-def charge_killed_update(run_id: str, why: str) -> float:
-    """Close an update run stopped mid-way (SIGTERM, or found abandoned) as KILLED, charged; returns the charge.
+def charge_killed_update(run_id: str, why: str) -> tuple[float, list[str]]:
+    """Close an update run stopped mid-way (SIGTERM, or found abandoned) as KILLED, charged.
+
+    Returns the charge and the attempt runs it closed.
 
     The charge is what its finished attempts cost plus the reservation of the
     attempt that never finished: the machine time was spent, whatever became
@@ -165,14 +167,14 @@ def charge_killed_update(run_id: str, why: str) -> float:
     # The reservation covers finished attempts too (it is their cost plus the open rung's estimate).
     charge = metrics.get("update_cost_usd", max(metrics.get("reserved_usd", 0.0),
                                                 finished + metrics.get("estimate_cost_usd", 0.0)))
-    for attempt in attempts:
-        if attempt.info.status != "FINISHED":
-            client.set_tag(attempt.info.run_id, "refit.abandoned", why)
-            client.set_terminated(attempt.info.run_id, status="KILLED")
+    closed = [attempt.info.run_id for attempt in attempts if attempt.info.status != "FINISHED"]
+    for attempt_id in closed:
+        client.set_tag(attempt_id, "refit.abandoned", why)
+        client.set_terminated(attempt_id, status="KILLED")
     client.set_tag(run_id, "refit.abandoned", why)
     client.log_metric(run_id, "update_cost_usd", charge)
     client.set_terminated(run_id, status="KILLED")
-    return charge
+    return charge, closed
 
 
 def last_checked_window_end(experiment_id: str, model_name: str) -> str | None:
@@ -256,7 +258,9 @@ def finished_update(experiment_id: str, model_name: str, trigger_key: str):
 
 def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str,
                             flow_run_ended: Callable[[str], bool] | None = None) -> list[str]:
-    """Mark update runs of ``model_name`` left RUNNING by an update that is over as KILLED, charged; their ids.
+    """Mark update runs of ``model_name`` left RUNNING by an update that is over as KILLED, charged.
+
+    Returns the ids of the runs closed: each update and its attempts.
 
     A run still RUNNING in MLflow whose update has ended was stopped from
     outside: SIGKILL, a killed worker, a lost machine. It is over when the
@@ -282,8 +286,9 @@ def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str,
         filter_string=(f"tags.`refit.model` = '{model_name}' and tags.`{RUN_TYPE}` = 'update' "
                        "and attributes.status = 'RUNNING'"), max_results=500,
     )
-    runs = [run for run in runs if ended(run)]
-    for run in runs:
-        charge_killed_update(run.info.run_id, "left running by an update that stopped without finishing (killed); "
-                                              f"closed by {found_by}")
-    return [run.info.run_id for run in runs]
+    closed = []
+    for run in (run for run in runs if ended(run)):
+        _, attempts = charge_killed_update(run.info.run_id, "left running by an update that stopped without "
+                                                            f"finishing (killed); closed by {found_by}")
+        closed += [run.info.run_id, *attempts]
+    return closed
