@@ -618,8 +618,7 @@ class Bench:
         import boto3
         import numpy as np
 
-        from refit.settings import Settings
-        from refit.store import open_store
+        from refit.store import S3Store
         from serving.loadtest import Load, _client, _wait_ready
 
         name = "s3.down_under_load"
@@ -683,8 +682,9 @@ class Bench:
             proc, log, started = self.start("serve-restart", "serve", env=env)
             servers.append(proc)
             _wait_ready(url, proc, timeout=300)
-            store = open_store(Settings(home=self.home, store="s3", s3_endpoint_url=endpoint,
-                                        s3_bucket="refit-faults"))
+            store = S3Store("refit-faults", "", client=boto3.client(
+                "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                aws_secret_access_key="bench"))
             prefix = f"inference/model={self.name}/"
             deadline = time.monotonic() + 90
             rows = len(store.read_parquet_prefix(prefix))
