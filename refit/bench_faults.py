@@ -362,7 +362,8 @@ class Bench:
         for name, path in self.files.items():
             if name not in learned and name not in skip and (champion, name) not in self.refused:
                 return path
-        raise RuntimeError(f"every domain is learned by the champion's lineage ({sorted(learned)})")
+        raise RuntimeError(f"no domain left that champion v{champion} has not learned ({sorted(learned - {''})}) "
+                           f"or its gate has not refused")
 
     def update(self, label: str, faults: str | None = None, env: dict | None = None, path: Path | None = None) -> Child:
         path = path or self.fresh_file()
@@ -396,10 +397,14 @@ class Bench:
             champion = self.alias("champion")
             reached = self.points_dir / f"update.{point}.reached"
             reached.unlink(missing_ok=True)
-            for _ in range(3):  # an update the gate refuses never reaches the later points: the next domain
-                child = self.update(name.replace(".", "-"), faults=f"update.{point}={how}")
-                if reached.exists() or child.rc != 0 or (child.result or {}).get("promoted") is not False:
-                    break
+            try:
+                for _ in range(3):  # an update the gate refuses never reaches the later points: the next domain
+                    child = self.update(name.replace(".", "-"), faults=f"update.{point}={how}")
+                    if reached.exists() or child.rc != 0 or (child.result or {}).get("promoted") is not False:
+                        break
+            except RuntimeError as exc:  # no domain left that this champion's gate can pass
+                self.record(name, [f"could not run: {exc}"], [])
+                continue
             problems, notes = [], [f"exit {child.rc} after {child.seconds:.0f} s"]
             if not reached.exists():
                 problems.append(f"the fault point update.{point} was never reached ({child.tail()})")
@@ -418,7 +423,11 @@ class Bench:
                                 "promoting")
             pending.append(Pending(name, child, problems, notes, self.registry_problems()))
         self.progress(f"recovery: the next update, after {len(points)} stopped update(s)")
-        recovery = self.update(f"recovery-after-{how}")
+        try:
+            recovery = self.update(f"recovery-after-{how}")
+        except RuntimeError as exc:  # every domain refused: the recovery is the same file again, refused or not
+            recovery = self.update(f"recovery-after-{how}", path=next(iter(self.files.values())))
+            self.progress(f"recovery on {next(iter(self.files))} again ({exc})")
         recovered = f"recovered by the next update (exit {recovery.rc}, promoted " \
                     f"{(recovery.result or {}).get('promoted')})"
         for item in pending:
