@@ -74,7 +74,8 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
         })
         model = modeling.load_model(adapter_dir)
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(adapter_dir),
-                                        pool=adoption.train, trained_on=adoption.train, seed=ctx.settings.seed)
+                                        pool=adoption.train, trained_on=adoption.train, seed=ctx.settings.seed,
+                                        held_out=golden.frame)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         cascade(name, version, adapter_dir, adoption.train, [], {"golden": golden.frame}, ctx.rates,
                 ctx.experiment_id)  # the cheap tier, gated as a unit before the server is told

@@ -166,6 +166,10 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         if closed:
             get_run_logger().warning(f"closed {len(closed)} update run(s) left running by a killed update "
                                      f"(marked KILLED in MLflow, charged): {', '.join(closed)}")
+        repaired = versions.repair_deployed_tags(name)
+        if repaired:
+            get_run_logger().warning(f"tagged v{', v'.join(map(str, repaired))} deployed: a promotion had stopped "
+                                     "after moving the alias")
         policy, policy_path = load_update_policy()
         rules, rules_path = load_gate_policy(chosen_gate_policy(gate_policy, settings))
         champion = versions.alias_version(name, versions.CHAMPION)
@@ -290,7 +294,9 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 model = modeling.load_model(trained.adapter_dir)
                 reference_uri = write_reference(ctx.store, name, version, model, tokenizer,
                                                 pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
-                                                trained_on=frames[final.recipe.start], seed=ctx.settings.seed)
+                                                trained_on=frames[final.recipe.start], seed=ctx.settings.seed,
+                                                held_out=pd.concat([golden.frame[["text", "label"]],
+                                                                    data.fresh[["text", "label"]]]))
                 versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
                 # The cheap tier, gated as a unit; before the promotion tells the server, which then loads it.
                 cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,

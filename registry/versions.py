@@ -72,6 +72,28 @@ def set_alias(model_name: str, alias: str, version: int) -> None:
     MlflowClient().set_registered_model_alias(model_name, alias, str(version))
 
 
+def repair_deployed_tags(model_name: str) -> list[int]:
+    """Tag ``champion`` and ``previous`` as deployed where a promotion stopped after moving the alias; their numbers.
+
+    The alias is the truth and the ``refit.deployed`` tag its record: a
+    promotion killed between the two (or whose later steps failed, which
+    tagged it abandoned) leaves a served version whose page does not say so.
+    Every update repairs that first. A version tagged ``rolled back`` is left
+    as it is.
+    """
+    repaired = []
+    for alias in (CHAMPION, PREVIOUS):
+        version = alias_version(model_name, alias)
+        if version is None:
+            continue
+        deployed = version_tags(model_name, version).get("refit.deployed", "")
+        if deployed == "" or deployed.startswith("abandoned"):
+            set_tags(model_name, version, {"refit.deployed": "champion",
+                                           "refit.deployed_repaired": f"was {deployed or 'untagged'!r} while {alias}"})
+            repaired.append(version)
+    return repaired
+
+
 def promote(model_name: str, version: int, expected_champion: int | None, lease: Lease | None = None) -> int | None:
     """Make ``version`` the champion if the champion is still ``expected_champion``.
 

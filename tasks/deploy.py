@@ -25,6 +25,9 @@ from registry import versions
 from tasks.retry import RETRY
 
 REFERENCE_SAMPLE_ROWS = 1000
+# Fewer held-out rows than this: the reference is sampled from the training rows (its champion signals then only
+# report, never count: confidences on rows a model was trained on run high).
+REFERENCE_MIN_HELD_OUT_ROWS = 300
 
 
 def reference_prefix(model_name: str, version: int) -> str:
@@ -33,17 +36,27 @@ def reference_prefix(model_name: str, version: int) -> str:
 
 @task(name="write-reference", cache_policy=NO_CACHE, **RETRY)
 def write_reference(store: ObjectStore, model_name: str, version: int, model, tokenizer,
-                    pool: pd.DataFrame, trained_on: pd.DataFrame, seed: int = 0) -> str:
+                    pool: pd.DataFrame, trained_on: pd.DataFrame, seed: int = 0,
+                    held_out: pd.DataFrame | None = None) -> str:
     """Snapshot what drift is measured against, and what later updates replay.
 
-    ``sample.parquet``: up to 1,000 rows of what the version was trained on,
-    with its own predictions. ``pool.parquet``: every labelled row the
-    lineage has learned so far, the replay source for the next update.
+    ``sample.parquet``: up to 1,000 labelled rows the version was judged on
+    but never trained on (``held_out``: its golden suite and fresh holdout),
+    with its own predictions and ``scored_on = held_out``, so the champion's
+    confidence signals count toward the drift verdict; with fewer than
+    ``REFERENCE_MIN_HELD_OUT_ROWS`` of them, rows it was trained on
+    (``scored_on = training``: those signals then only report).
+    ``pool.parquet``: every labelled row the lineage has learned so far, the
+    replay source for the next update.
     """
-    sample = trained_on.sample(n=min(REFERENCE_SAMPLE_ROWS, len(trained_on)), random_state=seed)
+    source, scored_on = trained_on, "training"
+    if held_out is not None and len(held_out) >= REFERENCE_MIN_HELD_OUT_ROWS:
+        source, scored_on = held_out, "held_out"  # tasks.drift.HELD_OUT
+    sample = source.sample(n=min(REFERENCE_SAMPLE_ROWS, len(source)), random_state=seed)
     predicted, confidence = modeling.predict(model, tokenizer, sample["text"].tolist())
     snapshot = pd.DataFrame({"text": sample["text"].to_numpy(), "label": sample["label"].to_numpy(),
-                             "predicted_label": predicted, "confidence": confidence.astype(float)})
+                             "predicted_label": predicted, "confidence": confidence.astype(float),
+                             "scored_on": scored_on})
     prefix = reference_prefix(model_name, version)
     store.put_parquet(prefix + "pool.parquet", pool[["text", "label"]].reset_index(drop=True))
     faults.point("update.reference_write")
@@ -74,11 +87,17 @@ def register_version(model_name: str, run_id: str, tags: dict[str, str]) -> int:
 def _abandon_version(txn) -> None:
     """The steps after registering failed: mark the version so nobody mistakes it for a deployable one.
 
-    ``champion`` never moved (promotion is the last step and a single alias
-    write), so the registry stays consistent; the version keeps its gate
-    verdict and is tagged ``refit.deployed = abandoned`` with the reason.
+    Before the promotion, ``champion`` never moved, so the registry stays
+    consistent; the version keeps its gate verdict and is tagged
+    ``refit.deployed = abandoned`` with the reason. If the alias did move
+    (a stop inside or after the promotion), the version is the champion and
+    is recorded as one: the alias is the truth.
     """
     model_name, version = txn.get("registered")
+    if versions.alias_version(model_name, versions.CHAMPION) == version:
+        versions.set_tags(model_name, version, {"refit.deployed": "champion"})
+        _log(f"{model_name} v{version} is champion: the promotion completed before the update stopped")
+        return
     versions.set_tags(model_name, version, {"refit.deployed": "abandoned: the steps after registration failed"})
     _log(f"{model_name} v{version} abandoned: promotion did not complete")
 

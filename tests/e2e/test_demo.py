@@ -226,6 +226,23 @@ def test_same_hotfix_file_never_pays_twice(demo_home):
     assert len(client.search_model_versions("name='intent-classifier'")) == versions_before
 
 
+def test_every_reference_is_scored_on_rows_its_version_never_trained_on(demo_home):
+    """So the champion's confidence signals count in production: confidences on training rows run high."""
+    home, _, _ = demo_home
+    from refit.data import text_hash
+
+    store = home / "store" / "reference" / "model=intent-classifier"
+    samples = sorted(store.glob("version=*/sample.parquet"))
+    assert len(samples) >= 2  # v1 (bootstrap) and the promoted update
+    for path in samples:
+        sample = pd.read_parquet(path)
+        assert (sample["scored_on"] == "held_out").all(), path
+        assert len(sample) >= 300
+    v1_sample = pd.read_parquet(store / "version=1" / "sample.parquet")
+    v1_trained = {text_hash(t) for t in pd.read_parquet(store / "version=1" / "pool.parquet")["text"]}
+    assert not any(text_hash(t) in v1_trained for t in v1_sample["text"])  # v1's pool is what it trained on
+
+
 def test_partly_bad_window_is_checked_and_bad_rows_quarantined(demo_home):
     home, env, result = demo_home
     store = home / "store"

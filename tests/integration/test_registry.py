@@ -275,3 +275,22 @@ def test_a_rollback_whose_record_fails_closes_its_run_and_a_retry_records_it_onc
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
     with pytest.raises(versions.PromotionConflict):  # without being told, a moved champion is someone else's doing
         roll_back(MODEL, 2, "bad", experiment_id=experiment_id)
+
+
+def test_a_promotion_stopped_after_moving_the_alias_is_recorded_by_the_next_update(tmp_path):
+    """Fault `update.kill.promote` of `refit bench faults`: the alias moved, the deployed tag was never written."""
+    experiment_id = tracking.configure(Settings(home=tmp_path / "home"))
+    v1 = versions.register(MODEL, _run_with_adapter(experiment_id, tmp_path, "w1"), {"refit.deployed": "champion"})
+    versions.promote(MODEL, v1, expected_champion=None)
+    v2 = versions.register(MODEL, _run_with_adapter(experiment_id, tmp_path, "w2"), {})
+    versions.promote(MODEL, v2, expected_champion=v1)  # ... and killed here, before tasks.deploy.promote tags it
+    v3 = versions.register(MODEL, _run_with_adapter(experiment_id, tmp_path, "w3"), {})
+    versions.set_tags(MODEL, v3, {"refit.deployed": "abandoned: the steps after registration failed"})
+    versions.promote(MODEL, v3, expected_champion=v2)  # the alias moved, then a later step failed
+
+    assert versions.repair_deployed_tags(MODEL) == [v3, v2]
+    for version in (v1, v2, v3):
+        assert versions.version_tags(MODEL, version)["refit.deployed"] == "champion"
+    assert "untagged" in versions.version_tags(MODEL, v2)["refit.deployed_repaired"]
+    versions.set_tags(MODEL, v2, {"refit.deployed": "rolled back"})
+    assert versions.repair_deployed_tags(MODEL) == []  # a rolled-back version keeps its record
