@@ -41,17 +41,54 @@ def roll_back(model_name: str, bad_version: int | None, reason: str, *, experime
     automatic rollback until it lands): with ``restore_to``, a champion that is
     already ``restore_to`` means the aliases moved on an earlier try, and only
     the record is written; a version whose rollback run exists is not
-    recorded twice.
+    recorded twice. Before the aliases move, the demoted version is tagged
+    with the rollback's intent (``refit.rollback_intent``), so a rollback
+    stopped after moving them (SIGKILL) is finished by the next hand-run
+    rollback: it writes the record the stopped one never wrote, with that
+    one's reason.
     """
     lock = versions.promotion_lock(store, model_name, f"rollback by {source}") if store is not None else nullcontext()
     with lock as lease:
-        bad_version, target = _move_aliases_back(model_name, bad_version, restore_to, lease)
+        unfinished = _unfinished_rollback(model_name) if bad_version is None and restore_to is None else None
+        if unfinished is not None:
+            bad_version, target, reason, source = unfinished
+        else:
+            bad_version, target = _move_aliases_back(model_name, bad_version, restore_to, lease, reason, source)
     return _record(model_name, bad_version, target, reason, experiment_id, source, guard_html, guard_markdown,
                    guard_json)
 
 
+INTENT_TAG = "refit.rollback_intent"
+
+
+def _unfinished_rollback(model_name: str) -> tuple[int, int, str, str] | None:
+    """A rollback that moved ``champion`` back and stopped before its record: (demoted, restored, reason, source).
+
+    Found by its intent tag on a version without a rollback run, whose
+    target is the champion now; ``previous`` is cleared if it was not yet.
+    """
+    champion = versions.alias_version(model_name, versions.CHAMPION)
+    if champion is None:
+        return None
+    for version in MlflowClient().search_model_versions(f"name='{model_name}'"):
+        intent = json.loads(version.tags.get(INTENT_TAG) or "{}")
+        if intent.get("restore_to") == champion and not version.tags.get("refit.rollback_run_id"):
+            if versions.alias_version(model_name, versions.PREVIOUS) in (champion, int(version.version)):
+                _clear_previous(model_name)
+            return int(version.version), champion, intent.get("reason", "rollback"), intent.get("source", "manual")
+    return None
+
+
+def _clear_previous(model_name: str) -> None:
+    try:
+        MlflowClient().delete_registered_model_alias(model_name, versions.PREVIOUS)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
 def _move_aliases_back(model_name: str, bad_version: int | None, restore_to: int | None,
-                       lease: versions.Lease | None) -> tuple[int, int]:
+                       lease: versions.Lease | None, reason: str, source: str) -> tuple[int, int]:
     """Champion back to previous and ``previous`` cleared, fenced; returns (demoted version, restored version).
 
     The champion moves first: a crash before ``previous`` is cleared leaves
@@ -70,13 +107,11 @@ def _move_aliases_back(model_name: str, bad_version: int | None, restore_to: int
         raise RefitError(f"model {model_name} has no previous champion to roll back to")
     if lease is not None:
         lease.fence(model_name)
+    versions.set_tags(model_name, bad_version, {INTENT_TAG: json.dumps(
+        {"restore_to": target, "reason": reason[:2000], "source": source})})  # the journal, before anything moves
     versions.set_alias(model_name, versions.CHAMPION, target)
     faults.point("rollback.champion_moved")
-    try:
-        MlflowClient().delete_registered_model_alias(model_name, versions.PREVIOUS)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
+    _clear_previous(model_name)
     faults.point("rollback.aliases_moved")
     return bad_version, target
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -10,6 +11,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from refit.errors import RefitError
 from refit.settings import Settings
 from refit.store import S3Store
 from registry import tracking, versions
@@ -294,3 +296,31 @@ def test_a_promotion_stopped_after_moving_the_alias_is_recorded_by_the_next_upda
     assert "untagged" in versions.version_tags(MODEL, v2)["refit.deployed_repaired"]
     versions.set_tags(MODEL, v2, {"refit.deployed": "rolled back"})
     assert versions.repair_deployed_tags(MODEL) == []  # a rolled-back version keeps its record
+
+
+@pytest.mark.parametrize("stopped_at", ["champion_moved", "aliases_moved"])
+def test_a_rollback_stopped_after_moving_the_aliases_is_finished_by_the_next_rollback(tmp_path, stopped_at):
+    """Faults `rollback.kill.champion_moved/aliases_moved` of `refit bench faults`: before, the record was lost and
+    a second rollback refused ("no previous champion"), so nobody could finish it."""
+    from registry import rollout
+
+    experiment_id = _champion_2_previous_1(tmp_path)
+    if stopped_at == "aliases_moved":
+        assert rollout._move_aliases_back(MODEL, None, None, None, "guard: errors", "server") == (2, 1)
+    else:  # the journal is written, champion moved back, killed before previous was cleared
+        versions.set_tags(MODEL, 2, {rollout.INTENT_TAG: json.dumps(
+            {"restore_to": 1, "reason": "guard: errors", "source": "server"})})
+        versions.set_alias(MODEL, versions.CHAMPION, 1)
+    assert "refit.rollback_run_id" not in versions.version_tags(MODEL, 2)
+
+    result = rollout.roll_back(MODEL, None, "operator: finish it", experiment_id=experiment_id)
+
+    assert (result["champion"], result["rolled_back"], result["reason"]) == (1, 2, "guard: errors")
+    assert versions.alias_version(MODEL, versions.CHAMPION) == 1
+    assert versions.alias_version(MODEL, versions.PREVIOUS) is None
+    tags = versions.version_tags(MODEL, 2)
+    assert tags["refit.deployed"] == "rolled back" and tags["refit.rollback_run_id"] == result["run_id"]
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["refit.rolled_back_by"] == "server"
+    with pytest.raises(RefitError):  # finished: a further rollback has nowhere to go
+        rollout.roll_back(MODEL, None, "again", experiment_id=experiment_id)
