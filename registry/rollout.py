@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from refit import faults
+from refit import faults, procs
 from refit.errors import RefitError
 from registry import versions
 from registry.tracking import RUN_TYPE
@@ -49,6 +49,7 @@ def roll_back(model_name: str, bad_version: int | None, reason: str, *, experime
     """
     lock = versions.promotion_lock(store, model_name, f"rollback by {source}") if store is not None else nullcontext()
     with lock as lease:
+        _close_abandoned_rollbacks(model_name, experiment_id, source)
         unfinished = _unfinished_rollback(model_name) if bad_version is None and restore_to is None else None
         if unfinished is not None:
             bad_version, target, reason, source = unfinished
@@ -59,6 +60,18 @@ def roll_back(model_name: str, bad_version: int | None, reason: str, *, experime
 
 
 INTENT_TAG = "refit.rollback_intent"
+
+
+def _close_abandoned_rollbacks(model_name: str, experiment_id: str, found_by: str) -> list[str]:
+    """Rollback runs left RUNNING by a rollback killed while writing its record (its process gone): closed KILLED."""
+    client = MlflowClient()
+    runs = client.search_runs([experiment_id], f"tags.`{RUN_TYPE}` = 'rollback' and tags.`refit.model` = "
+                                               f"'{model_name}' and attributes.status = 'RUNNING'", max_results=100)
+    closed = [run.info.run_id for run in runs if procs.gone(run.data.tags.get("refit.process", ""))]
+    for run_id in closed:
+        client.set_tag(run_id, "refit.abandoned", f"left running by a rollback that was killed; closed by {found_by}")
+        client.set_terminated(run_id, status="KILLED")
+    return closed
 
 
 def _unfinished_rollback(model_name: str) -> tuple[int, int, str, str] | None:
@@ -130,7 +143,8 @@ def _record(model_name: str, bad_version: int, target: int, reason: str, experim
 
     run = client.create_run(experiment_id, run_name="rollback", tags={
         RUN_TYPE: "rollback", "refit.model": model_name, "refit.rolled_back_version": str(bad_version),
-        "refit.restored_version": str(target), "refit.reason": reason[:5000], "refit.rolled_back_by": source})
+        "refit.restored_version": str(target), "refit.reason": reason[:5000], "refit.rolled_back_by": source,
+        "refit.process": procs.identity()})
     run_id = run.info.run_id
     faults.point("rollback.run_created")
     status = "FAILED"

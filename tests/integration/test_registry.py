@@ -324,3 +324,29 @@ def test_a_rollback_stopped_after_moving_the_aliases_is_finished_by_the_next_rol
     assert run.info.status == "FINISHED" and run.data.tags["refit.rolled_back_by"] == "server"
     with pytest.raises(RefitError):  # finished: a further rollback has nowhere to go
         rollout.roll_back(MODEL, None, "again", experiment_id=experiment_id)
+
+
+def test_a_rollback_killed_with_its_run_open_has_the_run_closed_by_the_next(tmp_path):
+    """Fault `rollback.kill.run_created`: the run stayed RUNNING for good."""
+    import subprocess
+    import sys
+
+    from refit import procs
+    from registry import rollout
+
+    experiment_id = _champion_2_previous_1(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = procs.identity(child.pid)
+    child.kill()
+    child.wait()
+    client = MlflowClient()
+    left = client.create_run(experiment_id, tags={tracking.RUN_TYPE: "rollback", "refit.model": MODEL,
+                                                  "refit.process": dead}).info.run_id
+    alive = client.create_run(experiment_id, tags={tracking.RUN_TYPE: "rollback", "refit.model": MODEL,
+                                                   "refit.process": procs.identity()}).info.run_id
+
+    rollout.roll_back(MODEL, None, "again", experiment_id=experiment_id)
+
+    assert client.get_run(left).info.status == "KILLED"
+    assert "killed" in client.get_run(left).data.tags["refit.abandoned"]
+    assert client.get_run(alive).info.status == "RUNNING"  # its process still runs: not ours to close
