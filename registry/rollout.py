@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from refit import faults, procs
 from refit.errors import RefitError
 from registry import versions
-from registry.tracking import RUN_TYPE
+from registry.tracking import RUN_TYPE, abandoned_runs
 
 
 def roll_back(model_name: str, bad_version: int | None, reason: str, *, experiment_id: str,
@@ -53,6 +53,8 @@ def roll_back(model_name: str, bad_version: int | None, reason: str, *, experime
         unfinished = _unfinished_rollback(model_name) if bad_version is None and restore_to is None else None
         if unfinished is not None:
             bad_version, target, reason, source = unfinished
+            if versions.alias_version(model_name, versions.PREVIOUS) in (target, bad_version):
+                _clear_previous(model_name)  # stopped before it cleared previous
         else:
             bad_version, target = _move_aliases_back(model_name, bad_version, restore_to, lease, reason, source)
     return _record(model_name, bad_version, target, reason, experiment_id, source, guard_html, guard_markdown,
@@ -65,9 +67,7 @@ INTENT_TAG = "refit.rollback_intent"
 def _close_abandoned_rollbacks(model_name: str, experiment_id: str, found_by: str) -> list[str]:
     """Rollback runs left RUNNING by a rollback killed while writing its record (its process gone): closed KILLED."""
     client = MlflowClient()
-    runs = client.search_runs([experiment_id], f"tags.`{RUN_TYPE}` = 'rollback' and tags.`refit.model` = "
-                                               f"'{model_name}' and attributes.status = 'RUNNING'", max_results=100)
-    closed = [run.info.run_id for run in runs if procs.gone(run.data.tags.get("refit.process", ""))]
+    closed = [run.info.run_id for run in abandoned_runs(experiment_id, model_name, "rollback")]
     for run_id in closed:
         client.set_tag(run_id, "refit.abandoned", f"left running by a rollback that was killed; closed by {found_by}")
         client.set_terminated(run_id, status="KILLED")
@@ -78,7 +78,7 @@ def _unfinished_rollback(model_name: str) -> tuple[int, int, str, str] | None:
     """A rollback that moved ``champion`` back and stopped before its record: (demoted, restored, reason, source).
 
     Found by its intent tag on a version without a rollback run, whose
-    target is the champion now; ``previous`` is cleared if it was not yet.
+    target is the champion now.
     """
     champion = versions.alias_version(model_name, versions.CHAMPION)
     if champion is None:
@@ -86,8 +86,6 @@ def _unfinished_rollback(model_name: str) -> tuple[int, int, str, str] | None:
     for version in MlflowClient().search_model_versions(f"name='{model_name}'"):
         intent = json.loads(version.tags.get(INTENT_TAG) or "{}")
         if intent.get("restore_to") == champion and not version.tags.get("refit.rollback_run_id"):
-            if versions.alias_version(model_name, versions.PREVIOUS) in (champion, int(version.version)):
-                _clear_previous(model_name)
             return int(version.version), champion, intent.get("reason", "rollback"), intent.get("source", "manual")
     return None
 

@@ -256,38 +256,43 @@ def finished_update(experiment_id: str, model_name: str, trigger_key: str):
     return runs[0] if runs else None
 
 
+def abandoned_runs(experiment_id: str, model_name: str, run_type: str,
+                   flow_run_ended: Callable[[str], bool] | None = None) -> list:
+    """Runs of ``run_type`` still RUNNING in MLflow whose process is over: stopped from outside (SIGKILL, a lost worker).
+
+    Over means the process that ran it (tag ``refit.process``, on this host)
+    is gone, or its flow run (tag ``refit.flow_run_id``) has ended on the
+    Prefect server ``flow_run_ended`` asks. A run neither can judge
+    (another host's, on no server) is not returned.
+    """
+    from refit import procs
+
+    def ended(run) -> bool:
+        if procs.gone(run.data.tags.get("refit.process", "")):
+            return True
+        flow_run_id = run.data.tags.get("refit.flow_run_id")
+        return bool(flow_run_ended and flow_run_id and flow_run_id != "none" and flow_run_ended(flow_run_id))
+
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`refit.model` = '{model_name}' and tags.`{RUN_TYPE}` = '{run_type}' "
+                       "and attributes.status = 'RUNNING'"), max_results=500,
+    )
+    return [run for run in runs if ended(run)]
+
+
 def close_abandoned_updates(experiment_id: str, model_name: str, found_by: str,
                             flow_run_ended: Callable[[str], bool] | None = None) -> list[str]:
     """Mark update runs of ``model_name`` left RUNNING by an update that is over as KILLED, charged.
 
     Returns the ids of the runs closed: each update and its attempts.
 
-    A run still RUNNING in MLflow whose update has ended was stopped from
-    outside: SIGKILL, a killed worker, a lost machine. It is over when the
-    process that ran it (tag ``refit.process``, on this host) is gone, or
-    when its flow run (tag ``refit.flow_run_id``) has ended on the Prefect
-    server ``flow_run_ended`` asks. A run neither can judge (another host's,
-    on no server) is left alone. The abandoned update promoted nothing
+    Which runs are over: ``abandoned_runs``. The abandoned update promoted nothing
     (promotion is its last step) and does not count as a duplicate; it is
     charged its finished attempts plus its reservation (``charge_killed_update``).
     """
-    from refit import procs
-
-    def ended(run) -> bool:
-        process = run.data.tags.get("refit.process")
-        if process and procs.gone(process):
-            return True
-        flow_run_id = run.data.tags.get("refit.flow_run_id")
-        return bool(flow_run_ended and flow_run_id and flow_run_id != "none" and flow_run_ended(flow_run_id))
-
-    client = MlflowClient()
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=(f"tags.`refit.model` = '{model_name}' and tags.`{RUN_TYPE}` = 'update' "
-                       "and attributes.status = 'RUNNING'"), max_results=500,
-    )
     closed = []
-    for run in (run for run in runs if ended(run)):
+    for run in abandoned_runs(experiment_id, model_name, "update", flow_run_ended):
         _, attempts = charge_killed_update(run.info.run_id, "left running by an update that stopped without "
                                                             f"finishing (killed); closed by {found_by}")
         closed += [run.info.run_id, *attempts]

@@ -49,14 +49,16 @@ def write_reference(store: ObjectStore, model_name: str, version: int, model, to
     ``pool.parquet``: every labelled row the lineage has learned so far, the
     replay source for the next update.
     """
+    from tasks.drift import HELD_OUT, SCORED_ON
+
     source, scored_on = trained_on, "training"
     if held_out is not None and len(held_out) >= REFERENCE_MIN_HELD_OUT_ROWS:
-        source, scored_on = held_out, "held_out"  # tasks.drift.HELD_OUT
+        source, scored_on = held_out, HELD_OUT
     sample = source.sample(n=min(REFERENCE_SAMPLE_ROWS, len(source)), random_state=seed)
     predicted, confidence = modeling.predict(model, tokenizer, sample["text"].tolist())
     snapshot = pd.DataFrame({"text": sample["text"].to_numpy(), "label": sample["label"].to_numpy(),
                              "predicted_label": predicted, "confidence": confidence.astype(float),
-                             "scored_on": scored_on})
+                             SCORED_ON: scored_on})
     prefix = reference_prefix(model_name, version)
     store.put_parquet(prefix + "pool.parquet", pool[["text", "label"]].reset_index(drop=True))
     faults.point("update.reference_write")
