@@ -554,15 +554,13 @@ def bench_faults(as_json: JsonOption = False,
 
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    from rich.markup import escape as escape_markup
-
     from refit.bench_faults import run_benchmark, table
 
     run_home = home or Path(tempfile.mkdtemp(prefix="refit-bench-faults-"))
     names = [name.strip() for name in only.split(",") if name.strip()] if only else None
 
     def progress(what: str) -> None:
-        err.print(f"[dim]{escape_markup(what)}[/]", soft_wrap=True, highlight=False)
+        err.print(f"[dim]{escape(what)}[/]", soft_wrap=True, highlight=False)
 
     result = run_benchmark(run_home, names, progress)
     (err if as_json else Console()).print(table(result))
