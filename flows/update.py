@@ -29,6 +29,7 @@ from refit import faults, modeling, procs
 from refit.data import fingerprint
 from refit.evalsets import read_golden
 from refit.errors import RefitError
+from refit.labels import check_source
 from refit.policy import file_hash
 from registry import versions
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
@@ -161,6 +162,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
     try:
         ctx = open_context(settings)
         name = ctx.model_name
+        if labels_path:  # the operator's allow-list first, before anything is looked up or read
+            check_source(labels_path, ctx.settings.allowed_label_sources(on_server=on_prefect_server()))
         closed = close_abandoned_updates(ctx.experiment_id, name, f"flow run {_flow_run_id()}",
                                          _flow_run_ended if on_prefect_server() else None)
         if closed:

@@ -67,3 +67,16 @@ def test_a_run_names_its_gate_policy_and_only_the_operator_pins_a_file(tmp_path)
     pinned = Settings(home=tmp_path, gate_policy="/etc/refit/gate.yaml")
     assert chosen_gate_policy("/etc/refit/gate.yaml", pinned) == "/etc/refit/gate.yaml"
     assert chosen_gate_policy(None, pinned) == "/etc/refit/gate.yaml"
+
+
+def test_update_cli_names_the_setting_before_anything_else(tmp_path):
+    """What it must show: a file outside REFIT_LABEL_SOURCES gets exit 2 and a line naming the setting, even in a
+    home with no champion yet (before, that home answered "no champion" and never named the setting)."""
+    outside = tmp_path / "fixes.csv"
+    pd.DataFrame({"text": ["hello"], "label": ["greeting"]}).to_csv(outside, index=False)
+    env = os.environ | {"REFIT_HOME": str(tmp_path / "home"), "REFIT_LABEL_SOURCES": str(tmp_path / "inbox"),
+                        "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "refit.cli", "update", "--labels", str(outside)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "outside REFIT_LABEL_SOURCES" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
