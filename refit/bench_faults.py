@@ -134,7 +134,7 @@ class Bench:
         from refit.settings import Settings
 
         self.home = home.resolve()
-        self.logs = self.home / "bench-logs"
+        self.logs = self.home / "bench-logs" / model_name
         self.logs.mkdir(parents=True, exist_ok=True)
         self.points_dir = self.home / "fault-points"
         self.progress = progress
@@ -771,7 +771,20 @@ def run_benchmark(home: Path, only: list[str] | None, progress: Callable[[str], 
         from refit.errors import RefitError
 
         raise RefitError(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
-    return Bench(home, progress).run(only)
+    return Bench(home, progress, _fresh_model_name(home)).run(only)
+
+
+def _fresh_model_name(home: Path) -> str:
+    """A model name no earlier run in ``home`` used: each run tells its own story from a new bootstrap.
+
+    A second run on the same home would otherwise start from the first's
+    champion, whose lineage has learned the domains the faults need an
+    update to pass on. Earlier runs stay in MLflow and the store.
+    """
+    run = 1
+    while (home / "store" / "reference" / f"model=faults-{run}").exists():
+        run += 1
+    return f"faults-{run}"
 
 
 def table(result: dict):
