@@ -77,3 +77,18 @@ def gone(process: str) -> bool | None:
     if host != socket.gethostname():
         return None
     return not alive(pid_number) or _start_ticks(pid_number) != start
+
+
+def available_cpus() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 quota (``cpu.max``) if any."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)

@@ -52,9 +52,9 @@ Refit computes the shipped methods itself; Evidently is imported only for
 another method or for the HTML report (the monitor's artifact), where its
 ``ValueDrift`` metrics show the same values. ``check_drift``, the Prefect
 task, is built on first use, so ``refit drift`` imports neither. The encoder
-runs on ONNX Runtime from an export made once per encoder (with torch) and
-kept under ``REFIT_HOME/cache/encoders``, so later checks import neither
-torch nor transformers (``refit/encoder_onnx.py``).
+runs on ONNX Runtime from a graph built once per encoder from its weights
+(without torch) and kept under ``REFIT_HOME/cache/encoders``, so no check
+imports torch or transformers (``refit/encoder_onnx.py``).
 
 The thresholds in ``refit/policies/drift.yaml`` are calibrated on quiet
 CLINC150 windows by ``refit bench drift --calibration-pairs``; the numbers
@@ -410,8 +410,8 @@ def _base_encoder():
     Read with ``safetensors`` alone: importing transformers and building its
     model took 3.8 s of a 10 s ``refit drift`` on 2 cores. ``_bert_forward``
     is the BERT encoder's forward pass in plain torch; a unit test holds it to
-    transformers' ``AutoModel`` output. Only the torch path and the one-time
-    ONNX export need this.
+    transformers' ``AutoModel`` output. Only the torch path needs this (the
+    ONNX graph is built from the numpy arrays).
     """
     import json
 
@@ -430,7 +430,7 @@ def _bert_forward(weights: dict, config: dict, input_ids, attention_mask):
     batch, length = input_ids.shape
     size = config["hidden_size"] // heads
 
-    def norm(x, name):  # the shape from the config, not from x: the ONNX exporter needs it constant
+    def norm(x, name):
         return layer_norm(x, (config["hidden_size"],), weights[f"{name}.weight"], weights[f"{name}.bias"], eps)
 
     def dense(x, name):
@@ -470,10 +470,10 @@ _embedded: dict[str, np.ndarray] = {}
 def sentence_embeddings(texts: list[str] | tuple[str, ...], runtime: str = "onnx") -> np.ndarray:
     """Mean-pooled, L2-normalised base-model embeddings, batched by length (max 64 tokens).
 
-    ``runtime="onnx"`` runs the encoder on ONNX Runtime from its export (made
-    once, kept under ``REFIT_HOME/cache/encoders``; see ``_onnx_encoder``),
-    so a process that finds the export imports neither torch nor transformers;
-    where there is no export and none can be made, torch runs it. The two
+    ``runtime="onnx"`` runs the encoder on ONNX Runtime from its graph (built
+    once from the weights, kept under ``REFIT_HOME/cache/encoders``; see
+    ``_onnx_encoder``), importing neither torch nor transformers; where no
+    graph can be built, torch runs it. The two
     agree within 1e-5 (a unit test holds them to it).
 
     Each text's vector is kept for the next checks (up to 50,000 texts, ~77 MB):
@@ -518,14 +518,20 @@ PROBE_TEXTS = (
 
 @cache
 def _onnx_encoder():
-    """An ONNX Runtime session on the base encoder's export, exported first if there is none; ``None``: use torch.
+    """An ONNX Runtime session on the base encoder's graph, built first if there is none; ``None``: use torch.
 
-    The export is keyed by ``encoder_fingerprint`` (another model or pooling
-    gets its own file) and moved into place only once it agrees with the
-    torch pass on ``PROBE_TEXTS`` batched alone, together and 33 at a time.
-    A file that will not open is exported again; an export that fails or
-    disagrees leaves this process on torch, and says so.
+    The file is keyed by ``encoder_fingerprint`` (another model or pooling
+    gets its own file) and moved into place only once it agrees with a numpy
+    pass on the short ``PROBE_TEXTS``, the first alone and four padded
+    together (the numpy pass is the build's slowest step; the unit test holds
+    the graph to torch on all of them and 300 more). A file
+    that will not open is built again; a build that fails or disagrees leaves
+    this process on torch, and says so.
     """
+    import json
+
+    from safetensors.numpy import load_file
+
     from refit import encoder_onnx
 
     path = encoder_onnx.encoder_file(encoder_cache_dir(), encoder_fingerprint())
@@ -533,18 +539,19 @@ def _onnx_encoder():
         try:
             return encoder_onnx.open_session(path, ENCODER_THREADS)
         except Exception as exc:  # a truncated or foreign file: ONNX Runtime's errors have no common class
-            log.warning("sentence encoder export %s does not open (%s): exporting it again", path, exc)
-    rows = [encoding.ids for encoding in _base_tokenizer().encode_batch(list(PROBE_TEXTS))]
-    probes = [rows[:1], rows, [rows[i % len(rows)] for i in range(33)]]
-    weights, config = _base_encoder()
+            log.warning("sentence encoder graph %s does not open (%s): building it again", path, exc)
+    rows = [encoding.ids for encoding in _base_tokenizer().encode_batch(list(PROBE_TEXTS[:4]))]
+    probes = [rows[:1], rows]
     try:
-        diff = encoder_onnx.export(lambda ids, mask: _encode(weights, config, ids, mask), path, probes,
-                                   ENCODER_THREADS)
-        session = encoder_onnx.open_session(path, ENCODER_THREADS)
-    except Exception as exc:  # any export, write or runtime failure: torch embeds, as before the export existed
-        log.warning("sentence encoder not exported to ONNX (%s: %s): embedding with torch", type(exc).__name__, exc)
+        model_path = _base_model_path()
+        weights = load_file(str(model_path / "model.safetensors"))
+        config = json.loads((model_path / "config.json").read_text())
+        session, diff = encoder_onnx.build(weights, config, path, probes, ENCODER_THREADS)
+    except Exception as exc:  # any build, write or runtime failure: torch embeds, as before the graph existed
+        log.warning("sentence encoder not built for ONNX Runtime (%s: %s): embedding with torch",
+                    type(exc).__name__, exc)
         return None
-    log.info("sentence encoder exported to %s (largest difference from torch %.1e)", path, diff)
+    log.info("sentence encoder built at %s (largest difference from numpy %.1e)", path, diff)
     return session
 
 
@@ -659,8 +666,8 @@ def reference_embeddings_payload(reference_texts, already: bytes | None = None) 
 def _encode(weights: dict, config: dict, input_ids, attention_mask):
     """The embedding in torch: last hidden states mean-pooled over the mask, then L2-normalised.
 
-    The torch path runs it and the ONNX export is traced from it, so the two
-    compute the same thing.
+    The torch path runs it; ``refit.encoder_onnx`` builds the same computation
+    as an ONNX graph, and a unit test holds the two together.
     """
     import torch
 
@@ -694,14 +701,31 @@ def _embed_torch(texts: list[str], input_ids: list[list[int]], order: np.ndarray
 
 
 def _embed_onnx(texts: list[str], input_ids: list[list[int]], order: np.ndarray, session) -> dict[str, np.ndarray]:
-    """Each text's vector by the ONNX export; ``order`` batches texts of similar length together."""
-    from refit.encoder_onnx import padded, run
+    """Each text's vector by the ONNX graph; ``order`` batches texts of similar length together.
 
-    fresh: dict[str, np.ndarray] = {}
-    for start in range(0, len(order), ONNX_BATCH):
-        batch = order[start:start + ONNX_BATCH]
-        fresh.update(zip((texts[i] for i in batch), run(session, *padded([input_ids[i] for i in batch]))))
-    return fresh
+    Batches run side by side, one per available core, on the one session
+    (its ``run`` is thread-safe and leaves Python's lock): each pass keeps
+    one intra-op thread, which splitting a small batch across threads could
+    not beat, and the first check of a new 1,000-row reference no longer
+    waits on one core.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from refit.encoder_onnx import padded, run
+    from refit.procs import available_cpus
+
+    batches = [order[start:start + ONNX_BATCH] for start in range(0, len(order), ONNX_BATCH)]
+
+    def embed(batch: np.ndarray) -> np.ndarray:
+        return run(session, *padded([input_ids[i] for i in batch]))
+
+    workers = min(available_cpus(), len(batches))
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="refit-embed") as pool:
+            vectors = list(pool.map(embed, batches))
+    else:
+        vectors = [embed(batch) for batch in batches]
+    return {texts[i]: vector for batch, out in zip(batches, vectors) for i, vector in zip(batch, out)}
 
 
 def _top_k_mean(similarity: np.ndarray, k: int) -> np.ndarray:

@@ -505,7 +505,7 @@ def test_the_plain_torch_encoder_matches_transformers():
 
 
 def test_onnx_embeddings_equal_the_torch_ones(clinc, tmp_path, monkeypatch):
-    """The ONNX export (traced from the torch code) embeds as torch does, to float noise, batch sizes aside."""
+    """The ONNX graph (built from the weights, no torch) embeds as torch does, to float noise, batch sizes aside."""
     from refit import encoder_onnx
     from tasks import drift
 
@@ -527,6 +527,35 @@ def test_onnx_embeddings_equal_the_torch_ones(clinc, tmp_path, monkeypatch):
         encoder_onnx.encoder_file(tmp_path, drift.encoder_fingerprint()).name]  # no partial file left beside it
     np.testing.assert_allclose(on_onnx, on_torch, atol=1e-5, rtol=0)
     assert encoder_onnx.encoder_file(tmp_path, "a" * 64) != encoder_onnx.encoder_file(tmp_path, "b" * 64)
+
+
+def test_a_graph_that_disagrees_with_numpy_is_not_kept(tmp_path, monkeypatch):
+    """The build's own check: a graph off by more than MAX_DIFF raises, and leaves no file, whole or partial."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from refit import encoder_onnx
+    from tasks import drift
+
+    model = drift._base_model_path()
+    weights, config = load_file(str(model / "model.safetensors")), json.loads((model / "config.json").read_text())
+    rows = [e.ids for e in drift._base_tokenizer().encode_batch(list(drift.PROBE_TEXTS[:2]))]
+    honest = encoder_onnx.numpy_encode
+    monkeypatch.setattr(encoder_onnx, "numpy_encode", lambda *a: honest(*a) + 1e-3)
+    target = tmp_path / "encoders" / "x.onnx"
+
+    with pytest.raises(ValueError, match="differs from numpy"):
+        encoder_onnx.build(weights, config, target, [rows])
+    assert list(target.parent.iterdir()) == []
+
+
+def test_available_cpus_is_within_the_machine():
+    import os
+
+    from refit.procs import available_cpus
+
+    assert 1 <= available_cpus() <= (os.cpu_count() or 1)
 
 
 def test_wasserstein_distance_matches_scipy():
