@@ -246,16 +246,14 @@ def measure(champion, cascade: CascadeModel, sets: dict[str, pd.DataFrame], cost
             figures(cascade, sets, cpu["cascade"], latency["cascade"][1]))
 
 
-def teach(champion, texts: list[str], batch: int = 256) -> np.ndarray:
-    """The served champion's probabilities for ``texts`` (its batches sorted by length, as it serves)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = np.zeros((len(texts), len(champion.labels)), dtype=np.float32)
-    for start in range(0, len(order), batch):
-        rows = order[start : start + batch]
-        for chunk in range(0, len(rows), champion.batch_size):
-            part = rows[chunk : chunk + champion.batch_size]
-            out[part] = champion.probabilities([texts[i] for i in part])
-    return out
+def teach(champion, texts: list[str]) -> np.ndarray:
+    """The served champion's probabilities for ``texts`` (its batches sorted by length, as it serves).
+
+    Bulk work that meters nothing, so its batches run on every available core.
+    """
+    from refit.procs import available_cpus
+
+    return champion.probabilities_of(texts, workers=available_cpus())
 
 
 @dataclass
@@ -275,6 +273,7 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
           policy: CascadePolicy, seed: int = 0, cost_texts: list[str] | None = None,
           latency_texts: list[str] | None = None) -> Built:
     """Distil, calibrate and judge a cascade in front of the served ``champion``; nothing is logged."""
+    from refit.procs import available_cpus
     from tasks.evaluate import LATENCY_SAMPLE_ROWS, COST_SAMPLE_ROWS, _sample_texts
 
     judging = [t for frame in sets.values() for t in frame["text"]]
@@ -285,7 +284,7 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
         return Built(None, CascadeVerdict(False, [rule], float("inf")), None, None, len(fit), calibration, 0.0)
     teacher = teach(champion, fit)
     student = fit_student(fit, teacher, champion.labels, policy.student_c)
-    champion_labels, _ = champion.predict(calibration)
+    champion_labels, _ = champion.predict(calibration, workers=available_cpus())
     student_labels, student_conf = student.predict(calibration)
     threshold = calibrate(student_labels, student_conf, champion_labels, policy.max_calibration_disagreement)
     agreement = float(np.mean([s == c for s, c in zip(student_labels, champion_labels)]))

@@ -100,9 +100,13 @@ def quality(model, sets: dict[str, pd.DataFrame]
     ``model`` is anything with ``predict(texts) -> (labels, confidence)``: a
     served model (``serving.model.ServedModel``) here, as it answers in production.
     """
+    from refit.procs import available_cpus
+    from serving.model import ServedModel
+
+    workers = {"workers": available_cpus()} if isinstance(model, ServedModel) else {}  # bulk: metered elsewhere
     slices, groups, hits = {}, {}, {}
     for name, frame in sets.items():
-        predicted, confidence = model.predict(frame["text"].tolist())
+        predicted, confidence = model.predict(frame["text"].tolist(), **workers)
         confidence = np.asarray(confidence, dtype=np.float64)
         truth = frame["label"].tolist()
         correct = np.array([p == t for p, t in zip(predicted, truth)], dtype=np.float64)

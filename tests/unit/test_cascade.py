@@ -35,9 +35,12 @@ class KeywordChampion:
                 out[row, col] += sum(word in text for word in WORDS[label])
         return out / out.sum(axis=1, keepdims=True)
 
-    def predict(self, texts):
+    def probabilities_of(self, texts, workers=1):
         self.seen.extend(texts)
-        proba = self.probabilities(texts)
+        return self.probabilities(texts)
+
+    def predict(self, texts, workers=1):
+        proba = self.probabilities_of(texts)
         return [LABELS[i] for i in proba.argmax(axis=1)], proba.max(axis=1)
 
 

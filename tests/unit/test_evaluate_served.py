@@ -35,3 +35,20 @@ def test_candidates_are_scored_as_served(tmp_path, monkeypatch):
 
     monkeypatch.setenv("REFIT_SERVE_RUNTIME", "torch")
     assert next(iter(served({"m": adapter}).values())).runtime == "torch"
+
+
+def test_bulk_scoring_on_several_workers_matches_one(tmp_path):
+    """``probabilities_of`` runs batches side by side on the one session: same numbers, same order, as one worker."""
+    torch.set_num_threads(1)
+    labels = ["balance", "transfer", "oos"]
+    adapter = modeling.save_model(modeling.new_model(labels, modeling.LoraSpec(), seed=2), tmp_path / "a")
+    [model] = served({"m": adapter}, runtime="onnx").values()
+    texts = [f"{'please ' * (i % 9)}what is my balance number {i}" for i in range(150)]  # 5 batches, mixed lengths
+
+    alone = model.probabilities_of(texts, workers=1)
+    together = model.probabilities_of(texts, workers=3)
+
+    assert model.runtime == "onnx" and alone.shape == (150, 3)
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(alone[7], model.probabilities([texts[7]])[0], atol=1e-5)  # each row is its own text
+    assert model.predict(texts, workers=2)[0] == model.predict(texts)[0]
