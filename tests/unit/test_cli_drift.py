@@ -120,28 +120,31 @@ def refit_reporting_imports(*args: str | Path, home: Path | None = None) -> subp
                           timeout=300)
 
 
-def test_the_window_is_embedded_on_onnx_runtime_from_an_export_kept_under_refit_home(pools, tmp_path):
-    """First check: the encoder is exported to REFIT_HOME/cache/encoders; later ones import neither torch nor
-    transformers. A broken export is made again; where none can be written, torch embeds and the verdict agrees."""
+def test_the_window_is_embedded_on_onnx_runtime_from_a_graph_kept_under_refit_home(pools, tmp_path):
+    """First check: the encoder's graph is built from its weights into REFIT_HOME/cache/encoders, without torch;
+    later ones read it. A broken file is built again; where none can be written, torch embeds and the verdict
+    agrees."""
     reference, current = served_pair(pools, 300, index=5, kind=bench_drift.SHIFTED)
     reference.to_parquet(tmp_path / "reference.parquet")
     current.to_parquet(tmp_path / "window.parquet")
     home = tmp_path / "home"
     files = (tmp_path / "reference.parquet", tmp_path / "window.parquet", "--json", "--no-embeddings-cache")
 
-    first = last_json(refit("drift", *files, home=home))
-    [export] = (home / "cache" / "encoders").glob("*.onnx")
+    built = refit_reporting_imports("drift", *files, home=home)
+    first = last_json(built)
+    [graph] = (home / "cache" / "encoders").glob("*.onnx")
     again = refit_reporting_imports("drift", *files, home=home)
-    export.write_bytes(export.read_bytes()[:4096])  # cut short, as by a full disk
+    graph.write_bytes(graph.read_bytes()[:4096])  # cut short, as by a full disk
     repaired = refit("drift", *files, home=home)
-    (tmp_path / "not-a-folder").write_text("REFIT_HOME is a file: no export can be kept under it")
+    (tmp_path / "not-a-folder").write_text("REFIT_HOME is a file: no graph can be kept under it")
     on_torch = refit("drift", *files, home=tmp_path / "not-a-folder")
 
+    assert "heavy imports: []" in built.stderr, built.stderr[-2000:]  # the build itself needs no torch
     assert last_json(again) == first
     assert "heavy imports: []" in again.stderr, again.stderr[-2000:]
-    assert "does not open" in repaired.stderr and "exporting it again" in repaired.stderr
-    assert last_json(repaired) == first and export.stat().st_size > 10_000_000
-    assert "not exported to ONNX" in on_torch.stderr and "embedding with torch" in on_torch.stderr
+    assert "does not open" in repaired.stderr and "building it again" in repaired.stderr
+    assert last_json(repaired) == first and graph.stat().st_size > 10_000_000
+    assert "not built for ONNX Runtime" in on_torch.stderr and "embedding with torch" in on_torch.stderr
     torch_verdict = last_json(on_torch)
     assert (torch_verdict["drift_detected"], torch_verdict["severity"]) == (first["drift_detected"], first["severity"])
     assert first["drift_detected"]  # a shifted window: the text signal has something to measure
