@@ -15,9 +15,9 @@ the graph. A unit test holds it to the torch pass and that to transformers.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,7 +125,7 @@ def encoder_graph(weights: dict, config: dict):
     hidden_size, heads = config["hidden_size"], config["num_attention_heads"]
     eps, size = float(config["layer_norm_eps"]), hidden_size // heads
     nodes, initializers = [], []
-    counter = iter(range(1_000_000))
+    counter = itertools.count()
 
     def const(array, name=None) -> str:
         name = name or f"c{next(counter)}"
