@@ -5,7 +5,7 @@
 # Files: a 1,000-row reference (predictions, confidences, labels, scored_on) and a 500-row window of CLINC150 texts
 # (REFIT_DATA_DIR), drawn as refit.bench_drift draws a quiet pair. Each checkout runs once first, untimed in the
 # table's comparison ("before, first", "after, first"): it writes the reference's embeddings and, after the ONNX
-# change, exports the encoder to a fresh REFIT_HOME ($WORKDIR/home); the 3 timed runs of each read them.
+# change, builds the encoder graph in a fresh REFIT_HOME ($WORKDIR/home); the 3 timed runs of each read them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"; before="$1"; work="${2:-$(mktemp -d)}"
 py="$here/.venv/bin/python"
