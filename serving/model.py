@@ -66,32 +66,36 @@ class ServedModel:
 
         With ``workers`` > 1 and ONNX Runtime, that many batches run at once
         on the one session (its ``run`` is thread-safe and leaves Python's
-        lock; each keeps its one intra-op thread). For bulk scoring that
-        measures nothing: cost and latency are metered with one worker.
+        lock; each keeps its one intra-op thread). Every batch is tokenised
+        first, in this thread: a fast tokenizer shared across threads can
+        fail with "Already borrowed" (transformers#47085). For bulk scoring
+        that measures nothing: cost and latency are metered with one worker.
         """
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-
-        def one(batch: list[int]) -> np.ndarray:
-            return self.probabilities([texts[i] for i in batch])
-
         workers = min(workers, len(batches)) if self.session is not None else 1
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
+            features = [self._features([texts[i] for i in batch]) for batch in batches]
             with ThreadPoolExecutor(workers, thread_name_prefix="refit-score") as pool:
-                results = list(pool.map(one, batches))
+                results = list(pool.map(self._softmax_of, features))
         else:
-            results = [one(batch) for batch in batches]
+            results = [self.probabilities([texts[i] for i in batch]) for batch in batches]
         for batch, proba in zip(batches, results):
             out[batch] = proba
         return out
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """Softmax over the labels for one batch, padded to its longest text."""
-        features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=modeling.MAX_LENGTH,
-                                  return_tensors="np")
+        return self._softmax_of(self._features(texts))
+
+    def _features(self, texts: Sequence[str]) -> dict:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=modeling.MAX_LENGTH,
+                              return_tensors="np")
+
+    def _softmax_of(self, features: dict) -> np.ndarray:
         if self.session is None:
             with torch.inference_mode():
                 logits = self.model(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.numpy()
