@@ -79,16 +79,32 @@ def gone(process: str) -> bool | None:
     return not alive(pid_number) or _start_ticks(pid_number) != start
 
 
-def available_cpus() -> int:
+def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The cores this process may run on: its CPU affinity, capped by a cgroup v2 quota (``cpu.max``) if any."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = cpu_max.read_text().split()[:2]
         if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
+            cores = min(cores, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
         pass
     return max(1, cores)
+
+
+def side_by_side(fn, items: list, workers: int | None = None) -> list:
+    """``[fn(item) for item in items]``, up to ``workers`` (default: ``available_cpus``) at once in threads.
+
+    For calls that leave Python's lock while they work (an ONNX Runtime
+    ``run`` on one intra-op thread): a pass per core, with no threads
+    splitting one small batch. One worker, or one item, runs them in order here.
+    """
+    workers = min(workers or available_cpus(), len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="refit-side-by-side") as pool:
+        return list(pool.map(fn, items))

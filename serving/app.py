@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -334,14 +333,16 @@ class Server:
 def inference_threads(settings: Settings, runtime: str | None = None) -> int:
     """Threads for the forward pass on ``runtime`` (the configured one by default).
 
-    ONNX Runtime: every core. Its pass is one call that leaves Python's lock
+    ONNX Runtime: every available core (affinity, cgroup quota). Its pass is one call that leaves Python's lock
     to the event loop, and its idle threads sleep rather than spin.
     torch: one core is left to HTTP, JSON and the request log, since its
     eager pass takes the lock back between operations and its threads spin;
     on a busy machine every core in the pass halved throughput (measured in
     ``refit bench serve``). ``REFIT_SERVE_TORCH_THREADS`` overrides both.
     """
-    cores = os.cpu_count() or 2
+    from refit.procs import available_cpus
+
+    cores = available_cpus()
     runtime = runtime or settings.serve_runtime
     return settings.serve_torch_threads or (cores if runtime == "onnx" else max(1, cores - 1))
 

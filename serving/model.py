@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from refit import modeling
+from refit.procs import side_by_side
 
 log = logging.getLogger("refit.serving")
 RUNTIMES = ("onnx", "torch")
@@ -74,15 +75,8 @@ class ServedModel:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        workers = min(workers, len(batches)) if self.session is not None else 1
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            features = [self._features([texts[i] for i in batch]) for batch in batches]
-            with ThreadPoolExecutor(workers, thread_name_prefix="refit-score") as pool:
-                results = list(pool.map(self._softmax_of, features))
-        else:
-            results = [self.probabilities([texts[i] for i in batch]) for batch in batches]
+        features = [self._features([texts[i] for i in batch]) for batch in batches]
+        results = side_by_side(self._softmax_of, features, workers if self.session is not None else 1)
         for batch, proba in zip(batches, results):
             out[batch] = proba
         return out

@@ -709,22 +709,11 @@ def _embed_onnx(texts: list[str], input_ids: list[list[int]], order: np.ndarray,
     not beat, and the first check of a new 1,000-row reference no longer
     waits on one core.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from refit.encoder_onnx import padded, run
-    from refit.procs import available_cpus
+    from refit.procs import side_by_side
 
     batches = [order[start:start + ONNX_BATCH] for start in range(0, len(order), ONNX_BATCH)]
-
-    def embed(batch: np.ndarray) -> np.ndarray:
-        return run(session, *padded([input_ids[i] for i in batch]))
-
-    workers = min(available_cpus(), len(batches))
-    if workers > 1:
-        with ThreadPoolExecutor(workers, thread_name_prefix="refit-embed") as pool:
-            vectors = list(pool.map(embed, batches))
-    else:
-        vectors = [embed(batch) for batch in batches]
+    vectors = side_by_side(lambda batch: run(session, *padded([input_ids[i] for i in batch])), batches)
     return {texts[i]: vector for batch, out in zip(batches, vectors) for i, vector in zip(batch, out)}
 
 

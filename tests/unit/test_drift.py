@@ -550,12 +550,21 @@ def test_a_graph_that_disagrees_with_numpy_is_not_kept(tmp_path, monkeypatch):
     assert list(target.parent.iterdir()) == []
 
 
-def test_available_cpus_is_within_the_machine():
+def test_available_cpus_is_capped_by_a_cgroup_quota(tmp_path):
     import os
 
-    from refit.procs import available_cpus
+    from refit.procs import available_cpus, side_by_side
 
-    assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # one and a half cores: one whole one
+    assert available_cpus(quota) == 1
+    quota.write_text("max 100000\n")
+    assert available_cpus(quota) == affinity
+    assert available_cpus(tmp_path / "no-cgroup") == affinity
+    quota.write_text("0 100000\n")  # less than a core is still one
+    assert available_cpus(quota) == 1
+    assert side_by_side(lambda x: x * x, list(range(50)), workers=3) == [x * x for x in range(50)]  # in order
 
 
 def test_wasserstein_distance_matches_scipy():
