@@ -78,7 +78,7 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
                                         held_out=golden.frame)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         cascade(name, version, adapter_dir, adoption.train, [], {"golden": golden.frame}, ctx.rates,
-                ctx.experiment_id)  # the cheap tier, gated as a unit before the server is told
+                ctx.experiment_id, store=ctx.store)  # the cheap tier, gated as a unit before the server is told
         promote(name, version, versions.alias_version(name, versions.CHAMPION))
         result = {"model_name": name, "version": version, "labels": len(adoption.labels),
                   "golden_accuracy": quality.accuracy, "golden_rows": golden.rows,

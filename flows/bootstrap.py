@@ -73,7 +73,7 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
                                         held_out=golden.frame)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         cascade(name, version, trained.adapter_dir, data.train, [], {"golden": golden.frame}, ctx.rates,
-                ctx.experiment_id)  # the cheap tier, gated as a unit before the server is told
+                ctx.experiment_id, store=ctx.store)  # the cheap tier, gated as a unit before the server is told
         promote(name, version, versions.alias_version(name, versions.CHAMPION))
         result = {"version": version, "run_id": run.info.run_id, "reference_uri": reference_uri,
                   "golden_accuracy": evaluation.slices["golden"].accuracy, "golden_rows": golden.rows,

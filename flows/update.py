@@ -27,6 +27,7 @@ from prefect.transactions import transaction
 from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, settings_for, user_error
 from refit import faults, modeling, procs
 from refit.data import fingerprint
+from refit.encoder_states import EncoderStates
 from refit.evalsets import read_golden
 from refit.errors import RefitError
 from refit.labels import check_source
@@ -76,7 +77,8 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
         mlflow.log_params(flat_params("recipe", recipe) | {"rows": len(frame)})
         warm = start_dir if recipe.start == "warm" else None
         trained = fine_tune(frame, recipe, ctx.rates, labels=data.labels, warm_start=warm, seed=ctx.settings.seed,
-                            base=modeling.base_of(champion_dir))
+                            base=modeling.base_of(champion_dir),
+                            states=EncoderStates.of(ctx.store, name, warm) if warm else None)
         faults.point("update.after_train")
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates)
@@ -303,7 +305,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
                 # The cheap tier, gated as a unit; before the promotion tells the server, which then loads it.
                 cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,
-                        ctx.experiment_id)
+                        ctx.experiment_id, store=ctx.store)
                 with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}") as lease:
                     faults.point("update.before_promote")
                     promote(name, version, champion, lease=lease)

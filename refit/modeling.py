@@ -45,6 +45,8 @@ MAX_LENGTH = 64
 # A tokenizer's model_max_length above this is transformers' "no limit" sentinel, not a limit.
 _NO_LIMIT = 1_000_000
 CACHE_BATCH = 128  # rows per forward pass when caching a frozen encoder's output
+STATE_PROBES = 8  # kept encoder states checked against this pass before any is used
+STATE_TOLERANCE = 1e-5  # relative to the largest state: ONNX Runtime on merged weights against torch on LoRA
 # The update policy counts frozen layers out of this depth (the packaged base's six); other depths are scaled.
 POLICY_DEPTH = 6
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
@@ -652,6 +654,14 @@ def _replay_fails(upper, head, hidden: torch.Tensor, mask: torch.Tensor, last: t
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def _states_differ(kept: torch.Tensor, computed: torch.Tensor) -> str | None:
+    """None if states kept from an earlier pass (ONNX Runtime, merged weights) match this pass's."""
+    if kept.shape != computed.shape:
+        return f"kept states of shape {tuple(kept.shape)}, not {tuple(computed.shape)}"
+    diff, scale = float((kept - computed).abs().max()), float(computed.abs().max())
+    return None if diff <= STATE_TOLERANCE * max(1.0, scale) else f"kept states differ by {diff:.2e} (largest {scale:.2e})"
+
+
 def frozen_for(frozen_layers: int, layers: int, depth: int = POLICY_DEPTH) -> int:
     """The policy's frozen layers (counted out of ``depth``) for a model with ``layers`` layers.
 
@@ -680,6 +690,7 @@ def train_upper(
     temperature: float = 2.0,
     on_step: Callable[[int, int, float], None] | None = None,
     depth: int = POLICY_DEPTH,
+    known: Sequence[np.ndarray | None] | None = None,
 ) -> TrainStats:
     """Fine-tune only what sits above the lowest encoder layers.
 
@@ -695,6 +706,12 @@ def train_upper(
     reproduce the model's own logits; where they cannot (a family whose
     layers need relative positions), each step runs the whole model, lower
     layers still frozen.
+
+    ``known`` (one entry per text, or None) gives states kept from an
+    earlier pass of this encoder (``refit.encoder_states``): with every layer
+    frozen, those rows skip the pass, and their soft targets come from the
+    head. A sample of them is run through the pass anyway and must agree
+    with what was kept, or none is used.
     """
     parts = anatomy(model)
     layers = _module(_inner(model), parts.layers)
@@ -708,30 +725,61 @@ def train_upper(
     rng = random.Random(seed)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length(model, tokenizer))
     input_ids = encoded["input_ids"]
+    lengths = [len(ids) for ids in input_ids]
     labels = torch.tensor(list(label_ids), dtype=torch.long)
     soft = torch.tensor(list(distill) if distill is not None else [False] * len(texts), dtype=torch.bool)
     upper, head = _upper_fn(model, frozen), _head_fn(model)
+    # Kept states stand in for the pass only where they are what it would compute: every layer frozen, and
+    # texts that serving's truncation (where they were computed) left whole.
+    reuse = {i: state for i, state in enumerate(known or ()) if state is not None and frozen == len(layers)
+             and lengths[i] <= MAX_LENGTH}
+    probes = set(sorted(reuse)[:: max(1, len(reuse) // STATE_PROBES)][:STATE_PROBES])
 
-    # One pass without gradients: the frozen part's output and the starting model's logits.
+    def frozen_pass(rows: list[int]) -> tuple[list, str | None, dict[int, torch.Tensor]]:
+        """One pass without gradients: the frozen part's output and the starting model's logits for ``rows``."""
+        nonlocal tokens
+        cached, why_not, seen = [], None, {}
+        with torch.no_grad():  # not inference_mode: the cached tensors feed autograd later
+            # Large forward batches (cheaper per row), cut into training batches of similar lengths.
+            for number, local in enumerate(_batches_by_length([lengths[i] for i in rows],
+                                                              max(batch_size, CACHE_BATCH), None)):
+                big = [rows[j] for j in local]
+                features = tokenizer.pad({"input_ids": [input_ids[i] for i in big]}, return_tensors="pt")
+                out = model(**features, output_hidden_states=True)
+                hidden = out.hidden_states[frozen]
+                if frozen == len(layers):
+                    hidden = hidden[:, :1]  # every supported head reads position 0 only (checked below)
+                if number == 0:
+                    last = out.hidden_states[-1][:, : hidden.shape[1]]
+                    why_not = _replay_fails(upper, head, hidden, features["attention_mask"], last, out.logits)
+                tokens += int(features["attention_mask"].sum())
+                seen |= {row: hidden[j, 0] for j, row in enumerate(big) if row in probes}
+                for s in range(0, len(big), batch_size):
+                    cached.append((big[s : s + batch_size], None if why_not else hidden[s : s + batch_size].clone(),
+                                   features["attention_mask"][s : s + batch_size],
+                                   out.logits[s : s + batch_size].clone(), features["input_ids"][s : s + batch_size]))
+        return cached, why_not, seen
+
     model.eval()
-    cached, tokens, why_not = [], 0, None
-    with torch.no_grad():  # not inference_mode: the cached tensors feed autograd later
-        # Large forward batches (cheaper per row), cut into training batches of similar lengths.
-        for number, big in enumerate(_batches_by_length([len(ids) for ids in input_ids],
-                                                        max(batch_size, CACHE_BATCH), None)):
-            features = tokenizer.pad({"input_ids": [input_ids[i] for i in big]}, return_tensors="pt")
-            out = model(**features, output_hidden_states=True)
-            hidden = out.hidden_states[frozen]
-            if frozen == len(layers):
-                hidden = hidden[:, :1]  # every supported head reads position 0 only (checked below)
-            if number == 0:
-                last = out.hidden_states[-1][:, : hidden.shape[1]]
-                why_not = _replay_fails(upper, head, hidden, features["attention_mask"], last, out.logits)
-            tokens += int(features["attention_mask"].sum())
-            for s in range(0, len(big), batch_size):
-                cached.append((big[s : s + batch_size], None if why_not else hidden[s : s + batch_size].clone(),
-                               features["attention_mask"][s : s + batch_size], out.logits[s : s + batch_size].clone(),
-                               features["input_ids"][s : s + batch_size]))
+    tokens = 0
+    cached, why_not, seen = frozen_pass([i for i in range(len(texts)) if i not in reuse or i in probes])
+    if reuse:
+        rows = sorted(probes)
+        mismatch = why_not or _states_differ(torch.from_numpy(np.stack([reuse[i] for i in rows])),
+                                             torch.stack([seen[i] for i in rows]))
+        kept = sorted((i for i in reuse if i not in probes), key=lambda i: lengths[i])
+        if mismatch:
+            import logging
+
+            logging.getLogger(__name__).info("kept encoder states not used (%s): computing %d rows", mismatch,
+                                             len(kept))
+            cached += frozen_pass(kept)[0]
+        else:
+            with torch.no_grad():
+                for s in range(0, len(kept), batch_size):
+                    batch = kept[s : s + batch_size]
+                    hidden = torch.from_numpy(np.stack([reuse[i] for i in batch]))[:, None, :]
+                    cached.append((batch, hidden, torch.ones(len(batch), 1, dtype=torch.long), head(hidden), None))
     if why_not:
         import logging
 

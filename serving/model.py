@@ -33,6 +33,7 @@ from refit.procs import side_by_side
 log = logging.getLogger("refit.serving")
 RUNTIMES = ("onnx", "torch")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUTS = ("logits", "states")
 # The most an exported model's probabilities may differ from torch's on the probe texts.
 MAX_PROBABILITY_DIFF = 1e-4
 
@@ -72,13 +73,28 @@ class ServedModel:
         fail with "Already borrowed" (transformers#47085). For bulk scoring
         that measures nothing: cost and latency are metered with one worker.
         """
+        return self._bulk(texts, workers, self._softmax_of)
+
+    def probabilities_and_states(self, texts: Sequence[str], workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``probabilities_of`` and, from the same pass, each text's last-layer state at the first position.
+
+        The states are what an update that trains the head alone starts from
+        (``refit.encoder_states``): a pass the cascade build makes anyway
+        leaves them for the next update, which then skips these texts'
+        forward pass.
+        """
+        out = self._bulk(texts, workers, self._softmax_and_states_of)
+        return out[:, : len(self.labels)], out[:, len(self.labels) :]
+
+    def _bulk(self, texts: Sequence[str], workers: int, per_batch) -> np.ndarray:
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         features = [self._features([texts[i] for i in batch]) for batch in batches]
-        results = side_by_side(self._softmax_of, features, workers if self.session is not None else 1)
-        for batch, proba in zip(batches, results):
-            out[batch] = proba
+        results = side_by_side(per_batch, features, workers if self.session is not None else 1)
+        width = results[0].shape[1] if results else len(self.labels)
+        out = np.zeros((len(texts), width), dtype=np.float32)
+        for batch, rows in zip(batches, results):
+            out[batch] = rows
         return out
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
@@ -90,14 +106,25 @@ class ServedModel:
                               return_tensors="np")
 
     def _softmax_of(self, features: dict) -> np.ndarray:
+        return _softmax(self._run(features, OUTPUTS[:1])[0])
+
+    def _softmax_and_states_of(self, features: dict) -> np.ndarray:
+        logits, states = self._run(features, OUTPUTS)
+        return np.concatenate([_softmax(logits), states], axis=1)
+
+    def _run(self, features: dict, outputs: Sequence[str]) -> list[np.ndarray]:
         if self.session is None:
             with torch.inference_mode():
-                logits = self.model(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.numpy()
-        else:
-            logits = self.session.run(["logits"], {i.name: features[i.name].astype(np.int64)
-                                                   for i in self.session.get_inputs()})[0]
-        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return shifted / shifted.sum(axis=-1, keepdims=True)
+                out = self.model(**{k: torch.from_numpy(v) for k, v in features.items()},
+                                 output_hidden_states="states" in outputs)
+            return [out.logits.numpy(), *([_states(out).numpy()] if "states" in outputs else [])]
+        return self.session.run(list(outputs), {i.name: features[i.name].astype(np.int64)
+                                                for i in self.session.get_inputs()})
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def merged(adapter_dir: Path) -> torch.nn.Module:
@@ -109,15 +136,26 @@ def merged(adapter_dir: Path) -> torch.nn.Module:
     return model
 
 
-class _Logits(torch.nn.Module):
-    """The classifier with positional inputs and logits only: what the exporter traces."""
+def _states(out) -> torch.Tensor:
+    """The last encoder layer's output at the first position: what every supported head reads (``encoder_states``)."""
+    return out.hidden_states[-1][:, 0]
+
+
+class _Outputs(torch.nn.Module):
+    """The classifier with positional inputs, returning its logits and its last layer's first-position states.
+
+    What the exporter traces. Serving asks the session for ``logits`` only;
+    bulk passes over the replay pool also take ``states`` (see
+    ``refit.encoder_states``): the same pass, one more output.
+    """
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str]):
         super().__init__()
         self.model, self.names = model, tuple(names)
 
     def forward(self, *tensors):
-        return self.model(**dict(zip(self.names, tensors))).logits
+        out = self.model(**dict(zip(self.names, tensors)), output_hidden_states=True)
+        return out.logits, _states(out)
 
 
 def onnx_session(model: torch.nn.Module, tokenizer, threads: int):
@@ -128,14 +166,14 @@ def onnx_session(model: torch.nn.Module, tokenizer, threads: int):
                       return_tensors="pt")
     names = [name for name in INPUTS if name in dummy]
     # eval(): the exporter puts the wrapper's training flag back afterwards, and a new module is in training mode.
-    wrapper = _Logits(model, names).eval()
+    wrapper = _Outputs(model, names).eval()
     with tempfile.TemporaryDirectory(prefix="refit-onnx-") as directory, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         path = str(Path(directory) / "model.onnx")
         torch.onnx.export(wrapper, tuple(dummy[name] for name in names), path, input_names=names,
-                          output_names=["logits"], opset_version=17, do_constant_folding=True, dynamo=False,
+                          output_names=list(OUTPUTS), opset_version=17, do_constant_folding=True, dynamo=False,
                           dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in names},
-                                        "logits": {0: "batch"}})
+                                        **{name: {0: "batch"} for name in OUTPUTS}})
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -26,7 +26,7 @@ import html
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -246,14 +246,16 @@ def measure(champion, cascade: CascadeModel, sets: dict[str, pd.DataFrame], cost
             figures(cascade, sets, cpu["cascade"], latency["cascade"][1]))
 
 
-def teach(champion, texts: list[str]) -> np.ndarray:
+def teach(champion, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The served champion's probabilities for ``texts`` (its batches sorted by length, as it serves).
 
     Bulk work that meters nothing, so its batches run on every available core.
+    The same pass returns each text's encoder state (``refit.encoder_states``),
+    which the next update that trains the head alone reuses.
     """
     from refit.procs import available_cpus
 
-    return champion.probabilities_of(texts, workers=available_cpus())
+    return champion.probabilities_and_states(texts, workers=available_cpus())
 
 
 @dataclass
@@ -267,6 +269,8 @@ class Built:
     fit_texts: int
     calibration_texts: list[str]
     calibration_agreement: float
+    state_texts: list[str] = field(default_factory=list)  # the texts the champion was run on, and their states
+    states: np.ndarray | None = None
 
 
 def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets: dict[str, pd.DataFrame],
@@ -282,9 +286,10 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
     if len(calibration) < policy.min_calibration_texts or not fit:
         rule = at_least("calibration_texts", len(calibration), policy.min_calibration_texts)
         return Built(None, CascadeVerdict(False, [rule], float("inf")), None, None, len(fit), calibration, 0.0)
-    teacher = teach(champion, fit)
+    teacher, fit_states = teach(champion, fit)
     student = fit_student(fit, teacher, champion.labels, policy.student_c)
-    champion_labels, _ = champion.predict(calibration, workers=available_cpus())
+    calibration_proba, calibration_states = champion.probabilities_and_states(calibration, workers=available_cpus())
+    champion_labels = [champion.labels[i] for i in calibration_proba.argmax(axis=1)]
     student_labels, student_conf = student.predict(calibration)
     threshold = calibrate(student_labels, student_conf, champion_labels, policy.max_calibration_disagreement)
     agreement = float(np.mean([s == c for s, c in zip(student_labels, champion_labels)]))
@@ -292,7 +297,8 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
     before, after = measure(champion, cascade, sets, cost_texts or _sample_texts(sets, COST_SAMPLE_ROWS),
                             latency_texts or _sample_texts(sets, LATENCY_SAMPLE_ROWS))
     verdict = judge(before, after, threshold, policy)
-    return Built(cascade, verdict, before, after, len(fit), calibration, agreement)
+    return Built(cascade, verdict, before, after, len(fit), calibration, agreement, fit + calibration,
+                 np.concatenate([fit_states, calibration_states]))
 
 
 # --- the one call the flows make -------------------------------------------------------------------------------
@@ -305,7 +311,7 @@ def _html(title: str, verdict: CascadeVerdict, result: dict) -> str:
 
 def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.DataFrame, recent_texts: Sequence[str],
                   sets: dict[str, pd.DataFrame], rates: Rates, experiment_id: str, policy: str = "cascade",
-                  seed: int = 0) -> dict:
+                  seed: int = 0, store=None) -> dict:
     """Build, calibrate and gate the cascade of a registered version, and record it in MLflow.
 
     Called by the flows after a promotion (and after bootstrap or adopt
@@ -327,6 +333,8 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
         experiment_id: MLflow experiment of the run.
         policy: cascade policy name or YAML path.
         seed: of the calibration split.
+        store: where the champion's encoder states from the same passes are
+            kept for the next update (``refit.encoder_states``); None keeps none.
     """
     import tempfile
 
@@ -346,10 +354,11 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
         built = Built(None, CascadeVerdict(False, [], float("inf"), f"{type(exc).__name__}: {exc}"[:500]),
                       None, None, 0, [], 0.0)
     verdict = built.verdict
+    kept_states = keep_states(store, model_name, Path(adapter_dir), built)
     result = {"model_name": model_name, "version": version, "passed": verdict.passed, "verdict": verdict.summary,
               "threshold": verdict.threshold, "fit_texts": built.fit_texts,
               "calibration_texts": len(built.calibration_texts),
-              "calibration_agreement": round(built.calibration_agreement, 4)}
+              "calibration_agreement": round(built.calibration_agreement, 4), "encoder_states_kept": kept_states}
     if built.figures is not None:
         champ, casc = built.champion, built.figures
         result |= {
@@ -390,8 +399,26 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
     return result
 
 
+def keep_states(store, model_name: str, adapter_dir: Path, built: Built) -> int:
+    """Keep the encoder states the build's passes returned, for the next update; the rows kept (0: none).
+
+    A cache: a failure to write is logged and costs the next update its forward pass, never this build.
+    """
+    from refit.encoder_states import EncoderStates
+
+    if store is None or built.states is None or not built.state_texts:
+        return 0
+    try:
+        return EncoderStates.of(store, model_name, adapter_dir).save(built.state_texts, built.states)
+    except Exception:  # noqa: BLE001
+        log.exception("encoder states of %s not kept", model_name)
+        return 0
+
+
 @task(name="cascade", cache_policy=NO_CACHE)
 def cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.DataFrame, recent_texts: Sequence[str],
-            sets: dict[str, pd.DataFrame], rates: Rates, experiment_id: str, policy: str = "cascade") -> dict:
-    return build_cascade(model_name, version, adapter_dir, pool, recent_texts, sets, rates, experiment_id, policy)
+            sets: dict[str, pd.DataFrame], rates: Rates, experiment_id: str, policy: str = "cascade",
+            store=None) -> dict:
+    return build_cascade(model_name, version, adapter_dir, pool, recent_texts, sets, rates, experiment_id, policy,
+                         store=store)
 

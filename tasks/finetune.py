@@ -21,6 +21,7 @@ from pydantic import Field
 from refit import modeling
 from refit.cost import Meter, Rates, TrainingCost
 from refit.data import per_label_sample, stratified_sample, text_hash, text_hashes
+from refit.encoder_states import EncoderStates
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
 
@@ -209,14 +210,16 @@ class Trained:
 
 def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: list[str] | None = None,
                   warm_start: Path | None = None, seed: int = 0, on_step=None,
-                  base: modeling.BaseRef | None = None) -> Trained:
+                  base: modeling.BaseRef | None = None, states: EncoderStates | None = None) -> Trained:
     """Train from the champion's adapter (``warm_start``) or a fresh one over ``base``.
 
     ``base`` defaults to the configured base (``REFIT_BASE_MODEL``); an update
     passes its champion's, so a full retrain of an adopted model starts over
     the adopted checkpoint, with its tokenizer. On a warm start, rows with
     ``origin == "replay"`` are distilled toward the champion's own outputs when
-    the recipe gives them a weight.
+    the recipe gives them a weight. ``states``: the starting encoder's kept
+    states (``refit.encoder_states``); a warm start with every layer frozen
+    skips the forward pass of the rows found there (read inside the meter).
     """
     import torch
 
@@ -234,10 +237,12 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
     with Meter(on_gpu=torch.cuda.is_available()) as meter:
         if warm_start is not None:
             replay = (frame["origin"] == "replay").tolist() if "origin" in frame.columns else None
+            known = (states.lookup(texts) if states is not None and recipe.frozen_layers == modeling.POLICY_DEPTH
+                     else None)
             stats = modeling.train_upper(model, tokenizer, texts, targets, frozen_layers=recipe.frozen_layers,
                                          epochs=recipe.epochs, learning_rate=recipe.learning_rate,
                                          batch_size=recipe.batch_size, seed=seed, distill=replay,
-                                         distill_weight=recipe.distill_weight, on_step=on_step)
+                                         distill_weight=recipe.distill_weight, on_step=on_step, known=known)
         else:
             stats = modeling.train(model, tokenizer, texts, targets, epochs=recipe.epochs,
                                    learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, seed=seed,
@@ -278,6 +283,7 @@ def _progress_logger(label: str):
 
 @task(name="fine-tune", cache_policy=NO_CACHE)
 def fine_tune(frame: pd.DataFrame, recipe: Recipe, rates: Rates, labels: list[str] | None = None,
-              warm_start: Path | None = None, seed: int = 0, base: modeling.BaseRef | None = None) -> Trained:
+              warm_start: Path | None = None, seed: int = 0, base: modeling.BaseRef | None = None,
+              states: EncoderStates | None = None) -> Trained:
     return train_adapter(frame, recipe, rates, labels=labels, warm_start=warm_start, seed=seed,
-                         on_step=_progress_logger("fine-tune"), base=base)
+                         on_step=_progress_logger("fine-tune"), base=base, states=states)

@@ -39,6 +39,9 @@ class KeywordChampion:
         self.seen.extend(texts)
         return self.probabilities(texts)
 
+    def probabilities_and_states(self, texts, workers=1):
+        return self.probabilities_of(texts), np.zeros((len(texts), 4), dtype=np.float32)
+
     def predict(self, texts, workers=1):
         proba = self.probabilities_of(texts)
         return [LABELS[i] for i in proba.argmax(axis=1)], proba.max(axis=1)

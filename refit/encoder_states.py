@@ -1,0 +1,123 @@
+"""Encoder states kept per encoder version, so an update that trains the head alone skips rows it has seen.
+
+With every encoder layer frozen (the ladder's ``head`` rung), an update needs
+one vector per training row: the last encoder layer's output at the first
+position, which is what the classification head reads. The champion's own
+logits for replay rows (its soft targets) follow from that vector through the
+head. The forward pass that computes the vectors was about 80% of that rung's
+CPU time, and half its rows are replay rows the champion has already been run
+on: the cascade build runs each newly promoted version over the replay pool
+and recent traffic, and its ONNX pass returns these states as a second output
+of the same graph (``ServedModel.probabilities_and_states``).
+
+They are kept under the encoder's fingerprint: a hash of the base weights and
+of the adapter's encoder tensors (LoRA), not of the head. An update that trains
+the head alone leaves the encoder as it was, so the next update finds them under
+the same fingerprint; an update that trains encoder layers starts a new file.
+
+Layout: ``cache/model=<name>/encoder-states/<fingerprint>.npz`` (exact-text
+hashes and float32 states). It is a cache: a missing or unreadable file costs
+only the forward pass it would have saved, and ``modeling.train_upper``
+checks a sample of the states against its own pass before it uses any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# The most rows one encoder version keeps (newest kept): 50,000 x 384 floats is 77 MB.
+MAX_ROWS = 50_000
+# Part of the fingerprint: a change to what is stored (the state's position, the serving truncation) is a new file.
+SCHEME = "last encoder layer, first position; float32; exact-text sha1"
+
+
+def state_key(text: str) -> str:
+    """The exact text's hash (not the leakage guard's normalised one: a cased model tells 'US' from 'us')."""
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def fingerprint(adapter_dir: Path) -> str:
+    """The encoder an adapter runs: its base's weights hash, the LoRA tensors and their scaling; not the head."""
+    from safetensors.numpy import load_file
+
+    from refit import modeling
+
+    adapter_dir = Path(adapter_dir)
+    digest = hashlib.sha256(f"{SCHEME}; max length {modeling.MAX_LENGTH}; "
+                            f"base {modeling.base_model_hash(adapter_dir)}".encode())
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    digest.update(json.dumps({k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
+                             sort_keys=True, default=str).encode())
+    tensors = load_file(str(adapter_dir / modeling.ADAPTER_WEIGHTS))
+    for name in sorted(tensors):
+        if "lora_" in name:
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+    return digest.hexdigest()[:32]
+
+
+class EncoderStates:
+    """The states kept for one model's encoder version in the object store."""
+
+    def __init__(self, store, model_name: str, encoder: str):
+        self.store, self.model_name, self.encoder = store, model_name, encoder
+
+    @classmethod
+    def of(cls, store, model_name: str, adapter_dir: Path) -> EncoderStates:
+        return cls(store, model_name, fingerprint(adapter_dir))
+
+    @property
+    def key(self) -> str:
+        return f"cache/model={self.model_name}/encoder-states/{self.encoder}.npz"
+
+    def load(self) -> dict[str, np.ndarray]:
+        """Text hash -> state; empty when nothing is kept or the file cannot be read (a cache miss, logged)."""
+        if not self.store.exists(self.key):
+            return {}
+        try:
+            with np.load(io.BytesIO(self.store.get_bytes(self.key)), allow_pickle=False) as kept:
+                keys, states = kept["keys"], kept["states"]
+            if states.ndim != 2 or len(keys) != len(states) or states.dtype != np.float32:
+                raise ValueError(f"keys {keys.shape} and states {states.shape} {states.dtype} do not match")
+        except Exception as exc:  # noqa: BLE001 - a cache: a bad file costs the forward pass, never the update
+            log.warning("encoder states %s unreadable (%s: %s); computing them", self.key, type(exc).__name__, exc)
+            return {}
+        return dict(zip(keys.tolist(), states))
+
+    def lookup(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Each text's kept state, or None."""
+        kept = self.load()
+        return [kept.get(state_key(text)) for text in texts]
+
+    def save(self, texts: Sequence[str], states: np.ndarray) -> int:
+        """Add ``states`` (texts x hidden) to what is kept, newest last; returns the rows kept."""
+        states = np.asarray(states, dtype=np.float32)
+        if len(texts) != len(states):
+            raise ValueError(f"{len(texts)} texts but {len(states)} states")
+        kept: dict[str, np.ndarray] = self.load()
+        width = states.shape[1] if states.ndim == 2 else 0
+        kept = {k: v for k, v in kept.items() if v.shape == (width,)}
+        for text, state in zip(texts, states):
+            key = state_key(text)
+            kept.pop(key, None)  # re-inserted last: it is the newest
+            kept[key] = state
+        keys = list(kept)[-MAX_ROWS:]
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=np.array(keys, dtype="<U40"),
+                 states=np.stack([kept[k] for k in keys]) if keys else np.zeros((0, width), np.float32))
+        self.store.put_bytes(self.key, buffer.getvalue())
+        return len(keys)
+
+
+def known_rows(states: Mapping[str, np.ndarray], texts: Sequence[str]) -> list[np.ndarray | None]:
+    """Each text's state in ``states`` (as ``EncoderStates.load`` returns), or None."""
+    return [states.get(state_key(text)) for text in texts]

@@ -1,0 +1,149 @@
+"""Encoder states kept from the served pass stand in for the head rung's forward pass, and only when they match."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from refit import modeling
+from refit.encoder_states import EncoderStates, fingerprint
+from refit.store import LocalStore
+from tasks.evaluate import served
+
+LABELS = ["balance", "transfer", "weather", "oos"]
+
+
+@pytest.fixture(scope="module")
+def rows(data_dir):
+    data = json.loads((data_dir / "data_full.json").read_text())
+    picked = [(text, label) for text, label in data["train"] if label in LABELS[:3]]
+    random.Random(0).shuffle(picked)
+    return picked[:240]
+
+
+@pytest.fixture()
+def adapter(tmp_path):
+    """A champion whose LoRA matrices are not zero, so merged weights (served) differ from the base."""
+    torch.manual_seed(3)
+    model = modeling.new_model(LABELS, modeling.LoraSpec(), seed=3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return modeling.save_model(model, tmp_path / "v1")
+
+
+def _pass_states(adapter_dir, texts) -> torch.Tensor:
+    """The training side's states: the unmerged PEFT model's last layer at the first position, in torch."""
+    model, tokenizer = modeling.load_model(adapter_dir), modeling.load_tokenizer(adapter_dir)
+    features = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**features, output_hidden_states=True).hidden_states[-1][:, 0]
+
+
+def test_the_served_pass_returns_the_states_training_computes(adapter, rows):
+    torch.set_num_threads(1)
+    [champion] = served({"champion": adapter}, runtime="onnx").values()
+    texts = [text for text, _ in rows[:70]]
+    proba, states = champion.probabilities_and_states(texts, workers=2)
+    assert champion.runtime == "onnx" and states.shape == (70, 384)
+    np.testing.assert_allclose(proba, champion.probabilities_of(texts), atol=1e-6)
+    expected = _pass_states(adapter, texts)
+    assert float((torch.from_numpy(states) - expected).abs().max()) <= modeling.STATE_TOLERANCE * float(
+        expected.abs().max())
+
+
+def _train(adapter_dir, rows, known=None):
+    model = modeling.load_model(adapter_dir, trainable=True)
+    texts, labels = [t for t, _ in rows], [LABELS.index(label) for _, label in rows]
+    stats = modeling.train_upper(model, modeling.load_tokenizer(adapter_dir), texts, labels, frozen_layers=6,
+                                 epochs=4, learning_rate=0.02, batch_size=16, seed=0, known=known,
+                                 distill=[i % 2 == 0 for i in range(len(texts))], distill_weight=0.3)
+    return model, stats
+
+
+def test_the_head_rung_skips_the_pass_for_kept_rows_and_learns_the_same(adapter, rows, tmp_path, caplog):
+    torch.set_num_threads(1)
+    [champion] = served({"champion": adapter}, runtime="onnx").values()
+    store = LocalStore(tmp_path / "store")
+    kept_texts = [text for text, _ in rows[:160]]  # the pool the cascade build ran on; rows[160:] are new
+    _, states = champion.probabilities_and_states(kept_texts)
+    assert EncoderStates.of(store, "m", adapter).save(kept_texts, states) == 160
+
+    known = EncoderStates.of(store, "m", adapter).lookup([text for text, _ in rows])
+    assert sum(k is not None for k in known) == 160
+    plain, plain_stats = _train(adapter, rows)
+    with caplog.at_level(logging.INFO, logger="refit.modeling"):
+        reused, reused_stats = _train(adapter, rows, known)
+    assert "not used" not in caplog.text
+
+    tokenizer = modeling.load_tokenizer(adapter)
+    lengths = [len(ids) for ids in tokenizer([t for t, _ in rows])["input_ids"]]
+    probes = sorted(range(160))[:: 160 // modeling.STATE_PROBES][: modeling.STATE_PROBES]
+    assert plain_stats.tokens_seen == sum(lengths)
+    # The pass ran on the 80 new rows and the probes only.
+    assert reused_stats.tokens_seen == sum(lengths[160:]) + sum(lengths[i] for i in probes)
+    assert reused_stats.examples_seen == plain_stats.examples_seen
+    texts = [t for t, _ in rows]
+    same = np.mean(np.array(modeling.predict(plain, tokenizer, texts)[0]) ==
+                   np.array(modeling.predict(reused, tokenizer, texts)[0]))
+    assert same >= 0.95, same
+    gold = [label for _, label in rows]
+    assert np.mean(np.array(modeling.predict(reused, tokenizer, texts)[0]) == np.array(gold)) >= 0.8
+
+
+def test_states_that_do_not_match_the_encoder_are_not_used(adapter, rows, caplog):
+    torch.set_num_threads(1)
+    wrong = [np.random.default_rng(i).normal(size=384).astype(np.float32) for i in range(len(rows))]
+    with caplog.at_level(logging.INFO, logger="refit.modeling"):
+        _, stats = _train(adapter, rows, wrong)
+    tokenizer = modeling.load_tokenizer(adapter)
+    assert "kept encoder states not used" in caplog.text
+    assert stats.tokens_seen == sum(len(ids) for ids in tokenizer([t for t, _ in rows])["input_ids"])
+
+
+def test_kept_states_are_for_the_head_rung_only(adapter, rows):
+    """With encoder layers to train, the kept states (the last layer's) are not what the pass needs."""
+    model = modeling.load_model(adapter, trainable=True)
+    texts, labels = [t for t, _ in rows[:40]], [LABELS.index(label) for _, label in rows[:40]]
+    wrong = [np.zeros(384, np.float32)] * len(texts)
+    stats = modeling.train_upper(model, modeling.load_tokenizer(adapter), texts, labels, frozen_layers=4, epochs=1,
+                                 learning_rate=0.01, batch_size=16, known=wrong)
+    tokenizer = modeling.load_tokenizer(adapter)
+    assert stats.tokens_seen == 2 * sum(len(ids) for ids in tokenizer(texts)["input_ids"])  # pass + one epoch above
+
+
+def test_the_fingerprint_follows_the_encoder_not_the_head(adapter, tmp_path):
+    grown = modeling.grow_head(adapter, ["new_intent"], tmp_path / "grown")
+    assert fingerprint(grown) == fingerprint(adapter)
+    model = modeling.load_model(adapter, trainable=True)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A" in n).add_(0.01)
+    assert fingerprint(modeling.save_model(model, tmp_path / "v2")) != fingerprint(adapter)
+
+
+def test_the_store_keeps_the_newest_rows_and_a_bad_file_is_a_miss(tmp_path, monkeypatch, caplog):
+    import refit.encoder_states as encoder_states
+
+    monkeypatch.setattr(encoder_states, "MAX_ROWS", 3)
+    kept = EncoderStates(LocalStore(tmp_path), "m", "abc")
+    assert kept.load() == {}
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert kept.save(["a", "b", "c"], vectors[:3]) == 3
+    assert kept.save(["d", "a"], vectors[[3, 0]] + 100) == 3  # b dropped: oldest; a renewed
+    got = kept.lookup(["a", "b", "c", "d", "A"])
+    assert got[1] is None and got[4] is None  # exact text: "A" is not "a"
+    np.testing.assert_array_equal(got[0], vectors[0] + 100)
+    np.testing.assert_array_equal(got[2], vectors[2])
+    with pytest.raises(ValueError, match="2 texts but 1 states"):
+        kept.save(["x", "y"], vectors[:1])
+
+    kept.store.put_bytes(kept.key, b"not an npz file")
+    with caplog.at_level(logging.WARNING, logger="refit.encoder_states"):
+        assert kept.load() == {}
+    assert "unreadable" in caplog.text
