@@ -86,7 +86,8 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
         mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
             "train_work_tokens": work_tokens, "estimate_cost_usd": estimate_usd,
             "estimate_error_pct": 100 * (estimate_usd - trained.cost.usd) / max(trained.cost.usd, 1e-12),
-            "update_cost_usd": trained.cost.usd, "gate_passed": float(verdict.passed)})
+            "update_cost_usd": trained.cost.usd, "gate_passed": float(verdict.passed),
+            "encoder_states_reused": trained.reused_states})
         mlflow.log_text(verdict.html(f"Gate: {name} attempt {index} ({recipe.name})"), "gate.html")
         log_json(verdict.to_dict(), "gate.json")
         mlflow.set_tags({"refit.gate_verdict": "passed" if verdict.passed else "refused",

@@ -16,7 +16,8 @@ the head alone leaves the encoder as it was, so the next update finds them under
 the same fingerprint; an update that trains encoder layers starts a new file.
 
 Layout: ``cache/model=<name>/encoder-states/<fingerprint>.npz`` (exact-text
-hashes and float32 states). It is a cache: a missing or unreadable file costs
+hashes and float32 states), and ``index.json`` beside them: the fingerprints
+in the order they were last written; only the newest ``KEEP_ENCODERS`` are kept. It is a cache: a missing or unreadable file costs
 only the forward pass it would have saved, and ``modeling.train_upper``
 checks a sample of the states against its own pass before it uses any.
 """
@@ -27,7 +28,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # The most rows one encoder version keeps (newest kept): 50,000 x 384 floats is 77 MB.
 MAX_ROWS = 50_000
+# Encoder versions kept per model, the most recently written: the champion's, and the one before for a rollback.
+KEEP_ENCODERS = 3
 # Part of the fingerprint: a change to what is stored (the state's position, the serving truncation) is a new file.
 SCHEME = "last encoder layer, first position; float32; exact-text sha1"
 
@@ -76,8 +79,12 @@ class EncoderStates:
         return cls(store, model_name, fingerprint(adapter_dir))
 
     @property
+    def prefix(self) -> str:
+        return f"cache/model={self.model_name}/encoder-states/"
+
+    @property
     def key(self) -> str:
-        return f"cache/model={self.model_name}/encoder-states/{self.encoder}.npz"
+        return f"{self.prefix}{self.encoder}.npz"
 
     def load(self) -> dict[str, np.ndarray]:
         """Text hash -> state; empty when nothing is kept or the file cannot be read (a cache miss, logged)."""
@@ -115,9 +122,17 @@ class EncoderStates:
         np.savez(buffer, keys=np.array(keys, dtype="<U40"),
                  states=np.stack([kept[k] for k in keys]) if keys else np.zeros((0, width), np.float32))
         self.store.put_bytes(self.key, buffer.getvalue())
+        self._prune()
         return len(keys)
 
-
-def known_rows(states: Mapping[str, np.ndarray], texts: Sequence[str]) -> list[np.ndarray | None]:
-    """Each text's state in ``states`` (as ``EncoderStates.load`` returns), or None."""
-    return [states.get(state_key(text)) for text in texts]
+    def _prune(self) -> None:
+        """Keep the newest ``KEEP_ENCODERS`` encoders' files; the others' states would never be read again."""
+        index_key = f"{self.prefix}index.json"
+        try:
+            order = json.loads(self.store.get_bytes(index_key)) if self.store.exists(index_key) else []
+        except ValueError:
+            order = []
+        order = [e for e in order if isinstance(e, str) and e != self.encoder] + [self.encoder]
+        for encoder in order[:-KEEP_ENCODERS]:
+            self.store.delete(f"{self.prefix}{encoder}.npz")
+        self.store.put_bytes(index_key, json.dumps(order[-KEEP_ENCODERS:]).encode())

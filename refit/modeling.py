@@ -510,6 +510,7 @@ class TrainStats:
     tokens_seen: int
     steps: int
     final_loss: float
+    reused_states: int = 0  # rows whose kept encoder states stood in for the forward pass
 
 
 def train(
@@ -761,7 +762,7 @@ def train_upper(
         return cached, why_not, seen
 
     model.eval()
-    tokens = 0
+    tokens, reused = 0, 0
     cached, why_not, seen = frozen_pass([i for i in range(len(texts)) if i not in reuse or i in probes])
     if reuse:
         rows = sorted(probes)
@@ -775,6 +776,7 @@ def train_upper(
                                              len(kept))
             cached += frozen_pass(kept)[0]
         else:
+            reused = len(kept)
             with torch.no_grad():
                 for s in range(0, len(kept), batch_size):
                     batch = kept[s : s + batch_size]
@@ -818,4 +820,4 @@ def train_upper(
             if on_step is not None:
                 on_step(step, total, loss_value)
     model.eval()
-    return TrainStats(len(texts) * epochs, tokens, step, loss_value)
+    return TrainStats(len(texts) * epochs, tokens, step, loss_value, reused)

@@ -206,6 +206,7 @@ class Trained:
     cost: TrainingCost
     steps: int
     final_loss: float
+    reused_states: int = 0  # training rows whose kept encoder states stood in for the forward pass
 
 
 def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: list[str] | None = None,
@@ -250,7 +251,7 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
     out = Path(tempfile.mkdtemp(prefix="refit-adapter-"))
     modeling.save_model(model, out)
     return Trained(out, TrainingCost.from_meter(meter, rates, stats.examples_seen, stats.tokens_seen),
-                   stats.steps, stats.final_loss)
+                   stats.steps, stats.final_loss, stats.reused_states)
 
 
 def count_tokens(texts: list[str], tokenizer=None) -> int:

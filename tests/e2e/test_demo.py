@@ -74,6 +74,9 @@ def test_mlflow_keeps_every_run_report_and_version(demo_home):
         files = {a.path for a in client.list_artifacts(attempt.info.run_id)}
         assert {"gate.html", "gate.json", "adapter"} <= files
         assert attempt.data.metrics["train_work_tokens"] > 0 and "estimate_error_pct" in attempt.data.metrics
+        if attempt.data.tags["refit.recipe"] == "head":
+            # The replay rows' encoder states were kept by the champion's cascade build: the pass skipped them.
+            assert attempt.data.metrics["encoder_states_reused"] > 0
     hotfix = next(r for r in updates.values() if r.data.tags["refit.kind"] == "hotfix")
     # Poisoned labels fail a guard (golden or slice), not just the gain: the ladder stops at its first rung.
     assert hotfix.data.metrics["attempts"] == 1

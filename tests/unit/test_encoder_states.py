@@ -89,6 +89,7 @@ def test_the_head_rung_skips_the_pass_for_kept_rows_and_learns_the_same(adapter,
     # The pass ran on the 80 new rows and the probes only.
     assert reused_stats.tokens_seen == sum(lengths[160:]) + sum(lengths[i] for i in probes)
     assert reused_stats.examples_seen == plain_stats.examples_seen
+    assert (plain_stats.reused_states, reused_stats.reused_states) == (0, 160 - len(probes))
     texts = [t for t, _ in rows]
     same = np.mean(np.array(modeling.predict(plain, tokenizer, texts)[0]) ==
                    np.array(modeling.predict(reused, tokenizer, texts)[0]))
@@ -103,7 +104,7 @@ def test_states_that_do_not_match_the_encoder_are_not_used(adapter, rows, caplog
     with caplog.at_level(logging.INFO, logger="refit.modeling"):
         _, stats = _train(adapter, rows, wrong)
     tokenizer = modeling.load_tokenizer(adapter)
-    assert "kept encoder states not used" in caplog.text
+    assert "kept encoder states not used" in caplog.text and stats.reused_states == 0
     assert stats.tokens_seen == sum(len(ids) for ids in tokenizer([t for t, _ in rows])["input_ids"])
 
 
@@ -147,3 +148,16 @@ def test_the_store_keeps_the_newest_rows_and_a_bad_file_is_a_miss(tmp_path, monk
     with caplog.at_level(logging.WARNING, logger="refit.encoder_states"):
         assert kept.load() == {}
     assert "unreadable" in caplog.text
+
+
+def test_only_the_newest_encoders_are_kept(tmp_path, monkeypatch):
+    import refit.encoder_states as encoder_states
+
+    monkeypatch.setattr(encoder_states, "KEEP_ENCODERS", 2)
+    store = LocalStore(tmp_path)
+    for encoder in ("e1", "e2", "e1", "e3"):  # e1 rewritten after e2: e2 is the oldest when e3 arrives
+        EncoderStates(store, "m", encoder).save(["a"], np.ones((1, 2), np.float32))
+    EncoderStates(store, "other", "e9").save(["a"], np.ones((1, 2), np.float32))
+    names = sorted(key.rsplit("/", 1)[1] for key in store.list("cache/model=m/"))
+    assert names == ["e1.npz", "e3.npz", "index.json"]
+    assert store.exists("cache/model=other/encoder-states/e9.npz")  # another model's are its own
