@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from refit.errors import RefitError
+
+log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.json"
 BASE_FILE = "base.json"
@@ -770,10 +773,7 @@ def train_upper(
                                              torch.stack([seen[i] for i in rows]))
         kept = sorted((i for i in reuse if i not in probes), key=lambda i: lengths[i])
         if mismatch:
-            import logging
-
-            logging.getLogger(__name__).info("kept encoder states not used (%s): computing %d rows", mismatch,
-                                             len(kept))
+            log.info("kept encoder states not used (%s): computing %d rows", mismatch, len(kept))
             cached += frozen_pass(kept)[0]
         else:
             reused = len(kept)
@@ -783,11 +783,8 @@ def train_upper(
                     hidden = torch.from_numpy(np.stack([reuse[i] for i in batch]))[:, None, :]
                     cached.append((batch, hidden, torch.ones(len(batch), 1, dtype=torch.long), head(hidden), None))
     if why_not:
-        import logging
-
-        logging.getLogger(__name__).info("%s: training the whole forward pass each step (%d of %d layers frozen): "
-                                         "the cached layers cannot be replayed (%s)", parts.model_type, frozen,
-                                         len(layers), why_not)
+        log.info("%s: training the whole forward pass each step (%d of %d layers frozen): the cached layers cannot "
+                 "be replayed (%s)", parts.model_type, frozen, len(layers), why_not)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
