@@ -115,7 +115,7 @@ def one_at_a_time(name: str, timeout_seconds: float = 3600) -> Iterator[None]:
         if acquired:  # the update's own timeout, not the wait for the slot
             raise
         raise RefitError(
-            f"another update has held the concurrency limit {name} for over {timeout_seconds / 60:.0f} min; "
+            f"another run has held the concurrency limit {name} for over {timeout_seconds / 60:.0f} min; "
             f"if none is running (a server restart forgets leases), free it: "
             f"prefect gcl update {name} --active-slots 0") from None
 

@@ -128,9 +128,13 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
 
 
 def _served_by(name: str, version: int) -> tuple:
-    """The version's model and tokenizer, to score simulated traffic as serving would."""
-    adapter = versions.download_adapter(name, version)
-    return modeling.load_model(adapter), modeling.load_tokenizer(adapter)
+    """What ``refit serve`` answers with for the version (its gated cascade, else the model alone; no tokenizer
+    needed), to score simulated traffic as serving would."""
+    from serving.cascade import load_cascade
+    from serving.model import load_version
+
+    champion = load_version(name, version, tokenizer=modeling.load_tokenizer(versions.download_adapter(name, version)))
+    return load_cascade(name, version, champion) or champion, None
 
 
 def _outcome(name: str, shift: str, external, champion: int, drifted: dict, updated: dict | None) -> ShiftOutcome:

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
-from flows.common import open_context, parse_time, settings_for, user_error
+from flows.common import one_at_a_time, open_context, parse_time, settings_for, user_error
 from refit import requestlog
 from refit.errors import RefitError, WindowTooSmall
 from refit.policy import file_hash
@@ -24,7 +24,7 @@ from registry.tracking import (RUN_TYPE, flat_params, last_checked_window_end, l
                                update_triggers)
 from serving.cascade import student_share
 from tasks.deploy import read_reference
-from tasks.drift import check_drift, decide_action, load_drift_policy
+from tasks.drift import check_drift, decide_action, load_drift_policy, reference_as_served
 from tasks.finetune import load_update_policy
 from tasks.ingest import labelled_window
 from tasks.validate import validate_window
@@ -43,7 +43,19 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
     drift event carries it to the update.
     """
     try:
-        ctx = open_context(settings_for(model_name))
+        settings = settings_for(model_name)
+    except RefitError as exc:
+        return user_error(exc)
+    try:  # one check per model at a time: two at once could both see the same window as new
+        with one_at_a_time(f"refit-monitor-{settings.model_name}"):
+            return _monitor(settings, window_end, window_hours, policy)
+    except RefitError as exc:  # the slot never came free
+        return user_error(exc)
+
+
+def _monitor(settings, window_end: str | None, window_hours: float | None, policy: str) -> dict:
+    try:
+        ctx = open_context(settings)
         name = ctx.model_name
         drift_policy, policy_path = load_drift_policy(policy)
         update_policy, _ = load_update_policy()
@@ -80,7 +92,7 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
             # delayed labels, where they have arrived, for the performance signal
             labels = requestlog.read_labels(ctx.store, name, since=start.date())[["request_id", "label"]]
             current = current.merge(labels.drop_duplicates("request_id", keep="last"), on="request_id", how="left")
-        result = check_drift(reference, current, drift_policy)
+        result = check_drift(reference_as_served(reference, current), current, drift_policy)
         labelled = len(labelled_window(ctx.store, name, start, end)) if result.drift_detected else 0
         action, why = decide_action(result, start.isoformat(), end.isoformat(), labelled,
                                     update_policy.min_new_examples, update_triggers(ctx.experiment_id, name, champion),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from flows.common import open_context, settings_for, user_error
+from flows.common import one_at_a_time, open_context, settings_for, user_error
 from refit import faults
 from refit.errors import RefitError
 from registry.rollout import roll_back
@@ -17,8 +17,9 @@ def rollback(reason: str = "manual rollback", model_name: str | None = None) -> 
     """Move ``champion`` back to ``previous``, tag the demoted version with ``reason``, tell the server."""
     try:
         ctx = open_context(settings_for(model_name))
-        result = roll_back(ctx.model_name, None, reason, experiment_id=ctx.experiment_id, store=ctx.store,
-                           source="manual")
+        with one_at_a_time(f"refit-rollback-{ctx.model_name}"):
+            result = roll_back(ctx.model_name, None, reason, experiment_id=ctx.experiment_id, store=ctx.store,
+                               source="manual")
     except RefitError as exc:
         return user_error(exc)
     faults.point("rollback.recorded")

@@ -355,6 +355,11 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
                       None, None, 0, [], 0.0)
     verdict = built.verdict
     kept_states = keep_states(store, model_name, Path(adapter_dir), built)
+    if verdict.passed and store is not None:
+        try:
+            serve_reference(store, model_name, version, built.cascade)
+        except Exception:  # noqa: BLE001 - the monitor then compares with the champion's columns, as before
+            log.exception("the drift reference of %s v%d keeps the champion's predictions only", model_name, version)
     result = {"model_name": model_name, "version": version, "passed": verdict.passed, "verdict": verdict.summary,
               "threshold": verdict.threshold, "fit_texts": built.fit_texts,
               "calibration_texts": len(built.calibration_texts),
@@ -413,6 +418,26 @@ def keep_states(store, model_name: str, adapter_dir: Path, built: Built) -> int:
     except Exception:  # noqa: BLE001
         log.exception("encoder states of %s not kept", model_name)
         return 0
+
+
+def serve_reference(store, model_name: str, version: int, cascade: CascadeModel) -> None:
+    """Add to the version's drift reference what its cascade answers on the reference texts.
+
+    The monitor compares a window the cascade served with these columns
+    (``tasks.drift.reference_as_served``), so the cheap tier's own
+    confidences are not read as drift. A version with no reference yet is left alone.
+    """
+    from tasks.deploy import reference_prefix
+    from tasks.drift import SERVED_COLUMNS
+
+    key = reference_prefix(model_name, version) + "sample.parquet"
+    if not store.exists(key):
+        return
+    sample = store.get_parquet(key)
+    labels, confidence, tiers = cascade.predict_tiers(sample["text"].tolist())
+    store.put_parquet(key, sample.assign(**{SERVED_COLUMNS["predicted_label"]: labels,
+                                            SERVED_COLUMNS["confidence"]: np.asarray(confidence, dtype=float),
+                                            "served_by": tiers}))
 
 
 @task(name="cascade", cache_policy=NO_CACHE)

@@ -176,6 +176,28 @@ class PerformanceSignalPolicy(ExtraSignalPolicy):
     min_labelled: int = Field(default=50, ge=1, description="Fewer labelled rows in the window: not measured.")
 
 
+# Reference columns with the predictions as the version's gated cascade serves them (``tasks.cascade``).
+SERVED_COLUMNS = {"predicted_label": "served_label", "confidence": "served_confidence"}
+
+
+def reference_as_served(reference: pd.DataFrame, window: pd.DataFrame) -> pd.DataFrame:
+    """The reference with its predictions as the window's were served: through the cascade, or the champion alone.
+
+    A window the cascade answered logs the student's confidence for the
+    texts it was sure of, which sits lower than the champion's (0.01-0.03 in
+    mean on the three-shift demo's champions): against the champion's own
+    reference the confidence signals would read drift that is only the
+    cheap tier. When the window's ``served_by`` names the student and the
+    reference carries what the cascade answered on its texts, those
+    columns stand in; otherwise (the champion alone, the guard tripped, no
+    cascade) the champion's.
+    """
+    served = "served_by" in window.columns and bool((window["served_by"] == "student").any())
+    if not served or not set(SERVED_COLUMNS.values()) <= set(reference.columns):
+        return reference
+    return reference.assign(**{column: reference[kept] for column, kept in SERVED_COLUMNS.items()})
+
+
 def _off(kind: type[ExtraSignalPolicy], method: str, threshold: float):
     return Field(default_factory=lambda: kind(enabled=False, method=method, threshold=threshold))
 

@@ -29,8 +29,21 @@ from tasks.retry import RETRY
 
 def score_traffic(model, tokenizer, texts: list[str], version: int, start: datetime, end: datetime,
                   seed: int = 0) -> pd.DataFrame:
-    """Requests as serving would log them, timestamps spread over ``[start, end)``."""
-    labels, confidence = modeling.predict(model, tokenizer, texts)
+    """Requests as serving would log them, timestamps spread over ``[start, end)``.
+
+    ``model``: a torch model with its ``tokenizer``, or (``tokenizer`` None)
+    what ``refit serve`` answers with: a served model, or its gated cascade,
+    whose tier per text is logged in ``served_by`` as the server logs it.
+    """
+    from serving.cascade import CHAMPION, CascadeModel
+
+    tiers = [CHAMPION] * len(texts)
+    if tokenizer is not None:
+        labels, confidence = modeling.predict(model, tokenizer, texts)
+    elif isinstance(model, CascadeModel):
+        labels, confidence, tiers = model.predict_tiers(texts)
+    else:
+        labels, confidence = model.predict(texts)
     rng = np.random.default_rng(seed)
     offsets = np.sort(rng.uniform(0, (end - start).total_seconds(), len(texts)))
     return pd.DataFrame({
@@ -40,6 +53,7 @@ def score_traffic(model, tokenizer, texts: list[str], version: int, start: datet
         "predicted_label": labels,
         "confidence": confidence.astype(float),
         "model_version": str(version),
+        "served_by": tiers,
     })
 
 

@@ -49,6 +49,18 @@ def test_demo_closes_the_loop(demo_home):
     assert result["poisoned_hotfix_verdict"].startswith("refuse:")
     assert "failed" in result["poisoned_hotfix_verdict"]
     assert result["update_cpu_seconds"] > 0 and result["update_cost_usd"] > 0
+    # The final champion's cascade, as its gate measured it (issue 14). Whether it is served depends on a CPU
+    # ratio measured on this machine (0.45-0.50 here against the policy's 0.5), so the test holds the figures to
+    # the verdict rather than asking for a pass.
+    from tasks.cascade import load_cascade_policy
+
+    policy, _ = load_cascade_policy()
+    assert 0 < result["cascade_cost_ratio"] and 0 < result["cascade_accuracy_ratio"] and 0 <= result["student_share"] <= 1
+    within = (result["cascade_cost_ratio"] <= policy.max_cost_ratio
+              and result["cascade_accuracy_ratio"] >= policy.min_accuracy_ratio
+              and result["student_share"] >= policy.min_student_share)
+    assert result["cascade_served"] is False or within, result
+    assert not result["cascade_served"] or result["cascade_verdict"].startswith("serve the cascade")
 
 
 def test_mlflow_keeps_every_run_report_and_version(demo_home):

@@ -64,12 +64,12 @@ def test_fine_tune_task_in_a_flow(prefect_harness):
 
 
 @flow(name="test-one-at-a-time")
-def guarded_flow(name: str, log_path: str) -> None:
+def guarded_flow(name: str, log_path: str, slot: str = "refit-update-test-model") -> None:
     import time
 
     from flows.common import one_at_a_time
 
-    with one_at_a_time("refit-update-test-model", timeout_seconds=120):
+    with one_at_a_time(slot, timeout_seconds=120):
         with open(log_path, "a") as fh:
             fh.write(f"enter {name} {time.time()}\n")
         time.sleep(2)
@@ -91,6 +91,21 @@ def test_updates_of_one_model_run_one_at_a_time(prefect_harness, tmp_path):
     assert [e[0] for e in events] == ["enter", "leave", "enter", "leave"], events
     assert events[0][1] == events[1][1] and events[2][1] == events[3][1]  # each left before the other entered
     assert {events[0][1], events[2][1]} == {"a", "b"}
+
+
+def test_two_models_do_not_wait_for_each_other(prefect_harness, tmp_path):
+    """Each model has its own slot (refit-monitor-<model>, ...): checks of two models run at the same time."""
+    import threading
+
+    log = tmp_path / "log.txt"
+    threads = [threading.Thread(target=guarded_flow, args=(name, str(log), f"refit-monitor-{name}"))
+               for name in ("model-a", "model-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [e[0] for e in events] == ["enter", "enter", "leave", "leave"], events  # both in before either left
 
 
 CALLS: list[str] = []

@@ -218,7 +218,7 @@ def scheduled_update(stack: Stack, interval_s: int = 20) -> dict:
     stack.run(PREFECT + ["deploy", "--name", "monitor", "--interval", str(interval_s)], timeout=300)
 
     def monitor_done():
-        # A tick that finds the previous check still running is cancelled (CANCEL_NEW): wait for one that ran.
+        # A tick that finds the previous check still running waits for the model's slot: take one that ran.
         runs = [r for r in stack.flow_runs("monitor")
                 if r["auto_scheduled"] and r["state_type"] in TERMINAL - {"CANCELLED"}]
         return runs[0] if runs else None

@@ -140,7 +140,10 @@ def test_prefect_yaml_names_real_flows_and_their_parameters():
     from flows.monitor import DRIFT_EVENT
 
     assert trigger["expect"] == [DRIFT_EVENT]
-    assert by_name["update"]["concurrency_limit"]["limit"] == 1
+    # Concurrency is per model, taken inside the flows; a deployment-wide limit would make models queue on each other.
+    assert not any("concurrency_limit" in d for d in by_name.values())
+    for flow_file, slot in (("monitor", "refit-monitor-"), ("update", "refit-update-"), ("rollback", "refit-rollback-")):
+        assert f'one_at_a_time(f"{slot}{{' in (ROOT / "flows" / f"{flow_file}.py").read_text()
 
 
 def test_kubernetes_worker_and_job_template_fit_together():

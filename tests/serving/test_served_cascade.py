@@ -25,7 +25,7 @@ def cascade_policy(path: Path, **overrides) -> Path:
     return path
 
 
-def built(registry, data_dir, tmp_path, **overrides) -> dict:
+def built(registry, data_dir, tmp_path, store=None, **overrides) -> dict:
     """Build v1's cascade as the flows do: pool and recent traffic from train/val texts, judged on test texts."""
     import mlflow
 
@@ -41,7 +41,7 @@ def built(registry, data_dir, tmp_path, **overrides) -> dict:
     golden = known[known["split"] == "test"].groupby("label").head(8)[["text", "label", "group"]]
     policy = cascade_policy(tmp_path / "cascade.yaml", **overrides)
     result = build_cascade(registry.name, 1, registry.adapters.good, pool, recent, {"golden": golden},
-                           Rates(0.048, 2.5), registry.experiment_id, policy=str(policy))
+                           Rates(0.048, 2.5), registry.experiment_id, policy=str(policy), store=store)
     assert mlflow.active_run() is None
     return result | {"golden": golden}
 
@@ -85,6 +85,39 @@ def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, st
                                        pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1))
     by_text = dict(zip(logged["text"], logged["served_by"]))
     assert [by_text[t] for t in texts] == expected
+
+
+def test_a_passed_cascade_leaves_the_reference_as_it_serves_and_the_encoder_states(registry, data_dir, tmp_path):
+    """The drift reference gains what the cascade answers on its texts; the passes' encoder states are kept."""
+    from refit.encoder_states import EncoderStates
+    from tasks.deploy import reference_prefix
+
+    store = LocalStore(tmp_path / "store")
+    key = reference_prefix(registry.name, 1) + "sample.parquet"
+    texts = unique_texts(registry.adapters.texts, 30) + [f"zq xv {i}" for i in range(10)]
+    store.put_parquet(key, pd.DataFrame({"text": texts, "label": "x", "predicted_label": "x", "confidence": 0.9,
+                                         "scored_on": "held_out"}))
+    result = built(registry, data_dir, tmp_path, store=store, min_accuracy_ratio=0.5, max_slice_loss=1.0,
+                   max_cost_ratio=5.0, min_student_share=0.0, max_calibration_disagreement=0.01)
+    assert result["passed"], result["verdict"]
+    import mlflow
+
+    from registry import versions
+
+    tags = versions.version_tags(registry.name, 1)
+    student = Student.load(Path(mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path="cascade")))
+    sample = store.get_parquet(key)
+    student_labels, student_conf = student.predict(texts)
+    expected = [STUDENT if c >= result["threshold"] else CHAMPION for c in student_conf]
+    assert sample["served_by"].tolist() == expected and set(expected) == {STUDENT, CHAMPION}
+    for row, label, conf, tier in zip(sample.itertuples(), student_labels, student_conf, expected):
+        if tier == STUDENT:
+            assert row.served_label == label and abs(row.served_confidence - conf) < 1e-6
+    assert sample["confidence"].tolist() == [0.9] * len(texts)  # the champion's columns stay
+
+    kept = EncoderStates.of(store, registry.name, registry.adapters.good).load()
+    assert result["encoder_states_kept"] == len(kept) > 0
+    assert all(state.shape == (kept[next(iter(kept))].shape[0],) for state in kept.values())
 
 
 def test_a_cascade_that_loses_accuracy_is_refused_and_the_champion_serves_alone(registry, start_server, data_dir,

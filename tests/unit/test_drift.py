@@ -629,3 +629,21 @@ def test_reference_embeddings_are_reused_only_for_the_same_reference_and_encoder
     other = io.BytesIO()
     np.savez(other, **parts | {"meta": np.frombuffer(json.dumps(meta | {"encoder": "0" * 64}).encode(), np.uint8)})
     assert drift.reuse_reference_embeddings(other.getvalue(), reference) == "stale"
+
+
+def test_a_window_the_cascade_served_is_compared_with_the_reference_as_the_cascade_answers_it():
+    from tasks.drift import reference_as_served
+
+    reference = pd.DataFrame({"text": ["a", "b"], "label": ["x", "y"], "predicted_label": ["x", "y"],
+                              "confidence": [0.95, 0.9], "served_label": ["x", "x"], "served_confidence": [0.7, 0.6],
+                              "served_by": ["student", "student"]})
+    by_cascade = pd.DataFrame({"text": ["c"], "served_by": ["student"]})
+    by_champion = pd.DataFrame({"text": ["c"], "served_by": ["champion"]})
+    served = reference_as_served(reference, by_cascade)
+    assert served["confidence"].tolist() == [0.7, 0.6] and served["predicted_label"].tolist() == ["x", "x"]
+    # The champion alone (no cascade, or its guard tripped), or a log without tiers: the champion's own columns.
+    for window in (by_champion, pd.DataFrame({"text": ["c"]})):
+        assert reference_as_served(reference, window)["confidence"].tolist() == [0.95, 0.9]
+    # A reference written before cascades (no served columns) is used as it is.
+    plain = reference.drop(columns=["served_label", "served_confidence", "served_by"])
+    assert reference_as_served(plain, by_cascade) is plain
