@@ -149,15 +149,29 @@ def monitor(store: StoreOption = None,
             window_end: Annotated[Optional[str], typer.Option(help="ISO time the window ends (default now).")] = None,
             window_hours: Annotated[Optional[float], typer.Option(help="Window length (default: since the last check).")] = None,
             policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift",
+            then_update: Annotated[bool, typer.Option(
+                "--update", help="Without a Prefect server (cron, embedded): when the check's action is update, "
+                                 "run that update in this command. On a server the drift event starts it.")] = False,
             model_name: ModelNameOption = None, as_json: JsonOption = False) -> None:
     """Check the newest traffic window for drift.
 
     Example: refit monitor --window-hours 24 --json
+    Example (cron, no Prefect server): refit monitor --update --json
     """
     _prepare(store, model_name)
+    from flows.common import on_prefect_server
     from flows.monitor import monitor as flow_fn
 
-    _emit(_run_flow(flow_fn, window_end=window_end, window_hours=window_hours, policy=policy), as_json, "Drift check")
+    result = _run_flow(flow_fn, window_end=window_end, window_hours=window_hours, policy=policy)
+    if then_update and result.get("action") == "update":
+        if on_prefect_server():
+            result["update"] = "started by the drift event on the Prefect server (--update runs it only without one)"
+        else:
+            from flows.update import update as update_fn
+
+            result["update"] = _run_flow(update_fn, window_start=result["window_start"],
+                                         window_end=result["window_end"], drift_run_id=result["drift_run_id"])
+    _emit(result, as_json, "Drift check")
 
 
 @app.command()

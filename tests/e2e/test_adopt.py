@@ -235,15 +235,13 @@ def test_adopted_model_is_served_labelled_monitored_and_updated(team, tmp_path, 
 
         ended = datetime.now(timezone.utc) + timedelta(seconds=1)
         hours = str((ended - started).total_seconds() / 3600)
+        # Drift, then the update, in one command: without a Prefect server `--update` runs what the event would start.
         check = run_cli(["monitor", "--model-name", name, "--window-end", ended.isoformat(), "--window-hours", hours,
-                         "--json"], env)
+                         "--update", "--json"], env)
         assert check.returncode == 0, check.stderr[-3000:]
         verdict = json.loads(check.stdout.strip().splitlines()[-1])
         assert verdict["drift_detected"] and verdict["action"] == "update", verdict
-        update = run_cli(["update", "--model-name", name, "--window-start", started.isoformat(), "--window-end",
-                          ended.isoformat(), "--json"], env)
-        assert update.returncode == 0, update.stderr[-3000:]
-        result = json.loads(update.stdout.strip().splitlines()[-1])
+        result = verdict["update"]
         assert result["promoted"] and result["version"] == 2, result["verdict"]
         assert result["new_labels"] == len(NEW_INTENTS)
 

@@ -64,7 +64,7 @@ def test_fine_tune_task_in_a_flow(prefect_harness):
 
 
 @flow(name="test-one-at-a-time")
-def guarded_flow(name: str, log_path: str, slot: str = "refit-update-test-model") -> None:
+def guarded_flow(name: str, log_path: str, slot: str = "refit-update-test-model", hold: float = 2) -> None:
     import time
 
     from flows.common import one_at_a_time
@@ -72,7 +72,7 @@ def guarded_flow(name: str, log_path: str, slot: str = "refit-update-test-model"
     with one_at_a_time(slot, timeout_seconds=120):
         with open(log_path, "a") as fh:
             fh.write(f"enter {name} {time.time()}\n")
-        time.sleep(2)
+        time.sleep(hold)
         with open(log_path, "a") as fh:
             fh.write(f"leave {name} {time.time()}\n")
 
@@ -98,7 +98,8 @@ def test_two_models_do_not_wait_for_each_other(prefect_harness, tmp_path):
     import threading
 
     log = tmp_path / "log.txt"
-    threads = [threading.Thread(target=guarded_flow, args=(name, str(log), f"refit-monitor-{name}"))
+    # Each holds its slot 10 s: far longer than the 1-2 s a flow run takes to start in a thread here.
+    threads = [threading.Thread(target=guarded_flow, args=(name, str(log), f"refit-monitor-{name}", 10))
                for name in ("model-a", "model-b")]
     for t in threads:
         t.start()
