@@ -98,7 +98,8 @@ def _monitor(settings, window_end: str | None, window_hours: float | None, polic
                                     update_policy.min_new_examples, update_triggers(ctx.experiment_id, name, champion),
                                     drift_policy.cooldown_minutes)
         verdict = result.to_dict() | {
-            "action": action, "action_reason": why, "window_uri": uri, "champion_version": champion, "labelled_rows": labelled,
+            "action": action, "action_reason": why, "window_start": start.isoformat(), "window_end": end.isoformat(),
+            "window_uri": uri, "champion_version": champion, "labelled_rows": labelled,
             "rows_in": validated.rows_in, "rows_quarantined": validated.rows_quarantined,
             "quarantine_reasons": validated.reasons, "drift_run_id": run.info.run_id,
             "student_share": student_share(validated.kept),  # the cascade's cheap tier: a falling share is drift too
