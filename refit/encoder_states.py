@@ -29,6 +29,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +72,19 @@ def fingerprint(adapter_dir: Path) -> str:
 class EncoderStates:
     """The states kept for one model's encoder version in the object store."""
 
-    def __init__(self, store, model_name: str, encoder: str):
-        self.store, self.model_name, self.encoder = store, model_name, encoder
+    def __init__(self, store, model_name: str, encoder: str | None = None, adapter_dir: Path | None = None):
+        if (encoder is None) == (adapter_dir is None):
+            raise ValueError("give the encoder's fingerprint or its adapter directory, not both")
+        self.store, self.model_name, self._encoder, self.adapter_dir = store, model_name, encoder, adapter_dir
 
     @classmethod
     def of(cls, store, model_name: str, adapter_dir: Path) -> EncoderStates:
-        return cls(store, model_name, fingerprint(adapter_dir))
+        """The states of ``adapter_dir``'s encoder; its fingerprint is read only when they are (inside the meter)."""
+        return cls(store, model_name, adapter_dir=Path(adapter_dir))
+
+    @cached_property
+    def encoder(self) -> str:
+        return self._encoder or fingerprint(self.adapter_dir)
 
     @property
     def prefix(self) -> str:

@@ -192,8 +192,9 @@ def reference_as_served(reference: pd.DataFrame, window: pd.DataFrame) -> pd.Dat
     columns stand in; otherwise (the champion alone, the guard tripped, no
     cascade) the champion's.
     """
-    served = "served_by" in window.columns and bool((window["served_by"] == "student").any())
-    if not served or not set(SERVED_COLUMNS.values()) <= set(reference.columns):
+    from serving.cascade import student_share
+
+    if not student_share(window) or not set(SERVED_COLUMNS.values()) <= set(reference.columns):
         return reference
     return reference.assign(**{column: reference[kept] for column, kept in SERVED_COLUMNS.items()})
 
