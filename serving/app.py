@@ -73,7 +73,6 @@ class Server:
         self.owed: dict[str, tuple] = {}
         self._owed_lock = asyncio.Lock()
         self.experiment_id: str | None = None
-        self._tokenizer = None
         self._loading = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._threads_before = 0
@@ -81,10 +80,8 @@ class Server:
 
     # -- models ------------------------------------------------------------
     def _load(self, version: int) -> ServedModel:
-        from refit import modeling
-
-        self._tokenizer = self._tokenizer or modeling.load_tokenizer()
-        model = load_version(self.model_name, version, self.settings.serve_batch_size, self._tokenizer,
+        # Each version is tokenized by its own base's tokenizer: versions of one model may sit on different bases.
+        model = load_version(self.model_name, version, self.settings.serve_batch_size, None,
                              self.settings.serve_runtime, inference_threads(self.settings, "onnx"))
         return with_cascade(self.model_name, version, model)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from refit import modeling
+from refit.errors import RefitError
 from refit.procs import side_by_side
 
 log = logging.getLogger("refit.serving")
@@ -188,13 +189,31 @@ def probe_texts(labels: Sequence[str]) -> list[str]:
     return words + [" ".join(words[i : i + n]) for n in (3, 12, 40) for i in range(0, len(words), n)]
 
 
+def check_vocabulary(model: torch.nn.Module, tokenizer, version: int) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embeddings: it belongs to another base.
+
+    Every id past the embedding table fails inside the forward pass; ids that
+    happen to fit give confident, wrong answers. Both come from pairing a
+    version with a tokenizer other than its own base's.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise RefitError(f"v{version}: its tokenizer has {len(tokenizer)} ids but the model embeds {rows}; "
+                         "the tokenizer is not the one of this version's base")
+
+
 def from_adapter(adapter_dir: Path, version: int, batch_size: int = 32, tokenizer=None, runtime: str = "onnx",
                  threads: int = 1) -> ServedModel:
-    """Merge, and for ``runtime="onnx"`` export and check against torch; torch serves if the check fails."""
+    """Merge, and for ``runtime="onnx"`` export and check against torch; torch serves if the check fails.
+
+    ``tokenizer`` defaults to the one of the adapter's own base (an adopted
+    model of another family brings its own vocabulary).
+    """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
     model = merged(adapter_dir)
-    tokenizer = tokenizer or modeling.load_tokenizer()
+    tokenizer = tokenizer or modeling.load_tokenizer(adapter_dir)
+    check_vocabulary(model, tokenizer, version)
     served = ServedModel(version, model, tokenizer, tuple(modeling.model_labels(model)), batch_size)
     if runtime == "torch":
         return served
