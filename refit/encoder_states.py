@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refit.store import update_object
+
 log = logging.getLogger(__name__)
 
 # The most rows one encoder version keeps (newest kept): 50,000 x 384 floats is 77 MB.
@@ -96,10 +98,16 @@ class EncoderStates:
 
     def load(self) -> dict[str, np.ndarray]:
         """Text hash -> state; empty when nothing is kept or the file cannot be read (a cache miss, logged)."""
-        if not self.store.exists(self.key):
+        try:
+            return self._decode(self.store.get_bytes(self.key))
+        except KeyError:
+            return {}
+
+    def _decode(self, data: bytes | None) -> dict[str, np.ndarray]:
+        if data is None:
             return {}
         try:
-            with np.load(io.BytesIO(self.store.get_bytes(self.key)), allow_pickle=False) as kept:
+            with np.load(io.BytesIO(data), allow_pickle=False) as kept:
                 keys, states = kept["keys"], kept["states"]
             if states.ndim != 2 or len(keys) != len(states) or states.dtype != np.float32:
                 raise ValueError(f"keys {keys.shape} and states {states.shape} {states.dtype} do not match")
@@ -114,13 +122,21 @@ class EncoderStates:
         return [kept.get(state_key(text)) for text in texts]
 
     def save(self, texts: Sequence[str], states: np.ndarray) -> int:
-        """Add ``states`` (texts x hidden) to what is kept, newest last; returns the rows kept."""
+        """Add ``states`` (texts x hidden) to what is kept, newest last; returns the rows kept.
+
+        The file and the index are each updated by compare-and-swap, so two
+        builds saving at once (a promotion and a hand-run adopt, say) both land.
+        """
         states = np.asarray(states, dtype=np.float32)
         if len(texts) != len(states):
             raise ValueError(f"{len(texts)} texts but {len(states)} states")
-        kept: dict[str, np.ndarray] = self.load()
+        written = update_object(self.store, self.key, lambda data: self._merged(data, texts, states))
+        self._prune()
+        return len(self._decode(written))
+
+    def _merged(self, data: bytes | None, texts: Sequence[str], states: np.ndarray) -> bytes:
         width = states.shape[1] if states.ndim == 2 else 0
-        kept = {k: v for k, v in kept.items() if v.shape == (width,)}
+        kept = {k: v for k, v in self._decode(data).items() if v.shape == (width,)}
         for text, state in zip(texts, states):
             key = state_key(text)
             kept.pop(key, None)  # re-inserted last: it is the newest
@@ -129,18 +145,21 @@ class EncoderStates:
         buffer = io.BytesIO()
         np.savez(buffer, keys=np.array(keys, dtype="<U40"),
                  states=np.stack([kept[k] for k in keys]) if keys else np.zeros((0, width), np.float32))
-        self.store.put_bytes(self.key, buffer.getvalue())
-        self._prune()
-        return len(keys)
+        return buffer.getvalue()
 
     def _prune(self) -> None:
         """Keep the newest ``KEEP_ENCODERS`` encoders' files; the others' states would never be read again."""
-        index_key = f"{self.prefix}index.json"
-        try:
-            order = json.loads(self.store.get_bytes(index_key)) if self.store.exists(index_key) else []
-        except ValueError:
-            order = []
-        order = [e for e in order if isinstance(e, str) and e != self.encoder] + [self.encoder]
-        for encoder in order[:-KEEP_ENCODERS]:
+        dropped: list[str] = []
+
+        def newest_first(data: bytes | None) -> bytes:
+            try:
+                order = json.loads(data) if data is not None else []
+            except ValueError:
+                order = []
+            order = [e for e in order if isinstance(e, str) and e != self.encoder] + [self.encoder]
+            dropped[:] = order[:-KEEP_ENCODERS]
+            return json.dumps(order[-KEEP_ENCODERS:]).encode()
+
+        update_object(self.store, f"{self.prefix}index.json", newest_first)
+        for encoder in dropped:
             self.store.delete(f"{self.prefix}{encoder}.npz")
-        self.store.put_bytes(index_key, json.dumps(order[-KEEP_ENCODERS:]).encode())

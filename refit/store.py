@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -322,6 +322,27 @@ class S3Store(ObjectStore):
 
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
+
+
+def update_object(store: ObjectStore, key: str, change: Callable[[bytes | None], bytes], attempts: int = 50) -> bytes:
+    """Read-modify-write of one object that loses no concurrent writer's change (compare-and-swap, retried).
+
+    ``change`` gets the object's bytes (None when absent) and returns the new
+    bytes; it may be called more than once, so it must not have side effects.
+    Raises ``RefitError`` when ``attempts`` writers in a row got there first.
+    """
+    for _ in range(attempts):
+        try:
+            data, tag = store.get_versioned(key)
+        except KeyError:
+            new = change(None)
+            if store.create(key, new):
+                return new
+            continue
+        new = change(data)
+        if store.replace_if(key, new, tag):
+            return new
+    raise RefitError(f"{store.uri(key)} changed under every one of {attempts} attempts to update it")
 
 
 def _precondition_failed(exc) -> bool:

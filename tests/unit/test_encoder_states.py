@@ -161,3 +161,28 @@ def test_only_the_newest_encoders_are_kept(tmp_path, monkeypatch):
     names = sorted(key.rsplit("/", 1)[1] for key in store.list("cache/model=m/"))
     assert names == ["e1.npz", "e3.npz", "index.json"]
     assert store.exists("cache/model=other/encoder-states/e9.npz")  # another model's are its own
+
+
+def test_saves_at_once_lose_no_rows_and_no_encoder(tmp_path, monkeypatch):
+    """Builds that save at the same moment (two promotions, an adopt beside an update) each keep what they wrote."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import refit.encoder_states as encoder_states
+
+    monkeypatch.setattr(encoder_states, "KEEP_ENCODERS", 10)
+    store = LocalStore(tmp_path)
+
+    def save(worker: int) -> None:
+        for round_ in range(4):
+            texts = [f"w{worker} r{round_} t{i}" for i in range(3)]
+            EncoderStates(store, "m", "shared").save(texts, np.full((3, 2), worker, np.float32))
+            EncoderStates(store, "m", f"own-{worker}").save(texts, np.ones((3, 2), np.float32))
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(save, range(6)))
+    kept = EncoderStates(store, "m", "shared").load()
+    assert len(kept) == 6 * 4 * 3
+    index = json.loads(store.get_bytes("cache/model=m/encoder-states/index.json"))
+    assert sorted(index) == sorted(["shared", *(f"own-{w}" for w in range(6))])
+    files = {key.rsplit("/", 1)[1] for key in store.list("cache/model=m/encoder-states/")} - {"index.json"}
+    assert files == {f"{encoder}.npz" for encoder in index}  # no file outlives its place in the index
