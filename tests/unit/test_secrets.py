@@ -78,3 +78,13 @@ def test_stack_status_and_env_never_print_a_key(s3_settings, capsys):
     # The shell still reaches the stack's own moto endpoint: its placeholders, only where the shell has none.
     assert 'export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-refit}"' in lines
     assert f"export REFIT_S3_ENDPOINT_URL=http://127.0.0.1:{stack.Ports().s3}" in lines
+
+
+@pytest.mark.parametrize("uri,masked", [
+    ("https://ghp_abc123@git.example/org/repo", "https://***@git.example/org/repo"),
+    ("postgresql://refit:pa/ss@db:5432/mlflow", "postgresql://refit:***@db:5432/mlflow"),
+    ("postgresql://refit:a/b/c@db/x and https://tok@h2", "postgresql://refit:***@db/x and https://***@h2"),
+    ("s3://bucket/key@v1", "s3://bucket/key@v1"),  # an "@" in a path is no user part
+])
+def test_lone_tokens_and_passwords_with_slashes_are_masked(uri, masked):
+    assert mask_uri(uri) == masked
