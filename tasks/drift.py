@@ -187,16 +187,25 @@ def reference_as_served(reference: pd.DataFrame, window: pd.DataFrame) -> pd.Dat
     texts it was sure of, which sits lower than the champion's (0.01-0.03 in
     mean on the three-shift demo's champions): against the champion's own
     reference the confidence signals would read drift that is only the
-    cheap tier. When the window's ``served_by`` names the student and the
-    reference carries what the cascade answered on its texts, those
-    columns stand in; otherwise (the champion alone, the guard tripped, no
-    cascade) the champion's.
+    cheap tier. The cascade may have served only part of the window (its
+    guard tripped, a replica without it), so the reference is mixed in the
+    same proportion: the window's student share over the share the student
+    answers on the reference's own texts is the part of the window the
+    cascade served, and that part of the reference's rows (a fixed draw)
+    takes the cascade's columns. A window with no student rows, a log
+    without tiers, or a reference without the cascade's columns compares with
+    the champion's own.
     """
     from serving.cascade import student_share
 
-    if not student_share(window) or not set(SERVED_COLUMNS.values()) <= set(reference.columns):
+    window_share = student_share(window)
+    if not window_share or not set(SERVED_COLUMNS.values()) <= set(reference.columns):
         return reference
-    return reference.assign(**{column: reference[kept] for column, kept in SERVED_COLUMNS.items()})
+    reference_share = student_share(reference)
+    cascade_part = min(1.0, window_share / reference_share) if reference_share else 1.0
+    rows = np.random.default_rng(0).random(len(reference)) < cascade_part
+    served = {column: reference[kept].where(rows, reference[column]) for column, kept in SERVED_COLUMNS.items()}
+    return reference.assign(**served)
 
 
 def _off(kind: type[ExtraSignalPolicy], method: str, threshold: float):

@@ -647,3 +647,22 @@ def test_a_window_the_cascade_served_is_compared_with_the_reference_as_the_casca
     # A reference written before cascades (no served columns) is used as it is.
     plain = reference.drop(columns=["served_label", "served_confidence", "served_by"])
     assert reference_as_served(plain, by_cascade) is plain
+
+
+def test_a_window_the_cascade_served_in_part_is_compared_with_a_reference_mixed_in_that_part():
+    """One student row does not turn the whole reference into the cascade's; a guard tripped halfway gives half."""
+    from tasks.drift import reference_as_served
+
+    n = 400
+    reference = pd.DataFrame({"text": [f"t{i}" for i in range(n)], "predicted_label": ["x"] * n,
+                              "confidence": [0.9] * n, "served_label": ["x"] * n, "served_confidence": [0.5] * n,
+                              "served_by": ["student", "champion"] * (n // 2)})  # the student answers half
+
+    def cascade_part(student_rows: int, rows: int = 100) -> float:
+        window = pd.DataFrame({"served_by": ["student"] * student_rows + ["champion"] * (rows - student_rows)})
+        return float((reference_as_served(reference, window)["confidence"] == 0.5).mean())
+
+    assert cascade_part(50) == 1.0  # the cascade served all of it: its share is the reference's
+    assert cascade_part(1) < 0.06
+    assert 0.4 < cascade_part(25) < 0.6
+    assert cascade_part(0) == 0.0
