@@ -38,7 +38,7 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
 
     from refit import requestlog
     from registry import versions
-    from registry.tracking import RUN_TYPE
+    from registry.tracking import month_updates
     from serving.cascade import FALLBACK_TAG, VERDICT_TAG, student_share
 
     now = now or datetime.now(timezone.utc)
@@ -46,9 +46,7 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
     registered = client.search_model_versions(f"name='{model_name}'")
     champion = versions.alias_version(model_name, versions.CHAMPION)
     since = month_start(now)
-    runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
-        f"and attributes.start_time >= {int(since.timestamp() * 1000)}"), max_results=5000)
+    runs = month_updates(experiment_id, model_name, int(since.timestamp() * 1000))
     spend = float(sum(run.data.metrics.get("update_cost_usd", 0.0) for run in runs))
     promoted = sum(1 for run in runs if run.data.tags.get("refit.gate_verdict") == "passed")
     tags = versions.version_tags(model_name, champion) if champion is not None else {}

@@ -87,6 +87,24 @@ def flat_params(prefix: str, obj) -> dict[str, str]:
     return out
 
 
+def month_updates(experiment_id: str, model_name: str, month_start_ms: int, page_size: int = 1000) -> list:
+    """Every update run of ``model_name`` this month, however many: the search is read page by page.
+
+    An update is charged to the month it started in (its reservation is
+    written then), so a run that ends after midnight on the first stays in
+    the month whose budget let it start.
+    """
+    client, runs, token = MlflowClient(), [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=(
+            f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
+            f"and attributes.start_time >= {month_start_ms}"), max_results=page_size, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def month_spend(experiment_id: str, model_name: str, month_start_ms: int) -> float:
     """Update spend this month: the ledger is the update runs themselves.
 
@@ -95,14 +113,8 @@ def month_spend(experiment_id: str, model_name: str, month_start_ms: int) -> flo
     (``reserved_usd``), so two updates at once cannot both spend the same
     headroom.
     """
-    runs = MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=(f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
-                       f"and attributes.start_time >= {month_start_ms}"),
-        max_results=5000,
-    )
     return float(sum(run.data.metrics.get("update_cost_usd", run.data.metrics.get("reserved_usd", 0.0))
-                     for run in runs))
+                     for run in month_updates(experiment_id, model_name, month_start_ms)))
 
 
 def reserve_budget(experiment_id: str, model_name: str, run_id: str, reserve_usd: float, budget_usd: float,

@@ -92,3 +92,12 @@ def test_a_killed_embedded_update_is_closed_killed_and_charged_by_the_next(exper
     assert client.get_run(attempt.info.run_id).info.status == "FINISHED"
     assert {client.get_run(r).info.status for r in (training, on_another_host)} == {"RUNNING"}
     assert tracking.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.04 + 0.02 + 0.05)
+
+
+def test_the_ledger_reads_every_page_of_update_runs(experiment):
+    """A month with more update runs than one search page returns still counts each of them."""
+    for _ in range(7):
+        _update_run(experiment, update_cost_usd=0.01)
+    runs = tracking.month_updates(experiment, MODEL, _month_start_ms(), page_size=3)
+    assert len(runs) == 7 and len({run.info.run_id for run in runs}) == 7
+    assert tracking.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.07)
