@@ -378,6 +378,7 @@ def _base_classifier(labels: Sequence[str], base: BaseRef):
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
         ignore_mismatched_sizes=True,
+        use_safetensors=True,  # never unpickle a checkpoint's weights, even where a .bin sits beside them
     )
 
 
@@ -421,6 +422,8 @@ def read_labels(adapter_dir: Path) -> list[str]:
 
 def load_model(adapter_dir: Path, trainable: bool = False) -> PeftModel:
     """Load a saved adapter (safetensors) over its recorded base; warm start when trainable."""
+    if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():  # peft falls back to a pickled .bin without it
+        raise RefitError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}: refit loads adapters from safetensors only")
     labels = read_labels(adapter_dir)
     base = base_of(adapter_dir)
     model = PeftModel.from_pretrained(
