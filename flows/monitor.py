@@ -17,7 +17,7 @@ from prefect.logging import get_run_logger
 from flows.common import one_at_a_time, open_context, parse_time, settings_for, user_error
 from refit import requestlog
 from refit.errors import RefitError, WindowTooSmall
-from refit.policy import file_hash
+from refit.policy import chosen_policy, file_hash
 from refit.report import markdown as cost_markdown, model_report
 from registry import versions
 from registry.tracking import (RUN_TYPE, flat_params, last_checked_window_end, log_json, log_policy,
@@ -33,7 +33,7 @@ DRIFT_EVENT = "refit.drift.detected"
 
 
 @flow(name="monitor")
-def monitor(window_end: str | None = None, window_hours: float | None = None, policy: str = "drift",
+def monitor(window_end: str | None = None, window_hours: float | None = None, policy: str | None = None,
             model_name: str | None = None) -> dict:
     """Check the traffic window ending at ``window_end`` (default now).
 
@@ -53,11 +53,12 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
         return user_error(exc)
 
 
-def _monitor(settings, window_end: str | None, window_hours: float | None, policy: str) -> dict:
+def _monitor(settings, window_end: str | None, window_hours: float | None, policy: str | None) -> dict:
     try:
         ctx = open_context(settings)
         name = ctx.model_name
-        drift_policy, policy_path = load_drift_policy(policy)
+        drift_policy, policy_path = load_drift_policy(chosen_policy(policy, settings.drift_policy, "drift",
+                                                                    "REFIT_DRIFT_POLICY"))
         update_policy, _ = load_update_policy()
         champion = versions.alias_version(name, versions.CHAMPION)
         if champion is None:

@@ -148,7 +148,8 @@ def adopt(train: Annotated[Path, typer.Option("--train", help="Labelled CSV/Parq
 def monitor(store: StoreOption = None,
             window_end: Annotated[Optional[str], typer.Option(help="ISO time the window ends (default now).")] = None,
             window_hours: Annotated[Optional[float], typer.Option(help="Window length (default: since the last check).")] = None,
-            policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift",
+            policy: Annotated[Optional[str], typer.Option(help="Drift policy name or YAML path (default: "
+                                                           "REFIT_DRIFT_POLICY, else drift).")] = None,
             then_update: Annotated[bool, typer.Option(
                 "--update", help="Without a Prefect server (cron, embedded): when the check's action is update, "
                                  "run that update in this command. On a server the drift event starts it.")] = False,
@@ -159,6 +160,8 @@ def monitor(store: StoreOption = None,
     Example (cron, no Prefect server): refit monitor --update --json
     """
     _prepare(store, model_name)
+    if policy and Path(policy).suffix in (".yaml", ".yml"):
+        os.environ["REFIT_DRIFT_POLICY"] = str(Path(policy).resolve())  # this caller's own file: pinned for its run
     from flows.common import on_prefect_server
     from flows.monitor import monitor as flow_fn
 

@@ -44,6 +44,25 @@ def resolve(name_or_path: str | Path, directory: Path = POLICY_DIR) -> Path:
     return shipped
 
 
+def chosen_policy(requested: str | None, pinned: str, kind: str, setting: str) -> str:
+    """The policy a flow run uses: a name in ``refit/policies/``, or the file the operator pinned.
+
+    A deployment run's parameters come from whoever may start it; a path
+    there could point at a laxer policy anywhere on the worker, so only the
+    worker's own setting (``setting``, from its environment) may name a file.
+
+    Raises:
+        RefitError: a path that is not the pinned one.
+    """
+    if requested in (None, "", pinned):
+        return pinned
+    if any(mark in requested for mark in ("/", "\\")) or requested.endswith((".yaml", ".yml")) or \
+            requested.startswith("."):
+        raise RefitError(f"{kind} policy {requested!r}: a run may only name a policy in refit/policies/ (such as "
+                         f"{kind!r}); to use a file, pin it with {setting}")
+    return requested
+
+
 def load_yaml_model(model: type[M], path: Path) -> M:
     """Parse ``path`` into ``model``; errors name the file and the field."""
     try:

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     label_sources: str | None = Field(None, description="Comma-separated local directories and s3://bucket/prefix "
                                       "entries a labelled file may come from; anything else is refused. Unset: any "
                                       "readable file (on a Prefect server: HOME/inbox/ and the store's inbox/).")
+    drift_policy: str = Field("drift", description="The drift policy the monitor uses: a name in refit/policies/, or "
+                                                   "a YAML path pinned here (a run may pass names only).")
     gate_policy: str = Field("gate", description="The gate policy updates use: a name in refit/policies/, or a YAML "
                                                  "path pinned here by the operator (a run may pass names only).")
     serve_feedback_token: SecretStr | None = Field(None, description="Bearer token of POST /feedback (labels from "

@@ -17,7 +17,7 @@ import numpy as np
 from prefect import task
 from pydantic import Field
 
-from refit.policy import StrictModel, load_policy
+from refit.policy import StrictModel, chosen_policy, load_policy
 from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table, ratio
 from tasks.evaluate import Evaluation
 
@@ -47,24 +47,8 @@ def load_gate_policy(name_or_path: str = "gate") -> tuple[GatePolicy, Path]:
 
 
 def chosen_gate_policy(requested: str | None, settings) -> str:
-    """The gate policy a run uses: a name in ``refit/policies/``, or the file the operator pinned.
-
-    A deployment run's parameters come from whoever may start it; a path
-    there could point at a laxer gate, so only ``REFIT_GATE_POLICY`` (the
-    worker's environment) may name a file.
-
-    Raises:
-        RefitError: a path that is not the pinned one.
-    """
-    from refit.errors import RefitError
-
-    if requested in (None, "", settings.gate_policy):
-        return settings.gate_policy
-    if any(mark in requested for mark in ("/", "\\")) or requested.endswith((".yaml", ".yml")) or \
-            requested.startswith("."):
-        raise RefitError(f"gate policy {requested!r}: a run may only name a policy in refit/policies/ (such as "
-                         f"'gate'); to use a file, pin it with REFIT_GATE_POLICY")
-    return requested
+    """The gate policy a run uses: a name in ``refit/policies/``, or the file pinned by ``REFIT_GATE_POLICY``."""
+    return chosen_policy(requested, settings.gate_policy, "gate", "REFIT_GATE_POLICY")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,24 @@ def test_a_run_names_its_gate_policy_and_only_the_operator_pins_a_file(tmp_path)
     assert chosen_gate_policy(None, pinned) == "/etc/refit/gate.yaml"
 
 
+def test_a_monitor_run_names_its_drift_policy_and_only_the_operator_pins_a_file(tmp_path, monkeypatch,
+                                                                                 prefect_harness):
+    """A deployment run's ``policy`` parameter cannot point the monitor at any YAML file on the worker."""
+    from flows.monitor import monitor
+
+    monkeypatch.setenv("REFIT_HOME", str(tmp_path / "home"))
+    from refit.policy import POLICY_DIR
+
+    lax = tmp_path / "lax.yaml"
+    lax.write_text((POLICY_DIR / "drift.yaml").read_text())
+    state = monitor(policy=str(lax), return_state=True)
+    assert state.is_failed() and "pin it with REFIT_DRIFT_POLICY" in state.message, state.message
+    # The worker's own setting may name a file: then the run gets past the policy (to the missing champion).
+    monkeypatch.setenv("REFIT_DRIFT_POLICY", str(lax))
+    state = monitor(policy=str(lax), return_state=True)
+    assert state.is_failed() and "no champion" in state.message, state.message
+
+
 def test_update_cli_names_the_setting_before_anything_else(tmp_path):
     """What it must show: a file outside REFIT_LABEL_SOURCES gets exit 2 and a line naming the setting, even in a
     home with no champion yet (before, that home answered "no champion" and never named the setting)."""
