@@ -9,14 +9,15 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import open_context, user_error
-from refit import modeling
+from refit import faults, modeling, procs
 from refit.errors import RefitError
 from refit.evalsets import write_golden
 from refit.policy import file_hash
 from refit.settings import Settings
 from registry import versions
 from registry.tracking import RUN_TYPE, flat_params, log_json, log_policy
-from tasks.adopt import adopted_adapter, existing_versions, golden_quality, lineage_tags, prepare_adoption, publish_base
+from tasks.adopt import (adopted_adapter, golden_quality, lineage_tags, prepare_adoption, publish_base,
+                         retire_unfinished, unfinished_adoption)
 from tasks.cascade import cascade
 from tasks.deploy import promote, write_reference
 from tasks.finetune import fine_tune, load_update_policy
@@ -33,21 +34,25 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
     the bootstrap recipe. ``train_path`` is the replay pool either way. The
     golden suite is ``golden_path``, else 15% of ``train_path`` per label,
     never trained on.
+
+    An adopt that stopped after registering its version (no champion yet)
+    is replaced by the next one: its version is tagged abandoned, the golden
+    suite it wrote is reused when the rows are the same, and the new version
+    becomes the champion.
     """
     try:
         settings = Settings()
         adoption = prepare_adoption(train_path, golden_path, model_path, text_column, label_column, settings.seed)
         ctx = open_context(settings)
         policy, policy_path = load_update_policy()
-        if existing_versions(ctx.model_name):
-            raise RefitError(f"model {ctx.model_name} already has versions in the registry; adopt makes v1 of a new "
-                             "model: choose another --model-name")
+        stopped = unfinished_adoption(ctx.model_name)
     except RefitError as exc:
         return user_error(exc)
 
     name, recipe = ctx.model_name, policy.bootstrap
-    tags = {RUN_TYPE: "adopt", "refit.model": name}
+    tags = {RUN_TYPE: "adopt", "refit.model": name, "refit.process": procs.identity()}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="adopt", tags=tags) as run:
+        retire_unfinished(name, stopped, run.info.run_id)
         mlflow.log_params(flat_params("recipe", recipe) | {
             "train_rows": len(adoption.train), "golden_rows": len(adoption.golden), "labels": len(adoption.labels),
             "adopted_model": str(adoption.checkpoint or "none"), "train_source": adoption.train_source,
@@ -72,6 +77,7 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
             "refit.golden_accuracy": round(quality.accuracy, 4),
             "refit.labels": str(len(adoption.labels)),
         })
+        faults.point("adopt.after_register")
         model = modeling.load_model(adapter_dir)
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(adapter_dir),
                                         pool=adoption.train, trained_on=adoption.train, seed=ctx.settings.seed,
@@ -79,7 +85,8 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         cascade(name, version, adapter_dir, adoption.train, [], {"golden": golden.frame}, ctx.rates,
                 ctx.experiment_id, store=ctx.store)  # the cheap tier, gated as a unit before the server is told
-        promote(name, version, versions.alias_version(name, versions.CHAMPION))
+        with versions.promotion_lock(ctx.store, name, f"adopt run {run.info.run_id}") as lease:
+            promote(name, version, None, lease=lease)  # a new model: any champion is another adopt's
         result = {"model_name": name, "version": version, "labels": len(adoption.labels),
                   "golden_accuracy": quality.accuracy, "golden_rows": golden.rows,
                   "base_model": str(adoption.checkpoint) if adoption.checkpoint else base.describe(),

@@ -37,8 +37,8 @@ from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision,
                                killed_charged, log_json, log_policy, log_training_input,
                                measured_cpu_seconds_per_work_token, month_spend, reserve_budget)
 from tasks.cascade import cascade
-from tasks.deploy import promote, read_reference, register_version, update_version_tags, write_reference
-from tasks.evaluate import Evaluation, evaluate_pair, grow_golden
+from tasks.deploy import promote_update, read_reference, register_version, update_version_tags, write_reference
+from tasks.evaluate import Evaluation, evaluate_pair
 from tasks.finetune import (Recipe, Trained, UpdateData, count_tokens, escalates, fine_tune, full_retrain_frame,
                             load_update_policy, prepare_update)
 from tasks.gate import GatePolicy, Verdict, chosen_gate_policy, gate, load_gate_policy
@@ -307,12 +307,9 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 # The cheap tier, gated as a unit; before the promotion tells the server, which then loads it.
                 cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,
                         ctx.experiment_id, store=ctx.store)
-                with versions.promotion_lock(ctx.store, name, f"{kind} run {run.info.run_id}") as lease:
-                    faults.point("update.before_promote")
-                    promote(name, version, champion, lease=lease)
-                    faults.point("update.after_promote")
-                    grown_to = grow_golden(ctx.store, name, golden, data.fresh, policy.golden_max_per_label)
-                versions.set_tags(name, version, grown_to.tags("refit.golden_after"))
+                # Under the lock: the fresh holdout joins the golden suite, then the alias moves.
+                promote_update(ctx.store, name, version, champion, data.fresh, policy.golden_max_per_label,
+                               f"{kind} run {run.info.run_id}")
         result = {
             "kind": kind, "promoted": verdict.passed, "version": version, "parent_version": champion,
             "champion": version if verdict.passed else champion, "verdict": verdict.summary, "run_id": run.info.run_id,

@@ -17,12 +17,17 @@ scenario:
 Layout::
 
     evaluation/model=<name>/golden/version=<k>.parquet   text, label, group, added (the suite version it joined)
-    evaluation/model=<name>/golden/current.json          {"version", "fingerprint", "rows", "uri"}
+    evaluation/model=<name>/golden/current.json          {"version", "fingerprint", "rows", "uri"} of the newest
+
+A version, once written, is never written again (each is created only if
+absent), so every fingerprint a model version records names one file for good.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,43 +73,99 @@ def _with_groups(frame: pd.DataFrame, group_of: dict[str, str] | None = None) ->
     return out
 
 
-def write_golden(store: ObjectStore, model_name: str, frame: pd.DataFrame, version: int | None = None) -> Golden:
-    """Write a new version of the suite and point ``current.json`` at it.
+_VERSION_KEY = re.compile(r"version=(\d+)\.parquet")
 
-    ``version`` defaults to the one after the current (1 for a new model).
-    """
+
+def suite_versions(store: ObjectStore, model_name: str) -> list[int]:
+    """Every version of the suite in the store, oldest first."""
     prefix = golden_prefix(model_name)
-    if version is None:
-        current = _current(store, model_name)
-        version = (current["version"] + 1) if current else 1
+    found = (_VERSION_KEY.fullmatch(key[len(prefix):]) for key in store.list(prefix))
+    return sorted(int(match.group(1)) for match in found if match)
+
+
+def write_golden(store: ObjectStore, model_name: str, frame: pd.DataFrame, version: int | None = None) -> Golden:
+    """Write ``frame`` as a new version of the suite, never over an existing one; the newest if it has these rows.
+
+    Versions are immutable: each is created only if absent (``ObjectStore.create``),
+    so a model version's recorded fingerprint always matches the file it
+    names. ``version`` (default: the one after the newest) is where to start;
+    a number already taken moves to the next free one, and rows stamped as
+    added in the number asked for are stamped with the one written. A frame
+    with the same rows as the newest version (an adopt run again, a fresh
+    holdout the suite already holds) writes nothing and returns that version.
+    """
+    newest = suite_versions(store, model_name)
+    if newest:
+        latest = read_golden(store, model_name, newest[-1])
+        if latest.fingerprint == fingerprint(frame):
+            return latest
+    number = version if version is not None else (newest[-1] + 1 if newest else 1)
+    asked = number
+    while True:
+        stamped = frame.assign(added=frame["added"].where(frame["added"] != asked, number)) \
+            if "added" in frame.columns else frame
+        golden = _create_version(store, model_name, stamped, number)
+        if golden is not None:
+            return golden
+        number = max([number, *suite_versions(store, model_name)]) + 1
+
+
+def grow_suite(store: ObjectStore, model_name: str, fresh: pd.DataFrame, max_per_label: int) -> Golden:
+    """The newest suite with ``fresh`` joined (``grown``), written as the version right after it.
+
+    Built on the newest version at the moment of writing, not on the one an
+    update was judged against, so a fresh set that joined meanwhile (an
+    update promoted and rolled back while this one trained) is kept. If
+    another writer takes that number first, it is built again on theirs:
+    no version is overwritten and no row that joined is dropped, except by
+    the per-label cap.
+    """
+    while True:
+        latest = read_golden(store, model_name)
+        frame = grown(latest, fresh, max_per_label)
+        if fingerprint(frame) == latest.fingerprint:
+            return latest  # every fresh row is in the suite already
+        golden = _create_version(store, model_name, frame, latest.version + 1)
+        if golden is not None:
+            return golden
+
+
+def _create_version(store: ObjectStore, model_name: str, frame: pd.DataFrame, version: int) -> Golden | None:
+    """Version ``version`` of the suite, created only if absent (None if taken); ``current.json`` then names it."""
+    prefix = golden_prefix(model_name)
     frame = _with_groups(frame)
-    if "added" not in frame.columns:
-        frame = frame.assign(added=version)
-    frame = frame[GOLDEN_COLUMNS].reset_index(drop=True).astype({"added": "int64"})
+    added = frame["added"] if "added" in frame.columns else pd.Series(version, index=frame.index)
+    frame = frame.assign(added=added.fillna(version))[GOLDEN_COLUMNS].reset_index(drop=True).astype({"added": "int64"})
     if frame.empty:
         raise RefitError(f"the golden suite of {model_name} would be empty")
-    uri = store.put_parquet(f"{prefix}version={version}.parquet", frame)
-    golden = Golden(frame, version, fingerprint(frame), uri)
-    store.put_bytes(prefix + "current.json", json.dumps(
-        {"version": version, "fingerprint": golden.fingerprint, "rows": golden.rows, "uri": uri}).encode())
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    key = f"{prefix}version={version}.parquet"
+    if not store.create(key, buffer.getvalue()):
+        return None
+    golden = Golden(frame, version, fingerprint(frame), store.uri(key))
+    current = _current(store, model_name)
+    if current is None or int(current.get("version", 0)) < version:  # a pointer for people; reads list versions
+        store.put_bytes(prefix + "current.json", json.dumps(
+            {"version": version, "fingerprint": golden.fingerprint, "rows": golden.rows, "uri": golden.uri}).encode())
     return golden
 
 
 def _current(store: ObjectStore, model_name: str) -> dict | None:
     try:
         return json.loads(store.get_bytes(golden_prefix(model_name) + "current.json"))
-    except KeyError:
+    except (KeyError, ValueError):
         return None
 
 
 def read_golden(store: ObjectStore, model_name: str, version: int | None = None) -> Golden:
-    """The current suite (or the given version)."""
+    """The newest suite in the store (or the given version)."""
     prefix = golden_prefix(model_name)
     if version is None:
-        current = _current(store, model_name)
-        if current is None:
+        found = suite_versions(store, model_name)
+        if not found:
             raise RefitError(f"no golden suite under {store.uri(prefix)}: run bootstrap (or adopt) first")
-        version = int(current["version"])
+        version = found[-1]
     try:
         frame = store.get_parquet(f"{prefix}version={version}.parquet")
     except KeyError:

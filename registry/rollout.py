@@ -45,7 +45,13 @@ def roll_back(model_name: str, bad_version: int | None, reason: str, *, experime
     with the rollback's intent (``refit.rollback_intent``), so a rollback
     stopped after moving them (SIGKILL) is finished by the next hand-run
     rollback: it writes the record the stopped one never wrote, with that
-    one's reason.
+    one's reason. The record is written before the lock is released: a
+    rollback that takes the lock next finds it written, so it never takes a
+    live rollback's intent for a stopped one and records it a second time.
+
+    Raises ``versions.LeaseLost`` (a ``LockBusy``: try again) when the lock
+    was lost or a later holder fenced it out, never a plain conflict, so an
+    automatic rollback is retried rather than given up.
     """
     lock = versions.promotion_lock(store, model_name, f"rollback by {source}") if store is not None else nullcontext()
     with lock as lease:
@@ -57,8 +63,10 @@ def roll_back(model_name: str, bad_version: int | None, reason: str, *, experime
                 _clear_previous(model_name)  # stopped before it cleared previous
         else:
             bad_version, target = _move_aliases_back(model_name, bad_version, restore_to, lease, reason, source)
-    return _record(model_name, bad_version, target, reason, experiment_id, source, guard_html, guard_markdown,
-                   guard_json)
+        result = _record(model_name, bad_version, target, reason, experiment_id, source, guard_html, guard_markdown,
+                         guard_json)
+        faults.point("rollback.before_release")
+    return result
 
 
 INTENT_TAG = "refit.rollback_intent"
@@ -115,7 +123,9 @@ def _move_aliases_back(model_name: str, bad_version: int | None, restore_to: int
         raise versions.PromotionConflict(
             f"champion of {model_name} is v{current}, not v{bad_version}: nothing to roll back")
     if target is None or target == bad_version:
-        raise RefitError(f"model {model_name} has no previous champion to roll back to")
+        where = "unset (a rollback clears it)" if target is None else "the champion itself"
+        raise RefitError(f"model {model_name} has no previous champion to roll back to: v{current} is champion "
+                         f"and previous is {where}")
     if lease is not None:
         lease.fence(model_name)
     versions.set_tags(model_name, bad_version, {INTENT_TAG: json.dumps(

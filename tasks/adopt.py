@@ -162,6 +162,76 @@ def existing_versions(model_name: str) -> int:
     return len(MlflowClient().search_model_versions(f"name = '{model_name}'"))
 
 
+def unfinished_adoption(model_name: str) -> list[int]:
+    """The versions of adopts that stopped after registering and never made a champion: a re-run replaces them.
+
+    Adopt makes a new model, so any other state is refused: a champion (the
+    adopt finished), a version not made by adopt, or an adopt of this model
+    still running (its run RUNNING in a process that lives). A version
+    already tagged abandoned is not counted. Found by tags, not by the
+    command line it was run with, so the re-run may give other files.
+
+    Raises:
+        RefitError: the model is in use, or another adopt of it is running.
+    """
+    from mlflow import MlflowClient
+
+    from registry import versions
+
+    found = MlflowClient().search_model_versions(f"name = '{model_name}'")
+    champion = versions.alias_version(model_name, versions.CHAMPION)
+    if champion is not None or any(v.tags.get("refit.kind") != "adopt" for v in found):
+        raise RefitError(f"model {model_name} already has versions in the registry"
+                         f"{f' (champion v{champion})' if champion is not None else ''}; adopt makes v1 of a new "
+                         "model: choose another --model-name")
+    left = [v for v in found if not v.tags.get("refit.deployed", "").startswith("abandoned")]
+    for version in left:
+        running = _live_adopt_run(version.run_id)
+        if running:
+            raise RefitError(f"an adopt of {model_name} is still running ({running}, v{version.version} registered): "
+                             "wait for it to finish, or stop it and run adopt again")
+    return sorted(int(v.version) for v in left)
+
+
+def _live_adopt_run(run_id: str | None) -> str | None:
+    """The run, described, if it is RUNNING in a process that still lives (or on another host); None if it stopped.
+
+    A RUNNING run with no process recorded is taken as stopped: an adopt
+    that ends normally closes its run, so only a killed one stays RUNNING.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from refit import procs
+
+    if not run_id:
+        return None
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    process = run.data.tags.get("refit.process", "")
+    if run.info.status != "RUNNING" or not process or procs.gone(process) is True:
+        return None
+    return f"run {run_id} in process {process}"
+
+
+def retire_unfinished(model_name: str, numbers: list[int], run_id: str) -> None:
+    """Tag each stopped adopt's version abandoned, replaced by ``run_id``, and close its run if left RUNNING."""
+    from mlflow import MlflowClient
+
+    from registry import versions
+
+    client = MlflowClient()
+    for number in numbers:
+        versions.set_tags(model_name, number, {"refit.deployed": "abandoned: an adopt stopped after registering "
+                                                                 f"it; replaced by adopt run {run_id}"})
+        stopped = client.get_model_version(model_name, str(number)).run_id
+        if stopped and stopped != run_id and client.get_run(stopped).info.status == "RUNNING":
+            client.set_tag(stopped, "refit.abandoned", f"stopped after registering v{number}; closed by {run_id}")
+            client.set_terminated(stopped, status="KILLED")
+
+
 @task(name="adopt-checkpoint", cache_policy=NO_CACHE)
 def adopted_adapter(checkpoint: Path, rank: int, alpha: int, seed: int = 0) -> Path:
     """v1's adapter over the checkpoint: zero LoRA weights and the checkpoint's own head, so v1 is the checkpoint."""

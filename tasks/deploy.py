@@ -141,15 +141,69 @@ def update_version_tags(*, kind: str, reason: str | None, champion: int, run_id:
     }
 
 
-@task(name="promote", cache_policy=NO_CACHE, **RETRY)
-def promote(model_name: str, version: int, expected_champion: int | None,
-            lease: versions.Lease | None = None) -> int | None:
+def promote_now(model_name: str, version: int, expected_champion: int | None,
+                lease: versions.Lease | None = None) -> int | None:
     """Move ``champion`` to ``version`` (guarded, and fenced by the promotion lock's ``lease``); returns the old one."""
     previous = versions.promote(model_name, version, expected_champion, lease=lease)
     faults.point("update.promote")
     versions.set_tags(model_name, version, {"refit.deployed": "champion"})
     _log(f"{model_name} v{version} is champion; server: {notify_server()}")
     return previous
+
+
+promote = task(name="promote", cache_policy=NO_CACHE, **RETRY)(promote_now)
+
+
+def golden_after_promotion(store: ObjectStore, model_name: str, version: int, fresh: pd.DataFrame,
+                           max_per_label: int):
+    """The newest golden suite with ``version``'s fresh holdout joined, written and recorded on the version.
+
+    Recorded as ``refit.golden_after_*``. Safe to repeat (a retried
+    promotion): a version whose recorded suite is in the store, with the
+    fingerprint it recorded, gets that suite back and nothing is written.
+    """
+    from refit.errors import RefitError
+    from refit.evalsets import grow_suite, read_golden
+
+    tags = versions.version_tags(model_name, version)
+    done = tags.get("refit.golden_after_version", "")
+    if done.isdigit():
+        try:
+            golden = read_golden(store, model_name, int(done))
+        except RefitError:
+            golden = None
+        if golden is not None and golden.fingerprint == tags.get("refit.golden_after_fingerprint"):
+            return golden
+    golden = grow_suite(store, model_name, fresh, max_per_label)
+    versions.set_tags(model_name, version, golden.tags("refit.golden_after"))
+    return golden
+
+
+def promote_with_golden(store: ObjectStore, model_name: str, version: int, expected_champion: int | None,
+                        fresh: pd.DataFrame, max_per_label: int, holder: str):
+    """Promote an update under the model's promotion lock, its fresh holdout joining the golden suite first.
+
+    The suite grows as part of the promotion: once the move is known to be
+    allowed (``versions.check_promotion``), before the alias moves, and
+    recorded on the version. So a stop anywhere never leaves a champion
+    whose fresh set is missing from the suite, and the suite grows from the
+    newest version under the lock, not from the one the update was judged
+    on, so a fresh set that joined meanwhile is never dropped. A stop between
+    the two leaves a suite version holding rows of an update that was not
+    promoted: still held-out production labels, never trained on. Returns
+    the suite after. Safe to retry as a whole.
+    """
+    with versions.promotion_lock(store, model_name, holder) as lease:
+        faults.point("update.before_promote")
+        versions.check_promotion(model_name, version, expected_champion, lease)
+        grown_to = golden_after_promotion(store, model_name, version, fresh, max_per_label)
+        faults.point("update.golden_written")
+        promote_now(model_name, version, expected_champion, lease=lease)
+        faults.point("update.after_promote")
+    return grown_to
+
+
+promote_update = task(name="promote-update", cache_policy=NO_CACHE, **RETRY)(promote_with_golden)
 
 
 def notify_server(settings: Settings | None = None, timeout: float = 60.0) -> str:

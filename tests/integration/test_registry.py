@@ -215,17 +215,17 @@ def test_a_stale_lease_cannot_write_the_aliases(tmp_path):
     assert versions.alias_version(MODEL, versions.CHAMPION) == 2
 
     with versions.promotion_lock(store, MODEL, "late holder") as late:
-        # The registry remembers the highest number that wrote it; a later one got there between our check and write.
-        MlflowClient().set_registered_model_tag(MODEL, versions.FENCE_TAG, str(late.number + 5))
+        # The store keeps the highest number that wrote the aliases; a later one got there between our check and write.
+        store.put_bytes(versions.fence_mark_key(MODEL), str(late.number + 5).encode())
         with pytest.raises(versions.PromotionConflict, match="stale"):
             versions.promote(MODEL, 3, expected_champion=2, lease=late)
     assert versions.alias_version(MODEL, versions.CHAMPION) == 2
 
-    MlflowClient().delete_registered_model_tag(MODEL, versions.FENCE_TAG)  # (that later holder was made up)
-    with versions.promotion_lock(store, MODEL, "next holder") as lease:
+    with versions.promotion_lock(store, MODEL, "next holder") as lease:  # its number is above the mark
+        assert lease.number == late.number + 6
         assert versions.promote(MODEL, 3, expected_champion=2, lease=lease) == 2
     assert versions.alias_version(MODEL, versions.CHAMPION) == 3
-    assert MlflowClient().get_registered_model(MODEL).tags[versions.FENCE_TAG] == str(lease.number)
+    assert versions.read_fence_mark(store, MODEL)[0] == lease.number
 
 
 def test_rollback_clears_previous_before_it_releases_the_lock(tmp_path):
