@@ -73,7 +73,8 @@ def test_a_suite_version_is_never_overwritten(store):
     """Before, ``write_golden(..., k)`` replaced version k: the rows of whoever wrote it first were lost and the
     fingerprint its model version recorded no longer matched any file."""
     first = write_golden(store, MODEL, _rows("base"))
-    second = write_golden(store, MODEL, pd.concat([first.frame, _rows("b-fresh")]), version=2)
+    second = write_golden(store, MODEL, pd.concat([first.frame, _rows("b-fresh").assign(group="g", added=2)]),
+                          version=2)
     late = write_golden(store, MODEL, pd.concat([first.frame, _rows("a-fresh")]).assign(added=[1] * 6 + [2] * 6),
                         version=2)  # an update that read version 1 and asks for 2, as the code before did
     assert (first.version, second.version, late.version) == (1, 2, 3)
@@ -365,3 +366,48 @@ def test_an_adopt_stopped_after_registering_is_replaced_by_the_next(tmp_path):
     assert MlflowClient().get_run(stopped_run).info.status == "KILLED"
     with pytest.raises(RefitError, match="champion v2"):  # finished: adopt makes a new model only
         unfinished_adoption(MODEL)
+
+
+def _tiny_team(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny BERT classifier saved as a team would (random weights, the packaged tokenizer), its data and golden set."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from refit import modeling
+
+    labels = ["alarm", "weather", "timer"]
+    tokenizer = AutoTokenizer.from_pretrained(modeling.packaged_base_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
+                        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    torch.manual_seed(0)
+    checkpoint = root / "checkpoint"
+    BertForSequenceClassification(config).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    pd.DataFrame([{"text": f"set the {label} please {i}", "label": label} for label in labels for i in range(12)]) \
+        .to_csv(root / "train.csv", index=False)
+    pd.DataFrame([{"text": f"could you {label} thing {i}", "label": label} for label in labels for i in range(5)]) \
+        .to_csv(root / "golden.csv", index=False)
+    return checkpoint, root / "train.csv", root / "golden.csv"
+
+
+def test_adopt_stopped_after_registering_completes_when_run_again(tmp_path, monkeypatch, prefect_harness):
+    """The real adopt flow, stopped at ``adopt.after_register`` (a version, no champion), then run again."""
+    from flows.adopt import adopt
+
+    checkpoint, train, golden = _tiny_team(tmp_path)
+    monkeypatch.setenv("REFIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REFIT_MODEL_NAME", MODEL)
+    monkeypatch.setenv("REFIT_FAULTS", "adopt.after_register=raise")
+    with pytest.raises(FaultInjected):
+        adopt(str(train), str(golden), str(checkpoint))
+    assert versions.alias_version(MODEL, versions.CHAMPION) is None
+
+    monkeypatch.delenv("REFIT_FAULTS")
+    result = adopt(str(train), str(golden), str(checkpoint))
+
+    assert result["version"] == 2 and versions.alias_version(MODEL, versions.CHAMPION) == 2
+    assert versions.version_tags(MODEL, 1)["refit.deployed"].startswith("abandoned")
+    store = LocalStore(tmp_path / "home" / "store")
+    assert result["golden_version"] == 1 and suite_versions(store, MODEL) == [1]  # the stopped one's, reused
+    assert versions.version_tags(MODEL, 2)["refit.golden_fingerprint"] == read_golden(store, MODEL).fingerprint
