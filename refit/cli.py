@@ -555,6 +555,42 @@ def bench_cascade(as_json: JsonOption = False,
         print(json.dumps(summary(result), default=str))
 
 
+@bench_app.command("feedback")
+def bench_feedback(as_json: JsonOption = False,
+                   home: Annotated[Optional[Path], typer.Option(
+                       help="REFIT_HOME of the run (default: a new temporary directory, kept); a home filled by an "
+                            "earlier run is reused.")] = None,
+                   requests: Annotated[int, typer.Option(min=1000, help="Logged requests to fill the store with.")]
+                   = 1_000_000,
+                   days: Annotated[int, typer.Option(min=1, max=33, help="Days they span, ending now.")] = 30,
+                   calls: Annotated[int, typer.Option(min=2, help="/feedback calls, one at a time.")] = 200,
+                   labels_per_call: Annotated[int, typer.Option(min=2, help="Labels per call.")] = 100,
+                   unlogged_per_call: Annotated[int, typer.Option(
+                       min=0, help="Labels per call for requests another replica still buffers.")] = 5) -> None:
+    """/feedback over real HTTP against a month of request log: latency per call, and every label accounted for.
+
+    Fills a local store with logged requests in the request log's layout, starts refit serve (no champion:
+    /feedback needs none) and posts the calls. Example: refit bench feedback --home /tmp/fb --json
+    """
+    import tempfile
+
+    from refit.bench_feedback import run_benchmark, table
+
+    settings = _prepare()
+    if unlogged_per_call >= labels_per_call:
+        raise RefitError(f"--unlogged-per-call must be below --labels-per-call ({labels_per_call})")
+    run_home = home or Path(tempfile.mkdtemp(prefix="refit-bench-feedback-"))
+
+    def progress(what: str) -> None:
+        err.print(f"[dim]{escape(what)}[/]", soft_wrap=True, highlight=False)
+
+    result = run_benchmark(run_home, settings.data_dir, requests, days, calls, labels_per_call, unlogged_per_call,
+                           progress=progress)
+    (err if as_json else Console()).print(table(result))
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
 @bench_app.command("faults")
 def bench_faults(as_json: JsonOption = False,
                  home: Annotated[Optional[Path], typer.Option(

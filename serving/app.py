@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 
 from refit.errors import RefitError
 from refit.policy import file_hash
+from refit.requestlog import new_request_id
 from refit.secrets import mask_uri
 from refit.settings import Settings
 from refit.store import ObjectStore
@@ -216,7 +218,7 @@ class Server:
         version = str(slot.version)
         now = datetime.now(timezone.utc)
         served_by = tiers[0] if tiers else served_by_champion(texts)
-        rows = [{"request_id": uuid.uuid4().hex, "timestamp": now, "text": text, "predicted_label": label,
+        rows = [{"request_id": new_request_id(now), "timestamp": now, "text": text, "predicted_label": label,
                  "confidence": float(conf), "model_version": version, "served_by": tier}
                 for text, label, conf, tier in zip(texts, labels, confidence, served_by)]
         self.request_log.append(rows)
@@ -414,20 +416,33 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         return server.rollout.status() | {"policy": server.policy.model_dump(), "policy_name": server.policy_name,
                                           "policy_hash": server.policy_hash, "registry_writes_owed": sorted(server.owed)}
 
+    quota = FeedbackQuota.from_env()
+
     @app.post("/feedback")
     async def feedback(request: Request) -> JSONResponse:
-        """{"labels": [{"request_id": "...", "label": "..."}]} -> {"accepted", "quarantined", "reasons"}.
+        """{"labels": [{"request_id": "...", "label": "..."}]} -> {"accepted", "waiting", "quarantined", "reasons"}.
 
         Bearer ``REFIT_SERVE_FEEDBACK_TOKEN``; refused while it is unset. Each
         label is checked as ``refit labels import`` checks it (``refit.labels``):
-        a request id this server still buffers counts as served.
+        a request id this server still buffers counts as served, one not
+        visible yet (another replica's buffer) waits. Each caller (client
+        address) may send ``REFIT_SERVE_FEEDBACK_LABELS_PER_MINUTE`` labels a
+        minute; more is a 429 with ``Retry-After``, since every label costs
+        the server a look into the request log.
         """
         _authorize(request, settings.serve_feedback_token, "/feedback", "REFIT_SERVE_FEEDBACK_TOKEN")
         rows = parse_feedback(await _read_body(request, server.limits.max_body_bytes))
+        caller = request.client.host if request.client else "unknown"
+        refused = quota.take(caller, len(rows))
+        if refused is not None:
+            server.metrics.requests.labels("429").inc()
+            server.metrics.errors.labels("rate_limited").inc()
+            return JSONResponse({"error": refused[0]}, status_code=429, headers={"Retry-After": str(refused[1])})
         from refit.labels import import_labels
 
         result = await asyncio.to_thread(import_labels, server.store, settings.model_name, rows, source="feedback",
-                                         buffered_ids=server.request_log.pending_ids())
+                                         buffered_ids=server.request_log.pending_ids(),
+                                         max_text_chars=settings.serve_max_text_chars)
         return JSONResponse(result.to_dict())
 
     @app.post("/admin/reload")
@@ -476,6 +491,48 @@ def _authorize(request: Request, token, what: str = "admin endpoints",
     expected = f"Bearer {token.get_secret_value()}"
     if not secrets.compare_digest(given.encode(), expected.encode()):
         raise BadRequest(401, f"{what}: send the header 'Authorization: Bearer <{setting}>'")
+
+
+class FeedbackQuota:
+    """Labels per caller per minute on /feedback: a token bucket per client address, a minute's worth deep."""
+
+    ENV = "REFIT_SERVE_FEEDBACK_LABELS_PER_MINUTE"
+    DEFAULT = 6000
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (labels left, when counted)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> FeedbackQuota:
+        import os
+
+        value = os.environ.get(cls.ENV, "").strip()
+        if value and not (value.isdigit() and int(value) > 0):
+            raise RefitError(f"{cls.ENV} must be a whole number of labels above 0, not {value!r}")
+        return cls(int(value) if value else cls.DEFAULT)
+
+    def take(self, caller: str, labels: int) -> tuple[str, int] | None:
+        """None if ``caller`` may send ``labels`` now (they are counted), else (the refusal, seconds to wait)."""
+        if labels > self.per_minute:
+            return (f"/feedback: {labels:,} labels in one call; a caller may send at most {self.per_minute:,} a "
+                    f"minute ({self.ENV}): split the batch", 60)
+        now = time.monotonic()
+        with self._lock:
+            left, then = self._buckets.get(caller, (float(self.per_minute), now))
+            left = min(float(self.per_minute), left + (now - then) * self.per_minute / 60)
+            if left < labels:
+                self._buckets[caller] = (left, now)
+                wait = max(1, round((labels - left) * 60 / self.per_minute + 0.5))
+                return (f"/feedback: rate limit of {self.per_minute:,} labels a minute per caller ({self.ENV}) "
+                        f"reached by {caller}; retry in {wait} s", wait)
+            self._buckets[caller] = (left - labels, now)
+            if len(self._buckets) > 10_000:  # forget callers whose bucket has refilled
+                full = [c for c, (_, t) in self._buckets.items() if now - t > 60]
+                for c in full:
+                    self._buckets.pop(c, None)
+        return None
 
 
 def parse_feedback(body: bytes):

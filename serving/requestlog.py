@@ -13,6 +13,13 @@ to the store once it answers again, each under its own key: a drain cut short
 and done again overwrites, never duplicates. A server restarted on the same
 ``spill_dir`` drains what the last one left. Rows answered = rows in the
 store + rows spilled, at every moment after a flush.
+
+A row is visible at every moment to ``pending_ids`` or to a reader of the
+store: a part being written keeps its rows in ``pending_ids`` until the store
+(or the spill directory) holds them, and a spilled part leaves the spill
+directory only once the store holds it. So a label for a request this
+server answered is never taken for a label of an unknown request because it
+arrived in the middle of a write.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from refit import requestlog
+from refit import faults, requestlog
 from refit.store import LocalStore, ObjectStore
 
 log = logging.getLogger("refit.serving")
@@ -40,6 +47,7 @@ class RequestLog:
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.spill = LocalStore(spill_dir) if spill_dir is not None else None
         self._rows: list[dict] = []
+        self._writing: list[dict] = []  # the part being written: out of the buffer, not yet in the store
         self._oldest: float | None = None
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one writer at a time keeps parts in order
@@ -77,15 +85,24 @@ class RequestLog:
 
     @property
     def buffered(self) -> int:
-        return len(self._rows)
+        """Rows answered and not yet in the store or the spill directory (buffered, or being written)."""
+        with self._lock:
+            return len(self._rows) + len(self._writing)
 
     def pending_ids(self) -> set[str]:
-        """Request ids answered but not in the store yet: buffered, or spilled to local disk."""
+        """Request ids answered but not in the store yet: buffered, being written, or spilled to local disk.
+
+        Read before the store is: a row that leaves this set meanwhile is already in the store.
+        """
         with self._lock:
             ids = {str(row["request_id"]) for row in self._rows}
+            ids.update(str(row["request_id"]) for row in self._writing)
         if self.spill is not None:
             for key in self.spill.list(self._prefix):
-                ids |= set(self.spill.get_parquet(key)["request_id"].astype(str))
+                try:
+                    ids |= set(self.spill.get_parquet(key)["request_id"].astype(str))
+                except KeyError:  # drained since the listing: the store holds it now
+                    continue
         return ids
 
     def flush(self) -> int:
@@ -98,10 +115,12 @@ class RequestLog:
         with self._write_lock:
             with self._lock:
                 rows, self._rows, self._oldest = self._rows, [], None
+                self._writing = rows  # still seen by pending_ids until the store or the spill holds them
             if not rows:
                 return 0
             frame = pd.DataFrame(rows, columns=requestlog.INFERENCE_COLUMNS)
             try:
+                faults.point("requestlog.flush.writing")
                 requestlog.write_inference(self.store, self.model_name, frame)
             except Exception as exc:
                 self.write_failures += 1
@@ -109,12 +128,16 @@ class RequestLog:
                     self._spill(frame, exc)
                 except Exception:
                     with self._lock:  # put them back in front, for the next attempt
-                        self._rows = rows + self._rows
+                        self._rows, self._writing = rows + self._rows, []
                         self._oldest = time.monotonic()
                     raise
+                with self._lock:
+                    self._writing = []
                 return 0
-            self.rows_logged += len(rows)
-            self.parts_written += 1
+            with self._lock:
+                self._writing = []
+                self.rows_logged += len(rows)
+                self.parts_written += 1
             return len(rows)
 
     def _spill(self, frame: pd.DataFrame, cause: Exception) -> None:

@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from refit import modeling, requestlog
-from refit.labels import check_source, read_examples
+from refit.labels import check_source, read_examples, resolve_pending
 from refit.errors import RefitError
 from refit.store import ObjectStore
 from tasks.validate import check_label_mix, validate_labels
@@ -46,9 +46,10 @@ def score_traffic(model, tokenizer, texts: list[str], version: int, start: datet
         labels, confidence = model.predict(texts)
     rng = np.random.default_rng(seed)
     offsets = np.sort(rng.uniform(0, (end - start).total_seconds(), len(texts)))
+    times = pd.Timestamp(start) + pd.to_timedelta(offsets, unit="s")  # each id carries its request's time
     return pd.DataFrame({
-        "request_id": [uuid.uuid4().hex for _ in texts],
-        "timestamp": pd.Timestamp(start) + pd.to_timedelta(offsets, unit="s"),
+        "request_id": [requestlog.new_request_id(t) for t in times],
+        "timestamp": times,
         "text": texts,
         "predicted_label": labels,
         "confidence": confidence.astype(float),
@@ -82,14 +83,18 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
     """Texts of the window's requests that have a delayed label, with that label and the request's time,
     plus the examples imported (``refit labels import`` with text, label) during the window.
 
-    Label feedback that cannot be used (no request id, empty label) goes to
-    quarantine with its reason first. Labels the model does not know are
-    kept: the update's new-label policy decides on them
-    (``admit_new_labels``). With ``max_label_mix_shift``, the mix of the
-    labels the model knows is compared with what it predicted for the same
-    requests (total variation); a batch beyond it is quarantined whole and
-    refused (a broken labelling job or poisoning).
+    Labels that waited for their request (another replica had not flushed it)
+    are joined first, where the request has arrived since. Label feedback
+    that cannot be used (no request id, empty label) goes to quarantine with
+    its reason first. Labels the model does not know are kept: the update's
+    new-label policy decides on them (``admit_new_labels``). With
+    ``max_label_mix_shift``, the mix of the labels the model knows is compared
+    with what it predicted for the same requests (total variation); a batch
+    beyond it is quarantined whole and refused (a broken labelling job or
+    poisoning). Examples get the same guard: they were never served, so their
+    mix is compared with what the model predicted for the window's traffic.
     """
+    resolve_pending(store, model_name)
     served = requestlog.read_inference(store, model_name, start, end)
     labels = requestlog.read_labels(store, model_name, since=start.date())
     if len(labels):
@@ -107,8 +112,35 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
                              f"{len(judged)} requests; quarantined at {uri}")
     columns = ["text", "label"] + (["timestamp"] if "timestamp" in joined.columns else [])
     examples = read_examples(store, model_name, start, end)  # imported text,label rows, never served
+    if max_label_mix_shift is not None and len(examples):
+        _guard_examples(store, model_name, served, examples, known_labels, max_label_mix_shift, min_rows_for_mix)
     return pd.concat([joined[columns], examples[columns]], ignore_index=True) if len(examples) else \
         joined[columns].reset_index(drop=True)
+
+
+def _guard_examples(store: ObjectStore, model_name: str, served: pd.DataFrame, examples: pd.DataFrame,
+                    known_labels: list[str] | None, max_shift: float, min_rows: int) -> None:
+    """The label-mix guard for examples: their mix against the model's predictions on the window's traffic.
+
+    Judged once both sides have ``min_rows`` rows of labels the model knows;
+    beyond ``max_shift`` the examples are quarantined whole and the batch is
+    refused, as served rows are.
+
+    Raises:
+        RefitError: the examples' mix moved too far.
+    """
+    judged = examples[examples["label"].isin(known_labels)] if known_labels is not None else examples
+    predicted = served["predicted_label"] if "predicted_label" in served else pd.Series(dtype=object)
+    if known_labels is not None:
+        predicted = predicted[predicted.isin(known_labels)]
+    if len(judged) < min_rows or len(predicted) < min_rows:
+        return
+    check = check_label_mix(predicted, judged["label"], max_shift)
+    if check.suspect:
+        uri = store.put_parquet(f"quarantine/model={model_name}/labels/{_stamp()}-examples.parquet",
+                                examples.astype(str).assign(reason=check.reason))
+        raise RefitError(f"example batch rejected: {check.reason} of the model's predictions on the window's "
+                         f"{len(predicted)} requests; quarantined at {uri}")
 
 
 def pending_prefix(model_name: str) -> str:
@@ -225,6 +257,12 @@ def read_labelled_file(path: str, settings=None) -> pd.DataFrame:
     if blank.any():
         raise RefitError(f"hotfix file {path}: {int(blank.sum())} row(s) have an empty label "
                          f"(first at row {int(blank.to_numpy().argmax()) + 1})")
+    cap = settings.serve_max_text_chars
+    long = frame["text"].map(lambda v: isinstance(v, str) and len(v) > cap)
+    if long.any():
+        raise RefitError(f"hotfix file {path}: {int(long.sum())} row(s) have a text over {cap:,} characters, the "
+                         f"longest text the server answers (REFIT_SERVE_MAX_TEXT_CHARS; first at row "
+                         f"{int(long.to_numpy().argmax()) + 1})")
     return frame.assign(label=frame["label"].astype(str))
 
 

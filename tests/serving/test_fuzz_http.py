@@ -119,12 +119,13 @@ def test_feedback_counts_every_label_or_refuses_the_body(server, fuzz_cases):
         st.binary(max_size=80), JSON.map(lambda v: json.dumps(v).encode()),
         st.fixed_dictionaries({"labels": st.lists(item, max_size=5)}).map(lambda v: json.dumps(v).encode()))
     tokens = st.sampled_from([FEEDBACK, FEEDBACK, FEEDBACK, None, "wrong", FEEDBACK[:-1], FEEDBACK.upper()])
-    totals = {"accepted": 0, "quarantined": 0}
+    totals = {"accepted": 0, "waiting": 0, "quarantined": 0, "settled_into_quarantine": 0}
 
     @settings(FUZZ, max_examples=80)
     @given(bodies, tokens, CONTENT_TYPES)
     @example(json.dumps({"labels": [{"request_id": served[0], "label": "balance"}, {"text": "hi", "label": "greet"},
-                                    {"request_id": "never-served", "label": "x"}]}).encode(), FEEDBACK, None)
+                                    {"request_id": "never-served", "label": "x"},  # waits: another replica's?
+                                    {"request_id": served[1], "label": " "}]}).encode(), FEEDBACK, None)
     @example(b'{"labels": [{"request_id": "x", "label": "\\udfff"}]}', FEEDBACK, None)  # Parquet raised: a 500
     @example(b'{"labels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", FEEDBACK, None)  # RecursionError: a 500
     def check(body: bytes, token: str | None, content_type: str | None) -> None:
@@ -138,17 +139,22 @@ def test_feedback_counts_every_label_or_refuses_the_body(server, fuzz_cases):
             return
         assert token == FEEDBACK
         result = response.json()
-        assert result["accepted"] + result["quarantined"] == result["rows"] == len(json.loads(body)["labels"])
+        assert result["accepted"] + result["waiting"] + result["quarantined"] == result["rows"] == \
+            len(json.loads(body)["labels"])
         assert sum(result["reasons"].values()) == result["quarantined"]
-        totals["accepted"] += result["accepted"]
-        totals["quarantined"] += result["quarantined"]
+        for key in ("accepted", "waiting", "quarantined"):
+            totals[key] += result[key]
+        totals["settled_into_quarantine"] += result["earlier_waiting"]["quarantined"]
 
     check()
     settings_ = server.state.settings
-    assert totals["accepted"] > 0 and totals["quarantined"] > 0
-    assert stored_rows(settings_, "labels") + stored_rows(settings_, "examples") == totals["accepted"]
-    assert stored_rows(settings_, "quarantine") == totals["quarantined"]
-    assert stored_rows(settings_, "labels") <= len(served)  # each served request labelled at most once
+    assert totals["accepted"] > 0 and totals["waiting"] > 0 and totals["quarantined"] > 0
+    # labels/ holds kept labels and those still waiting for their request; waiting ones may settle into quarantine
+    assert stored_rows(settings_, "labels") + stored_rows(settings_, "examples") == \
+        totals["accepted"] + totals["waiting"] - totals["settled_into_quarantine"]
+    assert stored_rows(settings_, "quarantine") == totals["quarantined"] + totals["settled_into_quarantine"]
+    kept = requestlog.read_labels(LocalStore(settings_.local_store_root), settings_.model_name)
+    assert len(kept) <= len(served)  # each served request labelled at most once
 
 
 ROUTES = ["/predict", "/feedback", "/healthz", "/readyz", "/metrics", "/rollout", "/admin/reload", "/admin/flush",

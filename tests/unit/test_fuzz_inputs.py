@@ -325,13 +325,15 @@ def test_a_label_file_is_imported_whole_or_refused_whole(tmp_path, fuzz_cases):
             one_line(exc)
             assert keys_under(store) == before, "a refused file left something in the store"
             return
-        assert result.rows == len(rows) == result.accepted + result.quarantined
+        assert result.rows == len(rows) == result.accepted + result.waiting + result.quarantined
         assert sum(result.reasons.values()) == result.quarantined
-        assert rows_under(store, "labels/", before) + rows_under(store, "examples/", before) == result.accepted
+        assert rows_under(store, "labels/model=m/date=", before) + rows_under(store, "examples/", before) == \
+            result.accepted
+        assert rows_under(store, "labels/model=m/pending/", before) == result.waiting
         quarantined = [store.get_parquet(k) for k in store.list("quarantine/") if k not in before]
         assert sum(len(q) for q in quarantined) == result.quarantined
         assert all((q["reason"].str.len() > 0).all() for q in quarantined)
-        stored = pd.concat([store.get_parquet(k) for k in store.list("labels/") if k not in before] or
+        stored = pd.concat([store.get_parquet(k) for k in store.list("labels/model=m/date=") if k not in before] or
                            [pd.DataFrame(columns=["request_id", "label"])])
         assert set(stored["request_id"]) <= {"r1"}  # only a served id not labelled before
         assert not stored["label"].str.strip().eq("").any()
