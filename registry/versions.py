@@ -121,7 +121,8 @@ def check_promotion(model_name: str, version: int, expected_champion: int | None
     the golden suite) only once the move is known to be allowed.
     """
     current = alias_version(model_name, CHAMPION)
-    if current == version and expected_champion is not None and alias_version(model_name, PREVIOUS) == expected_champion:
+    if current == version and expected_champion is not None \
+            and alias_version(model_name, PREVIOUS) == expected_champion:
         return True
     if current != expected_champion:
         raise PromotionConflict(
@@ -176,7 +177,7 @@ def read_fence_mark(store, model_name: str) -> tuple[int, str | None]:
 class Lease:
     """A held promotion lock: its token, its fencing number and the version of the lock object we wrote last.
 
-    ``fence`` is the number this holder claimed after taking the lock; numbers
+    ``number`` is the fencing number this holder claimed after taking the lock; numbers
     only grow, so a holder whose lock was broken (a paused process) carries a
     smaller one than whoever holds the lock now. ``unsure`` is set when a
     write's answer was lost (or the read after it failed): ``tag`` may then

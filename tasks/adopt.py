@@ -155,13 +155,6 @@ def prepare_adoption(train_path: Path, golden_path: Path | None = None, model_pa
     return Adoption(train, golden, labels, checkpoint, str(Path(train_path).resolve()), golden_source)
 
 
-def existing_versions(model_name: str) -> int:
-    """How many versions the registry holds under ``model_name`` (adopt makes v1 of a new model)."""
-    from mlflow import MlflowClient
-
-    return len(MlflowClient().search_model_versions(f"name = '{model_name}'"))
-
-
 def unfinished_adoption(model_name: str) -> list[int]:
     """The versions of adopts that stopped after registering and never made a champion: a re-run replaces them.
 

@@ -85,7 +85,8 @@ def test_a_suite_version_is_never_overwritten(store):
 
 
 def _assert_suite_invariants(store, model_name: str) -> None:
-    """Every recorded golden fingerprint names a suite version in the store; every promoted fresh set is in the newest."""
+    """Every recorded golden fingerprint names a suite version in the store; every promoted fresh set is in the
+    newest."""
     newest = set(read_golden(store, model_name).frame["text"])
     for found in MlflowClient().search_model_versions(f"name = '{model_name}'"):
         tags = found.tags
@@ -369,7 +370,8 @@ def test_an_adopt_stopped_after_registering_is_replaced_by_the_next(tmp_path):
 
 
 def _tiny_team(root: Path) -> tuple[Path, Path, Path]:
-    """A tiny BERT classifier saved as a team would (random weights, the packaged tokenizer), its data and golden set."""
+    """A tiny BERT classifier saved as a team would (random weights, the packaged tokenizer), its data, its golden
+    set."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
