@@ -150,6 +150,30 @@ def test_a_promotion_stopped_anywhere_leaves_no_champion_without_its_fresh_set(t
     _assert_suite_invariants(store, MODEL)
 
 
+def test_the_update_flows_promotion_step_runs_as_a_prefect_task(tmp_path, prefect_harness):
+    """What ``flows.update`` calls: the task, inside a transaction, with a store and the fresh rows as arguments."""
+    from prefect import flow
+    from prefect.transactions import transaction
+
+    from tasks.deploy import promote_update
+
+    experiment_id = _registry(tmp_path)
+    store = LocalStore(tmp_path / "store")
+    base = write_golden(store, MODEL, _rows("base"))
+    v1 = _version(experiment_id, tmp_path, base.tags())
+    versions.promote(MODEL, v1, expected_champion=None)
+    v2 = _version(experiment_id, tmp_path, base.tags())
+
+    @flow(name="test-promote-update")
+    def step() -> int:
+        with transaction():
+            return promote_update(store, MODEL, v2, v1, _rows("fresh"), 100, "update run").version
+
+    assert step() == 2
+    assert versions.alias_version(MODEL, versions.CHAMPION) == v2
+    assert versions.version_tags(MODEL, v2)["refit.golden_after_version"] == "2"
+
+
 # -- rollback ------------------------------------------------------------------------------------------------------
 
 
