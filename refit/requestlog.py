@@ -49,7 +49,10 @@ def request_day(request_id: str) -> date | None:
     """The UTC day a request id of ``new_request_id``'s layout was answered; None for an id of another form."""
     if len(request_id) != 32 or request_id[12] != "7" or request_id[16] not in "89ab" or not _HEX.issuperset(request_id):
         return None
-    return datetime.fromtimestamp(int(request_id[:12], 16) / 1000, timezone.utc).date()
+    try:
+        return datetime.fromtimestamp(int(request_id[:12], 16) / 1000, timezone.utc).date()
+    except (ValueError, OverflowError, OSError):  # a time past the year 9999: not an id this code made
+        return None
 
 
 def _part_key(kind: str, model_name: str, day: date) -> str:

@@ -43,6 +43,7 @@ def test_a_request_id_names_its_day_and_only_that_day_is_read(tmp_path):
     rid = requestlog.new_request_id(yesterday)
     assert requestlog.request_day(rid) == yesterday.date() and uuid.UUID(rid).version == 7
     assert requestlog.request_day(uuid.uuid4().hex) is None and requestlog.request_day("r1") is None
+    assert requestlog.request_day("ffffffffffff7fff8fffffffffffffff") is None  # past the year 9999: not ours
     # A row filed under a day its id does not name is not found: the lookup reads the named day only.
     misplaced = requestlog.new_request_id(now - timedelta(days=3))
     log(store, [rid, misplaced], yesterday)
