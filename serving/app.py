@@ -420,30 +420,8 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
 
     @app.post("/feedback")
     async def feedback(request: Request) -> JSONResponse:
-        """{"labels": [{"request_id": "...", "label": "..."}]} -> {"accepted", "waiting", "quarantined", "reasons"}.
-
-        Bearer ``REFIT_SERVE_FEEDBACK_TOKEN``; refused while it is unset. Each
-        label is checked as ``refit labels import`` checks it (``refit.labels``):
-        a request id this server still buffers counts as served, one not
-        visible yet (another replica's buffer) waits. Each caller (client
-        address) may send ``REFIT_SERVE_FEEDBACK_LABELS_PER_MINUTE`` labels a
-        minute; more is a 429 with ``Retry-After``, since every label costs
-        the server a look into the request log.
-        """
-        _authorize(request, settings.serve_feedback_token, "/feedback", "REFIT_SERVE_FEEDBACK_TOKEN")
-        rows = parse_feedback(await _read_body(request, server.limits.max_body_bytes))
-        caller = request.client.host if request.client else "unknown"
-        refused = quota.take(caller, len(rows))
-        if refused is not None:
-            server.metrics.requests.labels("429").inc()
-            server.metrics.errors.labels("rate_limited").inc()
-            return JSONResponse({"error": refused[0]}, status_code=429, headers={"Retry-After": str(refused[1])})
-        from refit.labels import import_labels
-
-        result = await asyncio.to_thread(import_labels, server.store, settings.model_name, rows, source="feedback",
-                                         buffered_ids=server.request_log.pending_ids(),
-                                         max_text_chars=settings.serve_max_text_chars)
-        return JSONResponse(result.to_dict())
+        """{"labels": [{"request_id": "...", "label": "..."}]} -> {"accepted", "waiting", "quarantined", "reasons"}."""
+        return await _feedback(server, quota, request)
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> JSONResponse:
@@ -457,6 +435,33 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         return JSONResponse({"rows_written": rows, "rows_logged": server.request_log.rows_logged})
 
     return app
+
+
+async def _feedback(server: Server, quota: FeedbackQuota, request: Request) -> JSONResponse:
+    """``POST /feedback``: labels from a team's labelling process.
+
+    Bearer ``REFIT_SERVE_FEEDBACK_TOKEN``; refused while it is unset. Each
+    label is checked as ``refit labels import`` checks it (``refit.labels``):
+    a request id this server still buffers counts as served, one not visible
+    yet (another replica's buffer) waits. Each caller (client address) may
+    send ``REFIT_SERVE_FEEDBACK_LABELS_PER_MINUTE`` labels a minute; more is a
+    429 with ``Retry-After``, since every label costs the server a look into
+    the request log.
+    """
+    settings = server.settings
+    _authorize(request, settings.serve_feedback_token, "/feedback", "REFIT_SERVE_FEEDBACK_TOKEN")
+    rows = parse_feedback(await _read_body(request, server.limits.max_body_bytes))
+    refused = quota.take(request.client.host if request.client else "unknown", len(rows))
+    if refused is not None:
+        server.metrics.requests.labels("429").inc()
+        server.metrics.errors.labels("rate_limited").inc()
+        return JSONResponse({"error": refused[0]}, status_code=429, headers={"Retry-After": str(refused[1])})
+    from refit.labels import import_labels
+
+    result = await asyncio.to_thread(import_labels, server.store, settings.model_name, rows, source="feedback",
+                                     buffered_ids=server.request_log.pending_ids(),
+                                     max_text_chars=settings.serve_max_text_chars)
+    return JSONResponse(result.to_dict())
 
 
 def _internal_error(server: Server, what: str, kind: str, exc: Exception) -> JSONResponse:
