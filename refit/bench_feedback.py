@@ -270,21 +270,25 @@ def post_calls(url: str, token: str, logged: pd.DataFrame, replica: OtherReplica
     return latencies, answers, sent
 
 
-def account(store, sent: list[tuple[str, str]], now: datetime) -> dict:
-    """Where each label sent ended up: kept (and joined to the right request), waiting, quarantined or lost."""
+def account(store, sent: list[tuple[str, str]], now: datetime, model_name: str = MODEL) -> dict:
+    """Where each label sent (request id, label) ended up: kept, waiting, quarantined, or lost (none of those).
+
+    Kept: a row in ``labels/model=<name>/date=*/``; waiting: in its
+    ``pending/``; quarantined: in ``quarantine/model=<name>/labels/``. A join
+    error is a kept label that differs from the one sent, or whose request's
+    logged label differs from it (the labeller's truth here).
+    """
     from refit import requestlog
     from refit.labels import LOOKBACK_DAYS, read_pending
 
     ids = [rid for rid, _ in sent]
     truth = dict(sent)
-    labels = requestlog.label_pairs(store, MODEL, (now - timedelta(days=LOOKBACK_DAYS)).date(), now.date())
-    labels = labels[labels["request_id"].isin(set(truth))]
-    waiting = set(read_pending(store, MODEL)["request_id"].astype(str)) & set(truth)
-    quarantine = store.read_parquet_prefix(f"quarantine/model={MODEL}/labels/")
+    labels = requestlog.label_pairs(store, model_name, (now - timedelta(days=LOOKBACK_DAYS)).date(), now.date(), ids)
+    waiting = set(read_pending(store, model_name)["request_id"].astype(str)) & set(truth)
+    quarantine = store.read_parquet_prefix(f"quarantine/model={model_name}/labels/")
     quarantined = set(quarantine["request_id"].astype(str)) & set(truth) if len(quarantine) else set()
     kept = set(labels["request_id"])
-    first = min((requestlog.request_day(i) for i in ids), default=now.date())
-    logged = _logged_labels(store, ids, first, now.date())
+    logged = _logged_labels(store, model_name, ids)
     joined = labels.merge(logged, on="request_id", how="left")
     join_errors = int((joined["predicted_label"] != joined["label"]).sum()
                       + sum(truth[r] != lab for r, lab in zip(labels["request_id"], labels["label"])))
@@ -293,7 +297,7 @@ def account(store, sent: list[tuple[str, str]], now: datetime) -> dict:
             "labels_lost": len(set(truth) - kept - waiting - quarantined), "join_errors": join_errors}
 
 
-def _logged_labels(store, ids: list[str], first: date, last: date) -> pd.DataFrame:
+def _logged_labels(store, model_name: str, ids: list[str]) -> pd.DataFrame:
     """``request_id, predicted_label`` of the logged requests among ``ids`` (only their days, two columns)."""
     import pyarrow.parquet as pq
 
@@ -302,11 +306,48 @@ def _logged_labels(store, ids: list[str], first: date, last: date) -> pd.DataFra
     days = sorted({request_day(i) for i in ids} - {None})
     wanted, frames = set(ids), []
     for day in days:
-        for key in store.list(f"inference/model={MODEL}/date={day.isoformat()}/"):
+        for key in store.list(f"inference/model={model_name}/date={day.isoformat()}/"):
             part = pq.read_table(io.BytesIO(store.get_bytes(key)), columns=["request_id", "predicted_label"])
             frame = part.to_pandas()
             frames.append(frame[frame["request_id"].isin(wanted)])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["request_id", "predicted_label"])
+
+
+def other_replica_fault(store, model_name: str = MODEL, labels: int = 20) -> dict:
+    """The fault ``feedback.other_replica``: labels arrive for requests another replica still buffers.
+
+    A real ``serving.requestlog.RequestLog`` answers ``labels`` requests and
+    keeps them in its buffer; their labels are imported as ``/feedback`` on a
+    replica that does not hold them imports them, so they must wait. Then
+    that replica flushes, and one settle (what the next ``/feedback`` call,
+    ``refit labels import`` or an update does first) must join every label to
+    its request. Returns ``account``'s counts and the counts before the
+    flush; ``labels_lost`` and ``join_errors`` must be 0, ``labels_kept`` must
+    equal ``labels_sent``.
+    """
+    from refit.labels import import_labels, resolve_pending
+    from refit.requestlog import new_request_id
+    from serving.requestlog import RequestLog
+
+    replica = RequestLog(store, model_name, flush_rows=10**9, flush_seconds=3600)
+    now = datetime.now(timezone.utc)
+    rows = [{"request_id": new_request_id(now), "timestamp": now, "text": f"request {i}",
+             "predicted_label": f"intent_{i % 7}", "confidence": 0.9, "model_version": "1", "served_by": "champion"}
+            for i in range(labels)]
+    replica.append(rows)
+    sent = [(row["request_id"], row["predicted_label"]) for row in rows]
+    before = import_labels(store, model_name, pd.DataFrame(sent, columns=["request_id", "label"]),
+                           source="fault:other_replica", max_text_chars=2000)
+    replica.close()  # flushes what it buffered
+    settled = resolve_pending(store, model_name)
+    for _ in range(20):  # another settler held the pending area: it settles ours too, or we do next time
+        if not settled.busy:
+            break
+        time.sleep(0.5)
+        settled = resolve_pending(store, model_name)
+    return {"accepted_before_flush": before.accepted, "waiting_before_flush": before.waiting,
+            "quarantined_before_flush": before.quarantined, "settled_kept": settled.kept,
+            **account(store, sent, datetime.now(timezone.utc), model_name)}
 
 
 def run_benchmark(home: Path, data_dir: Path, requests: int = 1_000_000, days: int = 30, calls: int = 200,

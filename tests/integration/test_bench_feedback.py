@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from refit import requestlog
-from refit.bench_feedback import MODEL, run_benchmark
+from refit.bench_feedback import MODEL, other_replica_fault, run_benchmark
 from refit.store import LocalStore
 
 
@@ -33,3 +33,12 @@ def test_every_label_sent_is_joined_to_its_request_and_a_second_run_reuses_the_s
     assert second["labels_kept"] == second["labels_sent"] == 300  # ids labelled by the first run are not sampled
     labels = requestlog.read_labels(store, MODEL)
     assert len(labels) == 1500 and labels["request_id"].is_unique
+
+
+def test_the_other_replica_fault_loses_no_label(store):
+    """``feedback.other_replica``, as a fault benchmark runs it, on both stores."""
+    result = other_replica_fault(store, "support", labels=12)
+    assert (result["accepted_before_flush"], result["waiting_before_flush"]) == (0, 12)
+    assert result["settled_kept"] == result["labels_kept"] == result["labels_sent"] == 12
+    assert (result["labels_waiting"], result["labels_quarantined"], result["labels_lost"]) == (0, 0, 0)
+    assert result["join_errors"] == 0
