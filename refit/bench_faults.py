@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from refit import bench_faults_safety as safety
+from refit.bench_faults_safety import SAFETY_FAULTS, golden_problems
+
 GATED = {"passed", "bootstrap (no gate)"}
 SCENARIO = "clinc-faults"
 UPDATE_POINTS = ("after_train", "after_register", "reference_write", "before_promote", "promote", "after_promote")
@@ -57,7 +60,8 @@ FAULTS = (tuple(f"update.kill.{p}" for p in UPDATE_POINTS)
           + tuple(f"rollback.kill.{p}" for p in ROLLBACK_POINTS[2:3])
           + ("s3.down_under_load",)
           + tuple(f"update.term.{p}" for p in UPDATE_POINTS)
-          + tuple(f"rollback.kill.{p}" for p in ROLLBACK_POINTS[3:]))
+          + tuple(f"rollback.kill.{p}" for p in ROLLBACK_POINTS[3:])
+          + SAFETY_FAULTS)
 LOCK_TTL = 3.0
 
 
@@ -113,6 +117,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until something accepts connections on ``port``: a helper process is up only once it listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the helper for port {port} exited {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def _logged_rows(store, prefix: str, attempts: int = 10) -> int:
+    """Request-log rows under ``prefix``, asked again while the endpoint that just came back settles."""
+    for attempt in range(attempts):
+        try:
+            return len(store.read_parquet_prefix(prefix))
+        except Exception:  # noqa: BLE001 - botocore's connection errors: the endpoint is restarting
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1)
+    return 0
+
+
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
     if proc.poll() is None:
         try:
@@ -138,7 +168,7 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.points_dir = self.home / "fault-points"
         self.progress = progress
-        self.name = model_name
+        self.name = self.base_name = model_name
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("REFIT_", "PREFECT_", "MLFLOW_")) or k in ("REFIT_DATA_DIR", "REFIT_BASE_MODEL")}
         env |= {"REFIT_HOME": str(self.home), "REFIT_MODEL_NAME": model_name, "PYTHONUNBUFFERED": "1",
@@ -150,10 +180,31 @@ class Bench:
         self.results: list[Fault] = []
         self.champion_always_gated = True
         self.rows_lost = 0
+        self.labels_lost = 0
+        self.models: list[str] = []  # every story's model, for the checks at the end
         self.steps = 0
         self.files: dict[str, Path] = {}
         self.refused: set[tuple[int | None, str]] = set()  # (champion, file) pairs the gate refused
         self._experiment_id: str | None = None
+
+    def new_story(self, suffix: str) -> None:
+        """Go on with a model of its own, bootstrapped anew: every domain is new to it, so its updates can pass.
+
+        A long series of updates teaches the champion's lineage one domain after
+        another, and the golden suite grows with each; later updates then meet a
+        gate they cannot pass and never reach the fault points past the gate.
+        A fault that needs a promotion runs on a story where one can happen.
+        """
+        from refit.settings import Settings
+
+        self.name = f"{self.base_name}-{suffix}"
+        self.env["REFIT_MODEL_NAME"] = self.name
+        self.settings = Settings(home=self.home, model_name=self.name)
+        self.logs = self.home / "bench-logs" / self.name
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.refused = set()
+        self.prepare()
+        self.champion_gated()
 
     # -- processes -------------------------------------------------------------------------------------------
 
@@ -313,6 +364,7 @@ class Bench:
             problems.append(f"left RUNNING after recovery: {', '.join(running)}")
         ledger, _, _ = self.ledger_problems(pending.child.started_ms, pending.child.ended_ms)
         problems += ledger
+        problems += [p for p in golden_problems(self) if p not in problems]
         return self.record(pending.name, problems, pending.notes)
 
     def record(self, name: str, problems: list[str], notes: list[str]) -> Fault:
@@ -327,6 +379,8 @@ class Bench:
         """Bootstrap the scenario and write one labelled file per domain of its shifts."""
         from refit.scenario import build, load_scenario, load_source
 
+        if self.name not in self.models:
+            self.models.append(self.name)
         spec, _ = load_scenario(SCENARIO)
         data = build(spec, load_source(spec.source, self.settings.data_dir))
         inbox = self.home / "inbox"
@@ -646,6 +700,7 @@ class Bench:
         problems, notes = [], []
         servers = []
         try:
+            _wait_listening(endpoint_port, proxy)
             deadline = time.monotonic() + 60
             s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1",
                               aws_access_key_id="bench", aws_secret_access_key="bench")
@@ -671,6 +726,7 @@ class Bench:
             down_at = time.monotonic() - t0
             time.sleep(seconds / 3)
             proxy = self.helper("proxy", str(endpoint_port), str(moto_port))
+            _wait_listening(endpoint_port, proxy)
             up_at = time.monotonic() - t0
             time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
             stop.set()
@@ -696,12 +752,12 @@ class Bench:
                 aws_secret_access_key="bench"))
             prefix = f"inference/model={self.name}/"
             deadline = time.monotonic() + 90
-            rows = len(store.read_parquet_prefix(prefix))
+            rows = _logged_rows(store, prefix)
             while rows < answered and time.monotonic() < deadline:
                 time.sleep(1)
-                rows = len(store.read_parquet_prefix(prefix))
+                rows = _logged_rows(store, prefix)
             _stop(proc)
-            rows = len(store.read_parquet_prefix(prefix))
+            rows = _logged_rows(store, prefix)
             left = len(list(spill.rglob("*.parquet"))) if spill.exists() else 0
             notes.append(f"{spilled} part(s) spilled during the outage, {left} left after the restart; request-log "
                          f"rows {rows} / texts answered {answered}")
@@ -721,7 +777,8 @@ class Bench:
     # -- the whole run ---------------------------------------------------------------------------------------
 
     def run(self, only: list[str] | None = None) -> dict:
-        wanted = [f for f in FAULTS if only is None or f in only]
+        chosen = [f for f in FAULTS if only is None or f in only]
+        wanted = [f for f in chosen if f not in SAFETY_FAULTS]
         started = time.monotonic()
         self.prepare()
         self.champion_gated()
@@ -729,20 +786,42 @@ class Bench:
             points = [f.rsplit(".", 1)[1] for f in wanted if f.startswith(f"update.{how}.")]
             if how == "term":
                 self._rest(wanted, before="update.term.")
+                if points:
+                    self.new_story("term")
             if points:
                 self.update_series(how, points)
         self._rest(wanted, before=None)
+        safety_faults = [f for f in chosen if f in SAFETY_FAULTS]
+        if safety_faults and self.results:
+            self.new_story("safety")  # their updates must be able to pass: a lineage with every domain new
+        self._rest(safety_faults, before=None)
         final_running = self.running_runs()
+        golden = self.golden_everywhere()
         return {
             "faults": [f.to_dict() for f in self.results],
             "champion_always_gated": self.champion_always_gated,
             "rows_lost": self.rows_lost,
+            "labels_lost": self.labels_lost,
+            "golden_consistent": not golden,
+            "golden_problems": golden[:20],
             "runs_left_running": len(final_running),
             "passed": sum(f.passed for f in self.results),
             "failed": sum(not f.passed for f in self.results),
             "seconds": round(time.monotonic() - started, 1),
             "home": str(self.home),
         }
+
+    def golden_everywhere(self) -> list[str]:
+        """``golden_problems`` of every story this run told, each with its model's name."""
+        from refit.settings import Settings
+
+        here = (self.name, self.settings)
+        problems = []
+        for model in self.models:
+            self.name, self.settings = model, Settings(home=self.home, model_name=model)
+            problems += [f"{model}: {p}" for p in golden_problems(self)]
+        self.name, self.settings = here
+        return problems
 
     def _rest(self, wanted: list[str], before: str | None) -> None:
         """The faults other than the update series, in FAULTS order, up to the first named ``before``."""
@@ -762,6 +841,14 @@ class Bench:
                 self.mlflow_down()
             elif fault == "s3.down_under_load":
                 self.s3_down()
+            elif fault in SAFETY_FAULTS:
+                SAFETY_RUNS[fault](self)
+
+
+SAFETY_RUNS = {"golden.race.rollback_between": safety.golden_race, "rollback.hand_after_server":
+               safety.hand_after_server, "registry.fresh_store": safety.fresh_store,
+               "lease.renew_store_error": safety.renew_store_error, "feedback.other_replica": safety.other_replica,
+               "adopt.kill.after_register": safety.adopt_killed}
 
 
 def run_benchmark(home: Path, only: list[str] | None, progress: Callable[[str], None]) -> dict:
@@ -863,7 +950,12 @@ def _proxy(listen: int, target: int) -> None:
 
     while True:
         conn, _ = server.accept()
-        upstream = socket.create_connection(("127.0.0.1", target))
+        try:
+            upstream = socket.create_connection(("127.0.0.1", target), timeout=10)
+            upstream.settimeout(None)
+        except OSError:  # the endpoint behind is not answering: this client sees a closed connection, not a dead proxy
+            conn.close()
+            continue
         threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
         threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
 
@@ -872,6 +964,8 @@ def main(argv: list[str]) -> None:
     role = argv[0]
     if role in ("lock-holder", "lock-waiter"):
         _lock_role(role, Path(argv[1]), argv[2] if len(argv) > 2 else "")
+    elif role == "server-rollback":
+        safety.server_rollback_role(int(argv[1]), int(argv[2]))
     elif role == "proxy":
         _proxy(int(argv[1]), int(argv[2]))
     elif role == "moto":
