@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 SAFETY_FAULTS = ("golden.race.rollback_between", "rollback.hand_after_server", "registry.fresh_store",
                  "lease.renew_store_error", "feedback.other_replica", "adopt.kill.after_register")
 PROMOTED_KINDS = {"update", "hotfix"}
+EVER_CHAMPION = {"champion", "rolled back"}  # refit.deployed of a version whose alias moved; "abandoned" never did
 
 
 def golden_problems(bench: Bench) -> list[str]:
@@ -51,7 +52,7 @@ def golden_problems(bench: Bench) -> list[str]:
         return cache[number]
 
     for version, tags in sorted(bench.all_versions().items()):
-        if tags.get("refit.kind") not in PROMOTED_KINDS or not tags.get("refit.deployed"):
+        if tags.get("refit.kind") not in PROMOTED_KINDS or tags.get("refit.deployed") not in EVER_CHAMPION:
             continue
         for prefix in ("refit.golden", "refit.golden_after"):
             number, recorded = tags.get(f"{prefix}_version", ""), tags.get(f"{prefix}_fingerprint")
