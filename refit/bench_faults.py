@@ -428,6 +428,21 @@ class Bench:
             self.refused.add((champion, path.stem))  # this domain does not pass against this champion
         return child
 
+    def back_to_less_learned(self, why: str) -> int | None:
+        """Roll the champion back to its previous version, if it has one: a lineage that learned fewer domains.
+
+        Each promoted domain joins the golden suite, so a champion that learned
+        several meets a gate a new domain's update may not pass (forgetting
+        shows on the earlier domains). A fault that needs a promotion steps
+        back instead of running out of domains. Returns the champion after.
+        """
+        champion, previous = self.alias("champion"), self.alias("previous")
+        if previous is not None and previous != champion:
+            self.progress(f"the gate refused against v{champion}: rolling back to v{previous} for {why}")
+            self.cli(f"{why.replace('.', '-')}-step-back", "rollback", "--reason", f"bench faults: setting up {why}",
+                     "--json")
+        return self.alias("champion")
+
     def ensure_previous(self) -> None:
         """A champion with a previous version to roll back to (an update, when there is none)."""
         champion, previous = self.alias("champion"), self.alias("previous")
@@ -456,6 +471,7 @@ class Bench:
                     child = self.update(name.replace(".", "-"), faults=f"update.{point}={how}")
                     if reached.exists() or child.rc != 0 or (child.result or {}).get("promoted") is not False:
                         break
+                    champion = self.back_to_less_learned(name) if point in PROMOTED_AT else champion
             except RuntimeError as exc:  # no domain left that this champion's gate can pass
                 self.record(name, [f"could not run: {exc}"], [])
                 continue

@@ -178,6 +178,7 @@ def fresh_store(bench: Bench) -> None:
     from registry import versions
 
     name = "registry.fresh_store"
+    bench.back_to_less_learned(name)  # the update must be able to pass its gate
     removed = versions.forget_fence(open_store(bench.settings), bench.name, keep_mark=False)
     bench.progress(f"fault {name}: the fence's {len(removed)} object(s) removed from the store, then an update")
     child = bench.update("fresh-store-update")
@@ -198,7 +199,7 @@ def renew_store_error(bench: Bench) -> None:
     from registry import versions
 
     name = "lease.renew_store_error"
-    champion = bench.alias("champion")
+    champion = bench.back_to_less_learned(name)  # only a passing update reaches the lock
     bench.progress(f"fault {name}: an update paused under the promotion lock for longer than the lease, every "
                    "renewal's answer lost")
     paused = bench.points_dir / "update.golden_written.paused"
