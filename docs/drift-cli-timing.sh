@@ -3,7 +3,7 @@
 # Usage: docs/drift-cli-timing.sh BEFORE_CHECKOUT [WORKDIR]
 #   BEFORE_CHECKOUT: e.g. a worktree of the older commit (git worktree add --detach /tmp/wt-before <commit>).
 # Files: a 1,000-row reference (predictions, confidences, labels, scored_on) and a 500-row window of CLINC150 texts
-# (REFIT_DATA_DIR), drawn as refit.bench_drift draws a quiet pair. Each checkout runs once first, untimed in the
+# (REFIT_DATA_DIR), drawn as refit.bench.drift draws a quiet pair. Each checkout runs once first, untimed in the
 # table's comparison ("before, first", "after, first"): it writes the reference's embeddings and, after the ONNX
 # change, builds the encoder graph in a fresh REFIT_HOME ($WORKDIR/home); the 3 timed runs of each read them.
 set -euo pipefail
@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE=1 DO_NOT_TRACK=1
 import os, sys
 from pathlib import Path
 import numpy as np, pandas as pd
-from refit import bench_drift
+from refit.bench import drift as bench_drift
 out = Path(sys.argv[1])
 pools = bench_drift.load_pools(Path(os.environ["REFIT_DATA_DIR"]), "within")
 reference, current = bench_drift.pair_rows(pools, 500, index=0, kind=bench_drift.QUIET)

@@ -16,7 +16,8 @@ from refit.evalsets import write_golden
 from refit.policy import file_hash
 from refit.scenario import build, load_scenario, load_source
 from registry import versions
-from registry.tracking import RUN_TYPE, code_revision, flat_params, killed_charged, log_json, log_policy
+from registry.tracking import RUN_TYPE, code_revision, flat_params, log_json, log_policy
+from tasks.budget import killed_charged
 from tasks.adopt import publish_base
 from tasks.cascade import cascade
 from tasks.deploy import promote, write_reference

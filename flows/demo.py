@@ -30,7 +30,7 @@ from refit import modeling
 from refit.demo_report import ShiftOutcome, summarize
 from refit.errors import RefitError
 from refit.evalsets import read_golden
-from refit.report import cascade_figures
+from tasks.report import cascade_figures
 from refit.requestlog import delete_model_data
 from refit.secrets import mask_uri
 from refit.scenario import build, load_scenario, load_source, poison
@@ -130,8 +130,7 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
 def _served_by(name: str, version: int) -> tuple:
     """What ``refit serve`` answers with for the version (its gated cascade, else the model alone; no tokenizer
     needed), to score simulated traffic as serving would."""
-    from serving.cascade import load_cascade
-    from serving.model import load_version
+    from registry.served import load_cascade, load_version
 
     champion = load_version(name, version, tokenizer=modeling.load_tokenizer(versions.download_adapter(name, version)))
     return load_cascade(name, version, champion) or champion, None

@@ -18,11 +18,11 @@ from flows.common import one_at_a_time, open_context, parse_time, settings_for, 
 from refit import requestlog
 from refit.errors import RefitError, WindowTooSmall
 from refit.policy import chosen_policy, file_hash
-from refit.report import markdown as cost_markdown, model_report
+from tasks.report import markdown as cost_markdown, model_report
 from registry import versions
 from registry.tracking import (RUN_TYPE, flat_params, last_checked_window_end, log_json, log_policy,
                                update_triggers)
-from serving.cascade import student_share
+from refit.runtime.cascade import student_share
 from tasks.deploy import read_reference
 from tasks.drift import check_drift, decide_action, load_drift_policy, reference_as_served
 from tasks.finetune import load_update_policy

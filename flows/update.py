@@ -27,15 +27,15 @@ from prefect.transactions import transaction
 from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, settings_for, user_error
 from refit import faults, modeling, procs
 from refit.data import fingerprint
-from refit.encoder_states import EncoderStates
+from refit.runtime.encoder_states import EncoderStates
 from refit.evalsets import read_golden
 from refit.errors import RefitError
 from refit.labels import check_source
 from refit.policy import file_hash
 from registry import versions
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
-                               killed_charged, log_json, log_policy, log_training_input,
-                               measured_cpu_seconds_per_work_token, month_spend, reserve_budget)
+                               log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token)
+from tasks.budget import killed_charged, month_spend, reserve_budget
 from tasks.cascade import cascade
 from tasks.deploy import promote_update, read_reference, register_version, update_version_tags, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair

@@ -102,6 +102,23 @@ def _hash_files(files: tuple[tuple[str, float, int], ...]) -> str:
     return digest.hexdigest()
 
 
+def require_safetensors(adapter_dir: Path) -> Path:
+    """``adapter_dir`` if its weights are safetensors only; ``RefitError`` if any pickle-format file is there.
+
+    A ``.bin``/``.pt``/``.pkl`` file would be unpickled by a loader that falls
+    back to it; refit writes safetensors only, so such a file is refused, not
+    loaded.
+    """
+    adapter_dir = Path(adapter_dir)
+    pickled = sorted(p.name for p in adapter_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise RefitError(f"adapter {adapter_dir} holds pickle-format weights ({', '.join(pickled)}); "
+                         "refit loads safetensors only")
+    if not any(adapter_dir.glob("*.safetensors")):
+        raise RefitError(f"adapter {adapter_dir} has no .safetensors weights; refit loads safetensors only")
+    return adapter_dir
+
+
 def weights_sha256(checkpoint: Path) -> str:
     """SHA-256 of the checkpoint's weights: of ``model.safetensors``, or of its shards in name order.
 
@@ -715,7 +732,7 @@ def train_upper(
     layers still frozen.
 
     ``known`` (one entry per text, or None) gives states kept from an
-    earlier pass of this encoder (``refit.encoder_states``): with every layer
+    earlier pass of this encoder (``refit.runtime.encoder_states``): with every layer
     frozen, those rows skip the pass, and their soft targets come from the
     head. A sample of them is run through the pass anyway and must agree
     with what was kept, or none is used.

@@ -27,7 +27,6 @@ from refit.errors import RefitError
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 ADAPTER_DIR = "adapter"
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 log = logging.getLogger("refit.registry")
 
 
@@ -422,24 +421,9 @@ def _keep_renewed(lease: Lease, every: float, stop: threading.Event) -> None:
             return
 
 
-def require_safetensors(adapter_dir: Path) -> Path:
-    """``adapter_dir`` if its weights are safetensors only; ``RefitError`` if any pickle-format file is there.
-
-    A ``.bin``/``.pt``/``.pkl`` file would be unpickled by a loader that falls
-    back to it; refit writes safetensors only, so such a file is refused, not
-    loaded.
-    """
-    adapter_dir = Path(adapter_dir)
-    pickled = sorted(p.name for p in adapter_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-    if pickled:
-        raise RefitError(f"adapter {adapter_dir} holds pickle-format weights ({', '.join(pickled)}); "
-                         "refit loads safetensors only")
-    if not any(adapter_dir.glob("*.safetensors")):
-        raise RefitError(f"adapter {adapter_dir} has no .safetensors weights; refit loads safetensors only")
-    return adapter_dir
-
-
 def download_adapter(model_name: str, version: int) -> Path:
     """Local directory holding the version's adapter files."""
     source = MlflowClient().get_model_version(model_name, str(version)).source
-    return require_safetensors(Path(mlflow.artifacts.download_artifacts(artifact_uri=source)))
+    from refit import modeling  # torch: only where an adapter is fetched
+
+    return modeling.require_safetensors(Path(mlflow.artifacts.download_artifacts(artifact_uri=source)))

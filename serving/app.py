@@ -39,11 +39,12 @@ from refit.requestlog import new_request_id
 from refit.secrets import mask_uri
 from refit.settings import Settings
 from refit.store import ObjectStore
-from serving.cascade import record_fallback, served_by_champion, with_cascade
+from refit.runtime.cascade import served_by_champion
+from registry.served import load_version, record_fallback, with_cascade
 from serving.engine import Engine, Overloaded
 from serving.guards import GuardVerdict, LiveStats, RolloutPolicy, load_rollout_policy
 from serving.metrics import Metrics
-from serving.model import ServedModel, load_version
+from refit.runtime.served import ServedModel
 from serving.requestlog import RequestLog
 from serving.rollout import Rollout, Slot
 from serving.schema import BadRequest, Limits, load_json, parse_texts, valid_unicode

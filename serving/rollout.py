@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.guards import Figures, GuardVerdict, LiveStats, RolloutPolicy, judge
-from serving.model import ServedModel
+from refit.runtime.served import ServedModel
 
 log = logging.getLogger("refit.serving")
 

@@ -262,7 +262,7 @@ def golden_quality(adapter_dir: Path, golden: pd.DataFrame, runtime: str):
 
     Returns the set's metrics and the runtime that served.
     """
-    from serving.model import from_adapter
+    from refit.runtime.served import from_adapter
     from tasks.evaluate import quality
 
     served = from_adapter(adapter_dir, 1, tokenizer=modeling.load_tokenizer(adapter_dir), runtime=runtime)

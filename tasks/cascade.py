@@ -13,7 +13,7 @@ removed by its normalised hash before anything is split): the lowest student
 confidence at which the texts it would answer disagree with the champion on
 at most ``max_calibration_disagreement`` of the calibration texts.
 
-The cascade is then gated as a unit, as served (``serving.cascade``, ONNX
+The cascade is then gated as a unit, as served (``refit.runtime.cascade``, ONNX
 Runtime, one thread, side by side with the champion alone), on the same
 golden and fresh sets the promotion gate used: accuracy ratio, worst slice
 loss, CPU per 1,000 ratio and the student's share. A refused cascade is not
@@ -39,7 +39,7 @@ from refit.cost import Rates
 from refit.data import text_hash
 from refit.policy import StrictModel, load_policy
 from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
-from serving.cascade import (ARTIFACT_DIR, CHAMPION, GUARD_TAG, RUN_TAG, STUDENT, THRESHOLD_TAG, VERDICT_TAG,
+from refit.runtime.cascade import (ARTIFACT_DIR, CHAMPION, GUARD_TAG, RUN_TAG, STUDENT, THRESHOLD_TAG, VERDICT_TAG,
                              CascadeModel, Student)
 
 log = logging.getLogger("refit.cascade")
@@ -250,7 +250,7 @@ def teach(champion, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The served champion's probabilities for ``texts`` (its batches sorted by length, as it serves).
 
     Bulk work that meters nothing, so its batches run on every available core.
-    The same pass returns each text's encoder state (``refit.encoder_states``),
+    The same pass returns each text's encoder state (``refit.runtime.encoder_states``),
     which the next update that trains the head alone reuses.
     """
     from refit.procs import available_cpus
@@ -334,7 +334,7 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
         policy: cascade policy name or YAML path.
         seed: of the calibration split.
         store: where the champion's encoder states from the same passes are
-            kept for the next update (``refit.encoder_states``); None keeps none.
+            kept for the next update (``refit.runtime.encoder_states``); None keeps none.
     """
     import tempfile
 
@@ -409,7 +409,7 @@ def keep_states(store, model_name: str, adapter_dir: Path, built: Built) -> int:
 
     A cache: a failure to write is logged and costs the next update its forward pass, never this build.
     """
-    from refit.encoder_states import EncoderStates
+    from refit.runtime.encoder_states import EncoderStates
 
     if store is None or built.states is None or not built.state_texts:
         return 0

@@ -29,7 +29,7 @@ them (value, threshold, drifted) and count only where the policy sets
   ``scored_on`` column says ``held_out``: its predictions and confidences
   are on rows the champion never trained on. Confidences on training rows
   sit above those on any unseen traffic, so against them every window looks
-  like a drop (``refit/bench_drift.py`` measured it on the demo's windows).
+  like a drop (``refit/bench/drift.py`` measured it on the demo's windows).
   ``confidence_drop``: mean confidence, reference minus window.
   ``low_confidence``: the window's share of predictions below the
   reference's 10th-percentile confidence, minus the reference's own share.
@@ -54,7 +54,7 @@ another method or for the HTML report (the monitor's artifact), where its
 task, is built on first use, so ``refit drift`` imports neither. The encoder
 runs on ONNX Runtime from a graph built once per encoder from its weights
 (without torch) and kept under ``REFIT_HOME/cache/encoders``, so no check
-imports torch or transformers (``refit/encoder_onnx.py``).
+imports torch or transformers (``refit/runtime/encoder_onnx.py``).
 
 The thresholds in ``refit/policies/drift.yaml`` are calibrated on quiet
 CLINC150 windows by ``refit bench drift --calibration-pairs``; the numbers
@@ -196,7 +196,7 @@ def reference_as_served(reference: pd.DataFrame, window: pd.DataFrame) -> pd.Dat
     without tiers, or a reference without the cascade's columns compares with
     the champion's own.
     """
-    from serving.cascade import student_share
+    from refit.runtime.cascade import student_share
 
     window_share = student_share(window)
     if not window_share or not set(SERVED_COLUMNS.values()) <= set(reference.columns):
@@ -564,7 +564,7 @@ def _onnx_encoder():
 
     from safetensors.numpy import load_file
 
-    from refit import encoder_onnx
+    from refit.runtime import encoder_onnx
 
     path = encoder_onnx.encoder_file(encoder_cache_dir(), encoder_fingerprint())
     if path.is_file():
@@ -698,7 +698,7 @@ def reference_embeddings_payload(reference_texts, already: bytes | None = None) 
 def _encode(weights: dict, config: dict, input_ids, attention_mask):
     """The embedding in torch: last hidden states mean-pooled over the mask, then L2-normalised.
 
-    The torch path runs it; ``refit.encoder_onnx`` builds the same computation
+    The torch path runs it; ``refit.runtime.encoder_onnx`` builds the same computation
     as an ONNX graph, and a unit test holds the two together.
     """
     import torch
@@ -713,7 +713,7 @@ def _embed_torch(texts: list[str], input_ids: list[list[int]], order: np.ndarray
     """Each text's vector by torch; ``order`` batches texts of similar length together."""
     import torch
 
-    from refit.encoder_onnx import padded
+    from refit.runtime.encoder_onnx import padded
 
     weights, config = _base_encoder()
     fresh: dict[str, np.ndarray] = {}
@@ -741,7 +741,7 @@ def _embed_onnx(texts: list[str], input_ids: list[list[int]], order: np.ndarray,
     not beat, and the first check of a new 1,000-row reference no longer
     waits on one core.
     """
-    from refit.encoder_onnx import padded, run
+    from refit.runtime.encoder_onnx import padded, run
     from refit.procs import side_by_side
 
     batches = [order[start:start + ONNX_BATCH] for start in range(0, len(order), ONNX_BATCH)]

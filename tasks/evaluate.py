@@ -97,7 +97,7 @@ def quality(model, sets: dict[str, pd.DataFrame]
             ) -> tuple[dict[str, SliceMetrics], dict[str, SliceMetrics], dict[str, np.ndarray]]:
     """Per set and per ``group`` slice: accuracy, macro-F1, confidence, calibration; and per-example hits.
 
-    ``model`` is a served model (``serving.model.ServedModel``), as it
+    ``model`` is a served model (``refit.runtime.served.ServedModel``), as it
     answers in production. Its batches run on every available core: this
     meters nothing (``cpu_seconds_per_1k`` and ``latency_ms`` do, on one).
     """
@@ -168,7 +168,7 @@ def served(adapter_dirs: dict[str, Path], runtime: str | None = None) -> dict[st
     equal terms; ``runtime`` defaults to ``REFIT_SERVE_RUNTIME``.
     """
     from refit.settings import Settings
-    from serving.model import from_adapter
+    from refit.runtime.served import from_adapter
 
     runtime = runtime or Settings().serve_runtime
     with _one_thread():

@@ -21,7 +21,7 @@ from pydantic import Field
 from refit import modeling
 from refit.cost import Meter, Rates, TrainingCost
 from refit.data import per_label_sample, stratified_sample, text_hash, text_hashes
-from refit.encoder_states import EncoderStates
+from refit.runtime.encoder_states import EncoderStates
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
 
@@ -219,7 +219,7 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
     the adopted checkpoint, with its tokenizer. On a warm start, rows with
     ``origin == "replay"`` are distilled toward the champion's own outputs when
     the recipe gives them a weight. ``states``: the starting encoder's kept
-    states (``refit.encoder_states``); a warm start with every layer frozen
+    states (``refit.runtime.encoder_states``); a warm start with every layer frozen
     skips the forward pass of the rows found there (read inside the meter).
     """
     import torch

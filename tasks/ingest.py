@@ -35,7 +35,7 @@ def score_traffic(model, tokenizer, texts: list[str], version: int, start: datet
     what ``refit serve`` answers with: a served model, or its gated cascade,
     whose tier per text is logged in ``served_by`` as the server logs it.
     """
-    from serving.cascade import CHAMPION, CascadeModel
+    from refit.runtime.cascade import CHAMPION, CascadeModel
 
     tiers = [CHAMPION] * len(texts)
     if tokenizer is not None:

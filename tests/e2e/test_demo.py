@@ -290,7 +290,7 @@ def test_a_second_model_runs_its_own_loop_beside_the_first(demo_home):
     home, env, first = demo_home
     from mlflow import MlflowClient
 
-    from registry.tracking import month_spend
+    from tasks.budget import month_spend
 
     client = MlflowClient(first["mlflow_tracking_uri"])
     experiment = client.get_experiment_by_name("refit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from refit import requestlog
-from refit.bench_feedback import MODEL, other_replica_fault, run_benchmark
+from refit.bench.feedback import MODEL, other_replica_fault, run_benchmark
 from refit.store import LocalStore
 
 

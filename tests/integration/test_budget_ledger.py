@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from refit import procs
 from registry import tracking
+from tasks import budget
 
 MODEL = "ledger-test"
 
@@ -58,19 +59,19 @@ def test_a_running_updates_reservation_counts_in_the_months_spend(experiment):
     _update_run(experiment, process=procs.identity(), reserved_usd=0.30)  # still training
     finished = _update_run(experiment, reserved_usd=0.50, update_cost_usd=0.20)  # charged less than reserved
     MlflowClient().set_terminated(finished)
-    assert tracking.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.50)
+    assert budget.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.50)
 
 
 def test_two_updates_racing_for_the_last_headroom_do_not_both_fit(experiment):
     first, second = _update_run(experiment), _update_run(experiment)
-    fits, spend = tracking.reserve_budget(experiment, MODEL, first, 0.6, 1.0, _month_start_ms())
+    fits, spend = budget.reserve_budget(experiment, MODEL, first, 0.6, 1.0, _month_start_ms())
     assert fits and spend == pytest.approx(0.6)
-    fits, spend = tracking.reserve_budget(experiment, MODEL, second, 0.6, 1.0, _month_start_ms())
+    fits, spend = budget.reserve_budget(experiment, MODEL, second, 0.6, 1.0, _month_start_ms())
     assert not fits and spend == pytest.approx(1.2)  # it saw the first's reservation
     # The refused reservation is withdrawn: the ledger holds only the first's.
-    assert tracking.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.6)
+    assert budget.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.6)
     # A cheaper rung still fits beside it.
-    assert tracking.reserve_budget(experiment, MODEL, second, 0.3, 1.0, _month_start_ms()) == (True, pytest.approx(0.9))
+    assert budget.reserve_budget(experiment, MODEL, second, 0.3, 1.0, _month_start_ms()) == (True, pytest.approx(0.9))
 
 
 def test_a_killed_embedded_update_is_closed_killed_and_charged_by_the_next(experiment):
@@ -91,13 +92,13 @@ def test_a_killed_embedded_update_is_closed_killed_and_charged_by_the_next(exper
     assert client.get_run(open_attempt).info.status == "KILLED"
     assert client.get_run(attempt.info.run_id).info.status == "FINISHED"
     assert {client.get_run(r).info.status for r in (training, on_another_host)} == {"RUNNING"}
-    assert tracking.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.04 + 0.02 + 0.05)
+    assert budget.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.04 + 0.02 + 0.05)
 
 
 def test_the_ledger_reads_every_page_of_update_runs(experiment):
     """A month with more update runs than one search page returns still counts each of them."""
     for _ in range(7):
         _update_run(experiment, update_cost_usd=0.01)
-    runs = tracking.month_updates(experiment, MODEL, _month_start_ms(), page_size=3)
+    runs = budget.month_updates(experiment, MODEL, _month_start_ms(), page_size=3)
     assert len(runs) == 7 and len({run.info.run_id for run in runs}) == 7
-    assert tracking.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.07)
+    assert budget.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.07)

@@ -15,6 +15,7 @@ from refit.errors import RefitError
 from refit.settings import Settings
 from refit.store import S3Store
 from registry import tracking, versions
+from tasks import budget
 
 MODEL = "intent-classifier-test"
 
@@ -130,7 +131,7 @@ def test_month_spend_sums_this_months_updates_of_one_model(tmp_path):
         client.set_terminated(created.info.run_id)
 
     update = {tracking.RUN_TYPE: "update", "refit.model": MODEL}
-    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == 0.0
+    assert budget.month_spend(experiment_id, MODEL, _month_start_ms()) == 0.0
     run(update, 0.125)
     run(update, 0.25)
     run(update, None)  # refused before any metric was logged
@@ -140,9 +141,9 @@ def test_month_spend_sums_this_months_updates_of_one_model(tmp_path):
     last_month = _month_start_ms() - int(timedelta(days=3).total_seconds() * 1000)
     run(update, 100.0, start_ms=last_month)
 
-    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.375)
-    assert tracking.month_spend(experiment_id, "some-other-model", _month_start_ms()) == pytest.approx(10.0)
-    assert tracking.month_spend(experiment_id, MODEL, last_month) == pytest.approx(100.375)
+    assert budget.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.375)
+    assert budget.month_spend(experiment_id, "some-other-model", _month_start_ms()) == pytest.approx(10.0)
+    assert budget.month_spend(experiment_id, MODEL, last_month) == pytest.approx(100.375)
 
 
 def test_runs_a_killed_update_left_running_are_closed_and_charged_their_estimate(tmp_path):
@@ -185,7 +186,7 @@ def test_runs_a_killed_update_left_running_are_closed_and_charged_their_estimate
     assert "update_cost_usd" not in client.get_run(killed_attempt).data.metrics
     statuses = [client.get_run(r).info.status for r in (finished_attempt, live, untagged, done, other_model, monitor)]
     assert statuses == ["FINISHED", "RUNNING", "RUNNING", "FINISHED", "RUNNING", "RUNNING"]
-    assert tracking.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.006)
+    assert budget.month_spend(experiment_id, MODEL, _month_start_ms()) == pytest.approx(0.006)
     assert tracking.close_abandoned_updates(experiment_id, MODEL, "again", ended) == []
 
 

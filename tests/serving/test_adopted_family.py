@@ -151,7 +151,7 @@ def test_a_tokenizer_of_another_base_is_refused(tmp_path):
 
     from refit import modeling
     from refit.errors import RefitError
-    from serving.model import check_vocabulary
+    from refit.runtime.served import check_vocabulary
 
     model = RobertaForSequenceClassification(RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1,
                                                            num_attention_heads=2, intermediate_size=37))

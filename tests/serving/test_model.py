@@ -15,7 +15,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def both(adapters):
-    from serving.model import from_adapter
+    from refit.runtime.served import from_adapter
 
     return (from_adapter(adapters.good, 1, batch_size=8, runtime="onnx", threads=1),
             from_adapter(adapters.good, 1, batch_size=8, runtime="torch"))
@@ -34,7 +34,7 @@ def test_onnx_runtime_gives_torch_answers(both, adapters):
 
 
 def test_a_failed_export_is_served_by_torch_and_says_why(adapters, monkeypatch, caplog):
-    from serving import model
+    from refit.runtime import served as model
 
     def broken(*args, **kwargs):
         raise RuntimeError("no exporter here")
@@ -47,7 +47,7 @@ def test_a_failed_export_is_served_by_torch_and_says_why(adapters, monkeypatch, 
 
 
 def test_an_export_that_disagrees_with_torch_is_not_served(adapters, monkeypatch, caplog):
-    from serving import model
+    from refit.runtime import served as model
 
     real = model.ServedModel.probabilities
 
@@ -63,7 +63,7 @@ def test_an_export_that_disagrees_with_torch_is_not_served(adapters, monkeypatch
 
 
 def test_unknown_runtime_is_refused(adapters):
-    from serving.model import from_adapter
+    from refit.runtime.served import from_adapter
 
     with pytest.raises(ValueError, match="runtime must be one of"):
         from_adapter(adapters.good, 1, runtime="tensorrt")

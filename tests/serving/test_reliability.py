@@ -102,7 +102,7 @@ def test_a_request_not_answered_in_time_gets_503_and_does_not_count_against_the_
 
 
 def test_a_500_names_an_error_id_never_the_exception(registry, start_server, monkeypatch, caplog):
-    from serving.model import ServedModel
+    from refit.runtime.served import ServedModel
 
     server = start_server()
 
@@ -224,7 +224,7 @@ def test_an_adapter_with_pickle_weights_is_refused(adapters, tmp_path, weights):
     import shutil
 
     from refit.errors import RefitError
-    from serving.model import from_adapter
+    from refit.runtime.served import from_adapter
 
     adapter = Path(shutil.copytree(adapters.good, tmp_path / "adapter"))
     if weights == "adapter_model.bin":  # only a pickle left to load

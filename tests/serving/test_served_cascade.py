@@ -14,7 +14,7 @@ import yaml
 from refit import requestlog
 from refit.policy import POLICY_DIR
 from refit.store import LocalStore
-from serving.cascade import CHAMPION, RUN_TAG, STUDENT, THRESHOLD_TAG, VERDICT_TAG, Student
+from refit.runtime.cascade import CHAMPION, RUN_TAG, STUDENT, THRESHOLD_TAG, VERDICT_TAG, Student
 from tests.serving.conftest import unique_texts
 
 
@@ -89,7 +89,7 @@ def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, st
 
 def test_a_passed_cascade_leaves_the_reference_as_it_serves_and_the_encoder_states(registry, data_dir, tmp_path):
     """The drift reference gains what the cascade answers on its texts; the passes' encoder states are kept."""
-    from refit.encoder_states import EncoderStates
+    from refit.runtime.encoder_states import EncoderStates
     from tasks.deploy import reference_prefix
 
     store = LocalStore(tmp_path / "store")
@@ -149,7 +149,7 @@ def test_the_guard_falls_back_to_the_champion_when_the_share_collapses_and_mlflo
     import mlflow
 
     from registry import versions
-    from serving.cascade import FALLBACK_TAG
+    from refit.runtime.cascade import FALLBACK_TAG
 
     result = built(registry, data_dir, tmp_path, min_accuracy_ratio=0.5, max_slice_loss=1.0, max_cost_ratio=5.0,
                    min_student_share=0.2, max_calibration_disagreement=0.01, max_share_drop=0.1, guard_min_texts=20)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.cascade import CHAMPION, STUDENT, CascadeModel, Student
+from refit.runtime.cascade import CHAMPION, STUDENT, CascadeModel, Student
 from tasks.cascade import (CascadePolicy, TierFigures, build, calibrate, fit_student, judge, load_cascade_policy,
                            split_for_calibration)
 
@@ -171,7 +171,7 @@ def test_served_by_is_right_per_text_and_only_unsure_texts_reach_the_champion():
 
 
 def test_guard_falls_back_to_the_champion_when_the_share_collapses():
-    from serving.cascade import ShareGuard
+    from refit.runtime.cascade import ShareGuard
 
     champion = KeywordChampion()
     train = [t for label in LABELS for t in texts_of(label, 40)]
@@ -195,7 +195,7 @@ def test_guard_falls_back_to_the_champion_when_the_share_collapses():
 
 
 def test_guard_holds_while_the_share_stays_within_policy():
-    from serving.cascade import ShareGuard
+    from refit.runtime.cascade import ShareGuard
 
     guard = ShareGuard(gated_share=0.6, max_drop=0.25, min_texts=100)
     for _ in range(50):
@@ -208,7 +208,7 @@ def test_guard_holds_while_the_share_stays_within_policy():
 
 
 def test_student_share_of_a_request_log_window():
-    from serving.cascade import student_share
+    from refit.runtime.cascade import student_share
 
     assert student_share(pd.DataFrame({"text": ["a"]})) is None  # written before the cascade existed
     window = pd.DataFrame({"served_by": [STUDENT, STUDENT, CHAMPION, None]})
@@ -254,7 +254,7 @@ def test_a_cascade_that_cannot_be_built_is_refused_with_its_reason_and_never_rai
     from refit.settings import Settings
     from registry import versions
     from registry.tracking import configure
-    from serving.cascade import VERDICT_TAG
+    from refit.runtime.cascade import VERDICT_TAG
     from tasks.cascade import build_cascade
 
     monkeypatch.setenv("REFIT_HOME", str(tmp_path / "home"))

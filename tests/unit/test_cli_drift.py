@@ -1,7 +1,7 @@
 """`refit drift` and `refit bench drift` as a user runs them: a subprocess, files on disk, no server.
 
 The files are CLINC150 windows drawn the way the benchmark draws them
-(``refit.bench_drift``): a 1,000-text reference of the scenario's five
+(``refit.bench.drift``): a 1,000-text reference of the scenario's five
 domains plus ``oos`` from the training split, and a window of other texts.
 True intents stand in for predictions here: these tests are about the
 command, not about how well a champion's outputs reveal drift.
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refit import bench_drift
+from refit.bench import drift as bench_drift
 from refit.cli import _int_list
 from refit.errors import RefitError
 
@@ -326,7 +326,7 @@ def test_bench_drift_prints_one_json_object_last(tmp_path, data_dir):
 
 
 def test_bench_module_imports_nothing_heavy():
-    code = ("import refit.bench_drift, sys; "
+    code = ("import refit.bench.drift, sys; "
             "print([m for m in ('prefect', 'torch', 'mlflow', 'evidently') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
                           timeout=120)

@@ -506,7 +506,7 @@ def test_the_plain_torch_encoder_matches_transformers():
 
 def test_onnx_embeddings_equal_the_torch_ones(clinc, tmp_path, monkeypatch):
     """The ONNX graph (built from the weights, no torch) embeds as torch does, to float noise, batch sizes aside."""
-    from refit import encoder_onnx
+    from refit.runtime import encoder_onnx
     from tasks import drift
 
     monkeypatch.setenv("REFIT_HOME", str(tmp_path))
@@ -535,7 +535,7 @@ def test_a_graph_that_disagrees_with_numpy_is_not_kept(tmp_path, monkeypatch):
 
     from safetensors.numpy import load_file
 
-    from refit import encoder_onnx
+    from refit.runtime import encoder_onnx
     from tasks import drift
 
     model = drift._base_model_path()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from refit import modeling
-from refit.encoder_states import EncoderStates, fingerprint
+from refit.runtime.encoder_states import EncoderStates, fingerprint
 from refit.store import LocalStore
 from tasks.evaluate import served
 
@@ -129,7 +129,7 @@ def test_the_fingerprint_follows_the_encoder_not_the_head(adapter, tmp_path):
 
 
 def test_the_store_keeps_the_newest_rows_and_a_bad_file_is_a_miss(tmp_path, monkeypatch, caplog):
-    import refit.encoder_states as encoder_states
+    import refit.runtime.encoder_states as encoder_states
 
     monkeypatch.setattr(encoder_states, "MAX_ROWS", 3)
     kept = EncoderStates(LocalStore(tmp_path), "m", "abc")
@@ -145,13 +145,13 @@ def test_the_store_keeps_the_newest_rows_and_a_bad_file_is_a_miss(tmp_path, monk
         kept.save(["x", "y"], vectors[:1])
 
     kept.store.put_bytes(kept.key, b"not an npz file")
-    with caplog.at_level(logging.WARNING, logger="refit.encoder_states"):
+    with caplog.at_level(logging.WARNING, logger="refit.runtime.encoder_states"):
         assert kept.load() == {}
     assert "unreadable" in caplog.text
 
 
 def test_only_the_newest_encoders_are_kept(tmp_path, monkeypatch):
-    import refit.encoder_states as encoder_states
+    import refit.runtime.encoder_states as encoder_states
 
     monkeypatch.setattr(encoder_states, "KEEP_ENCODERS", 2)
     store = LocalStore(tmp_path)
@@ -167,7 +167,7 @@ def test_saves_at_once_lose_no_rows_and_no_encoder(tmp_path, monkeypatch):
     """Builds that save at the same moment (two promotions, an adopt beside an update) each keep what they wrote."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import refit.encoder_states as encoder_states
+    import refit.runtime.encoder_states as encoder_states
 
     monkeypatch.setattr(encoder_states, "KEEP_ENCODERS", 10)
     store = LocalStore(tmp_path)

@@ -2,7 +2,7 @@
 
 Each is adopted (v1 answers exactly as the checkpoint does, its base stored
 as an MLflow artifact and found again after the original directory is gone),
-updated at the head rung, and served through ``serving.model.from_adapter``.
+updated at the head rung, and served through ``refit.runtime.served.from_adapter``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _changed(before: Path, after: Path) -> set[str]:
 def test_adopt_update_and_serve_each_family(family, tmp_path, tracking, caplog):
     import mlflow
 
-    from serving.model import from_adapter
+    from refit.runtime.served import from_adapter
     from tasks.adopt import adopted_adapter, prepare_adoption, publish_base
 
     torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from refit import requestlog
-from refit.report import SECONDS_PER_MONTH, cost_report
+from tasks.report import SECONDS_PER_MONTH, cost_report
 from refit.store import LocalStore
 
 MODEL = "m"
@@ -73,7 +73,7 @@ def test_a_cascade_that_fell_back_is_priced_as_the_champion_alone(ledger):
 
 
 def test_cascade_figures_for_the_demo(ledger):
-    from refit.report import cascade_figures
+    from tasks.report import cascade_figures
 
     _, _, version = ledger
     figures = cascade_figures(MODEL, version)

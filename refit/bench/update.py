@@ -15,7 +15,7 @@ On the default scenario (``refit/scenarios/clinc-shift.yaml``) in one process:
 As in the flows, the champion's cascade is built when it is registered
 (``tasks.cascade.build`` on the served champion, over its training pool, the
 golden set kept out), and the encoder states its passes return are kept
-(``refit.encoder_states``) in a scratch store: the update's ``head`` rung
+(``refit.runtime.encoder_states``) in a scratch store: the update's ``head`` rung
 reads them for the replay rows they cover, inside its metered time. That build
 runs at every promotion for the cascade anyway; it is not counted here, and
 its CPU-seconds are reported beside the table (``cascade_build_cpu_seconds``).
@@ -66,7 +66,7 @@ def _champion_states(adapter_dir: Path, pool: pd.DataFrame, golden: pd.DataFrame
     import tempfile
 
     from refit.cost import Meter
-    from refit.encoder_states import EncoderStates
+    from refit.runtime.encoder_states import EncoderStates
     from refit.store import LocalStore
     from tasks.cascade import build, keep_states, load_cascade_policy
     from tasks.evaluate import served

@@ -458,7 +458,7 @@ def bench_drift(as_json: JsonOption = False,
     """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    from refit.bench_drift import FAMILIES, run_benchmark, tables
+    from refit.bench.drift import FAMILIES, run_benchmark, tables
 
     size_list, scale_list = _int_list(sizes, "--sizes"), _int_list(scale, "--scale")
     family_list = tuple(f.strip() for f in families.split(",") if f.strip())
@@ -507,7 +507,7 @@ def bench_update_cost(as_json: JsonOption = False,
         import torch
 
         torch.set_num_threads(threads)
-    from refit.bench_update import run_benchmark, tables
+    from refit.bench.update import run_benchmark, tables
 
     with err.status("update-cost benchmark") as status:
         def progress(what: str) -> None:
@@ -541,7 +541,7 @@ def bench_cascade(as_json: JsonOption = False,
     os.environ.pop("PREFECT_HOME", None)  # the run's own Prefect database, under its REFIT_HOME
     _prepare()
     from flows.bootstrap import bootstrap as flow_fn
-    from refit.bench_cascade import run_benchmark, summary, table
+    from refit.bench.cascade import run_benchmark, summary, table
 
     with err.status("cascade benchmark") as status:
         def progress(what: str) -> None:
@@ -574,7 +574,7 @@ def bench_feedback(as_json: JsonOption = False,
     """
     import tempfile
 
-    from refit.bench_feedback import run_benchmark, table
+    from refit.bench.feedback import run_benchmark, table
 
     settings = _prepare()
     if unlogged_per_call >= labels_per_call:
@@ -607,7 +607,7 @@ def bench_faults(as_json: JsonOption = False,
 
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    from refit.bench_faults import run_benchmark, table
+    from refit.bench.faults import run_benchmark, table
 
     run_home = home or Path(tempfile.mkdtemp(prefix="refit-bench-faults-"))
     names = [name.strip() for name in only.split(",") if name.strip()] if only else None
@@ -630,7 +630,7 @@ def report(model_name: ModelNameOption = None, as_json: JsonOption = False) -> N
     Example: refit report --model-name intent-classifier --json
     """
     settings = _prepare(model_name=model_name)
-    from refit.report import cost_report
+    from tasks.report import cost_report
     from refit.store import open_store
     from registry.tracking import configure
 
@@ -677,8 +677,8 @@ from refit.stack import app as stack_app  # noqa: E402  (typer only: no Prefect 
 app.add_typer(stack_app, name="stack")
 
 
-# The serving commands live with the server; serving.cli imports only typer at module level.
-from serving.cli import bench_serve, serve  # noqa: E402
+# The serving commands live with the server; refit.cli.serve imports only typer at module level.
+from refit.cli.serve import bench_serve, serve  # noqa: E402
 
 app.command("serve")(serve)
 bench_app.command("serve")(bench_serve)

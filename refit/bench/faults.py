@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from refit import bench_faults_safety as safety
-from refit.bench_faults_safety import SAFETY_FAULTS, golden_problems
+from refit.bench import faults_safety as safety
+from refit.bench.faults_safety import SAFETY_FAULTS, golden_problems
 
 GATED = {"passed", "bootstrap (no gate)"}
 SCENARIO = "clinc-faults"
@@ -244,10 +244,10 @@ class Bench:
         return Child(rc, (_now_ms() - started) / 1000, log, started, _now_ms(), result)
 
     def helper(self, *args: str, env: dict | None = None) -> subprocess.Popen:
-        """``python -m refit.bench_faults ARGS``: a lock holder or waiter, or the S3 endpoint's proxy."""
+        """``python -m refit.bench.faults ARGS``: a lock holder or waiter, or the S3 endpoint's proxy."""
         self.steps += 1
         log = open(self.logs / f"{self.steps:02d}-{args[0]}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "refit.bench_faults", *args], env=self.env | (env or {}),
+        proc = subprocess.Popen([sys.executable, "-m", "refit.bench.faults", *args], env=self.env | (env or {}),
                                 stdout=log, stderr=subprocess.STDOUT, cwd=self.home, start_new_session=True)
         log.close()
         return proc
@@ -325,7 +325,7 @@ class Bench:
 
         Returns the problems for update runs started in the window, the ledger and the expected spend.
         """
-        from registry.tracking import month_spend
+        from tasks.budget import month_spend
 
         client, experiment_id = self.client(), self.configure()
         now = datetime.now(timezone.utc)
@@ -698,7 +698,7 @@ class Bench:
         import numpy as np
 
         from refit.store import S3Store
-        from serving.loadtest import Load, _client, _wait_ready
+        from refit.bench.loadtest import Load, _client, _wait_ready
 
         name = "s3.down_under_load"
         moto_port, endpoint_port, serve_port = _free_port(), _free_port(), _free_port()
@@ -904,7 +904,7 @@ def table(result: dict):
     return out
 
 
-# -- helper processes (python -m refit.bench_faults ROLE ...) ------------------------------------------------------
+# -- helper processes (python -m refit.bench.faults ROLE ...) ------------------------------------------------------
 
 
 def _lock_role(role: str, out: Path, index: str = "") -> None:

@@ -56,7 +56,7 @@ def bench_serve(seconds: Annotated[float, typer.Option(min=5, help="Length of th
 
     from refit.cli import _prepare
     from refit.errors import RefitError
-    from serving.loadtest import run
+    from refit.bench.loadtest import run
 
     settings = _prepare()
     try:

@@ -195,7 +195,7 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
     from transformers import pipeline
 
     from refit import modeling
-    from serving.model import from_adapter
+    from refit.runtime.served import from_adapter
 
     default_threads = torch.get_num_threads()
     served = from_adapter(adapter_dir, 0, batch_size, runtime=runtime, threads=threads)

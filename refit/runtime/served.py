@@ -80,7 +80,7 @@ class ServedModel:
         """``probabilities_of`` and, from the same pass, each text's last-layer state at the first position.
 
         The states are what an update that trains the head alone starts from
-        (``refit.encoder_states``): a pass the cascade build makes anyway
+        (``refit.runtime.encoder_states``): a pass the cascade build makes anyway
         leaves them for the next update, which then skips these texts'
         forward pass.
         """
@@ -130,9 +130,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def merged(adapter_dir: Path) -> torch.nn.Module:
     """The adapter folded into the base weights: a plain transformers classifier (safetensors only)."""
-    from registry.versions import require_safetensors
-
-    model = modeling.load_model(require_safetensors(adapter_dir)).merge_and_unload()
+    model = modeling.load_model(modeling.require_safetensors(adapter_dir)).merge_and_unload()
     model.eval()
     return model
 
@@ -147,7 +145,7 @@ class _Outputs(torch.nn.Module):
 
     What the exporter traces. Serving asks the session for ``logits`` only;
     bulk passes over the replay pool also take ``states`` (see
-    ``refit.encoder_states``): the same pass, one more output.
+    ``refit.runtime.encoder_states``): the same pass, one more output.
     """
 
     def __init__(self, model: torch.nn.Module, names: Sequence[str]):
@@ -234,12 +232,3 @@ def from_adapter(adapter_dir: Path, version: int, batch_size: int = 32, tokenize
     log.info("v%d: serving on ONNX Runtime (%d threads); largest probability difference from torch %.1e",
              version, threads, diff)
     return exported
-
-
-def load_version(model_name: str, version: int, batch_size: int = 32, tokenizer=None, runtime: str = "onnx",
-                 threads: int = 1) -> ServedModel:
-    """Download a registered version's adapter and make it ready to serve."""
-    from registry import versions
-
-    return from_adapter(versions.download_adapter(model_name, version), version, batch_size, tokenizer, runtime,
-                        threads)

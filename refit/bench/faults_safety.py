@@ -4,7 +4,7 @@ labels and a stopped adopt.
 Each sets up what it needs (a previous champion, a domain its gate can pass,
 a second serving replica) instead of hoping the run left it there, runs its
 fault in real processes, and checks that the fault point was reached. They
-are plain functions of a ``Bench`` (``refit.bench_faults``); ``golden_problems``
+are plain functions of a ``Bench`` (``refit.bench.faults``); ``golden_problems``
 is the suite check every fault's recovery runs.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from refit.bench_faults import Bench
+    from refit.bench.faults import Bench
 
 SAFETY_FAULTS = ("golden.race.rollback_between", "rollback.hand_after_server", "registry.fresh_store",
                  "lease.renew_store_error", "feedback.other_replica", "adopt.kill.after_register")
@@ -97,7 +97,7 @@ def _rollback_records(bench: Bench, version: int) -> list[str]:
 
 def golden_race(bench: Bench) -> None:
     """Update A trains on suite k; B promotes (suite k+1) and is rolled back; A promotes: B's rows must stay."""
-    from refit.bench_faults import Child, Pending
+    from refit.bench.faults import Child, Pending
 
     name = "golden.race.rollback_between"
     champion = bench.alias("champion")
@@ -133,7 +133,7 @@ def golden_race(bench: Bench) -> None:
 def hand_after_server(bench: Bench) -> None:
     """The server's automatic rollback holds the lock; a hand-run rollback waits on it, then must not record it
     again: one record, the champion the version before."""
-    from refit.bench_faults import Pending
+    from refit.bench.faults import Pending
 
     name = "rollback.hand_after_server"
     bench.ensure_previous()
@@ -173,7 +173,7 @@ def hand_after_server(bench: Bench) -> None:
 
 def fresh_store(bench: Bench) -> None:
     """The store's fence (counter and mark) is gone, as in a new or restored store: an update still promotes."""
-    from refit.bench_faults import Pending
+    from refit.bench.faults import Pending
     from refit.store import open_store
     from registry import versions
 
@@ -195,7 +195,7 @@ def fresh_store(bench: Bench) -> None:
 def renew_store_error(bench: Bench) -> None:
     """Every lease renewal's answer is lost while a promotion holds the lock past its lease: the renewer goes on
     writing, and the promotion completes."""
-    from refit.bench_faults import Pending
+    from refit.bench.faults import Pending
     from registry import versions
 
     name = "lease.renew_store_error"
@@ -234,7 +234,7 @@ def renew_store_error(bench: Bench) -> None:
 
 def adopt_killed(bench: Bench) -> None:
     """``refit adopt`` SIGKILLed right after registering v1; a second ``refit adopt`` of the same model completes."""
-    from refit.bench_faults import Pending
+    from refit.bench.faults import Pending
 
     name = "adopt.kill.after_register"
     model = f"{bench.base_name}-adopted"
@@ -290,7 +290,7 @@ def _adoptable(bench: Bench) -> tuple[Path, Path]:
 
 
 def server_rollback_role(bad: int, previous: int) -> None:
-    """``python -m refit.bench_faults server-rollback BAD PREVIOUS``: the rollback ``refit serve`` makes when a
+    """``python -m refit.bench.faults server-rollback BAD PREVIOUS``: the rollback ``refit serve`` makes when a
     guard trips, through the same call, in a process of its own."""
     from refit.settings import Settings
     from refit.store import open_store
@@ -310,11 +310,11 @@ def other_replica(bench: Bench, labels: int = 24) -> None:
 
     import httpx
 
-    from refit.bench_faults import _free_port, _stop
-    from refit.bench_feedback import account
+    from refit.bench.faults import _free_port, _stop
+    from refit.bench.feedback import account
     from refit.labels import resolve_pending
     from refit.store import open_store
-    from serving.loadtest import _wait_ready
+    from refit.bench.loadtest import _wait_ready
 
     name = "feedback.other_replica"
     bench.progress(f"fault {name}: replica A buffers {labels} answered requests; their labels go to replica B")

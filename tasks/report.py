@@ -38,8 +38,8 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
 
     from refit import requestlog
     from registry import versions
-    from registry.tracking import month_updates
-    from serving.cascade import FALLBACK_TAG, VERDICT_TAG, student_share
+    from tasks.budget import month_updates
+    from refit.runtime.cascade import FALLBACK_TAG, VERDICT_TAG, student_share
 
     now = now or datetime.now(timezone.utc)
     client = MlflowClient()
@@ -145,7 +145,7 @@ def cost_report(model_names: list[str] | None, experiment_id: str, store, cpu_us
 def cascade_figures(model_name: str, version: int) -> dict:
     """A version's cascade as its gate measured it: what ``refit demo --json`` adds (None without a cascade)."""
     from registry import versions
-    from serving.cascade import FALLBACK_TAG, VERDICT_TAG
+    from refit.runtime.cascade import FALLBACK_TAG, VERDICT_TAG
 
     tags = versions.version_tags(model_name, version)
     return {"cascade_served": tags.get(VERDICT_TAG) == "passed" and not tags.get(FALLBACK_TAG),

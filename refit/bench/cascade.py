@@ -6,7 +6,7 @@ In its own ``REFIT_HOME`` (the CLI makes one):
    v1 is trained and registered, and its cascade is built, calibrated and
    gated by the flow itself (``tasks/cascade.py``, ``refit/policies/cascade.yaml``);
 2. the champion and the cascade are loaded as ``refit serve`` loads them
-   (``serving.model.load_version``, ``serving.cascade.load_cascade``: merged,
+   (``registry.served.load_version``, ``registry.served.load_cascade``: merged,
    ONNX Runtime, one thread) into this one process;
 3. both answer the same held-out texts: the scenario's quiet window (validation
    texts of the groups the champion knows; never trained on, never in the
@@ -40,7 +40,8 @@ def _tiers(model_name: str, version: int, champion):
     import mlflow
 
     from registry import versions
-    from serving.cascade import ARTIFACT_DIR, RUN_TAG, THRESHOLD_TAG, CascadeModel, Student, load_cascade
+    from refit.runtime.cascade import ARTIFACT_DIR, RUN_TAG, THRESHOLD_TAG, CascadeModel, Student
+    from registry.served import load_cascade
 
     served = load_cascade(model_name, version, champion)
     if served is not None:
@@ -52,7 +53,7 @@ def _tiers(model_name: str, version: int, champion):
 
 def measure(champion, cascade, frame: pd.DataFrame, min_slice_rows: int) -> dict:
     """Both ways of serving on ``frame`` (text, label, group): quality, cost and latency, side by side."""
-    from serving.cascade import TierStats
+    from refit.runtime.cascade import TierStats
     from tasks.cascade import figures
     from tasks.evaluate import cpu_seconds_per_1k, latency_ms
 
@@ -100,7 +101,7 @@ def run_benchmark(scenario: str = SCENARIO, progress: Progress = lambda what: No
     from refit.scenario import build, load_scenario, load_source
     from refit.settings import Settings
     from registry import versions
-    from serving.model import load_version
+    from registry.served import load_version
     from tasks.cascade import load_cascade_policy
 
     torch.set_num_threads(1)
@@ -162,7 +163,7 @@ def summary(result: dict) -> dict:
 def http_comparison(settings, version: int, texts: list[str], seconds: float = 10.0, rounds: int = 2,
                     concurrency: int = 8, progress: Progress = lambda what: None) -> dict:
     """Texts per second through ``refit serve`` over HTTP, with the cascade and with the champion alone,
-    each against ``transformers.pipeline`` on the champion (``serving.loadtest.compare_throughput``).
+    each against ``transformers.pipeline`` on the champion (``refit.bench.loadtest.compare_throughput``).
 
     The champion-alone server is the same version with its cascade verdict
     set aside for the run (tag restored after): a server loads a cascade only
@@ -179,8 +180,8 @@ def http_comparison(settings, version: int, texts: list[str], seconds: float = 1
 
     from registry import versions
     from serving.app import inference_threads
-    from serving.cascade import VERDICT_TAG
-    from serving.loadtest import _free_port, _wait_ready, compare_throughput
+    from refit.runtime.cascade import VERDICT_TAG
+    from refit.bench.loadtest import _free_port, _wait_ready, compare_throughput
 
     name = settings.model_name
     adapter_dir = versions.download_adapter(name, version)

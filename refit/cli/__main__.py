@@ -1,0 +1,5 @@
+"""``python -m refit.cli``."""
+
+from refit.cli import main
+
+main()
