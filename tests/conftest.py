@@ -1,4 +1,12 @@
-"""Shared fixtures: the real data, a real S3 endpoint (moto server), both stores, settings, Prefect.
+"""Tiers, the CI skip rule, and shared fixtures: the real data, a real S3 endpoint (moto server), both stores,
+settings, Prefect.
+
+Tiers: every test under tests/e2e, tests/server and tests/ui gets its folder's
+marker unless its module names a tier itself (``faults``, or ``smoke`` for the
+default tier's one end-to-end loop); ``e2e``, ``faults``, ``server`` and ``ui``
+are also ``slow``, which the default selection (``addopts`` in pyproject.toml)
+leaves out. Under ``CI=true`` a skip or xfail not listed in
+tests/allowed_skips.py is a failure.
 
 Nothing here is mocked: the S3 endpoint is a moto server in a subprocess on
 127.0.0.1, MLflow uses a SQLite store under ``tmp_path`` and Prefect a
@@ -48,14 +56,93 @@ def fuzz_cases(request) -> Counter:
     return request.config.stash.setdefault(FUZZ_CASES, Counter())
 
 
+TESTS = Path(__file__).resolve().parent
+SLOW_TIERS = ("e2e", "faults", "server", "ui")
+FOLDER_TIERS = {"e2e": "e2e", "server": "server", "ui": "ui"}  # unit, integration, serving: the default tier
+UNLISTED_SKIPS = pytest.StashKey[list]()
+DESELECTED = pytest.StashKey[int]()
+
+
+def ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the -m selection reads the markers
+def pytest_collection_modifyitems(config, items):
+    """Tier markers by folder (a module's own tier mark wins), ``slow`` on the slow tiers; ``runs_last`` last."""
+    for item in items:
+        tiers = [name for name in ("smoke", *SLOW_TIERS) if item.get_closest_marker(name)]
+        if not tiers:
+            folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
+            if folder in FOLDER_TIERS:
+                tiers = [FOLDER_TIERS[folder]]
+                item.add_marker(tiers[0])
+        if set(tiers) & set(SLOW_TIERS):
+            item.add_marker("slow")
+    # Tests marked ``runs_last`` go after all others (they move what the shared stack's other tests read).
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
+def pytest_deselected(items):
+    if items:
+        config = items[0].config
+        config.stash[DESELECTED] = config.stash.get(DESELECTED, 0) + len(items)
+
+
+def _unlisted(nodeid: str, report) -> str | None:
+    """Why a skip or xfail of ``nodeid`` fails under CI; None when it is not one, or it is allowed."""
+    from allowed_skips import allowed
+
+    if not (ci() and report.skipped) or allowed(nodeid) is not None:
+        return None
+    if hasattr(report, "wasxfail"):
+        why = f"xfailed ({report.wasxfail or 'no reason given'})"
+    else:
+        why = f"skipped ({report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr})"
+    return f"{nodeid} {why} under CI=true; it is not listed in tests/allowed_skips.py"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI, a test's unlisted skip or xfail is reported as its failure."""
+    report = yield
+    why = _unlisted(report.nodeid, report)
+    if why is not None:
+        report.outcome, report.longrepr = "failed", why
+        item.config.stash.setdefault(UNLISTED_SKIPS, []).append(why)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Under CI, a module that skips at import (``importorskip``, ``pytest.skip(allow_module_level=True)``) fails
+    the session: its tests never ran."""
+    report = yield
+    why = _unlisted(report.nodeid, report)
+    if why is not None:
+        collector.config.stash.setdefault(UNLISTED_SKIPS, []).append(why)
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.stash.get(UNLISTED_SKIPS, []) and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for surface, n in sorted(config.stash.get(FUZZ_CASES, Counter()).items()):
         terminalreporter.write_line(f"fuzz cases: {surface}={n}")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``runs_last`` go after all others (they move what the shared stack's other tests read)."""
-    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+    unlisted = config.stash.get(UNLISTED_SKIPS, [])
+    if unlisted:
+        terminalreporter.section("skips that fail under CI", red=True)
+        for why in unlisted:
+            terminalreporter.write_line(why)
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and config.stash.get(DESELECTED, 0) \
+            and config.option.markexpr == "not slow":
+        terminalreporter.write_line('every test collected here is in a slow tier, which the default selection '
+                                    '(-m "not slow") leaves out: add -m slow, -m e2e, -m faults, -m server, -m ui, '
+                                    'or -m "" for everything')
 
 
 @pytest.fixture(scope="session")

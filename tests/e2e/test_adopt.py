@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.e2e  # it trains a checkpoint, adopts, updates and serves it: the e2e tier
 REFIT = [sys.executable, "-m", "refit.cli"]
 INTENTS = ["balance", "transfer", "alarm", "weather", "flip_coin", "timer", "translate", "book_flight"]
 

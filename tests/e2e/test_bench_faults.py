@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(1800)]
 
 CHEAP = ["lock.expired_two_waiters", "update.kill.after_train"]
 

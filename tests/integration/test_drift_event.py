@@ -1,12 +1,28 @@
-"""Emit, then mark: a drift check whose event never left does not deduplicate its window (real SQLite MLflow)."""
+"""Emit, then mark: a drift check's window counts as updated only once its event is out (real SQLite MLflow).
+
+Prefect's real events client (``prefect.events.emit_event``, Prefect 3.9) never
+raises for a refused connection: it builds the event, queues it on the
+``EventsWorker`` and returns it at once; the worker's thread connects later,
+and a connection it cannot make is only logged ("Service 'EventsWorker' failed
+with 1 pending items") while the event is lost. So these tests use the real
+client: against the session's temporary Prefect API, and against a port where
+nothing listens (in a child process, so its events worker is its own).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
 
 import mlflow
 import pytest
 
-from flows.monitor import UNSENT, emit_then_mark
-from refit.errors import RefitError
+from flows.monitor import DRIFT_EVENT, UNSENT, emit_then_mark
 from registry.tracking import RUN_TYPE, configure, update_triggers
 
 
@@ -20,20 +36,82 @@ def check_run(refit_env):
     return experiment_id, run.info.run_id, refit_env.model_name
 
 
-def _fails():
-    raise ConnectionError("events API refused the connection")
+def test_a_sent_event_reaches_the_api_and_marks_the_window(check_run, prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.events.filters import EventFilter, EventIDFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
 
-
-def test_a_failed_emit_leaves_the_window_unmarked(check_run):
     experiment_id, run_id, name = check_run
-    with pytest.raises(RefitError, match="not sent .*next check will try again"):
-        emit_then_mark(run_id, _fails)
-    # Before, the run was tagged `update` before the event went out: dedupe then refused the window forever.
-    assert update_triggers(experiment_id, name, 1) == []
-    assert mlflow.get_run(run_id).data.tags["refit.action"] == UNSENT
+    sent = []
 
+    def emit():
+        sent.append(emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"},
+                               payload={"model_name": name, "drift_run_id": run_id}))
+        return sent[-1]
 
-def test_a_sent_event_marks_the_window(check_run):
-    experiment_id, run_id, name = check_run
-    emit_then_mark(run_id, lambda: object())
+    emit_then_mark(run_id, emit)  # the monitor flow's call, with Prefect's real client
     assert [t.run_id for t in update_triggers(experiment_id, name, 1)] == [run_id]
+    (event,) = sent
+    assert event is not None and event.event == DRIFT_EVENT
+    EventsWorker.drain_all(timeout=60)  # the queued event goes out now
+    found, deadline = [], time.monotonic() + 60  # the API stores events a moment after it receives them
+    with get_client(sync_client=True) as client:
+        while not found and time.monotonic() < deadline:
+            found = client.read_events(EventFilter(id=EventIDFilter(id=[event.id]),
+                                                   event=EventNameFilter(name=[DRIFT_EVENT])), limit=10).events
+            if not found:
+                time.sleep(0.5)
+    assert [e.payload["drift_run_id"] for e in found] == [run_id]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # free once closed: nothing listens there
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from flows.monitor import DRIFT_EVENT, emit_then_mark
+    from refit.errors import RefitError
+    from refit.settings import Settings
+    from registry.tracking import configure
+
+    configure(Settings())
+    run_id, name = sys.argv[1:3]
+    outcome = {"raised": None, "returned": None}
+    def emit():
+        event = emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"},
+                           payload={"model_name": name, "drift_run_id": run_id})
+        outcome["returned"] = type(event).__name__
+        return event
+    try:
+        emit_then_mark(run_id, emit)
+    except RefitError as exc:
+        outcome["raised"] = str(exc)
+    EventsWorker.drain_all(timeout=120)  # the worker tries the refused API now, and only logs its failure
+    print(json.dumps(outcome))
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="product: flows.monitor.emit_then_mark trusts emit_event's return value, "
+                                       "but Prefect's client only queues the event (it never raises for a refused "
+                                       "connection), so the window is marked although the event never left; the "
+                                       "monitor must confirm delivery (tests/allowed_skips.py)")
+def test_a_refused_events_api_leaves_the_window_unmarked(check_run):
+    experiment_id, run_id, name = check_run
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_API_URL": f"http://127.0.0.1:{_closed_port()}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    child = subprocess.run([sys.executable, "-c", CHILD, run_id, name], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    outcome = json.loads(child.stdout.strip().splitlines()[-1])
+    assert outcome["returned"] == "Event"  # the real client's answer to a refused connection: queued, no error
+    assert "EventsWorker" in child.stderr  # ... and the failure, later, only in its log
+    # The window must stay unmarked, so that the next check tries again, and the caller must be told.
+    assert mlflow.get_run(run_id).data.tags["refit.action"] == UNSENT
+    assert update_triggers(experiment_id, name, 1) == []
+    assert outcome["raised"] is not None and "next check will try again" in outcome["raised"]

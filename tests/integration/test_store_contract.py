@@ -330,7 +330,7 @@ def test_promotion_lock_admits_one_holder_at_a_time(store):
     # A crashed holder's lock is broken once it stayed unchanged for a whole lease, not waited on forever.
     store.put_bytes(lock_key("m"), b'{"holder": "crashed", "expires": 0}')
     started = time.monotonic()
-    with promotion_lock(store, "m", "next", ttl_seconds=0.5, wait_seconds=5):
+    with promotion_lock(store, "m", "next", ttl_seconds=0.5, wait_seconds=120):  # a wait cut short only by a bug
         assert b"next" in store.get_bytes(lock_key("m"))
     assert time.monotonic() - started >= 0.5
 
@@ -354,32 +354,111 @@ def test_conditional_replace_and_delete_act_only_on_the_version_seen(store):
     assert store.list("locks/") == []  # the local store's flock guard is not an object
 
 
-def test_a_live_holder_past_its_lease_is_never_broken(store):
+class WaiterClock:
+    """registry.versions' clock, logical for the waiting thread: each of its sleeps jumps two leases, but only
+    once the holder has written a renewal after the waiter's last read of the lock (or has released it).
+
+    Every poll of the waiter therefore comes long past the lease it watched, and a holder that keeps renewing
+    must keep the lock however long that is: no margin of the real clock is involved, however loaded the
+    machine. The holder's renewer keeps the real clock (it waits on an Event, not on this).
+    """
+
+    def __init__(self, waiter: str, lease: float, enough_polls: int):
+        import threading
+        import time
+
+        self.real, self.waiter, self.jump, self.enough_polls = time, waiter, 2 * lease, enough_polls
+        self.offset, self.renewals, self.seen_at_read, self.polls, self.released = 0.0, 0, 0, 0, False
+        self.changed, self.enough, self.problems = threading.Condition(), threading.Event(), []
+
+    def _waiting(self) -> bool:
+        import threading
+
+        return threading.current_thread().name == self.waiter
+
+    def monotonic(self) -> float:
+        return self.real.monotonic() + (self.offset if self._waiting() else 0.0)
+
+    def time(self) -> float:
+        return self.real.time() + (self.offset if self._waiting() else 0.0)
+
+    def sleep(self, seconds: float) -> None:
+        if not self._waiting():
+            return self.real.sleep(seconds)
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.renewals > self.seen_at_read or self.released, timeout=60):
+                self.problems.append("the holder wrote no renewal for 60 s")
+            self.offset += self.jump
+            self.polls += 1
+        if self.polls >= self.enough_polls:
+            self.enough.set()
+
+    def spy(self, store, key: str) -> None:
+        """Count the holder's renewals and note the waiter's reads of ``key`` (the real calls, unchanged)."""
+        write, read = store.replace_if, store.get_versioned
+
+        def replace_if(k, *args):
+            written = write(k, *args)
+            if written and k == key:
+                with self.changed:
+                    self.renewals += 1
+                    self.changed.notify_all()
+            return written
+
+        def get_versioned(k, *args):
+            if k == key and self._waiting():
+                with self.changed:
+                    self.seen_at_read = self.renewals
+            return read(k, *args)
+
+        object.__setattr__(store, "replace_if", replace_if)
+        object.__setattr__(store, "get_versioned", get_versioned)
+
+    def release(self) -> None:
+        with self.changed:
+            self.released = True
+            self.changed.notify_all()
+
+
+def test_a_live_holder_past_its_lease_is_never_broken(store, monkeypatch):
     """A holder that keeps its lease (renewals) keeps the lock however long it holds it and whatever any clock
-    says; before, a waiter broke any lock whose wall-clock expiry had passed, and two holders overlapped."""
+    says; before, a waiter broke any lock whose wall-clock expiry had passed, and two holders overlapped.
+
+    The waiter's clock is logical (``WaiterClock``): it polls six times, each two leases after the last.
+    """
     import threading
-    import time
 
-    from registry.versions import promotion_lock
+    from registry import versions
+    from registry.versions import lock_key, promotion_lock
 
-    inside, overlaps = [], []
+    lease = 0.6
+    clock = WaiterClock("next", lease, enough_polls=6)
+    clock.spy(store, lock_key("m"))
+    monkeypatch.setattr(versions, "time", clock)
+    inside, overlaps, held = [], [], threading.Event()
 
-    def hold(name: str, seconds: float) -> None:
-        with promotion_lock(store, "m", name, ttl_seconds=0.6, wait_seconds=20):
+    def hold(name: str) -> None:
+        with promotion_lock(store, "m", name, ttl_seconds=lease, wait_seconds=600):
             inside.append(name)
             if len(inside) > 1:
                 overlaps.append(tuple(inside))
-            time.sleep(seconds)
+            held.set()
+            if name == "long" and not clock.enough.wait(120):
+                clock.problems.append("the waiter stopped polling")
             inside.remove(name)
+        if name == "long":
+            clock.release()
 
-    first = threading.Thread(target=hold, args=("long", 2.0))
+    first = threading.Thread(target=hold, args=("long",), name="long")
     first.start()
-    time.sleep(0.3)
-    second = threading.Thread(target=hold, args=("next", 0.1))
+    assert held.wait(60)
+    second = threading.Thread(target=hold, args=("next",), name="next")
     second.start()
-    first.join()
-    second.join()
-    assert overlaps == []
+    first.join(180)
+    second.join(180)
+    assert not first.is_alive() and not second.is_alive()
+    assert overlaps == [] and clock.problems == [], (overlaps, clock.problems)
+    assert clock.offset >= 6 * 2 * lease  # the waiter watched the holder for ten leases and more of its clock
 
 
 def test_a_lock_whose_holder_died_is_broken_whatever_its_clock_claimed(store):
@@ -391,7 +470,7 @@ def test_a_lock_whose_holder_died_is_broken_whatever_its_clock_claimed(store):
 
     store.put_bytes(lock_key("m"), json.dumps({"holder": "dead, clock ahead", "expires": time.time() + 3600,
                                                "lease_seconds": 0.5}).encode())
-    with promotion_lock(store, "m", "next", ttl_seconds=0.5, wait_seconds=5):
+    with promotion_lock(store, "m", "next", ttl_seconds=0.5, wait_seconds=120):  # a wait cut short only by a bug
         assert b"next" in store.get_bytes(lock_key("m"))
 
 
@@ -423,7 +502,8 @@ def test_two_waiters_break_an_expired_lock_once_and_never_delete_each_others(sto
     inside, overlaps, done = [], [], []
 
     def wait_and_hold(name: str) -> None:
-        with promotion_lock(store, "m", name, ttl_seconds=0.3, wait_seconds=20):
+        # Their own leases are long (30 s): only the dead holder's short one (0.3 s) may be broken here.
+        with promotion_lock(store, "m", name, ttl_seconds=30, wait_seconds=120):
             inside.append(name)
             if len(inside) > 1:
                 overlaps.append(tuple(inside))

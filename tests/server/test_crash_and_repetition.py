@@ -28,7 +28,7 @@ from refit import procs
 from server import stack_session
 from server.stack_session import MODEL, REFIT
 
-pytestmark = [pytest.mark.e2e, pytest.mark.runs_last, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.server, pytest.mark.runs_last, pytest.mark.timeout(1500)]
 
 
 def _window(stack, days_ago: int, seed_offset: int) -> dict:

@@ -17,7 +17,7 @@ import pytest
 from server import stack_session
 from server.stack_session import MODEL, PREFECT, REFIT, TERMINAL
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1500)]
 
 
 def test_stack_up_is_healthy_and_status_says_so(stack):

@@ -26,7 +26,6 @@ from tasks.drift import (
     sample_frame,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "shared/data/clinc150"
 HOME_DOMAINS = ["banking", "credit_cards", "kitchen_and_dining", "home", "auto_and_commute"]
 
 
@@ -42,10 +41,8 @@ def _load_clinc(directory: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def clinc() -> pd.DataFrame:
-    if not (DATA_DIR / "data_full.json").is_file():
-        pytest.skip(f"CLINC150 not found at {DATA_DIR} (expected data_full.json and domains.json beside the repo)")
-    return _load_clinc(DATA_DIR)
+def clinc(data_dir) -> pd.DataFrame:
+    return _load_clinc(data_dir)
 
 
 @pytest.fixture(scope="module")

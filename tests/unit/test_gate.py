@@ -205,7 +205,13 @@ def test_better_but_too_costly_challenger_is_refused():
 
 def test_interval_is_shown_in_every_report():
     champion = measured(hits(1000, 0.90, 0), hits(1000, 0.40, 1))
-    verdict = decide(champion, measured(hits(1000, 0.90, 2), hits(1000, 0.70, 3)), 0.10, FULL)
+    challenger = measured(hits(1000, 0.90, 2), hits(1000, 0.70, 3))
+    verdict = decide(champion, challenger, 0.10, FULL)
     gain = rule(verdict, "fresh_accuracy_gain")
+    # The gate's interval is the seeded paired bootstrap of these very hits, so it is one exact string.
+    low, high = paired_bootstrap(champion.correct["fresh"], challenger.correct["fresh"], FULL.bootstrap_samples,
+                                 FULL.confidence_level)
+    assert (gain.ci_low, gain.ci_high) == (low, high)
+    assert gain.interval == f"[{low:+.4f}, {high:+.4f}]"
+    assert low < 0.30 < high and high - low < 0.12  # around the true gain, about ±2 standard errors
     assert gain.interval in verdict.markdown() and gain.interval in verdict.html("g")
-    assert gain.interval.startswith("[+0.2") or gain.interval.startswith("[+0.3")

@@ -1,16 +1,18 @@
 """Rollout guards on plain figures: ratios against a zero, and a canary whose old side got no traffic.
 
 ``Rollout`` never calls its models, so a stand-in with a version number is
-enough here (the real models are in tests/serving).
+enough here (the real models are in tests/serving). Its clock is a manual
+one (``clock``): windows end when the test moves time on, never by a margin
+of the real clock.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from serving.guards import Guards, LiveStats, RolloutPolicy, judge, ratio
 from serving.rollout import Rollout
@@ -33,6 +35,31 @@ def test_ratio_fails_safe_against_a_zero():
                                                                                        "cost_per_1k_ratio"}
 
 
+class ManualClock:
+    """``serving.rollout``'s time: it moves only when the test says."""
+
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> ManualClock:
+    import serving.rollout
+
+    manual = ManualClock()
+    monkeypatch.setattr(serving.rollout, "time", manual)
+    return manual
+
+
 def _model(version: int):
     return SimpleNamespace(version=version, runtime="torch")
 
@@ -43,7 +70,7 @@ def _traffic(stats: LiveStats, n: int, latency: float = 0.01, confidence: float 
         stats.record_inference(1, 0.001)
 
 
-def test_a_canary_whose_old_version_got_no_traffic_is_not_rolled_back_for_it():
+def test_a_canary_whose_old_version_got_no_traffic_is_not_rolled_back_for_it(clock):
     """canary_share 1: the old version answers nothing in the window. Its zero figures used to make every
     ratio infinite and roll back a healthy version; now the old version's figures from before the canary
     are the baseline, and with none at all nothing is judged."""
@@ -58,7 +85,8 @@ def test_a_canary_whose_old_version_got_no_traffic_is_not_rolled_back_for_it():
     assert rollout.champion.stats.requests == 0
     verdict = rollout.check()
     assert rolled_back == [] and verdict is not None and verdict.passed
-    time.sleep(0.25)
+    assert rollout.status()["phase"] == "canary"  # judged, healthy, and the window is not over yet
+    clock.advance(0.25)
     rollout.check()
     assert rollout.status()["phase"] == "watch" and rolled_back == []
 
@@ -69,7 +97,7 @@ def test_a_canary_whose_old_version_got_no_traffic_is_not_rolled_back_for_it():
     assert fresh.check() is None and rolled_back == []  # no baseline: not judged
 
 
-def test_a_settled_watch_is_reported_once():
+def test_a_settled_watch_is_reported_once(clock):
     policy = RolloutPolicy(mode="canary", canary_share=0.5, window_seconds=0.05, min_requests=1,
                            check_every_seconds=0.1, watch_seconds=0.05, guards=GUARDS)
     settled = []
@@ -79,10 +107,15 @@ def test_a_settled_watch_is_reported_once():
     rollout.adopt(_model(2))
     _traffic(rollout.candidate.stats, 5)
     _traffic(rollout.champion.stats, 5)
-    time.sleep(0.06)
+    rollout.check()
+    assert rollout.status()["phase"] == "canary" and settled == []
+    clock.advance(0.06)
     rollout.check()  # canary over: watch
+    assert rollout.status()["phase"] == "watch"
     _traffic(rollout.champion.stats, 5)
-    time.sleep(0.06)
+    rollout.check()
+    assert rollout.status()["phase"] == "watch" and settled == []  # the watch is not over yet
+    clock.advance(0.06)
     rollout.check()
     rollout.check()
     assert rollout.status()["phase"] == "stable" and settled == [(2, 1)]
