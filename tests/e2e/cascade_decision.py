@@ -32,7 +32,7 @@ def check(result: dict, model: str = "intent-classifier") -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from serving.cascade import FALLBACK_TAG, RUN_TAG
+    from refit.runtime.cascade import FALLBACK_TAG, RUN_TAG
     from tasks.cascade import load_cascade_policy
 
     policy, _ = load_cascade_policy()
