@@ -31,9 +31,8 @@ from refit.runtime.encoder_states import EncoderStates
 from refit.evalsets import read_golden
 from refit.errors import RefitError
 from refit.labels import check_source
-from refit.policy import file_hash
 from registry import versions
-from registry.tracking import (RUN_TYPE, close_abandoned_updates, code_revision, finished_update, flat_params,
+from registry.tracking import (RUN_TYPE, close_abandoned_updates, finished_update, flat_params,
                                log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token)
 from tasks.budget import killed_charged, month_spend, reserve_budget
 from tasks.cascade import cascade

@@ -24,7 +24,6 @@ from prefect.cache_policies import NO_CACHE
 
 from refit import modeling
 from refit.cost import Meter, Rates
-from tasks.retry import RETRY
 
 COST_SAMPLE_ROWS = 256
 LATENCY_SAMPLE_ROWS = 48
@@ -211,14 +210,6 @@ def evaluate_pair(champion_dir: Path, challenger_dir: Path, sets: dict[str, pd.D
     """Champion and challenger on the same sets, their costs measured in turns."""
     scored = score_models({"champion": champion_dir, "challenger": challenger_dir}, sets, rates)
     return scored["champion"], scored["challenger"]
-
-
-@task(name="grow-golden", cache_policy=NO_CACHE, **RETRY)
-def grow_golden(store, model_name: str, golden, fresh: pd.DataFrame, max_per_label: int):
-    """After a promotion: the update's fresh holdout joins the golden suite as its next version."""
-    from refit.evalsets import grown, write_golden
-
-    return write_golden(store, model_name, grown(golden, fresh, max_per_label), golden.version + 1)
 
 
 def accuracy_on(adapter_dir: Path, frames: dict[str, pd.DataFrame]) -> dict[str, float]:

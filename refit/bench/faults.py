@@ -526,7 +526,7 @@ class Bench:
         if now not in (champion, previous):
             problems.append(f"champion is v{now}, neither v{champion} nor v{previous}")
         notes.append(f"after the kill: champion v{now}, previous v{self.alias('previous')}")
-        self.progress(f"recovery: refit rollback again")
+        self.progress("recovery: refit rollback again")
         again = self.cli(f"recovery-{point}", "rollback", "--reason", f"bench faults: again after {name}", "--json")
         final, bad_tags = self.alias("champion"), self.tags(champion)
         if now == champion:  # nothing moved: the rollback run again must do it all
