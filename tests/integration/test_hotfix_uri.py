@@ -12,6 +12,16 @@ from refit.settings import Settings
 from refit.store import S3Store
 from tasks.ingest import read_labelled_file
 
+@pytest.fixture(autouse=True)
+def embedded():
+    """These read files as an embedded run does: the session's temporary Prefect API (started by another test,
+    if at all) must not make them look like a run on a Prefect server, whose allowed label sources are narrower."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
+
 ROWS = pd.DataFrame({"text": ["book a flight", "what's my balance"], "label": ["book_flight", "balance"]})
 
 
