@@ -19,6 +19,9 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 REFIT = [sys.executable, "-m", "refit.cli"]
+# The loop read back in depth runs at reduced size (clinc-shift-small); the runs that only show where it runs
+# (S3, a second model, a second demo in the same home) take the smallest scenario that still drifts and gates.
+TINY = str(Path(__file__).resolve().parents[1] / "server" / "clinc-shift-tiny.yaml")
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -49,18 +52,11 @@ def test_demo_closes_the_loop(demo_home):
     assert result["poisoned_hotfix_verdict"].startswith("refuse:")
     assert "failed" in result["poisoned_hotfix_verdict"]
     assert result["update_cpu_seconds"] > 0 and result["update_cost_usd"] > 0
-    # The final champion's cascade, as its gate measured it (issue 14). Whether it is served depends on a CPU
-    # ratio measured on this machine (0.45-0.50 here against the policy's 0.5), so the test holds the figures to
-    # the verdict rather than asking for a pass.
-    from tasks.cascade import load_cascade_policy
+    # The final champion's cascade: served or not by CPU figures measured on this machine, so the decision is held
+    # to its figures both ways (tests/e2e/cascade_decision.py); each outcome is forced in tests/serving.
+    from e2e import cascade_decision
 
-    policy, _ = load_cascade_policy()
-    assert 0 < result["cascade_cost_ratio"] and 0 < result["cascade_accuracy_ratio"] and 0 <= result["student_share"] <= 1
-    within = (result["cascade_cost_ratio"] <= policy.max_cost_ratio
-              and result["cascade_accuracy_ratio"] >= policy.min_accuracy_ratio
-              and result["student_share"] >= policy.min_student_share)
-    assert result["cascade_served"] is False or within, result
-    assert not result["cascade_served"] or result["cascade_verdict"].startswith("serve the cascade")
+    cascade_decision.check(result)
 
 
 def test_mlflow_keeps_every_run_report_and_version(demo_home):
@@ -167,7 +163,7 @@ def test_missing_data_directory_is_one_line_error(tmp_path, data_dir):
 def test_demo_on_s3_store(tmp_path, data_dir, s3_endpoint):
     env = os.environ | {"REFIT_HOME": str(tmp_path / "home"), "REFIT_DATA_DIR": str(data_dir),
                         "REFIT_S3_ENDPOINT_URL": s3_endpoint, "REFIT_S3_BUCKET": "refit-e2e"}
-    proc = run_cli(["demo", "--json", "--store", "s3", "--scenario", "clinc-shift-small"], env)
+    proc = run_cli(["demo", "--json", "--store", "s3", "--scenario", TINY], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = last_json(proc.stdout)
     assert result["store_uri"].startswith("s3://refit-e2e")
@@ -304,7 +300,7 @@ def test_a_second_model_runs_its_own_loop_beside_the_first(demo_home):
         return aliases, month_spend(experiment.experiment_id, "intent-classifier", 0), log
 
     before = first_state()
-    proc = run_cli(["demo", "--json", "--scenario", "clinc-shift-small", "--model-name", "second-model"], env)
+    proc = run_cli(["demo", "--json", "--scenario", TINY, "--model-name", "second-model"], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     second = last_json(proc.stdout)
     assert second["champion_after"] == 2 and not second["poisoned_hotfix_promoted"]  # its own version numbers
@@ -324,7 +320,7 @@ def test_second_demo_in_the_same_home_starts_the_story_again(demo_home):
     client = MlflowClient(first["mlflow_tracking_uri"])
     experiment = client.get_experiment_by_name("refit")
     runs_before = len(client.search_runs([experiment.experiment_id]))
-    proc = run_cli(["demo", "--json", "--scenario", "clinc-shift-small"], env)
+    proc = run_cli(["demo", "--json", "--scenario", TINY], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = last_json(proc.stdout)
     assert again["champion_before"] > first["champion_after"]  # a new v1 lineage; MLflow keeps the first
