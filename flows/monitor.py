@@ -6,6 +6,7 @@ on a Prefect server the ``update`` deployment is triggered by that event.
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import mlflow
@@ -155,7 +156,32 @@ def emit_then_mark(run_id: str, emit) -> None:
     if sent is None and events_on():
         raise RefitError(f"drift event {DRIFT_EVENT} not sent (the events client refused it; Prefect's log says "
                          "why); the window is not marked as updated, so the next check will try again")
+    if sent is not None and not delivered(sent):
+        raise RefitError(f"drift event {DRIFT_EVENT} did not reach the Prefect API (the events client only queues "
+                         "it and logs a failure); the window is not marked as updated, so the next check will try "
+                         "again")
     MlflowClient().set_tag(run_id, "refit.action", "update")
+
+
+def delivered(event, seconds: float = 30.0) -> bool:
+    """Whether ``event`` is stored by the Prefect API: the events client only queues it, and a refused
+    connection is logged by its worker thread, never raised, so the monitor reads the event back by id."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventIDFilter
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=seconds)
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                if client.read_events(EventFilter(id=EventIDFilter(id=[event.id])), limit=1).events:
+                    return True
+            except Exception:  # noqa: BLE001 - an API that does not answer: not delivered
+                return False
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)  # the API stores an event a moment after it receives it
 
 
 def events_on() -> bool:

@@ -10,13 +10,7 @@ test of that module. Outside CI, skips behave as usual.
 
 from __future__ import annotations
 
-ALLOWED: dict[str, str] = {
-    "tests/integration/test_drift_event.py::test_a_refused_events_api_leaves_the_window_unmarked": (
-        "known product bug, xfail(strict): Prefect's emit_event only queues the event and never raises, so "
-        "flows.monitor.emit_then_mark marks a window whose event never reached the API; remove this entry when "
-        "the monitor confirms delivery (the test then passes and its strict xfail fails)"
-    ),
-}
+ALLOWED: dict[str, str] = {}
 
 
 def allowed(nodeid: str) -> str | None:

@@ -97,10 +97,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="product: flows.monitor.emit_then_mark trusts emit_event's return value, "
-                                       "but Prefect's client only queues the event (it never raises for a refused "
-                                       "connection), so the window is marked although the event never left; the "
-                                       "monitor must confirm delivery (tests/allowed_skips.py)")
 def test_a_refused_events_api_leaves_the_window_unmarked(check_run):
     experiment_id, run_id, name = check_run
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
