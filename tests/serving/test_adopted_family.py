@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,31 +75,11 @@ def _own_labels(checkpoint: Path, texts: list[str]) -> list[str]:
     return labels
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "server exited"
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("the server never became ready")
-
-
 def test_adopted_roberta_is_served_with_its_own_tokenizer(tmp_path, data_dir):
     import httpx
     import torch
 
+    from refit.bench.loadtest import _free_port, _wait_ready
     from refit.data import load_clinc150
 
     torch.set_num_threads(1)
@@ -132,7 +110,7 @@ def test_adopted_roberta_is_served_with_its_own_tokenizer(tmp_path, data_dir):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, server)
+        _wait_ready(url, server, timeout=240)
         served = []
         for start in range(0, len(texts), 50):
             reply = httpx.post(url + "/predict", json={"texts": texts[start : start + 50]}, timeout=120)
