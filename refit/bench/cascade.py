@@ -171,7 +171,6 @@ def http_comparison(settings, version: int, texts: list[str], seconds: float = 1
     """
     import os
     import secrets
-    import signal
     import subprocess
     import sys
     import tempfile
@@ -181,7 +180,7 @@ def http_comparison(settings, version: int, texts: list[str], seconds: float = 1
     from registry import versions
     from serving.app import inference_threads
     from refit.runtime.cascade import VERDICT_TAG
-    from refit.bench.loadtest import _free_port, _wait_ready, compare_throughput
+    from refit.bench.loadtest import _free_port, _wait_ready, compare_throughput, stop_server
 
     name = settings.model_name
     adapter_dir = versions.download_adapter(name, version)
@@ -206,11 +205,7 @@ def http_comparison(settings, version: int, texts: list[str], seconds: float = 1
                                                 inference_threads(settings), concurrency, (1, 8), rounds=rounds,
                                                 seconds=seconds, pipeline_texts=500, runtime=settings.serve_runtime)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc)
             out[mode] = {"runtime": runtime, "http_texts_per_s": figures["server_http_texts_per_s"],
                          "pipeline_texts_per_s": max(v for k, v in figures.items()
                                                      if k.startswith("pipeline_") and k.endswith("_texts_per_s")),

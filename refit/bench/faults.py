@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from refit.bench import faults_safety as safety
+from refit.bench.loadtest import _free_port
 from refit.bench.faults_safety import SAFETY_FAULTS, golden_problems
 
 GATED = {"passed", "bootstrap (no gate)"}
@@ -109,12 +110,6 @@ def _version_of(problem: str) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -310,7 +310,8 @@ def other_replica(bench: Bench, labels: int = 24) -> None:
 
     import httpx
 
-    from refit.bench.faults import _free_port, _stop
+    from refit.bench.faults import _stop
+    from refit.bench.loadtest import _free_port
     from refit.bench.feedback import account
     from refit.labels import resolve_pending
     from refit.store import open_store

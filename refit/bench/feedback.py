@@ -35,8 +35,6 @@ import io
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from refit.bench.loadtest import _free_port, stop_server
 from refit.errors import RefitError
 
 MODEL = "feedback-bench"
@@ -149,12 +148,6 @@ def _logged(store, manifest: dict, now: datetime) -> pd.DataFrame:
     return logged[~logged["request_id"].isin(set(labelled["request_id"]))].reset_index(drop=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(home: Path, token: str, log_path: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """``refit serve`` for the bench model, with no champion: ready once ``/healthz`` answers."""
     port = _free_port()
@@ -180,15 +173,6 @@ def start_server(home: Path, token: str, log_path: Path, timeout: float = 300) -
         time.sleep(0.3)
     stop_server(proc)
     raise RefitError(f"refit serve did not answer within {timeout:.0f} s (log: {log_path})")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _post(connection: http.client.HTTPConnection, token: str, labels: list[dict]) -> tuple[float, dict]:

@@ -63,6 +63,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_server(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """SIGTERM (the server flushes its request log), then SIGKILL if it has not exited within ``timeout``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _client(url: str, texts: list[str], per_request: tuple[int, int], stop: threading.Event, load: Load,
             seed: int) -> None:
     """One client: a request at a time on one kept-alive HTTP/1.1 connection.
@@ -299,11 +309,7 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
                                                    concurrency, per_request, rounds=compare_rounds,
                                                    runtime=settings.serve_runtime)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     rows_logged = len(store.read_parquet_prefix(prefix)) - rows_before
     bad_tags = versions.version_tags(name, bad_version)
     extra_answered = sum(n for n, status in zip(extra.texts, extra.status) if status == 200)
