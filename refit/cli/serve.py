@@ -18,7 +18,7 @@ def serve(host: Annotated[Optional[str], typer.Option(help="Address to bind (def
 
     Example: REFIT_SERVE_ADMIN_TOKEN=secret refit serve --port 8000 --model-name support-intents
     """
-    from refit.cli import _prepare
+    from refit.cli.common import _prepare
 
     settings = _prepare(store, model_name)
     import logging
@@ -54,7 +54,7 @@ def bench_serve(seconds: Annotated[float, typer.Option(min=5, help="Length of th
     from rich.console import Console
     from rich.table import Table
 
-    from refit.cli import _prepare
+    from refit.cli.common import _prepare
     from refit.errors import RefitError
     from refit.bench.loadtest import run
 
