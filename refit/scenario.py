@@ -61,7 +61,20 @@ class ShiftSpec(StrictModel):
     groups: list[str] = Field(min_length=1)
     rows: int = Field(ge=1)
     share: float = Field(gt=0, le=1)
-    labelled_share: float = Field(gt=0, le=1)
+    labelled_share: float = Field(gt=0, le=1, description="With labelling all: the share of each window's "
+                                  "requests whose labels arrive.")
+    windows: int = Field(1, ge=1, description="The shift's rows spread over this many windows, in order.")
+    label_delay_windows: int = Field(0, ge=0, description="A window's labels arrive this many windows later.")
+    labelling: Literal["all", "requested"] = Field(
+        "all", description="all: labelled_share of every window is labelled; requested: the simulated labellers "
+                           "answer only the rows refit asked for (refit labels request).")
+    label_budget_per_window: int = Field(40, ge=1, description="labelling requested: labels asked for per window.")
+
+    @model_validator(mode="after")
+    def _enough_rows(self) -> "ShiftSpec":
+        if self.rows < self.windows:
+            raise ValueError(f"shift {self.name}: {self.rows} rows cannot fill {self.windows} windows")
+        return self
 
 
 class Windows(StrictModel):
@@ -141,6 +154,15 @@ class ShiftData:
     window: pd.DataFrame
     external: pd.DataFrame
     labelled_share: float
+    windows: int = 1
+    label_delay_windows: int = 0
+    labelling: str = "all"
+    label_budget_per_window: int = 40
+
+    def parts(self) -> list[pd.DataFrame]:
+        """The shift's traffic cut into its ``windows`` windows, in order, as even as the rows allow."""
+        bounds = np.linspace(0, len(self.window), self.windows + 1).round().astype(int)
+        return [self.window.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass(frozen=True)
@@ -248,7 +270,8 @@ def build(scenario: Scenario, frame: pd.DataFrame) -> ScenarioData:
         train=tidy(train),
         golden=tidy(golden),
         no_drift_window=tidy(no_drift),
-        shifts=[ShiftData(spec.name, list(spec.groups), tidy(window), tidy(external), spec.labelled_share)
+        shifts=[ShiftData(spec.name, list(spec.groups), tidy(window), tidy(external), spec.labelled_share,
+                          spec.windows, spec.label_delay_windows, spec.labelling, spec.label_budget_per_window)
                 for spec, window, external in shift_data],
         hotfix=tidy(hotfix),
     )

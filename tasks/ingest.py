@@ -80,7 +80,7 @@ def _stamp() -> str:
 def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: datetime,
                     known_labels: list[str] | None = None, max_label_mix_shift: float | None = None,
                     min_rows_for_mix: int = 50) -> pd.DataFrame:
-    """Texts of the window's requests that have a delayed label, with that label and the request's time,
+    """Texts of the window's requests that have a delayed label, with that label, the request's time and id,
     plus the examples imported (``refit labels import`` with text, label) during the window.
 
     Labels that waited for their request (another replica had not flushed it)
@@ -114,8 +114,9 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
     examples = read_examples(store, model_name, start, end)  # imported text,label rows, never served
     if max_label_mix_shift is not None and len(examples):
         _guard_examples(store, model_name, served, examples, known_labels, max_label_mix_shift, min_rows_for_mix)
-    return pd.concat([joined[columns], examples[columns]], ignore_index=True) if len(examples) else \
-        joined[columns].reset_index(drop=True)
+    served_rows = joined[columns + ["request_id"]]
+    return pd.concat([served_rows, examples[columns]], ignore_index=True) if len(examples) else \
+        served_rows.reset_index(drop=True)
 
 
 def _guard_examples(store: ObjectStore, model_name: str, served: pd.DataFrame, examples: pd.DataFrame,

@@ -1,0 +1,128 @@
+"""Labels over an episode: every label that arrived for its windows, however late, that no update used yet.
+
+Production labels a few percent of traffic, days later. So an update does
+not read one window's labels: it reads every labelled request (and every
+imported example) since its episode began, or since the episode before it
+began, and takes the ones no promoted update trained or judged on yet. A
+label that arrives after its episode closed is kept for the next update.
+
+Which labels a promoted update used is a ledger in the object store, one
+file per update run::
+
+    labels/model=<name>/used/<update run id>.parquet    key, role (trained | held_out), run_id
+
+A key is the request id of a served request's label, ``text:<hash>`` of an
+imported example. A refused update writes nothing: its labels wait for the
+next try, with more beside them.
+
+"Enough labels" is one rule (``enough``), used by the monitor to decide to
+start an update and by the update before it pays for training. Not enough
+is a normal state: the monitor says ``wait for labels``, the update ends
+completed with the same action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pandas as pd
+
+from refit.data import text_hash
+from refit.store import ObjectStore
+from tasks.ingest import labelled_window
+
+ROLES = ("trained", "held_out")
+
+
+def used_prefix(model_name: str) -> str:
+    return f"labels/model={model_name}/used/"
+
+
+def label_keys(rows: pd.DataFrame) -> pd.Series:
+    """One key per labelled row: its request id, or ``text:<hash>`` for an example that was never served."""
+    texts = "text:" + rows["text"].astype(str).map(text_hash)
+    if "request_id" not in rows.columns:
+        return texts
+    ids = rows["request_id"]
+    return ids.where(ids.notna() & (ids.astype(str) != ""), texts).astype(str)
+
+
+def used_keys(store: ObjectStore, model_name: str) -> pd.DataFrame:
+    """Every key a promoted update used, with its role and run."""
+    used = store.read_parquet_prefix(used_prefix(model_name))
+    return used if len(used) else pd.DataFrame(columns=["key", "role", "run_id"])
+
+
+def record_used(store: ObjectStore, model_name: str, run_id: str, rows: pd.DataFrame, held_out_texts) -> str:
+    """Write the ledger entry of a promoted update: each of ``rows`` trained on or held out (by text)."""
+    held = set(pd.Series(list(held_out_texts), dtype=object).astype(str).str.strip().str.lower())
+    roles = rows["text"].astype(str).str.strip().str.lower().isin(held).map({True: "held_out", False: "trained"})
+    ledger = pd.DataFrame({"key": label_keys(rows).to_numpy(), "role": roles.to_numpy(), "run_id": run_id})
+    return store.put_parquet(f"{used_prefix(model_name)}{run_id}.parquet", ledger.drop_duplicates("key"))
+
+
+@dataclass(frozen=True)
+class EpisodeLabels:
+    """Labelled rows for an update: ``rows`` not used yet (text, label, timestamp, key), and how many were."""
+
+    rows: pd.DataFrame
+    since: datetime
+    already_used: int
+
+
+def episode_labels(store: ObjectStore, model_name: str, since: datetime, until: datetime,
+                   known_labels: list[str] | None = None, max_label_mix_shift: float | None = None) -> EpisodeLabels:
+    """Labelled requests served in ``[since, until)`` and examples imported then, less those a promoted update used."""
+    rows = labelled_window(store, model_name, since, until, known_labels=known_labels,
+                           max_label_mix_shift=max_label_mix_shift)
+    rows = rows.assign(key=label_keys(rows)).drop_duplicates("key", keep="last")
+    used = set(used_keys(store, model_name)["key"])
+    fresh = rows[~rows["key"].isin(used)].reset_index(drop=True)
+    return EpisodeLabels(fresh, since, len(rows) - len(fresh))
+
+
+def usable(rows: pd.DataFrame, known_labels: list[str], min_examples_per_new_label: int) -> pd.DataFrame:
+    """Rows an update can learn from: labels the champion knows, and new labels with enough distinct texts."""
+    known = rows["label"].isin(set(known_labels))
+    counts = rows[~known].drop_duplicates("text")["label"].value_counts()
+    ready = set(counts[counts >= min_examples_per_new_label].index)
+    return rows[known | rows["label"].isin(ready)]
+
+
+@dataclass(frozen=True)
+class Enough:
+    ok: bool
+    usable: int
+    fresh: int
+    reason: str
+
+
+def enough(rows: pd.DataFrame, known_labels: list[str], policy, seed: int = 0) -> Enough:
+    """Whether an update can be judged on these labels: the one rule monitor and update share.
+
+    ``policy`` is the update policy: at least ``min_new_examples`` usable
+    rows, and a fresh holdout of at least ``min_fresh_rows`` of them.
+    """
+    from refit.evalsets import split_fresh
+
+    rows = usable(rows, known_labels, policy.min_examples_per_new_label)
+    fresh = len(split_fresh(rows, policy.fresh_holdout_share, seed)[1]) if len(rows) else 0
+    if len(rows) < policy.min_new_examples:
+        return Enough(False, len(rows), fresh, f"{len(rows)} usable labelled rows, an update needs "
+                                               f"min_new_examples={policy.min_new_examples}")
+    if fresh < policy.min_fresh_rows:
+        return Enough(False, len(rows), fresh, f"{fresh} fresh rows would be held out of {len(rows)} usable labelled "
+                                               f"rows, an update needs min_fresh_rows={policy.min_fresh_rows}")
+    return Enough(True, len(rows), fresh, f"{len(rows)} usable labelled rows ({fresh} to hold out)")
+
+
+def labels_since(experiment_id: str, episode) -> datetime:
+    """Where an episode's label count starts: the start of the episode before it (labels that arrived after
+    that one closed are kept for this one), else this episode's own start."""
+    from registry.episodes import episodes
+
+    starts = [e.start for e in episodes(experiment_id, episode.model_name, newest=2) if e.id != episode.id
+              and e.start and e.start < episode.start]
+    first = datetime.fromisoformat(starts[0] if starts else episode.start)
+    return first if first.tzinfo else first.replace(tzinfo=timezone.utc)
