@@ -31,7 +31,8 @@ from refit.runtime.encoder_states import EncoderStates
 from refit.evalsets import read_golden
 from refit.errors import RefitError
 from refit.labels import check_source
-from registry import versions
+from registry import episodes, versions
+from registry.episodes import Episode
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, finished_update, flat_params,
                                log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token)
 from tasks.budget import killed_charged, month_spend, reserve_budget
@@ -42,6 +43,7 @@ from tasks.finetune import (Recipe, Trained, UpdateData, count_tokens, escalates
                             load_update_policy, prepare_update)
 from tasks.gate import GatePolicy, Verdict, chosen_gate_policy, gate, load_gate_policy
 from tasks.ingest import admit_new_labels, labelled_window, read_labelled_file
+from tasks.labels import enough, episode_labels, labels_since, record_used
 
 
 def _month_start_ms() -> int:
@@ -129,8 +131,13 @@ def ladder_markdown(attempts: list[Attempt]) -> str:
 @flow(name="update")
 def update(window_start: str | None = None, window_end: str | None = None, labels_path: str | None = None,
            drift_run_id: str | None = None, gate_policy: str | None = None, reason: str | None = None,
-           force: bool = False, model_name: str | None = None) -> dict:
+           force: bool = False, model_name: str | None = None, episode_id: str | None = None) -> dict:
     """Fine-tune, evaluate against the champion, gate on quality and cost, promote on a pass.
+
+    With neither a window nor a file it learns from the model's open drift
+    episode: every label that arrived for it, however late, that no promoted
+    update used. Too few is not a failure: the run completes with action
+    ``wait for labels``, and the next check or label arrival tries again.
 
     One update per model runs at a time (a Prefect global concurrency limit
     named after the model: event-started updates and hand-run hotfixes queue
@@ -148,6 +155,7 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         reason: why this update runs (a hotfix's ticket, say); recorded on the run and the version.
         force: train even if this window or file already paid for a fine-tune (after changing the gate, say).
         model_name: which model (default ``REFIT_MODEL_NAME``); the drift event's trigger passes the event's.
+        episode_id: the drift episode to learn from (default: the model's open one); the drift event passes it.
     """
     try:
         settings = settings_for(model_name)
@@ -155,12 +163,56 @@ def update(window_start: str | None = None, window_end: str | None = None, label
         return user_error(exc)
     try:
         with one_at_a_time(f"refit-update-{settings.model_name}"):
-            return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force)
+            return _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force,
+                           episode_id)
     except RefitError as exc:  # the slot never came free
         return user_error(exc)
 
 
-def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force) -> dict:
+@dataclass(frozen=True)
+class Labelled:
+    """What an update learns from: its rows and where they came from, or why it waits instead."""
+
+    source: str = ""
+    rows: pd.DataFrame | None = None
+    trigger_key: str = ""
+    episode: Episode | None = None
+    wait: tuple[str, str] | None = None
+    usable: int = 0
+
+
+def gather_labels(ctx, policy, known_labels: list[str], labels_path: str | None, window_start: str | None,
+                  window_end: str | None, episode_id: str | None) -> Labelled:
+    """The update's labelled rows: a hand-supplied file (hotfix), one window, or the drift episode's labels."""
+    name = ctx.model_name
+    if labels_path:
+        arrived = read_labelled_file(labels_path, ctx.settings)
+        return Labelled(labels_path, arrived, f"{name}:file:{fingerprint(arrived)}")
+    if window_start or window_end:
+        if not (window_start and window_end):
+            raise RefitError("give a whole window (window_start and window_end), a labelled file (labels_path), "
+                             "or neither to learn from the open drift episode")
+        start, end = parse_time(window_start), parse_time(window_end)
+        arrived = labelled_window(ctx.store, name, start, end, known_labels=known_labels,
+                                  max_label_mix_shift=policy.max_label_mix_shift)
+        return Labelled(f"labelled requests {start.isoformat()} .. {end.isoformat()}", arrived,
+                        f"{name}:window:{window_start}..{window_end}")
+    episode = episodes.get_episode(episode_id) if episode_id else episodes.open_episode(ctx.experiment_id, name)
+    if episode is None or not episode.is_open:
+        why = f"drift episode {episode_id} is closed" if episode else f"model {name} has no open drift episode"
+        return Labelled(episode=episode, wait=("none", f"{why}: nothing to learn"))
+    since = labels_since(ctx.experiment_id, episode)
+    rows = episode_labels(ctx.store, name, since, parse_time(None), known_labels, policy.max_label_mix_shift).rows
+    counted = enough(rows, known_labels, policy, ctx.settings.seed)
+    if not counted.ok:
+        return Labelled(episode=episode, wait=("wait for labels", f"drift episode {episode.id}: {counted.reason}"))
+    keys = fingerprint(rows[["key"]].sort_values("key").reset_index(drop=True))
+    return Labelled(f"drift episode {episode.id}: labelled requests since {since.isoformat()}", rows,
+                    f"{name}:episode:{episode.id}:{keys}", episode, usable=counted.usable)
+
+
+def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force,
+            episode_id=None) -> dict:
     try:
         ctx = open_context(settings)
         name = ctx.model_name
@@ -184,21 +236,17 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         champion_dir = versions.download_adapter(name, champion)
         known_labels = modeling.read_labels(champion_dir)
         _, pool = read_reference(ctx.store, name, champion)
-        if labels_path:
-            source = labels_path
-            arrived = read_labelled_file(labels_path, ctx.settings)
-        else:
-            if not (window_start and window_end):
-                raise RefitError("give a window (window_start and window_end) or a labelled file (labels_path)")
-            start, end = parse_time(window_start), parse_time(window_end)
-            source = f"labelled requests {start.isoformat()} .. {end.isoformat()}"
-            arrived = labelled_window(ctx.store, name, start, end, known_labels=known_labels,
-                                      max_label_mix_shift=policy.max_label_mix_shift)
-        what = f"file:{fingerprint(arrived)}" if labels_path else f"window:{window_start}..{window_end}"
-        trigger_key = f"{name}:{what}"
+        labelled = gather_labels(ctx, policy, known_labels, labels_path, window_start, window_end, episode_id)
+        if labelled.wait:
+            get_run_logger().info(f"{labelled.wait[0]}: {labelled.wait[1]}")
+            return {"action": labelled.wait[0], "promoted": False, "version": None, "champion": champion,
+                    "reason": labelled.wait[1], "episode": labelled.episode.id if labelled.episode else None,
+                    "attempts": []}
+        source, arrived, trigger_key, episode = labelled.source, labelled.rows, labelled.trigger_key, labelled.episode
+        drift_run_id = drift_run_id or (episode.id if episode else None)
         earlier = None if force else finished_update(ctx.experiment_id, name, trigger_key)
         if earlier is not None:
-            why = (f"already updated for this {'file' if labels_path else 'window'} by run {earlier.info.run_id} "
+            why = (f"already updated for these labels by run {earlier.info.run_id} "
                    f"(against v{earlier.data.tags.get('refit.parent_version')}): not paying for a second "
                    "fine-tune; force=true trains anyway")
             get_run_logger().info(why)
@@ -309,8 +357,14 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 # Under the lock: the fresh holdout joins the golden suite, then the alias moves.
                 promote_update(ctx.store, name, version, champion, data.fresh, policy.golden_max_per_label,
                                f"{kind} run {run.info.run_id}")
+                if episode is not None:  # its labels are used now; later ones wait for the next episode's update
+                    record_used(ctx.store, name, run.info.run_id, admitted.rows, data.fresh["text"])
+                    episodes.close(episode.id, f"v{version} promoted, trained on its labels (update run "
+                                               f"{run.info.run_id})", f"v{version}")
+            elif episode is not None:  # refused: the episode stays open and tries again once more labels arrived
+                episodes.record_try(episode.id, labelled.usable)
         result = {
-            "kind": kind, "promoted": verdict.passed, "version": version, "parent_version": champion,
+            "kind": kind, "action": "update", "episode": episode.id if episode else None, "promoted": verdict.passed, "version": version, "parent_version": champion,
             "champion": version if verdict.passed else champion, "verdict": verdict.summary, "run_id": run.info.run_id,
             "attempts": [{"recipe": a.recipe.name, "passed": a.verdict.passed, "cpu_seconds": a.trained.cost.cpu_seconds,
                           "cost_usd": a.trained.cost.usd, "run_id": a.run_id} for a in attempts],

@@ -11,7 +11,7 @@ import sys
 from rich.markup import escape
 
 from refit.cli.common import _emit, _prepare, _run_flow, app, bench_app, err, labels_app  # noqa: F401
-from refit.cli import loop, drift, bench, labels  # noqa: F401,E402  (each registers its commands on app)
+from refit.cli import loop, drift, bench, labels, episode  # noqa: F401,E402  (each registers its commands on app)
 from refit.cli.bench import _int_list  # noqa: F401
 from refit.errors import RefitError
 

@@ -114,8 +114,7 @@ def monitor(store: StoreOption = None,
         else:
             from flows.update import update as update_fn
 
-            result["update"] = _run_flow(update_fn, window_start=result["window_start"],
-                                         window_end=result["window_end"], drift_run_id=result["drift_run_id"])
+            result["update"] = _run_flow(update_fn, episode_id=result["episode"], drift_run_id=result["drift_run_id"])
     _emit(result, as_json, "Drift check")
 
 
@@ -127,10 +126,14 @@ def update(labels: Annotated[Optional[str], typer.Option(
            gate: Annotated[Optional[str], typer.Option(help="Gate policy name, or a YAML path (pinned for this "
                                                             "command as REFIT_GATE_POLICY).")] = None,
            reason: Annotated[Optional[str], typer.Option(help="Why (a ticket); recorded on the run and version.")] = None,
-           force: Annotated[bool, typer.Option(help="Train even if this window or file already paid for a "
+           episode: Annotated[Optional[str], typer.Option(help="Drift episode to learn from (default: the "
+                                                               "model's open one, when no window or file is given).")] = None,
+           force: Annotated[bool, typer.Option(help="Train even if these labels already paid for a "
                                                      "fine-tune.")] = False,
            model_name: ModelNameOption = None, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Fine-tune, gate and (on a pass) promote an update.
+
+    With no file and no window it learns from the open drift episode's labels, or says it waits for labels.
 
     Example (hotfix): refit update --labels s3://bucket/fixes.csv --reason "T-42: travel intents wrong"
     """
@@ -141,7 +144,8 @@ def update(labels: Annotated[Optional[str], typer.Option(
     from flows.update import update as flow_fn
 
     result = _run_flow(flow_fn, labels_path=labels, window_start=window_start,
-                       window_end=window_end, gate_policy=gate, reason=reason, force=force)
+                       window_end=window_end, gate_policy=gate, reason=reason, force=force,
+                       episode_id=episode)
     _emit(result, as_json, "Update")
 
 
