@@ -15,8 +15,11 @@ MLflow keeps every earlier run and version.
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime, timedelta, timezone
+
+import pandas as pd
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -33,7 +36,8 @@ from refit.evalsets import read_golden
 from tasks.report import cascade_figures
 from refit.requestlog import delete_model_data
 from refit.secrets import mask_uri
-from refit.scenario import build, load_scenario, load_source, poison
+from refit import requestlog
+from refit.scenario import Labellers, build, load_scenario, load_source, poison
 from registry import versions
 from tasks.evaluate import accuracy_on
 from tasks.ingest import replay_traffic
@@ -67,6 +71,7 @@ def _subflow(stages: Stages, stage: str, flow_fn, **params) -> dict:
 @flow(name="demo")
 def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
     """Run the loop and return the summary the CLI prints with ``--json``."""
+    began = time.perf_counter()
     try:
         settings = settings_for(model_name)
         spec, _ = load_scenario(scenario or settings.scenario)
@@ -77,32 +82,21 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
     stages = Stages()
     name = ctx.model_name
     externals = {shift.name: shift.external for shift in data.shifts}
+    labellers = Labellers()
     try:
-        stages.run("forget-earlier-demo", delete_model_data, ctx.store, name)
+        stages.run("forget-earlier-demo", forget_earlier_demo, ctx, name)
         boot = _subflow(stages, "bootstrap", bootstrap, scenario=scenario, model_name=name)
         v1 = boot["version"]
         golden_v1 = read_golden(ctx.store, name).frame
         now = datetime.now(timezone.utc).replace(microsecond=0)
-        start = now - WINDOW * (len(data.shifts) + 1)
+        clock = Clock(now - WINDOW * (1 + sum(shift.windows for shift in data.shifts)))
         stages.run("replay-no-drift", replay_traffic, ctx.store, name, *_served_by(name, v1), v1,
-                   data.no_drift_window, start, start + WINDOW, seed=spec.seed)
-        quiet = _subflow(stages, "monitor-no-drift", monitor, window_end=(start + WINDOW).isoformat(),
+                   data.no_drift_window, *clock.window(0), seed=spec.seed)
+        quiet = _subflow(stages, "monitor-no-drift", monitor, window_end=clock.window(0)[1].isoformat(),
                          window_hours=WINDOW.total_seconds() / 3600, model_name=name)
-
-        outcomes: list[ShiftOutcome] = []
-        for k, shift in enumerate(data.shifts, start=1):
-            begin, end = start + WINDOW * k, start + WINDOW * (k + 1)
-            champion = versions.alias_version(name, versions.CHAMPION)
-            stages.run(f"replay-{shift.name}", replay_traffic, ctx.store, name, *_served_by(name, champion),
-                       champion, shift.window, begin, end, labelled_share=shift.labelled_share, seed=spec.seed + k)
-            drifted = _subflow(stages, f"monitor-{shift.name}", monitor, window_end=end.isoformat(),
-                               window_hours=WINDOW.total_seconds() / 3600, model_name=name)
-            updated = None
-            if drifted["action"] == "update":
-                updated = _subflow(stages, f"update-{shift.name}", update, window_start=begin.isoformat(),
-                                   window_end=end.isoformat(), drift_run_id=drifted["drift_run_id"], model_name=name)
-            outcomes.append(stages.run(f"score-{shift.name}", _outcome, name, shift.name, shift.external, champion,
-                                       drifted, updated))
+        outcomes = [_shift(ctx, stages, shift, k, clock, labellers, spec.seed) for k, shift in
+                    enumerate(data.shifts, start=1)]
+        stages.run("labels-after-the-last-window", _deliver, ctx.store, name, labellers, 10**6)
 
         final = versions.alias_version(name, versions.CHAMPION)
         hotfix_file = ctx.settings.home_dir / "demo" / f"hotfix-poisoned-{name}.csv"
@@ -115,18 +109,107 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
 
         champion_after = versions.alias_version(name, versions.CHAMPION)
         ends = stages.run("score-final", _final_scores, name, v1, champion_after, golden_v1, externals)
+        fates = stages.run("count-labels", _label_fates, ctx.store, name, labellers)
     except RefitError as exc:
         return user_error(exc)
 
     summary = summarize(v1=v1, champion_after=champion_after, quiet=quiet, shifts=outcomes, hotfix=hotfix,
                         golden_before=ends["golden_before"], golden_after=ends["golden_after"],
                         external_final=ends["external_final"], tracking_uri=mask_uri(ctx.settings.tracking_uri),
-                        store_uri=ctx.store.uri(), stage_seconds=stages.seconds)
+                        store_uri=ctx.store.uri(), stage_seconds=stages.seconds, labels=fates["labels"],
+                        labels_by_shift=fates["by_shift"], labels_requested=labellers.requested)
     summary |= cascade_figures(name, champion_after)  # the final champion's cheap tier, as its gate measured it
+    summary["demo_seconds"] = round(time.perf_counter() - began, 1)
     get_run_logger().info("demo summary: %s", summary)
     return summary
 
 
+class Clock:
+    """The demo's windows, back to back: window 0 is the no-drift one, then each shift's windows in order."""
+
+    def __init__(self, start: datetime) -> None:
+        self.start = start
+        self.next = 1
+
+    def window(self, index: int) -> tuple[datetime, datetime]:
+        return self.start + WINDOW * index, self.start + WINDOW * (index + 1)
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next - 1
+
+
+def _shift(ctx, stages: Stages, shift, k: int, clock: Clock, labellers: Labellers, seed: int) -> ShiftOutcome:
+    """One shift, window after window: traffic, the labels due, the check, the labels asked for, the update."""
+    name = ctx.model_name
+    champion_before = versions.alias_version(name, versions.CHAMPION)
+    detected, updated, promoted_after = None, None, None
+    for w, part in enumerate(shift.parts(), start=1):
+        index = clock.take()
+        begin, end = clock.window(index)
+        tag = f"{shift.name}-{w}" if shift.windows > 1 else shift.name
+        champion = versions.alias_version(name, versions.CHAMPION)
+        served = stages.run(f"replay-{tag}", replay_traffic, ctx.store, name, *_served_by(name, champion), champion,
+                            part, begin, end, seed=seed + 100 * k + w)
+        labellers.served(shift.name, served, part["label"])
+        if shift.labelling == "all":
+            labellers.label_share(served, shift.labelled_share, seed + 100 * k + w, index + shift.label_delay_windows)
+        _deliver(ctx.store, name, labellers, index)
+        drifted = _subflow(stages, f"monitor-{tag}", monitor, window_end=end.isoformat(),
+                           window_hours=WINDOW.total_seconds() / 3600, model_name=name)
+        detected = detected or (drifted if drifted.get("drift_detected") else None)
+        if shift.labelling == "requested" and drifted.get("episode"):
+            asked = stages.run(f"request-labels-{tag}", _request, ctx, shift.label_budget_per_window)
+            labellers.ask(shift.name, asked, index + shift.label_delay_windows)
+            if shift.label_delay_windows == 0:
+                _deliver(ctx.store, name, labellers, index)
+        if drifted["action"] == "update":
+            result = _subflow(stages, f"update-{tag}", update, episode_id=drifted["episode"],
+                              drift_run_id=drifted["drift_run_id"], model_name=name)
+            if promoted_after is None:  # the shift's story is its first promotion, or its newest try
+                updated = result
+                promoted_after = w if result.get("promoted") else None
+    return stages.run(f"score-{shift.name}", _outcome, name, shift, champion_before, detected or drifted, updated,
+                      promoted_after)
+
+
+def _deliver(store, name: str, labellers: Labellers, window: int) -> int:
+    """The labels due by ``window`` arrive, as a labelling process files them."""
+    arrived = labellers.deliver(window)
+    if len(arrived):
+        requestlog.write_labels(store, name, arrived)
+    return len(arrived)
+
+
+def _request(ctx, budget: int) -> list[str]:
+    """``refit labels request``: the texts refit wants labelled now, from the open episode."""
+    from tasks.label_requests import request_labels
+
+    asked = request_labels(ctx.store, ctx.experiment_id, ctx.model_name, budget,
+                           out=ctx.settings.home_dir / "demo" / "label-requests" / f"{ctx.model_name}.csv")
+    return pd.read_csv(asked["file"])["request_id"].astype(str).tolist()
+
+
+def forget_earlier_demo(ctx, name: str) -> int:
+    """A second run starts the story again: the simulated data goes, and an episode left open is closed."""
+    from registry import episodes
+
+    episode = episodes.open_episode(ctx.experiment_id, name)
+    if episode is not None:
+        episodes.close(episode.id, "a new demo run starts the story again", "demo")
+    return delete_model_data(ctx.store, name)
+
+
+def _label_fates(store, name: str, labellers: Labellers) -> dict:
+    """Every label that arrived, by fate: trained on, held out, waiting, or quarantined."""
+    from tasks.labels import label_fates
+
+    by_shift = {shift: label_fates(store, name, ids) for shift, ids in labellers.arrived.items()}
+    everything = label_fates(store, name, [i for ids in labellers.arrived.values() for i in ids])
+    return {"labels": everything, "by_shift": by_shift}
+
+
+@functools.lru_cache(maxsize=2)
 def _served_by(name: str, version: int) -> tuple:
     """What ``refit serve`` answers with for the version (its gated cascade, else the model alone; no tokenizer
     needed), to score simulated traffic as serving would."""
@@ -136,13 +219,14 @@ def _served_by(name: str, version: int) -> tuple:
     return load_cascade(name, version, champion) or champion, None
 
 
-def _outcome(name: str, shift: str, external, champion: int, drifted: dict, updated: dict | None) -> ShiftOutcome:
-    """What one shift did, with champion and challenger scored on the shift's test texts for the report."""
-    before = accuracy_on(versions.download_adapter(name, champion), {shift: external})[shift]
-    challenger = updated.get("version") if updated else None
-    after = (accuracy_on(versions.download_adapter(name, challenger), {shift: external})[shift]
-             if challenger is not None else before)
-    return ShiftOutcome(shift, drifted, updated, before, after)
+def _outcome(name: str, shift, champion_before: int, drifted: dict, updated: dict | None,
+             promoted_after: int | None) -> ShiftOutcome:
+    """What one shift did, with the champion before and after it scored on the shift's test texts (report only)."""
+    champion_after = versions.alias_version(name, versions.CHAMPION)
+    scored = {v: accuracy_on(versions.download_adapter(name, v), {shift.name: shift.external})[shift.name]
+              for v in {champion_before, champion_after}}
+    return ShiftOutcome(shift.name, drifted, updated, scored[champion_before], scored[champion_after],
+                        windows=shift.windows, promoted_after_window=promoted_after)
 
 
 def _final_scores(name: str, v1: int, final: int, golden_v1, externals: dict) -> dict:

@@ -11,6 +11,7 @@ enough rows of them arrived.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ def gather_labels(ctx, policy, known_labels: list[str], labels_path: str | None,
     counted = enough(rows, known_labels, policy, ctx.settings.seed)
     if not counted.ok:
         return Labelled(episode=episode, wait=("wait for labels", f"drift episode {episode.id}: {counted.reason}"))
-    keys = fingerprint(rows[["key"]].sort_values("key").reset_index(drop=True))
+    keys = hashlib.sha256("\n".join(sorted(rows["key"])).encode()).hexdigest()[:16]
     return Labelled(f"drift episode {episode.id}: labelled requests since {since.isoformat()}", rows,
                     f"{name}:episode:{episode.id}:{keys}", episode, usable=counted.usable)
 

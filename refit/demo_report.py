@@ -18,7 +18,9 @@ class ShiftOutcome:
     drift: dict  # the monitor's verdict on the shift's window
     update: dict | None  # the update flow's result, or None when the monitor started none
     external_before: float  # the champion on the shift's test texts
-    external_after: float  # the challenger (the champion again when no update trained)
+    external_after: float  # the champion at the shift's end (the one before, when nothing was promoted)
+    windows: int = 1  # the windows the shift's traffic was spread over
+    promoted_after_window: int | None = None  # 1-based: the window whose update was promoted first; None if never
 
     @property
     def promoted(self) -> bool:
@@ -45,6 +47,8 @@ class ShiftOutcome:
             "external_accuracy_after": _round(self.external_after),
             "cpu_seconds": round(float(update.get("cpu_seconds", 0.0)), 2),
             "cost_usd": float(update.get("cost_usd", 0.0)),
+            "windows": self.windows,
+            "promoted_after_window": self.promoted_after_window,
         }
 
 
@@ -54,7 +58,9 @@ def _round(value: float | None) -> float | None:
 
 def summarize(*, v1: int, champion_after: int, quiet: dict, shifts: list[ShiftOutcome], hotfix: dict,
               golden_before: float, golden_after: float, external_final: dict[str, float], tracking_uri: str,
-              store_uri: str, stage_seconds: dict[str, float]) -> dict:
+              store_uri: str, stage_seconds: dict[str, float], labels: dict[str, int] | None = None,
+              labels_by_shift: dict[str, dict[str, int]] | None = None,
+              labels_requested: dict[str, int] | None = None) -> dict:
     """The JSON object of ``refit demo --json``.
 
     The keys of the one-shift demo stay: ``drift_detected_on_shift``,
@@ -63,8 +69,17 @@ def summarize(*, v1: int, champion_after: int, quiet: dict, shifts: list[ShiftOu
     v1's golden set.
     """
     rows = [s.to_dict() for s in shifts]
+    for row in rows:  # every label that arrived for the shift's windows, and those a promoted update used
+        fates = (labels_by_shift or {}).get(row["name"], {})
+        row["labels_arrived"] = fates.get("arrived", 0)
+        row["labels_used"] = fates.get("trained", 0) + fates.get("held_out", 0)
+        if labels_requested:
+            row["labels_requested"] = labels_requested.get(row["name"], 0)
     first = rows[0]
-    return {
+    extra = {"labels": labels or {"arrived": 0, "trained": 0, "held_out": 0, "waiting": 0, "quarantined": 0}}
+    if labels_requested:
+        extra["labels_requested"] = sum(labels_requested.values())
+    return extra | {
         "champion_before": v1,
         "champion_after": champion_after,
         "no_drift_window_triggered": quiet["action"] != "none",

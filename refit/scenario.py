@@ -292,3 +292,53 @@ def poison(frame: pd.DataFrame, labels: list[str], seed: int) -> pd.DataFrame:
         wrong.append(pick)
     out["label"] = wrong
     return out
+
+
+class Labellers:
+    """The scenario's simulated labelling process: which served requests get a label, and when it arrives.
+
+    It knows each served request's true label (the scenario's), and hands
+    labels out as production would: a share of a window's requests, or only
+    the requests refit asked for, each arriving some windows later. It may
+    write labels; it never decides anything.
+    """
+
+    def __init__(self) -> None:
+        self._truth: dict[str, str] = {}
+        self._shift_of: dict[str, str] = {}
+        self._due: dict[int, list[str]] = {}
+        self.arrived: dict[str, list[str]] = {}  # shift name -> request ids whose label arrived
+        self.requested: dict[str, int] = {}
+
+    def served(self, shift: str, served: pd.DataFrame, labels: pd.Series) -> None:
+        """Requests of ``shift`` as served (``request_id`` in the window's row order) with their true labels."""
+        for request_id, label in zip(served["request_id"], labels):
+            self._truth[str(request_id)] = str(label)
+            self._shift_of[str(request_id)] = shift
+
+    def label_share(self, served: pd.DataFrame, share: float, seed: int, due: int) -> int:
+        """A seeded ``share`` of the served requests gets labelled, arriving at window ``due``."""
+        picked = np.random.default_rng(seed).random(len(served)) < share
+        return self._schedule([str(i) for i in served["request_id"][picked]], due)
+
+    def ask(self, shift: str, request_ids, due: int) -> int:
+        """Refit asked for these; the labellers answer every one they know, arriving at window ``due``."""
+        known = [str(i) for i in request_ids if str(i) in self._truth]
+        self.requested[shift] = self.requested.get(shift, 0) + len(known)
+        return self._schedule(known, due)
+
+    def _schedule(self, ids: list[str], due: int) -> int:
+        self._due.setdefault(due, []).extend(ids)
+        return len(ids)
+
+    def deliver(self, window: int) -> pd.DataFrame:
+        """Labels due at or before ``window`` (request_id, label, source), each delivered once."""
+        ids = [i for w in sorted(self._due) if w <= window for i in self._due.pop(w)]
+        ids = list(dict.fromkeys(ids))
+        for i in ids:
+            self.arrived.setdefault(self._shift_of[i], []).append(i)
+        return pd.DataFrame({"request_id": ids, "label": [self._truth[i] for i in ids],
+                             "source": "delayed-feedback"})
+
+    def pending(self) -> int:
+        return sum(len(ids) for ids in self._due.values())

@@ -126,3 +126,18 @@ def labels_since(experiment_id: str, episode) -> datetime:
               and e.start and e.start < episode.start]
     first = datetime.fromisoformat(starts[0] if starts else episode.start)
     return first if first.tzinfo else first.replace(tzinfo=timezone.utc)
+
+
+def label_fates(store: ObjectStore, model_name: str, request_ids) -> dict[str, int]:
+    """What became of these labelled requests: ``trained`` on or ``held_out`` by a promoted update,
+    ``quarantined`` (refused rows or batches), or ``waiting`` for an update; ``arrived`` is their sum."""
+    ids = pd.Series(list(dict.fromkeys(str(i) for i in request_ids)), dtype=object)
+    roles = used_keys(store, model_name).drop_duplicates("key").set_index("key")["role"]
+    role = ids.map(roles)
+    quarantine = store.read_parquet_prefix(f"quarantine/model={model_name}/labels/")
+    refused = set(quarantine["request_id"].astype(str)) if "request_id" in quarantine.columns else set()
+    quarantined = role.isna() & ids.isin(refused)
+    fates = {"arrived": len(ids), "trained": int((role == "trained").sum()),
+             "held_out": int((role == "held_out").sum()), "waiting": 0, "quarantined": int(quarantined.sum())}
+    fates["waiting"] = fates["arrived"] - fates["trained"] - fates["held_out"] - fates["quarantined"]
+    return fates
