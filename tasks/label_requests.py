@@ -16,10 +16,12 @@ text), any already asked for, and repeats of one text. From those it takes
   ``confidence``), and with how far it lies from the champion's reference
   sample (mean similarity to its nearest reference texts), and every cluster
   gets at least one text while the budget lasts;
-- new content first: clusters are numbered from the one least like the
-  reference, and the file lists them in that order, least confident first
-  within each. A new intent gets its first examples at the top of the list,
-  so they come back labelled even if the labelling stops half way.
+- new content first: a text is unlike the reference when it is less like
+  its nearest reference texts than 95% of the reference's own texts are;
+  clusters are numbered from the one with most such texts, and the file
+  lists them in that order, least confident first within each. A new intent
+  gets its first examples at the top of the list, so they come back
+  labelled even if the labelling stops half way.
 
 Every request is remembered, one file per request::
 
@@ -194,10 +196,12 @@ def allocate(weights: np.ndarray, sizes: np.ndarray, budget: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Choice:
-    """The picked rows (``REQUEST_COLUMNS``, in the order to label them) and one row per cluster saying why."""
+    """The picked rows (``REQUEST_COLUMNS``, in the order to label them), one row per cluster saying why, and how
+    many picked texts are unlike the reference."""
 
     picks: pd.DataFrame
     clusters: pd.DataFrame
+    unlike_reference: int
 
 
 def choose(rows: pd.DataFrame, vectors: np.ndarray, reference: np.ndarray | None, budget: int,
@@ -205,39 +209,44 @@ def choose(rows: pd.DataFrame, vectors: np.ndarray, reference: np.ndarray | None
     """Pick ``budget`` of ``rows`` (request_id, text, predicted_label, confidence; ``vectors`` their embeddings).
 
     ``reference``: the champion's reference embeddings (None: no reference,
-    clusters then differ only by size and uncertainty). Clusters are numbered
-    from the least like the reference.
+    clusters then differ only by size and uncertainty). A text is *unlike*
+    the reference when its mean similarity to its nearest reference texts is
+    below what 95% of the reference's own texts have; a cluster is *new* when
+    most of its texts are. Clusters are numbered from the most unlike.
     """
     k = cluster_count(budget, len(rows))
     assign = kmeans(vectors, k, seed)
     uncertainty = 1.0 - rows["confidence"].to_numpy(dtype=float)
-    if reference is not None and len(reference):
+    if reference is not None and len(reference) > 1:
         similarity = _nearest_mean(vectors @ reference.T, NEIGHBOURS)
         own = reference @ reference.T
         np.fill_diagonal(own, -np.inf)
-        floor = float(np.quantile(_nearest_mean(own, NEIGHBOURS), NEW_QUANTILE)) if len(reference) > 1 else -np.inf
+        unlike = similarity < np.quantile(_nearest_mean(own, NEIGHBOURS), NEW_QUANTILE)
     else:
-        similarity, floor = np.ones(len(rows)), -np.inf
-    table = pd.DataFrame({"found": assign, "similarity": similarity, "uncertainty": uncertainty}).groupby("found").agg(
-        size=("similarity", "size"), similarity=("similarity", "mean"), median=("similarity", "median"),
-        uncertainty=("uncertainty", "mean")).reset_index()
-    table["new"] = table["median"] < floor
+        similarity, unlike = np.ones(len(rows)), np.zeros(len(rows), dtype=bool)
+    table = pd.DataFrame({"found": assign, "similarity": similarity, "uncertainty": uncertainty,
+                          "unlike": unlike.astype(float)}).groupby("found").agg(
+        size=("similarity", "size"), similarity=("similarity", "mean"), uncertainty=("uncertainty", "mean"),
+        unlike=("unlike", "mean")).reset_index()
+    table["new"] = table["unlike"] > 0.5
     span = float(table["similarity"].max() - table["similarity"].min())
     distance = (table["similarity"].max() - table["similarity"]) / span if span > 1e-9 else 0.0 * table["similarity"]
-    # Share of the budget: bigger, less certain and less familiar clusters get more; a new cluster's weight doubles.
-    table["weight"] = table["size"] * (table["uncertainty"] + 0.05) * (1.0 + distance + table["new"])
-    table = table.sort_values(["new", "similarity", "weight"], ascending=[False, True, False]).reset_index(drop=True)
+    # Share of the budget: bigger, less certain, less familiar clusters get more; the more of a cluster is unlike
+    # the reference, the more again (up to twice for a cluster wholly unlike it).
+    table["weight"] = table["size"] * (table["uncertainty"] + 0.05) * (1.0 + distance + table["unlike"])
+    table = table.sort_values(["unlike", "similarity", "weight"], ascending=[False, True, False]).reset_index(drop=True)
     table["cluster"] = np.arange(len(table))
     table["picked"] = allocate(table["weight"].to_numpy(), table["size"].to_numpy(), budget)
     cluster_of = dict(zip(table["found"], table["cluster"]))
-    frame = rows.assign(cluster=[cluster_of[a] for a in assign]).reset_index(drop=True)
+    frame = rows.assign(cluster=[cluster_of[a] for a in assign], unlike=unlike).reset_index(drop=True)
     picks = []
     for row in table.itertuples():
         members = frame[frame["cluster"] == row.cluster].sort_values(["confidence", "request_id"], kind="stable")
         picks.append(members.head(int(row.picked)))
     chosen = pd.concat(picks, ignore_index=True) if picks else frame.head(0)
     return Choice(chosen[REQUEST_COLUMNS].reset_index(drop=True),
-                  table[["cluster", "size", "picked", "uncertainty", "similarity", "new"]])
+                  table[["cluster", "size", "picked", "uncertainty", "similarity", "unlike", "new"]],
+                  int(chosen["unlike"].sum()))
 
 
 @dataclass(frozen=True)
@@ -251,6 +260,7 @@ class LabelRequest:
     candidates: int
     clusters: int
     new_clusters: int
+    unlike_reference: int
     file: str | None
     ledger: str | None
     run_id: str | None
@@ -261,7 +271,8 @@ class LabelRequest:
 
     def to_dict(self) -> dict:
         return {"requested": self.requested, "file": self.file, "episode": self.episode,
-                "clusters": self.clusters, "new_clusters": self.new_clusters, "budget": self.budget,
+                "clusters": self.clusters, "new_clusters": self.new_clusters,
+                "unlike_reference": self.unlike_reference, "budget": self.budget,
                 "candidates": self.candidates, "model_name": self.model_name, "since": self.since,
                 "ledger": self.ledger, "run_id": self.run_id, "cpu_seconds": self.cpu_seconds, "note": self.note}
 
@@ -309,15 +320,18 @@ def why_markdown(result: LabelRequest, pool: Candidates, choice: Choice, referen
              f"The candidates form {result.clusters} clusters in the drift encoder's embedding space. Each cluster's "
              "share grows with its size, with how unsure the model was (1 - confidence) and with its distance from "
              "the champion's reference" + ("" if reference else " (no reference found: distance not used)") +
-             "; every cluster gets a text while the budget lasts. Clusters are numbered from the least like the "
-             "reference (a *new* one is less like it than 95% of the reference is like itself) and listed in that "
-             "order, least confident first, so new content is labelled first.",
+             "; every cluster gets a text while the budget lasts. A text is *unlike the reference* when it is less "
+             "like its nearest reference texts than 95% of the reference's own texts are; a cluster mostly of such "
+             "texts is *new*. Clusters are numbered from the most unlike and listed in that order, least confident "
+             f"first, so new content is labelled first: {result.unlike_reference} of the {result.requested} texts "
+             "are unlike the reference.",
              "",
-             "| cluster | new | candidates | picked | mean confidence | similarity to reference | first texts |",
-             "|---|---|---|---|---|---|---|"]
+             "| cluster | new | candidates | unlike reference | picked | mean confidence | similarity to reference "
+             "| first texts |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in choice.clusters.itertuples():
         texts = choice.picks.loc[choice.picks["cluster"] == row.cluster, "text"].head(2)
-        lines.append(f"| {row.cluster} | {'yes' if row.new else 'no'} | {row.size} | {row.picked} | "
+        lines.append(f"| {row.cluster} | {'yes' if row.new else 'no'} | {row.size} | {row.unlike:.0%} | {row.picked} | "
                      f"{1 - row.uncertainty:.2f} | {row.similarity:.3f} | "
                      f"{'; '.join(_cell(t) for t in texts) or '-'} |")
     return "\n".join(lines) + "\n"
@@ -369,7 +383,8 @@ def request_labels(store: ObjectStore, experiment_id: str, model_name: str, budg
         note = ""
     result = LabelRequest(model_name, episode.id, budget, len(picked), len(pool.rows),
                           0 if choice is None else len(choice.clusters),
-                          0 if choice is None else int(choice.clusters["new"].sum()), None, None, None,
+                          0 if choice is None else int(choice.clusters["new"].sum()),
+                          0 if choice is None else choice.unlike_reference, None, None, None,
                           since.isoformat(), note, round(meter.cpu_seconds, 3), picked)
     if not len(picked):
         return result
@@ -384,6 +399,7 @@ def request_labels(store: ObjectStore, experiment_id: str, model_name: str, budg
                                "champion_version": champion})
             mlflow.log_metrics({"requested": result.requested, "clusters": result.clusters,
                                 "new_clusters": result.new_clusters, "candidates": result.candidates,
+                                "unlike_reference": result.unlike_reference,
                                 "cpu_seconds": result.cpu_seconds})
             mlflow.log_artifact(str(out), "label-request")
             mlflow.log_text(why_markdown(result, pool, choice, reference is not None, bounded), "why.md")

@@ -6,8 +6,11 @@ calendar month (UTC) and their spend against ``REFIT_MONTHLY_BUDGET_USD``
 reads it), inference CPU-seconds per 1,000 predictions for the champion
 alone and as a cascade (measured when the cascade was gated, tags
 ``refit.cascade_*``), the student's share (gated, and live from the request
-log's ``served_by``), and the estimated monthly serving cost at the request
-rate the request log shows. No Prefect here.
+log's ``served_by``), the estimated monthly serving cost at the request
+rate the request log shows, and label spend beside compute: labels that
+arrived this month and texts asked for this month (``refit labels
+request``), priced at ``label_usd`` (``refit/policies/labels.yaml``). No
+Prefect here.
 """
 
 from __future__ import annotations
@@ -30,9 +33,18 @@ def month_start(now: datetime) -> datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
+def label_counts(store, model_name: str, since: datetime) -> tuple[int, int]:
+    """Labels that arrived (rows under ``labels/model=<name>/date=``) and texts asked for, both since ``since``."""
+    from refit import requestlog
+    from tasks.label_requests import requested
+
+    arrived = len(requestlog.label_pairs(store, model_name, since.date()))
+    return arrived, len(requested(store, model_name, since))
+
+
 def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: float, budget_usd: float,
-                 now: datetime | None = None) -> dict:
-    """One model's page as plain data (every money figure in USD)."""
+                 now: datetime | None = None, label_usd: float | None = None) -> dict:
+    """One model's page as plain data (every money figure in USD; ``label_usd`` None: the shipped policy's)."""
     import pandas as pd
     from mlflow import MlflowClient
 
@@ -66,6 +78,11 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
     else:
         state = tags.get(VERDICT_TAG) or "none"
     per_prediction_usd = None if served_cpu is None else served_cpu / 1000 / 3600 * cpu_usd_per_hour
+    if label_usd is None:
+        from tasks.label_requests import load_label_policy
+
+        label_usd = load_label_policy()[0].label_usd
+    arrived, asked = label_counts(store, model_name, since)
     return {
         "model_name": model_name,
         "champion": champion,
@@ -87,6 +104,12 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
         "serving_cost_per_1k_usd": None if per_prediction_usd is None else round(per_prediction_usd * 1000, 8),
         "monthly_serving_cost_usd": None if per_prediction_usd is None
         else round(per_prediction_usd * rate * SECONDS_PER_MONTH, 8),
+        "label_usd": label_usd,
+        "labels_arrived_this_month": arrived,
+        "labels_requested_this_month": asked,
+        "label_spend_usd": round(arrived * label_usd, 6),
+        "label_requested_usd": round(asked * label_usd, 6),
+        "spend_with_labels_usd": round(spend + arrived * label_usd, 6),
     }
 
 
@@ -98,7 +121,12 @@ ROWS = (("champion", "champion"), ("versions", "versions"), ("updates this month
         ("student share (gated)", "student_share_gated"), ("student share (live)", "student_share_live"),
         ("requests / s (request log)", "requests_per_second"),
         ("serving cost / 1,000 (USD)", "serving_cost_per_1k_usd"),
-        ("monthly serving cost (USD, estimated)", "monthly_serving_cost_usd"))
+        ("monthly serving cost (USD, estimated)", "monthly_serving_cost_usd"),
+        ("labels arrived this month", "labels_arrived_this_month"),
+        ("labels requested this month", "labels_requested_this_month"),
+        ("price of a label (USD)", "label_usd"), ("label spend (USD, arrived)", "label_spend_usd"),
+        ("label spend (USD, requested)", "label_requested_usd"),
+        ("update + label spend (USD)", "spend_with_labels_usd"))
 
 
 def _value(value) -> str:
