@@ -355,6 +355,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     settings = settings or Settings()
     rollout_policy, policy_path = load_rollout_policy(policy or settings.serve_rollout_policy)
     server = Server(settings, store or open_store(settings), rollout_policy, policy_path)
+    label_events = LabelEvents.from_env()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -363,9 +364,11 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             yield
         finally:
             await server.stop()
+            await asyncio.to_thread(label_events.stop)
 
     app = FastAPI(title="refit serving", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.state.label_events = label_events
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
@@ -422,7 +425,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     @app.post("/feedback")
     async def feedback(request: Request) -> JSONResponse:
         """{"labels": [{"request_id": "...", "label": "..."}]} -> {"accepted", "waiting", "quarantined", "reasons"}."""
-        return await _feedback(server, quota, request)
+        return await _feedback(server, quota, request, label_events)
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> JSONResponse:
@@ -438,7 +441,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     return app
 
 
-async def _feedback(server: Server, quota: FeedbackQuota, request: Request) -> JSONResponse:
+async def _feedback(server: Server, quota: FeedbackQuota, request: Request, events: LabelEvents) -> JSONResponse:
     """``POST /feedback``: labels from a team's labelling process.
 
     Bearer ``REFIT_SERVE_FEEDBACK_TOKEN``; refused while it is unset. Each
@@ -447,7 +450,8 @@ async def _feedback(server: Server, quota: FeedbackQuota, request: Request) -> J
     yet (another replica's buffer) waits. Each caller (client address) may
     send ``REFIT_SERVE_FEEDBACK_LABELS_PER_MINUTE`` labels a minute; more is a
     429 with ``Retry-After``, since every label costs the server a look into
-    the request log.
+    the request log. Accepted labels are announced to the Prefect API
+    (``LabelEvents``), so the update flow can check whether they suffice.
     """
     settings = server.settings
     _authorize(request, settings.serve_feedback_token, "/feedback", "REFIT_SERVE_FEEDBACK_TOKEN")
@@ -462,6 +466,7 @@ async def _feedback(server: Server, quota: FeedbackQuota, request: Request) -> J
     result = await asyncio.to_thread(import_labels, server.store, settings.model_name, rows, source="feedback",
                                      buffered_ids=server.request_log.pending_ids(),
                                      max_text_chars=settings.serve_max_text_chars)
+    events.arrived(settings.model_name, result.accepted + result.earlier.kept)
     return JSONResponse(result.to_dict())
 
 
@@ -497,6 +502,104 @@ def _authorize(request: Request, token, what: str = "admin endpoints",
     expected = f"Bearer {token.get_secret_value()}"
     if not secrets.compare_digest(given.encode(), expected.encode()):
         raise BadRequest(401, f"{what}: send the header 'Authorization: Bearer <{setting}>'")
+
+
+LABELS_EVENT = "refit.labels.arrived"
+
+
+class LabelEvents:
+    """``refit.labels.arrived`` to the Prefect API after ``/feedback`` kept labels: at most one per model a minute.
+
+    The update deployment starts on this event and checks whether the open
+    episode's labels suffice; a flood of events would start a flood of flow
+    runs, so this process sends at most one per model every ``every``
+    seconds. Labels kept in between are not lost: they are announced
+    together, in one event at the end of that interval (and when the server
+    stops). The event is posted over HTTP (``POST <PREFECT_API_URL>/events``)
+    from a thread: serving imports no Prefect, and the event loop never waits
+    on the API. Without ``PREFECT_API_URL`` nothing is sent; an API that does
+    not answer costs a warning in the log, never the request.
+    """
+
+    EVERY_SECONDS = 60.0
+    TIMEOUT_SECONDS = 10.0
+
+    def __init__(self, api_url: str | None, every: float = EVERY_SECONDS, send=None, clock=time.monotonic):
+        self.api_url = api_url.rstrip("/") if api_url else None
+        self.every = every
+        self._send = send or self._post
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}  # model -> when its last event went out
+        self._owed: dict[str, int] = {}  # model -> labels kept since, not announced yet
+        self._timers: dict[str, threading.Timer] = {}
+
+    @classmethod
+    def from_env(cls) -> LabelEvents:
+        import os
+
+        return cls(os.environ.get("PREFECT_API_URL", "").strip() or None)
+
+    def arrived(self, model_name: str, labels: int) -> None:
+        """``labels`` were kept for ``model_name``: announce them now, or with the next event if one went out
+        less than ``every`` seconds ago. Returns at once."""
+        if not self.api_url or labels <= 0:
+            return
+        with self._lock:
+            self._owed[model_name] = self._owed.get(model_name, 0) + labels
+            if model_name in self._timers:  # an event is due: it carries these labels too
+                return
+            wait = self._last.get(model_name, -self.every) + self.every - self._clock()
+            timer = threading.Timer(max(0.0, wait), self._flush, args=(model_name,))
+            timer.daemon = True
+            self._timers[model_name] = timer
+        timer.start()
+
+    def _flush(self, model_name: str) -> None:
+        with self._lock:
+            self._timers.pop(model_name, None)
+            labels = self._owed.pop(model_name, 0)
+            if labels:
+                self._last[model_name] = self._clock()
+        if labels:
+            self._deliver(model_name, labels)
+
+    def _deliver(self, model_name: str, labels: int) -> None:
+        try:
+            self._send(model_name, labels)
+        except Exception as exc:  # noqa: BLE001 - urllib's and the network's errors alike: the labels are kept
+            log.warning("%s for %s (%d labels) not sent to the Prefect API at %s: %s: %s", LABELS_EVENT,
+                        model_name, labels, mask_uri(self.api_url), type(exc).__name__, exc)
+
+    def stop(self) -> None:
+        """Announce what is still owed, now: a stopping server sends no later event."""
+        with self._lock:
+            timers, self._timers = list(self._timers.values()), {}
+            owed, self._owed = self._owed, {}
+        for timer in timers:
+            timer.cancel()
+        for model_name, labels in owed.items():
+            self._deliver(model_name, labels)
+
+    def _post(self, model_name: str, labels: int) -> None:
+        import base64
+        import json
+        import os
+        import urllib.request
+
+        event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(), "event": LABELS_EVENT,
+                 "resource": {"prefect.resource.id": f"refit.model.{model_name}"}, "related": [],
+                 "payload": {"model_name": model_name, "labels": labels}}
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get("PREFECT_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['PREFECT_API_KEY']}"
+        elif os.environ.get("PREFECT_API_AUTH_STRING"):
+            token = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        request = urllib.request.Request(f"{self.api_url}/events", data=json.dumps([event]).encode(),
+                                         headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.TIMEOUT_SECONDS):  # a 4xx or 5xx raises HTTPError
+            pass
 
 
 class FeedbackQuota:
