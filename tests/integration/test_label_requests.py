@@ -142,6 +142,12 @@ def test_a_request_asks_for_new_unsure_texts_first_and_never_for_labelled_ones_o
     assert artifacts == {"why.md", "label-request"}
     why = mlflow.artifacts.load_text(f"runs:/{result.run_id}/why.md")
     assert "3 already labelled" in why and f"{result.unlike_reference} of the 12 texts are unlike" in why
+    # The file comes back with a label column and goes in as it is: every row is a label of a served request.
+    from refit.labels import import_labels
+
+    back = import_labels(home.store, home.model, frame.assign(label=frame["request_id"].map(home.label_of)),
+                         source="import:request.csv", max_text_chars=2000)
+    assert (back.accepted, back.quarantined, back.waiting) == (12, 0, 0)
 
 
 def test_cli_twice_then_past_the_candidates_then_nothing_left(home, capsys, monkeypatch):
