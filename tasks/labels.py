@@ -74,7 +74,7 @@ class EpisodeLabels:
 def episode_labels(store: ObjectStore, model_name: str, since: datetime, until: datetime,
                    known_labels: list[str] | None = None, max_label_mix_shift: float | None = None) -> EpisodeLabels:
     """Labelled requests served in ``[since, until)`` and examples imported then, less those a promoted update used."""
-    rows = labelled_window(store, model_name, since, until, known_labels=known_labels,
+    rows = labelled_window.fn(store, model_name, since, until, known_labels=known_labels,
                            max_label_mix_shift=max_label_mix_shift)
     rows = rows.assign(key=label_keys(rows)).drop_duplicates("key", keep="last")
     used = set(used_keys(store, model_name)["key"])

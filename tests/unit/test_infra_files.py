@@ -136,10 +136,13 @@ def test_prefect_yaml_names_real_flows_and_their_parameters():
         assert given <= accepted, (deployment["name"], sorted(given - accepted))
     by_name = {d["name"]: d for d in config["deployments"]}
     assert by_name["monitor"]["schedules"][0]["cron"] == "0 * * * *"
-    (trigger,) = by_name["update"]["triggers"]
+    drift, arrived = by_name["update"]["triggers"]
     from flows.monitor import DRIFT_EVENT
 
-    assert trigger["expect"] == [DRIFT_EVENT]
+    assert drift["expect"] == [DRIFT_EVENT]
+    assert set(drift["parameters"]) == {"model_name", "episode_id", "drift_run_id"}
+    assert arrived["expect"] == ["refit.labels.arrived"]  # the update counts the open episode's labels, or waits
+    assert set(arrived["parameters"]) == {"model_name"}
     # Concurrency is per model, taken inside the flows; a deployment-wide limit would make models queue on each other.
     assert not any("concurrency_limit" in d for d in by_name.values())
     for flow_file, slot in (("monitor", "refit-monitor-"), ("update", "refit-update-"), ("rollback", "refit-rollback-")):
