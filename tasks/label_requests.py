@@ -11,14 +11,14 @@ text), any already asked for, and repeats of one text. From those it takes
 - spread over the episode's content: the candidates are clustered (a seeded
   spherical k-means, k about the square root of the budget) in the drift
   encoder's embedding space (``tasks.drift.sentence_embeddings``);
-- weighted toward what the update needs: each cluster's share grows with its
-  size, with how unsure the model was of it (one minus the logged
-  ``confidence``), and with how far it lies from the champion's reference
-  sample (mean similarity to its nearest reference texts), and every cluster
-  gets at least one text while the budget lasts;
-- new content first: a text is unlike the reference when it is less like
-  its nearest reference texts than 95% of the reference's own texts are;
-  clusters are numbered from the one with most such texts, and the file
+- weighted toward what the update needs: a cluster's texts are worth more
+  the less sure the model was of them (one minus the logged
+  ``confidence``), the farther the cluster lies from the champion's
+  reference sample (mean similarity to the nearest reference texts), and
+  the more of it is unlike the reference (less like it than 95% of the
+  reference's own texts are). Its share of the budget is that worth times
+  its size, and every cluster gets at least one text while the budget lasts;
+- new content first: clusters are numbered by that worth, and the file
   lists them in that order, least confident first within each. A new intent
   gets its first examples at the top of the list, so they come back
   labelled even if the labelling stops half way.
@@ -212,7 +212,8 @@ def choose(rows: pd.DataFrame, vectors: np.ndarray, reference: np.ndarray | None
     clusters then differ only by size and uncertainty). A text is *unlike*
     the reference when its mean similarity to its nearest reference texts is
     below what 95% of the reference's own texts have; a cluster is *new* when
-    most of its texts are. Clusters are numbered from the most unlike.
+    most of its texts are. Clusters are numbered from the one whose texts the
+    update needs most: unsure, far from the reference, unlike it.
     """
     k = cluster_count(budget, len(rows))
     assign = kmeans(vectors, k, seed)
@@ -231,10 +232,12 @@ def choose(rows: pd.DataFrame, vectors: np.ndarray, reference: np.ndarray | None
     table["new"] = table["unlike"] > 0.5
     span = float(table["similarity"].max() - table["similarity"].min())
     distance = (table["similarity"].max() - table["similarity"]) / span if span > 1e-9 else 0.0 * table["similarity"]
-    # Share of the budget: bigger, less certain, less familiar clusters get more; the more of a cluster is unlike
-    # the reference, the more again (up to twice for a cluster wholly unlike it).
-    table["weight"] = table["size"] * (table["uncertainty"] + 0.05) * (1.0 + distance + table["unlike"])
-    table = table.sort_values(["unlike", "similarity", "weight"], ascending=[False, True, False]).reset_index(drop=True)
+    # What a text of the cluster is worth to the update: how unsure the model was, times how far the cluster is
+    # from the reference (1 to 2 over the clusters) plus the share of it unlike the reference. Clusters are
+    # listed by it; their share of the budget is it times their size.
+    table["priority"] = (table["uncertainty"] + 0.05) * (1.0 + distance + table["unlike"])
+    table["weight"] = table["size"] * table["priority"]
+    table = table.sort_values(["priority", "found"], ascending=[False, True]).reset_index(drop=True)
     table["cluster"] = np.arange(len(table))
     table["picked"] = allocate(table["weight"].to_numpy(), table["size"].to_numpy(), budget)
     cluster_of = dict(zip(table["found"], table["cluster"]))
@@ -321,10 +324,10 @@ def why_markdown(result: LabelRequest, pool: Candidates, choice: Choice, referen
              "share grows with its size, with how unsure the model was (1 - confidence) and with its distance from "
              "the champion's reference" + ("" if reference else " (no reference found: distance not used)") +
              "; every cluster gets a text while the budget lasts. A text is *unlike the reference* when it is less "
-             "like its nearest reference texts than 95% of the reference's own texts are; a cluster mostly of such "
-             "texts is *new*. Clusters are numbered from the most unlike and listed in that order, least confident "
-             f"first, so new content is labelled first: {result.unlike_reference} of the {result.requested} texts "
-             "are unlike the reference.",
+             "like its nearest reference texts than 95% of the reference's own texts are (a cluster mostly of such "
+             "texts is *new*), and that counts too. Clusters are numbered from the one whose texts are worth most "
+             "(unsure, far, unlike) and listed in that order, least confident first, so new content is labelled "
+             f"first: {result.unlike_reference} of the {result.requested} texts are unlike the reference.",
              "",
              "| cluster | new | candidates | unlike reference | picked | mean confidence | similarity to reference "
              "| first texts |",
