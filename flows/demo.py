@@ -19,7 +19,6 @@ import functools
 import time
 from datetime import datetime, timedelta, timezone
 
-import pandas as pd
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -185,9 +184,8 @@ def _request(ctx, budget: int) -> list[str]:
     """``refit labels request``: the texts refit wants labelled now, from the open episode."""
     from tasks.label_requests import request_labels
 
-    asked = request_labels(ctx.store, ctx.experiment_id, ctx.model_name, budget,
-                           out=ctx.settings.home_dir / "demo" / "label-requests" / f"{ctx.model_name}.csv")
-    return pd.read_csv(asked["file"])["request_id"].astype(str).tolist()
+    asked = request_labels(ctx.store, ctx.experiment_id, ctx.model_name, budget, ctx.settings.home_dir)
+    return asked.picks["request_id"].astype(str).tolist()
 
 
 def forget_earlier_demo(ctx, name: str) -> int:

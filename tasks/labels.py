@@ -30,7 +30,6 @@ import pandas as pd
 
 from refit.data import text_hash
 from refit.store import ObjectStore
-from tasks.ingest import labelled_window
 
 ROLES = ("trained", "held_out")
 
@@ -74,6 +73,8 @@ class EpisodeLabels:
 def episode_labels(store: ObjectStore, model_name: str, since: datetime, until: datetime,
                    known_labels: list[str] | None = None, max_label_mix_shift: float | None = None) -> EpisodeLabels:
     """Labelled requests served in ``[since, until)`` and examples imported then, less those a promoted update used."""
+    from tasks.ingest import labelled_window  # Prefect and the model stack: only where labels are joined
+
     rows = labelled_window.fn(store, model_name, since, until, known_labels=known_labels,
                            max_label_mix_shift=max_label_mix_shift)
     rows = rows.assign(key=label_keys(rows)).drop_duplicates("key", keep="last")
