@@ -1,4 +1,4 @@
-"""Emit, then mark: a drift check's window counts as updated only once its event is out (real SQLite MLflow).
+"""Emit, then mark: a drift episode counts as tried only once its check's event is out (real SQLite MLflow).
 
 Prefect's real events client (``prefect.events.emit_event``, Prefect 3.9) never
 raises for a refused connection: it builds the event, queues it on the
@@ -23,7 +23,8 @@ import mlflow
 import pytest
 
 from flows.monitor import DRIFT_EVENT, UNSENT, emit_then_mark
-from registry.tracking import RUN_TYPE, configure, update_triggers
+from registry import episodes
+from registry.tracking import RUN_TYPE, configure
 
 
 @pytest.fixture
@@ -33,16 +34,18 @@ def check_run(refit_env):
             "refit.action": UNSENT, "refit.window_start": "2026-01-01T00:00:00", "refit.window_end": "2026-01-01T01:00:00"}
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
         pass
-    return experiment_id, run.info.run_id, refit_env.model_name
+    episode, _ = episodes.join_or_open(experiment_id, refit_env.model_name, "2026-01-01T00:00:00",
+                                       "2026-01-01T01:00:00", "high", 1, run.info.run_id)
+    return experiment_id, run.info.run_id, refit_env.model_name, episode.id
 
 
-def test_a_sent_event_reaches_the_api_and_marks_the_window(check_run, prefect_harness):
+def test_a_sent_event_reaches_the_api_and_marks_the_episode_tried(check_run, prefect_harness):
     from prefect.client.orchestration import get_client
     from prefect.events import emit_event
     from prefect.events.filters import EventFilter, EventIDFilter, EventNameFilter
     from prefect.events.worker import EventsWorker
 
-    experiment_id, run_id, name = check_run
+    experiment_id, run_id, name, episode_id = check_run
     sent = []
 
     def emit():
@@ -50,8 +53,9 @@ def test_a_sent_event_reaches_the_api_and_marks_the_window(check_run, prefect_ha
                                payload={"model_name": name, "drift_run_id": run_id}))
         return sent[-1]
 
-    emit_then_mark(run_id, emit)  # the monitor flow's call, with Prefect's real client
-    assert [t.run_id for t in update_triggers(experiment_id, name, 1)] == [run_id]
+    emit_then_mark(run_id, emit, mark=lambda: episodes.record_try(episode_id, 42))  # the monitor's call, real client
+    assert mlflow.get_run(run_id).data.tags["refit.action"] == "update"
+    assert episodes.get_episode(episode_id).tried_labels == 42
     (event,) = sent
     assert event is not None and event.event == DRIFT_EVENT
     EventsWorker.drain_all(timeout=60)  # the queued event goes out now
@@ -78,10 +82,11 @@ CHILD = textwrap.dedent("""
     from flows.monitor import DRIFT_EVENT, emit_then_mark
     from refit.errors import RefitError
     from refit.settings import Settings
+    from registry import episodes
     from registry.tracking import configure
 
     configure(Settings())
-    run_id, name = sys.argv[1:3]
+    run_id, name, episode_id = sys.argv[1:4]
     outcome = {"raised": None, "returned": None}
     def emit():
         event = emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"},
@@ -89,7 +94,7 @@ CHILD = textwrap.dedent("""
         outcome["returned"] = type(event).__name__
         return event
     try:
-        emit_then_mark(run_id, emit)
+        emit_then_mark(run_id, emit, mark=lambda: episodes.record_try(episode_id, 42))
     except RefitError as exc:
         outcome["raised"] = str(exc)
     EventsWorker.drain_all(timeout=120)  # the worker tries the refused API now, and only logs its failure
@@ -97,17 +102,17 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_refused_events_api_leaves_the_window_unmarked(check_run):
-    experiment_id, run_id, name = check_run
+def test_a_refused_events_api_leaves_the_episode_untried(check_run):
+    experiment_id, run_id, name, episode_id = check_run
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"PREFECT_API_URL": f"http://127.0.0.1:{_closed_port()}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    child = subprocess.run([sys.executable, "-c", CHILD, run_id, name], env=env, capture_output=True, text=True,
+    child = subprocess.run([sys.executable, "-c", CHILD, run_id, name, episode_id], env=env, capture_output=True, text=True,
                            timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     outcome = json.loads(child.stdout.strip().splitlines()[-1])
     assert outcome["returned"] == "Event"  # the real client's answer to a refused connection: queued, no error
     assert "EventsWorker" in child.stderr  # ... and the failure, later, only in its log
-    # The window must stay unmarked, so that the next check tries again, and the caller must be told.
+    # The episode must stay untried, so that the next check starts the update again, and the caller must be told.
     assert mlflow.get_run(run_id).data.tags["refit.action"] == UNSENT
-    assert update_triggers(experiment_id, name, 1) == []
+    assert episodes.get_episode(episode_id).tried_labels == -1
     assert outcome["raised"] is not None and "next check will try again" in outcome["raised"]
