@@ -29,6 +29,7 @@ from flows.common import open_context, settings_for, user_error
 from flows.monitor import monitor
 from flows.update import update
 from refit import modeling
+from refit.cost import StageMeters, cpu_seconds_used
 from refit.demo_report import ShiftOutcome, summarize
 from refit.errors import RefitError
 from refit.evalsets import read_golden
@@ -45,18 +46,29 @@ WINDOW = timedelta(minutes=10)
 
 
 class Stages:
-    """Per-stage wall times, logged as each stage ends."""
+    """Per-stage wall and CPU seconds (the process, its threads and children), logged as each stage ends.
+
+    ``startup`` is what the process spent before the demo began: imports and the temporary Prefect API.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.meters = StageMeters()
+        self.meters.cpu["startup"] = round(cpu_seconds_used(), 3)
         self._logger = get_run_logger()
+
+    @property
+    def cpu_seconds(self) -> dict[str, float]:
+        return dict(self.meters.cpu)
 
     def run(self, stage: str, fn, *args, **kwargs):
         self._logger.info("stage %s: started", stage)
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
+        with self.meters.stage(stage):
+            out = fn(*args, **kwargs)
         self.seconds[stage] = round(time.perf_counter() - start, 2)
-        self._logger.info("stage %s: done in %.1f s", stage, self.seconds[stage])
+        self._logger.info("stage %s: done in %.1f s (%.1f CPU-s)", stage, self.seconds[stage],
+                          self.meters.cpu[stage])
         return out
 
 
@@ -116,6 +128,7 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
                         golden_before=ends["golden_before"], golden_after=ends["golden_after"],
                         external_final=ends["external_final"], tracking_uri=mask_uri(ctx.settings.tracking_uri),
                         store_uri=ctx.store.uri(), stage_seconds=stages.seconds, labels=fates["labels"],
+                        stage_cpu_seconds=stages.cpu_seconds,
                         labels_by_shift=fates["by_shift"], labels_requested=labellers.requested)
     summary |= cascade_figures(name, champion_after)  # the final champion's cheap tier, as its gate measured it
     summary["demo_seconds"] = round(time.perf_counter() - began, 1)

@@ -20,6 +20,7 @@ from prefect.logging import get_run_logger
 
 from flows.common import one_at_a_time, open_context, parse_time, settings_for, user_error
 from refit import requestlog
+from refit.cost import StageMeters
 from refit.errors import RefitError, WindowTooSmall
 from refit.policy import chosen_policy, file_hash
 from refit.runtime.cascade import student_share
@@ -57,6 +58,7 @@ def monitor(window_end: str | None = None, window_hours: float | None = None, po
 
 
 def _monitor(settings, window_end: str | None, window_hours: float | None, policy: str | None) -> dict:
+    meters = StageMeters()
     try:
         ctx = open_context(settings)
         name = ctx.model_name
@@ -67,9 +69,10 @@ def _monitor(settings, window_end: str | None, window_hours: float | None, polic
         if champion is None:
             raise RefitError(f"model {name} has no champion: run bootstrap first")
         start, end = window_bounds(ctx.experiment_id, name, window_end, window_hours)
-        window = requestlog.read_inference(ctx.store, name, start, end)
-        validated = validate_window(ctx.store, name, window, drift_policy.min_window_rows, check_schema=True)
-        reference, pool = read_reference(ctx.store, name, champion)
+        with meters.stage("validate"):
+            window = requestlog.read_inference(ctx.store, name, start, end)
+            validated = validate_window(ctx.store, name, window, drift_policy.min_window_rows, check_schema=True)
+            reference, pool = read_reference(ctx.store, name, champion)
     except WindowTooSmall as exc:
         # A quiet hour is not a failure: complete, record nothing, and the next check covers this window too.
         get_run_logger().info(f"{exc}: waiting for more traffic")
@@ -85,11 +88,13 @@ def _monitor(settings, window_end: str | None, window_hours: float | None, polic
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="drift-check", tags=tags) as run:
         mlflow.log_params(flat_params("drift", drift_policy) | {"policy_hash": file_hash(policy_path)})
         log_policy(policy_path)
-        current = with_arrived_labels(ctx.store, name, validated.kept, start, drift_policy)
-        result = check_drift(reference_as_served(reference, current), current, drift_policy)
-        decision = follow(ctx.store, ctx.experiment_id, name, result.drift_detected, result.severity,
-                          start.isoformat(), end.isoformat(), champion, run.info.run_id,
-                          sorted(pool["label"].astype(str).unique()), update_policy, end, ctx.settings.seed)
+        with meters.stage("monitor"):
+            current = with_arrived_labels(ctx.store, name, validated.kept, start, drift_policy)
+            result = check_drift(reference_as_served(reference, current), current, drift_policy)
+        with meters.stage("labels"):
+            decision = follow(ctx.store, ctx.experiment_id, name, result.drift_detected, result.severity,
+                              start.isoformat(), end.isoformat(), champion, run.info.run_id,
+                              sorted(pool["label"].astype(str).unique()), update_policy, end, ctx.settings.seed)
         verdict = result.to_dict() | decision.to_dict() | {
             "window_start": start.isoformat(), "window_end": end.isoformat(), "window_uri": uri,
             "champion_version": champion, "rows_in": validated.rows_in,
@@ -98,6 +103,7 @@ def _monitor(settings, window_end: str | None, window_hours: float | None, polic
             "student_share": student_share(validated.kept),  # the cascade's cheap tier: a falling share is drift too
         }
         record_check(verdict, result, validated)
+        mlflow.log_metrics(meters.metrics(ctx.rates) | {"check_cpu_seconds": meters.whole()})
     create_markdown_artifact(check_markdown(name, verdict, result), key="drift-verdict",
                              description=f"{name} drift check: {decision.action}")
     create_markdown_artifact(cost_markdown([model_report(name, ctx.experiment_id, ctx.store, ctx.settings.cpu_usd_per_hour,

@@ -27,6 +27,7 @@ from prefect.transactions import transaction
 
 from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, settings_for, user_error
 from refit import faults, modeling, procs
+from refit.cost import StageMeters
 from refit.data import fingerprint
 from refit.runtime.encoder_states import EncoderStates
 from refit.evalsets import read_golden
@@ -65,7 +66,8 @@ class Attempt:
 
 
 def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_dir, start_dir, data: UpdateData,
-                rules: GatePolicy, work_tokens: float, estimate_usd: float, budget_left_usd: float) -> Attempt:
+                rules: GatePolicy, work_tokens: float, estimate_usd: float, budget_left_usd: float,
+                meters: StageMeters) -> Attempt:
     """One rung of the ladder as a nested MLflow run: train, evaluate against the champion, gate.
 
     A warm rung starts from ``start_dir``: the champion's adapter, its head
@@ -78,13 +80,16 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
                           nested=True, tags=tags) as attempt_run:
         mlflow.log_params(flat_params("recipe", recipe) | {"rows": len(frame)})
         warm = start_dir if recipe.start == "warm" else None
-        trained = fine_tune(frame, recipe, ctx.rates, labels=data.labels, warm_start=warm, seed=ctx.settings.seed,
-                            base=modeling.base_of(champion_dir),
-                            states=EncoderStates.of(ctx.store, name, warm) if warm else None)
-        faults.point("update.after_train")
-        mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
-        before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates)
-        verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd, tuple(data.learned))
+        with meters.stage("train"):
+            trained = fine_tune(frame, recipe, ctx.rates, labels=data.labels, warm_start=warm, seed=ctx.settings.seed,
+                                base=modeling.base_of(champion_dir),
+                                states=EncoderStates.of(ctx.store, name, warm) if warm else None)
+            faults.point("update.after_train")
+            mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
+        with meters.stage("evaluate"):
+            before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates)
+        with meters.stage("gate"):
+            verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd, tuple(data.learned))
         mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
             "train_work_tokens": work_tokens, "estimate_cost_usd": estimate_usd,
             "estimate_error_pct": 100 * (estimate_usd - trained.cost.usd) / max(trained.cost.usd, 1e-12),
@@ -214,6 +219,7 @@ def gather_labels(ctx, policy, known_labels: list[str], labels_path: str | None,
 
 def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force,
             episode_id=None) -> dict:
+    meters = StageMeters()  # the whole update, from its first label read to the alias move
     try:
         ctx = open_context(settings)
         name = ctx.model_name
@@ -237,7 +243,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         champion_dir = versions.download_adapter(name, champion)
         known_labels = modeling.read_labels(champion_dir)
         _, pool = read_reference(ctx.store, name, champion)
-        labelled = gather_labels(ctx, policy, known_labels, labels_path, window_start, window_end, episode_id)
+        with meters.stage("labels"):
+            labelled = gather_labels(ctx, policy, known_labels, labels_path, window_start, window_end, episode_id)
         if labelled.wait:
             get_run_logger().info(f"{labelled.wait[0]}: {labelled.wait[1]}")
             return {"action": labelled.wait[0], "promoted": False, "version": None, "champion": champion,
@@ -253,7 +260,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
             get_run_logger().info(why)
             return {"promoted": False, "version": None, "champion": champion, "reason": why,
                     "duplicate_of": earlier.info.run_id, "attempts": []}
-        admitted = admit_new_labels(ctx.store, name, arrived, known_labels, policy.min_examples_per_new_label)
+        with meters.stage("labels"):
+            admitted = admit_new_labels(ctx.store, name, arrived, known_labels, policy.min_examples_per_new_label)
         if admitted.waiting:
             get_run_logger().info(f"{admitted.waiting} row(s) of new labels below min_examples_per_new_label wait "
                                   f"in quarantine: {'; '.join(admitted.reasons.values())[:500]}")
@@ -315,7 +323,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                 mlflow.set_tag("refit.ladder_stopped", stop)
                 break
             attempts.append(run_attempt(ctx, index, recipe, frames[recipe.start], champion_dir, start_dir, data,
-                                        rules, work, estimate, budget - (with_it - estimate)))
+                                        rules, work, estimate, budget - (with_it - estimate), meters))
             if attempts[-1].verdict.passed or not escalates([r.name for r in attempts[-1].verdict.failed], policy):
                 break
         if not attempts:
@@ -338,34 +346,40 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         mlflow.set_tags({"refit.gate_verdict": "passed" if verdict.passed else "refused",
                          "refit.gate_reasons": verdict.summary[:5000], "refit.final_attempt": final.recipe.name})
         with transaction():  # register, snapshot, promote: a failure after registering rolls back (tags the version)
-            version = register_version(name, final.run_id, update_version_tags(
-                kind=kind, reason=reason, champion=champion, run_id=run.info.run_id, recipe=final.recipe.name,
-                attempts=len(attempts), source=source, training=training, data=data, golden=golden,
-                drift_run_id=drift_run_id, rules_path=rules_path, verdict=verdict, cost_usd=total_cost,
-                cpu_seconds=total_cpu, after=after, adapter_dir=trained.adapter_dir))
-            faults.point("update.after_register")
+            with meters.stage("register"):
+                version = register_version(name, final.run_id, update_version_tags(
+                    kind=kind, reason=reason, champion=champion, run_id=run.info.run_id, recipe=final.recipe.name,
+                    attempts=len(attempts), source=source, training=training, data=data, golden=golden,
+                    drift_run_id=drift_run_id, rules_path=rules_path, verdict=verdict, cost_usd=total_cost,
+                    cpu_seconds=total_cpu, after=after, adapter_dir=trained.adapter_dir))
+                faults.point("update.after_register")
             if verdict.passed:
-                model = modeling.load_model(trained.adapter_dir)
-                reference_uri = write_reference(ctx.store, name, version, model, tokenizer,
-                                                pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
-                                                trained_on=frames[final.recipe.start], seed=ctx.settings.seed,
-                                                held_out=pd.concat([golden.frame[["text", "label"]],
-                                                                    data.fresh[["text", "label"]]]))
-                versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
-                # The cheap tier, gated as a unit; before the promotion tells the server, which then loads it.
-                cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,
-                        ctx.experiment_id, store=ctx.store)
-                # Under the lock: the fresh holdout joins the golden suite, then the alias moves.
-                promote_update(ctx.store, name, version, champion, data.fresh, policy.golden_max_per_label,
-                               f"{kind} run {run.info.run_id}")
-                if episode is not None:  # its labels are used now; later ones wait for the next episode's update
-                    record_used(ctx.store, name, run.info.run_id, admitted.rows, data.fresh["text"])
-                    episodes.close(episode.id, f"v{version} promoted, trained on its labels (update run "
-                                               f"{run.info.run_id})", f"v{version}")
+                with meters.stage("reference"):
+                    model = modeling.load_model(trained.adapter_dir)
+                    reference_uri = write_reference(
+                        ctx.store, name, version, model, tokenizer,
+                        pool=pd.concat([pool, training.frame[training.frame.origin == "new"]]),
+                        trained_on=frames[final.recipe.start], seed=ctx.settings.seed,
+                        held_out=pd.concat([golden.frame[["text", "label"]], data.fresh[["text", "label"]]]))
+                    versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
+                with meters.stage("cascade"):  # the cheap tier, gated as a unit, before the server is told
+                    cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,
+                            ctx.experiment_id, store=ctx.store)
+                with meters.stage("deploy"):  # under the lock: the fresh holdout joins the golden suite, the alias moves
+                    promote_update(ctx.store, name, version, champion, data.fresh, policy.golden_max_per_label,
+                                   f"{kind} run {run.info.run_id}")
+                    if episode is not None:  # its labels are used now; later ones wait for the next episode
+                        record_used(ctx.store, name, run.info.run_id, admitted.rows, data.fresh["text"])
+                        episodes.close(episode.id, f"v{version} promoted, trained on its labels (update run "
+                                                   f"{run.info.run_id})", f"v{version}")
             elif episode is not None:  # refused: the episode stays open and tries again once more labels arrived
                 episodes.record_try(episode.id, labelled.usable)
+        whole_cpu = meters.whole()  # the update's cost: every stage, not only the training
+        mlflow.log_metrics(meters.metrics(ctx.rates) | {"update_cpu_seconds": whole_cpu,
+                                                        "update_cost_usd": ctx.rates.price(whole_cpu)})
         result = {
-            "kind": kind, "action": "update", "episode": episode.id if episode else None, "promoted": verdict.passed, "version": version, "parent_version": champion,
+            "kind": kind, "action": "update", "episode": episode.id if episode else None, "promoted": verdict.passed,
+            "version": version, "parent_version": champion,
             "champion": version if verdict.passed else champion, "verdict": verdict.summary, "run_id": run.info.run_id,
             "attempts": [{"recipe": a.recipe.name, "passed": a.verdict.passed, "cpu_seconds": a.trained.cost.cpu_seconds,
                           "cost_usd": a.trained.cost.usd, "run_id": a.run_id} for a in attempts],
@@ -375,7 +389,9 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
             "fresh_accuracy_after": after.slices["fresh"].accuracy,
             "golden_accuracy_before": before.slices["golden"].accuracy,
             "golden_accuracy_after": after.slices["golden"].accuracy,
-            "cpu_seconds": total_cpu, "cost_usd": total_cost, "estimate_cost_usd": attempts[0].estimate_usd,
+            "cpu_seconds": whole_cpu, "cost_usd": ctx.rates.price(whole_cpu), "train_cpu_seconds": total_cpu,
+            "train_cost_usd": total_cost, "stage_cpu_seconds": dict(meters.cpu),
+            "estimate_cost_usd": attempts[0].estimate_usd,
         }
         log_json(result, "update.json")
     for attempt in attempts:  # every adapter is in MLflow now; the local copies are scratch
@@ -384,7 +400,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         shutil.rmtree(start_dir.parent, ignore_errors=True)
     create_markdown_artifact(f"# {kind.title()} of {name}: v{version} {'promoted' if verdict.passed else 'refused'}\n\n"
                              + verdict.markdown() + "\n" + ladder_md
-                             + f"\nTraining: {total_cpu:.1f} CPU-s, ${total_cost:.5f} in {len(attempts)} attempt(s); "
+                             + f"\nWhole update: {whole_cpu:.1f} CPU-s, ${ctx.rates.price(whole_cpu):.5f}; training "
+                               f"{total_cpu:.1f} CPU-s, ${total_cost:.5f} in {len(attempts)} attempt(s); "
                                f"{training.new_rows} new + {training.replay_rows} replay rows; judged on "
                                f"{len(data.fresh)} fresh rows and golden suite v{golden.version} "
                                f"({golden.rows} rows).\n",

@@ -59,6 +59,7 @@ def _round(value: float | None) -> float | None:
 def summarize(*, v1: int, champion_after: int, quiet: dict, shifts: list[ShiftOutcome], hotfix: dict,
               golden_before: float, golden_after: float, external_final: dict[str, float], tracking_uri: str,
               store_uri: str, stage_seconds: dict[str, float], labels: dict[str, int] | None = None,
+              stage_cpu_seconds: dict[str, float] | None = None,
               labels_by_shift: dict[str, dict[str, int]] | None = None,
               labels_requested: dict[str, int] | None = None) -> dict:
     """The JSON object of ``refit demo --json``.
@@ -100,4 +101,5 @@ def summarize(*, v1: int, champion_after: int, quiet: dict, shifts: list[ShiftOu
         "mlflow_tracking_uri": tracking_uri,
         "store_uri": store_uri,
         "stage_seconds": stage_seconds,
+        "stage_cpu_seconds": stage_cpu_seconds or {},
     }
