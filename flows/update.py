@@ -37,7 +37,7 @@ from registry import episodes, versions
 from registry.episodes import Episode
 from registry.tracking import (RUN_TYPE, close_abandoned_updates, finished_update, flat_params,
                                log_json, log_policy, log_training_input, measured_cpu_seconds_per_work_token)
-from tasks.budget import killed_charged, month_spend, reserve_budget
+from tasks.budget import killed_charged, month_spend, overhead_estimate_cpu_seconds, reserve_budget
 from tasks.cascade import cascade
 from tasks.deploy import promote_update, read_reference, register_version, update_version_tags, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair
@@ -277,6 +277,8 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         start_dir = modeling.grow_head(champion_dir, data.learned, Path(tempfile.mkdtemp(prefix="refit-grown-")) / "a")
         get_run_logger().info(f"learning {len(data.learned)} new label(s): {', '.join(data.learned)[:500]}")
     per_token = (measured_cpu_seconds_per_work_token(ctx.experiment_id, name) or policy.cpu_seconds_per_work_token)
+    # The rest of the update (evaluation, gate, reference, cascade, deploy), from measured history: reserved too.
+    overhead = ctx.rates.price(overhead_estimate_cpu_seconds(ctx.experiment_id, name))
     spent = month_spend(ctx.experiment_id, name, _month_start_ms())
     budget = ctx.settings.monthly_budget_usd
     full_frame = full_retrain_frame(pool, training, data.eval_texts)
@@ -308,22 +310,23 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
             work = recipe.work_tokens(tokens[recipe.start])
             estimate = ctx.rates.price(work * per_token)
             so_far = sum(a.trained.cost.usd for a in attempts)
+            whole = estimate + overhead
             if index == 1:
-                mlflow.log_metric("estimate_cost_usd", estimate)
+                mlflow.log_metrics({"estimate_cost_usd": estimate, "estimate_whole_cost_usd": whole})
             # Reserved in the ledger before training, so an update running beside this one counts it.
-            fits, with_it = reserve_budget(ctx.experiment_id, name, run.info.run_id, so_far + estimate, budget,
+            fits, with_it = reserve_budget(ctx.experiment_id, name, run.info.run_id, so_far + whole, budget,
                                            _month_start_ms())
             if not fits:
-                stop = (f"refused before training: estimated ${estimate:.4f} would take this month's spend "
-                        f"(${with_it - estimate:.4f} with every reservation) past the budget ${budget:.2f}"
+                stop = (f"refused before training: estimated ${whole:.4f} for the whole update would take this "
+                        f"month's spend (${with_it - whole:.4f} with every reservation) past the budget ${budget:.2f}"
                         if index == 1 else
-                        f"budget stops the ladder before {recipe.name}: estimated ${estimate:.4f} on top of "
-                        f"${with_it - estimate:.4f} passes ${budget:.2f}")
+                        f"budget stops the ladder before {recipe.name}: estimated ${whole:.4f} on top of "
+                        f"${with_it - whole:.4f} passes ${budget:.2f}")
                 get_run_logger().info(stop)
                 mlflow.set_tag("refit.ladder_stopped", stop)
                 break
             attempts.append(run_attempt(ctx, index, recipe, frames[recipe.start], champion_dir, start_dir, data,
-                                        rules, work, estimate, budget - (with_it - estimate), meters))
+                                        rules, work, estimate, budget - (with_it - whole), meters))
             if attempts[-1].verdict.passed or not escalates([r.name for r in attempts[-1].verdict.failed], policy):
                 break
         if not attempts:

@@ -89,3 +89,40 @@ def killed_charged(run_id: str, what: str, charge: bool = True) -> Iterator[None
         mlflow.end_run("KILLED")
         logging.getLogger("refit").warning(f"{what}: {why}; run {run_id} closed KILLED{note}")
         raise
+
+
+def spend_by_stage(runs: list) -> dict[str, float]:
+    """USD per stage over update runs (``stage_cost_usd.<stage>``); ``other`` is the rest of each whole-update
+    cost (bookkeeping between stages, a run closed before its stages were logged), so the stages add up to the
+    ledger's ``update_cost_usd``."""
+    by_stage: dict[str, float] = {}
+    for run in runs:
+        metrics = run.data.metrics
+        staged = {k.removeprefix("stage_cost_usd."): v for k, v in metrics.items() if k.startswith("stage_cost_usd.")}
+        for stage, usd in staged.items():
+            by_stage[stage] = by_stage.get(stage, 0.0) + usd
+        rest = metrics.get("update_cost_usd", 0.0) - sum(staged.values())
+        by_stage["other"] = by_stage.get("other", 0.0) + rest
+    return {k: round(v, 8) for k, v in sorted(by_stage.items())}
+
+
+def overhead_estimate_cpu_seconds(experiment_id: str, model_name: str, newest: int = 5) -> float:
+    """What an update spends besides training, from the newest promoted updates' stage meters (median CPU-s of
+    labels, evaluate, gate, register, reference, cascade and deploy together); 0 before any was measured."""
+    import statistics
+
+    runs = MlflowClient().search_runs(
+        [experiment_id], filter_string=(f"tags.`{RUN_TYPE}` = 'update' and tags.`refit.model` = '{model_name}' "
+                                        "and metrics.update_cpu_seconds > 0 and tags.`refit.gate_verdict` = 'passed'"),
+        order_by=["attributes.start_time DESC"], max_results=newest)
+    rest = [r.data.metrics["update_cpu_seconds"] - r.data.metrics.get("train_cpu_seconds", 0.0) for r in runs]
+    return max(0.0, statistics.median(rest)) if rest else 0.0
+
+
+def grown_stages(this_month: list, last_month: list, factor: float = 1.25) -> list[str]:
+    """Stages whose cost per update this month is more than ``factor`` times last month's (new stages too)."""
+    if not this_month or not last_month:
+        return []
+    now = {k: v / len(this_month) for k, v in spend_by_stage(this_month).items()}
+    before = {k: v / len(last_month) for k, v in spend_by_stage(last_month).items()}
+    return sorted(k for k, v in now.items() if k != "other" and v > 0 and v > factor * before.get(k, 0.0))

@@ -50,7 +50,7 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
 
     from refit import requestlog
     from registry import versions
-    from tasks.budget import month_updates
+    from tasks.budget import grown_stages, month_updates, spend_by_stage
     from refit.runtime.cascade import FALLBACK_TAG, VERDICT_TAG, student_share
 
     now = now or datetime.now(timezone.utc)
@@ -60,6 +60,9 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
     since = month_start(now)
     runs = month_updates(experiment_id, model_name, int(since.timestamp() * 1000))
     spend = float(sum(run.data.metrics.get("update_cost_usd", 0.0) for run in runs))
+    last_month = month_start(since - timedelta(days=1))
+    earlier = [r for r in month_updates(experiment_id, model_name, int(last_month.timestamp() * 1000))
+               if r.info.start_time < int(since.timestamp() * 1000)]
     promoted = sum(1 for run in runs if run.data.tags.get("refit.gate_verdict") == "passed")
     tags = versions.version_tags(model_name, champion) if champion is not None else {}
     champion_cpu = _float(tags, "refit.cascade_champion_cpu_seconds_per_1k")
@@ -91,6 +94,8 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
         "updates_this_month": len(runs),
         "promoted_this_month": promoted,
         "spend_usd": round(spend, 6),
+        "spend_by_stage": spend_by_stage(runs),  # adds up to spend_usd: every stage of every update this month
+        "stages_grown": grown_stages(runs, earlier),  # cost per update above 1.25x last month's
         "budget_usd": budget_usd,
         "budget_left_usd": round(budget_usd - spend, 6),
         "champion_cpu_seconds_per_1k": champion_cpu,
@@ -115,6 +120,7 @@ def model_report(model_name: str, experiment_id: str, store, cpu_usd_per_hour: f
 
 ROWS = (("champion", "champion"), ("versions", "versions"), ("updates this month", "updates_this_month"),
         ("promoted this month", "promoted_this_month"), ("update spend (USD)", "spend_usd"),
+        ("update spend by stage (USD)", "spend_by_stage"), ("stages grown since last month", "stages_grown"),
         ("budget (USD)", "budget_usd"), ("budget left (USD)", "budget_left_usd"),
         ("champion alone: CPU-s / 1,000", "champion_cpu_seconds_per_1k"),
         ("cascade: CPU-s / 1,000", "cascade_cpu_seconds_per_1k"), ("cascade", "cascade"),
@@ -130,6 +136,10 @@ ROWS = (("champion", "champion"), ("versions", "versions"), ("updates this month
 
 
 def _value(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.6g}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
     return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
