@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from refit.errors import RefitError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -468,14 +472,21 @@ def save_model(model: PeftModel, adapter_dir: Path) -> Path:
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def grow_head(adapter_dir: Path, new_labels: Sequence[str], out_dir: Path) -> Path:
+def grow_head(adapter_dir: Path, new_labels: Sequence[str], out_dir: Path,
+              examples: pd.DataFrame | None = None, seed: int = 0) -> Path:
     """A copy of a saved adapter whose classifier also answers ``new_labels``.
 
     The old labels keep their rows of the head (weights and bias) and their
-    order; each new label gets a zero weight row and the old rows' mean bias,
-    so it starts out neutral and is learned by the update that follows. Works
-    on the saved tensors: the head is the logits layer recorded in
-    ``head.json`` (``classifier`` for adapters saved before it).
+    order, so the champion's answers among them do not change. A new label
+    with rows in ``examples`` (``text``, ``label``: an update's training
+    frame) starts from its prototype (:func:`prototype_rows`): the direction
+    from the champion's average input to the mean of the label's own
+    features at the logits layer. A handful of labelled rows then go much
+    further than from a blank row. A new label without examples, or a model
+    whose features cannot be read, gets a zero weight row and the old rows'
+    mean bias: neutral, learned by the update that follows. Works on the
+    saved tensors: the head is the logits layer recorded in ``head.json``
+    (``classifier`` for adapters saved before it).
     """
     from safetensors.torch import load_file, save_file
 
@@ -499,13 +510,126 @@ def grow_head(adapter_dir: Path, new_labels: Sequence[str], out_dir: Path) -> Pa
     heads = [k for k, v in tensors.items() if is_out(k) and v.dim() >= 1 and v.shape[0] == len(old)]
     if not any(k.endswith("weight") for k in heads):
         raise ValueError(f"no classifier head with {len(old)} rows in {adapter_dir / ADAPTER_WEIGHTS}")
+    prototypes = prototype_rows(adapter_dir, added, examples, seed) if examples is not None else {}
     for key in heads:
         tensor = tensors[key]
         fill = (tensor.mean(dim=0, keepdim=True) if tensor.dim() == 1 else torch.zeros_like(tensor[:1]))
-        tensors[key] = torch.cat([tensor, fill.expand(len(added), *tensor.shape[1:])]).contiguous()
+        rows = fill.expand(len(added), *tensor.shape[1:]).clone()
+        for i, label in enumerate(added):
+            if label in prototypes:
+                weight, bias = prototypes[label]
+                rows[i] = (weight if tensor.dim() > 1 else bias).to(tensor.dtype)
+        tensors[key] = torch.cat([tensor, rows]).contiguous()
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out_dir / LABELS_FILE).write_text(json.dumps(old + added))
     return out_dir
+
+
+PROTOTYPE_TEXTS = 64  # examples per new label averaged into its prototype (more add cost, not direction)
+BACKGROUND_TEXTS = 512  # rows of known labels whose mean features are the champion's "average input"
+
+
+def _logits_layer(model) -> torch.nn.Linear:
+    """The linear layer that produces the logits (the active copy under peft's modules_to_save wrapper)."""
+    module = _inner(model)
+    for part in anatomy(model).head_out.split("."):
+        module = _unwrap(getattr(_unwrap(module), part))
+    if not isinstance(module, torch.nn.Linear):
+        raise RefitError(f"the logits layer of {type(_inner(model)).__name__} is a {type(module).__name__}")
+    return module
+
+
+@torch.inference_mode()
+def head_features(model, tokenizer, texts: Sequence[str], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(features, logits) per text: what the logits layer reads (the pooled vector), and what it answers."""
+    model.eval()
+    layer = _logits_layer(model)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda _module, args, _out: seen.append(args[0].detach()))
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length(model, tokenizer))
+    input_ids = encoded["input_ids"]
+    features = np.zeros((len(texts), layer.in_features), dtype=np.float32)
+    logits = np.zeros((len(texts), layer.out_features), dtype=np.float32)
+    try:
+        for batch in _batches_by_length([len(x) for x in input_ids], batch_size, None):
+            seen.clear()
+            out = model(**tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")).logits
+            pooled = seen[-1]
+            if pooled.dim() != 2 or pooled.shape[0] != len(batch):  # a head that reads more than one vector a text
+                raise RefitError(f"the logits layer reads inputs of shape {tuple(pooled.shape)}, not one per text")
+            features[batch], logits[batch] = pooled.float().numpy(), out.float().numpy()
+    finally:
+        hook.remove()
+    return features, logits
+
+
+@torch.inference_mode()
+def sentence_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+    """Unit-length mean of each text's last hidden states: the encoder's sentence embedding.
+
+    The embedding all-MiniLM-L6-v2 was trained to give (sentence-transformers
+    mean pooling). Texts of one intent sit close together there even for an
+    intent the classifier never saw, where the position-0 vector its head
+    reads is shaped by the labels it was trained on.
+    """
+    model.eval()
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length(model, tokenizer))
+    input_ids = encoded["input_ids"]
+    out = np.zeros((len(texts), _inner(model).config.hidden_size), dtype=np.float32)
+    for batch in _batches_by_length([len(x) for x in input_ids], batch_size, None):
+        features = tokenizer.pad({"input_ids": [input_ids[i] for i in batch]}, return_tensors="pt")
+        hidden = model(**features, output_hidden_states=True).hidden_states[-1]
+        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out[batch] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().numpy()
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def prototype_rows(adapter_dir: Path, labels: Sequence[str], examples: pd.DataFrame,
+                   seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Head rows (weight, bias) for new ``labels`` from their examples, read through the champion at ``adapter_dir``.
+
+    The weight points from the mean features of the known labels' rows in
+    ``examples`` (the champion's average input; without any, the mean over
+    the new labels' rows) to the mean features of the label's own rows, and
+    has the average norm of the champion's rows, so its logits are on the
+    old ones' scale. The bias makes the new logit tie, on average over the
+    label's own rows, with the champion's top logit there: competitive where
+    its examples are, behind the old labels where they are not (the update
+    then sharpens both). Labels without rows, or a model whose logits layer
+    cannot be read, are left out: ``grow_head`` gives those the blank row.
+    """
+    labels = [label for label in labels if label in set(examples["label"])]
+    if not labels:
+        return {}
+    rng = random.Random(seed)
+    mine = examples[examples["label"].isin(labels)].drop_duplicates("text")
+    mine = mine.groupby("label", sort=False).head(PROTOTYPE_TEXTS)
+    others = examples[~examples["label"].isin(labels)]["text"].drop_duplicates().tolist()
+    others = rng.sample(others, min(len(others), BACKGROUND_TEXTS))
+    try:
+        model = load_model(adapter_dir)
+        tokenizer = load_tokenizer(adapter_dir)
+        features, logits = head_features(model, tokenizer, mine["text"].tolist() + others)
+        layer = _logits_layer(model)
+    except (RefitError, RuntimeError, AttributeError) as exc:
+        log.info("new labels start from blank head rows: the champion's features cannot be read (%s)", exc)
+        return {}
+    weight = layer.weight.detach().float()
+    norm = float(weight.norm(dim=1).mean())
+    own, background = features[: len(mine)], features[len(mine):]
+    center = background.mean(axis=0) if len(background) else own.mean(axis=0)
+    top = logits[: len(mine)].max(axis=1)
+    rows = {}
+    for label in labels:
+        at = (mine["label"] == label).to_numpy()
+        direction = own[at].mean(axis=0) - center
+        length = float(np.linalg.norm(direction))
+        if length < 1e-8 or not np.isfinite(length):
+            continue
+        row = direction * (norm / length)
+        bias = float(top[at].mean() - (own[at] @ row).mean())
+        rows[label] = (torch.from_numpy(row.astype(np.float32)), torch.tensor(bias, dtype=torch.float32))
+    return rows
 
 
 def model_labels(model) -> list[str]:

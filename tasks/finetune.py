@@ -8,11 +8,14 @@ from the base model.
 
 from __future__ import annotations
 
+import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -85,6 +88,14 @@ class UpdatePolicy(StrictModel):
     new_label_distill_weight: float = Field(
         ge=0, le=1, description="In an update that grows the head, the least weight of the champion's own soft "
                                 "outputs on replay rows (warm rungs).")
+    new_label_min_steps: int = Field(
+        0, ge=0, description="In an update that grows the head, the head rung (every layer frozen) trains at "
+                             "least this many steps, in more epochs: a few rows are otherwise a few steps.")
+    pseudo_label_margin: float | None = Field(
+        None, ge=0, le=2, description="Unlabelled texts of the update's traffic join training under a new label "
+                                      "when it is their nearest label (sentence embeddings against each "
+                                      "label's mean) by at least this much cosine; None: never.")
+    pseudo_labels_per_label: int = Field(20, ge=0, description="The most unlabelled texts one new label takes.")
     max_label_mix_shift: float | None = Field(
         None, gt=0, le=1, description="Delayed labels whose mix is this far (total variation) from the model's "
                                       "predictions on the same requests are refused whole; None: not checked.")
@@ -113,14 +124,18 @@ class TrainingSet:
     duplicates_dropped: int
     leaked_dropped: int
     fingerprint: str
+    pseudo_rows: int = 0  # unlabelled texts trained under the label they were given (origin "pseudo")
 
 
 def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str], replay_ratio: float,
-             seed: int, per_label: bool = False) -> TrainingSet:
+             seed: int, per_label: bool = False, pseudo: pd.DataFrame | None = None) -> TrainingSet:
     """New labelled rows plus a label-stratified replay sample, deduplicated and leak-free.
 
     Any row whose text is in an evaluation set is dropped (leakage guard by
     text hash), so the gate never scores a model on what it was trained on.
+    ``pseudo``: unlabelled texts with the label they were given
+    (:func:`pseudo_labels`), trained as ``origin == "pseudo"``; they count
+    with the new rows when the replay is sized, and never displace one.
     """
     from datasets import Dataset
 
@@ -133,13 +148,20 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
     if clean.empty:
         raise RefitError("no labelled examples left after removing duplicates and evaluation texts")
 
+    taken = set(key)
+    extra = pseudo[["text", "label"]] if pseudo is not None else new.iloc[:0]
+    extra_key = extra["text"].str.strip().str.lower()
+    extra = extra[~extra_key.isin(taken) & ~extra_key.duplicated() & ~extra["text"].map(text_hash).isin(eval_texts)]
+    taken |= set(extra["text"].str.strip().str.lower())
     pool = replay_pool[["text", "label"]]
-    pool = pool[~pool["text"].str.strip().str.lower().isin(set(key)) & ~pool["text"].map(text_hash).isin(eval_texts)]
-    size = min(len(pool), round(len(clean) * replay_ratio))
+    pool = pool[~pool["text"].str.strip().str.lower().isin(taken) & ~pool["text"].map(text_hash).isin(eval_texts)]
+    size = min(len(pool), round((len(clean) + len(extra)) * replay_ratio))
     replay = per_label_sample(pool, size, seed) if per_label else stratified_sample(pool, size, seed)
-    frame = pd.concat([clean.assign(origin="new"), replay.assign(origin="replay")], ignore_index=True)
+    frame = pd.concat([clean.assign(origin="new"), extra.assign(origin="pseudo"), replay.assign(origin="replay")],
+                      ignore_index=True)
     dataset = Dataset.from_pandas(frame, preserve_index=False)
-    return TrainingSet(frame, len(clean), len(replay), duplicates, int(leaked.sum()), dataset._fingerprint)
+    return TrainingSet(frame, len(clean), len(replay), duplicates, int(leaked.sum()), dataset._fingerprint,
+                       len(extra))
 
 
 @dataclass(frozen=True)
@@ -157,17 +179,28 @@ class UpdateData:
     eval_texts: set[str]
     labels: list[str]
     learned: list[str]
+    train_rows: pd.DataFrame | None = None  # the labelled rows left to train on after the holdout
+    seed: int = 0
+    pseudo_cost: TrainingCost | None = None  # the pass that gave unlabelled texts their labels
 
     @property
     def fresh(self) -> pd.DataFrame:
         return self.sets["fresh"]
 
     def recipe(self, recipe: Recipe, policy: UpdatePolicy) -> Recipe:
-        """The rung as this update runs it: a warm rung that grows the head also distils toward the champion."""
+        """The rung as this update runs it: a warm rung that grows the head also distils toward the champion.
+
+        Its head rung also trains at least ``new_label_min_steps`` steps: on a
+        few dozen rows five epochs are a handful of steps, too few to move a
+        new label's row far, and each step costs one cached vector per row.
+        """
         if not self.learned or recipe.start != "warm":
             return recipe
-        return recipe.model_copy(update={"distill_weight": max(recipe.distill_weight,
-                                                                policy.new_label_distill_weight)})
+        update: dict = {"distill_weight": max(recipe.distill_weight, policy.new_label_distill_weight)}
+        if recipe.frozen_layers == modeling.POLICY_DEPTH and policy.new_label_min_steps:
+            per_epoch = math.ceil(len(self.training.frame) / recipe.batch_size)
+            update["epochs"] = max(recipe.epochs, math.ceil(policy.new_label_min_steps / per_epoch))
+        return recipe.model_copy(update=update)
 
 
 def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, known_labels: list[str],
@@ -190,7 +223,77 @@ def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, 
     replay_ratio = policy.new_label_replay_ratio if learned else policy.replay_ratio
     training = assemble(train_rows, pool, eval_texts, replay_ratio, seed, per_label=bool(learned))
     return UpdateData(training, sets, eval_texts, list(known_labels) + [l for l in learned if l not in known_labels],
-                      list(learned))
+                      list(learned), train_rows, seed)
+
+
+def pseudo_labels(champion_dir: Path, labelled: pd.DataFrame, unlabelled: Sequence[str], learned: Sequence[str],
+                  exclude: set[str], margin: float, per_label: int) -> pd.DataFrame:
+    """Unlabelled texts given a new label where it is clearly their nearest label (``text``, ``label``, ``margin``).
+
+    Each label's prototype is the mean sentence embedding
+    (:func:`refit.modeling.sentence_embeddings`, through the champion's
+    encoder) of its rows in ``labelled`` (the update's training rows: new
+    labels' labelled rows, the known labels' rows and replay). An unlabelled
+    text takes the label of its nearest prototype when that is one of
+    ``learned`` and beats the second nearest by ``margin`` in cosine; each
+    label keeps its ``per_label`` clearest texts. Texts already labelled or in
+    ``exclude`` (hashes of evaluation texts) are never given a label: the
+    gate still judges only rows never trained on.
+    """
+    key = lambda texts: pd.Series(list(texts), dtype=object).astype(str).str.strip().str.lower()  # noqa: E731
+    candidates = pd.Series(list(unlabelled), dtype=object).astype(str)
+    keys = key(candidates)
+    keep = ~keys.duplicated() & ~keys.isin(set(key(labelled["text"]))) & ~candidates.map(text_hash).isin(exclude)
+    candidates = candidates[keep.to_numpy()].reset_index(drop=True)
+    wanted = [label for label in dict.fromkeys(learned) if label in set(labelled["label"])]
+    empty = pd.DataFrame({"text": pd.Series(dtype=object), "label": pd.Series(dtype=object),
+                          "margin": pd.Series(dtype=float)})
+    if candidates.empty or not wanted or per_label == 0 or labelled["label"].nunique() < 2:
+        return empty
+    model, tokenizer = modeling.load_model(champion_dir), modeling.load_tokenizer(champion_dir)
+    embedded = modeling.sentence_embeddings(model, tokenizer, labelled["text"].tolist() + candidates.tolist())
+    mine, theirs = embedded[: len(labelled)], embedded[len(labelled):]
+    names = sorted(set(labelled["label"]))
+    at = labelled["label"].to_numpy()
+    prototypes = np.stack([mine[at == name].mean(axis=0) for name in names])
+    prototypes /= np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+    scores = theirs @ prototypes.T
+    order = np.argsort(-scores, axis=1)
+    rows = np.arange(len(scores))
+    found = pd.DataFrame({"text": candidates, "label": np.array(names, dtype=object)[order[:, 0]],
+                          "margin": scores[rows, order[:, 0]] - scores[rows, order[:, 1]]})
+    found = found[found["label"].isin(wanted) & (found["margin"] >= margin)]
+    found = found.sort_values("margin", ascending=False, kind="stable").groupby("label", sort=False).head(per_label)
+    return found.reset_index(drop=True) if len(found) else empty
+
+
+def add_pseudo_labels(data: UpdateData, pool: pd.DataFrame, champion_dir: Path, unlabelled: Sequence[str],
+                      policy: UpdatePolicy, rates: Rates) -> UpdateData:
+    """``data`` with unlabelled texts of the update's traffic trained under the new labels they clearly are.
+
+    Only in an update that grows the head, and only where the policy sets
+    ``pseudo_label_margin``: a new label with a few labelled rows then trains
+    on the texts nearest to them as well (:func:`pseudo_labels`). The replay
+    grows with them. The pass is metered: ``pseudo_cost`` is part of the
+    update's cost. Fresh and golden texts are never given a label.
+    """
+    import dataclasses
+
+    import torch
+
+    if (policy.pseudo_label_margin is None or not data.learned or data.train_rows is None
+            or not len(unlabelled)):
+        return data
+    labelled = data.training.frame[data.training.frame["origin"] != "pseudo"][["text", "label"]]
+    with Meter(on_gpu=torch.cuda.is_available()) as meter:
+        found = pseudo_labels(champion_dir, labelled, unlabelled, data.learned, data.eval_texts,
+                              policy.pseudo_label_margin, policy.pseudo_labels_per_label)
+    cost = TrainingCost.from_meter(meter, rates, len(labelled) + len(unlabelled), 0)
+    if found.empty:
+        return dataclasses.replace(data, pseudo_cost=cost)
+    training = assemble(data.train_rows, pool, data.eval_texts, policy.new_label_replay_ratio, data.seed,
+                        per_label=True, pseudo=found)
+    return dataclasses.replace(data, training=training, pseudo_cost=cost)
 
 
 def full_retrain_frame(pool: pd.DataFrame, training: TrainingSet, eval_texts: set[str]) -> pd.DataFrame:
