@@ -4,8 +4,9 @@ Real servers on free 127.0.0.1 ports, started through the CLI a user types
 (`refit stack up`): a Prefect server with its scheduler and event triggers, a
 process worker, an MLflow tracking server on SQLite. On it: champion v1 on the
 tiny scenario, every deployment of ``prefect.yaml``, and (once, on demand) the
-scheduled path: a drifted window, the monitor schedule firing, the drift event
-starting the update deployment, the promotion.
+scheduled path: a drifted window whose labels come one window late, the monitor
+schedule firing (a drift episode opens and waits for labels, then has enough),
+the drift event starting the update deployment, the promotion.
 
 Each step runs once per session and is cached here, so the UI test can reuse
 what the server test built, or build it alone when run alone. The ``stack``
@@ -22,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -177,43 +179,124 @@ def scenario_data(stack: Stack):
     return spec, build(spec, load_source(spec.source, Path(stack.env["REFIT_DATA_DIR"])))
 
 
-def write_drifted_window(stack: Stack, version: int, end: datetime | None = None,
-                         seed_offset: int = 1) -> tuple[datetime, datetime]:
-    """The shifted traffic of the scenario, scored by ``version`` and logged as serving would, with delayed labels.
-
-    Ten minutes ending at ``end`` (now by default; an earlier end gives a window of its own).
-    """
+def _store(stack: Stack):
     import mlflow
 
-    from refit import modeling
     from refit.settings import Settings
     from refit.store import open_store
+
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    mlflow.set_registry_uri(stack.mlflow_uri)
+    return open_store(Settings(home=stack.home, mlflow_tracking_uri=stack.mlflow_uri,
+                               data_dir=Path(stack.env["REFIT_DATA_DIR"])))
+
+
+def write_drifted_traffic(stack: Stack, version: int, start: datetime, end: datetime, seed_offset: int = 1):
+    """The shifted traffic of the scenario, scored by ``version`` and logged as serving would, over ``[start, end)``.
+
+    Returns the delayed labels of the scenario's labelled share of it (request_id, label, source), not yet
+    delivered: ``deliver_labels`` files them, as a labelling job would, whenever the test says they arrive.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from refit import modeling
     from registry import versions
     from tasks.ingest import replay_traffic
 
-    settings = Settings(home=stack.home, mlflow_tracking_uri=stack.mlflow_uri,
-                        data_dir=Path(stack.env["REFIT_DATA_DIR"]))
-    mlflow.set_tracking_uri(stack.mlflow_uri)
-    mlflow.set_registry_uri(stack.mlflow_uri)
+    store = _store(stack)
     spec, data = scenario_data(stack)
     model = modeling.load_model(versions.download_adapter(MODEL, version))
+    served = replay_traffic.fn(store, MODEL, model, modeling.load_tokenizer(), version, data.shifted_window,
+                               start, end, seed=spec.seed + seed_offset)
+    picked = np.random.default_rng(spec.seed + seed_offset).random(len(served)) < spec.windows.labelled_share
+    return pd.DataFrame({"request_id": served["request_id"][picked].to_numpy(),
+                         "label": data.shifted_window["label"].to_numpy()[picked], "source": "delayed-feedback"})
+
+
+def deliver_labels(stack: Stack, labels) -> None:
+    """Delayed labels arrive now (filed under today's date, as they would be)."""
+    from refit import requestlog
+
+    requestlog.write_labels(_store(stack), MODEL, labels)
+
+
+def write_drifted_window(stack: Stack, version: int, end: datetime | None = None,
+                         seed_offset: int = 1) -> tuple[datetime, datetime]:
+    """Ten minutes of shifted traffic ending at ``end`` (now by default; an earlier end gives a window of its
+    own), with its delayed labels already arrived."""
     end = end or datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=5)
     start = end - timedelta(minutes=10)
-    replay_traffic.fn(open_store(settings), MODEL, model, modeling.load_tokenizer(), version, data.shifted_window,
-                      start, end, labelled_share=spec.windows.labelled_share, seed=spec.seed + seed_offset)
+    deliver_labels(stack, write_drifted_traffic(stack, version, start, end, seed_offset))
     return start, end
 
 
-def scheduled_update(stack: Stack, interval_s: int = 20) -> dict:
-    """The scheduled path, once: drifted traffic, monitor schedule fires, the event starts `update`, it promotes.
+@contextmanager
+def holding_slot(stack: Stack, name: str, seconds: int = 900):
+    """Hold the Prefect global concurrency limit ``name`` (one slot) from the test, as a running flow would.
 
-    Returns the scheduled monitor run, its MLflow drift check, and the update run it started.
+    A flow that takes the same slot (``flows.common.one_at_a_time``) starts and then waits for it, so
+    the test can look at the world while that flow has started but done nothing yet.
+    """
+    try:
+        stack.call(f"/v2/concurrency_limits/{name}", method="GET")
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+        stack.call("/v2/concurrency_limits/", {"name": name, "limit": 1})
+    lease = stack.call("/v2/concurrency_limits/increment-with-lease",
+                       {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": seconds})
+    try:
+        yield
+    finally:
+        stack.call("/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease["lease_id"]})
+
+
+def _set_schedule(stack: Stack, active: bool) -> None:
+    """Resume or pause the monitor's schedule; pausing also drops the ticks already queued and waits for any
+    tick already running, so nothing checks behind the test's back."""
+    monitor_id = stack.deployment("monitor")["id"]
+    stack.call(f"/deployments/{monitor_id}", {"paused": not active}, method="PATCH")
+    if active:
+        return
+    for run in stack.flow_runs("monitor"):  # pausing removes most; a tick already queued goes here
+        if run["state_type"] == "SCHEDULED":
+            try:
+                stack.call(f"/flow_runs/{run['id']}", method="DELETE")
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:  # already gone
+                    raise
+    stack.wait_for("the monitor's running ticks to finish", lambda: all(
+        r["state_type"] in TERMINAL | {"SCHEDULED"} for r in stack.flow_runs("monitor")), timeout=300)
+
+
+def _drift_checks(stack: Stack, where: str = "") -> list:
+    client = stack.mlflow()
+    experiment = client.get_experiment_by_name("refit")
+    return client.search_runs([experiment.experiment_id], f"tags.`refit.run_type` = 'drift-check'{where}",
+                              order_by=["attributes.start_time DESC"])
+
+
+def scheduled_update(stack: Stack, interval_s: int = 20) -> dict:
+    """The scheduled path, once, with labels that arrive one window late.
+
+    1. Drifted traffic (window A) whose labels have not arrived. The monitor's schedule fires: the check
+       finds drift, opens the drift episode, counts no labels and waits (completed).
+    2. A's labels arrive, then window B's traffic (its own labels never do). The next scheduled check joins
+       the episode, counts A's labels over it, and its ``refit.drift.detected`` starts the update deployment.
+    3. While that update has started but waits for the model's update slot (held here), a second check of
+       the same traffic (by hand) must start nothing: the episode's update is under way.
+    4. The slot is freed: the update learns from the episode's labels, promotes, and closes the episode.
+
+    Returns the monitor runs, the MLflow drift checks (waiting, triggering, second), the episode, the late
+    labels, the update run and every update flow run that existed once it finished.
     """
     if "scheduled" in stack.cache:
         return stack.cache["scheduled"]
     champion = deploy(stack)["version"]
-    write_drifted_window(stack, champion)
     began = time.monotonic()
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    late = write_drifted_traffic(stack, champion, now - timedelta(minutes=10, seconds=5), now - timedelta(seconds=5))
     # A short interval for the test; production keeps prefect.yaml's hourly cron.
     stack.run(PREFECT + ["deploy", "--name", "monitor", "--interval", str(interval_s)], timeout=300)
 
@@ -223,27 +306,36 @@ def scheduled_update(stack: Stack, interval_s: int = 20) -> dict:
                 if r["auto_scheduled"] and r["state_type"] in TERMINAL - {"CANCELLED"}]
         return runs[0] if runs else None
 
-    monitor_run = stack.wait_for("a scheduled monitor run to finish", monitor_done, timeout=300)
-    # One scheduled check is enough: pause the schedule so later ticks do not compete for the two cores.
-    monitor_id = stack.deployment("monitor")["id"]
-    stack.call(f"/deployments/{monitor_id}", {"paused": True}, method="PATCH")
-    for run in stack.flow_runs("monitor"):  # pausing removes most; a tick already queued goes here
-        if run["state_type"] == "SCHEDULED":
-            try:
-                stack.call(f"/flow_runs/{run['id']}", method="DELETE")
-            except urllib.error.HTTPError as exc:
-                if exc.code != 404:  # already gone
-                    raise
-    assert monitor_run["state_type"] == "COMPLETED", stack.run_logs(monitor_run["id"])
+    first = stack.wait_for("a scheduled monitor run to finish", monitor_done, timeout=300)
+    # One check at a time: pause the schedule so later ticks do not compete for the two cores.
+    _set_schedule(stack, active=False)
+    assert first["state_type"] == "COMPLETED", stack.run_logs(first["id"])
+    waiting = _drift_checks(stack)[0]
 
-    client = stack.mlflow()
-    experiment = client.get_experiment_by_name("refit")
-    (check,) = client.search_runs([experiment.experiment_id], "tags.`refit.action` = 'update'")
-    update_run = stack.wait_for("the drift event to start the update deployment",
-                                lambda: (stack.flow_runs("update") or [None])[0], timeout=120)
+    slot = f"refit-update-{MODEL}"
+    with holding_slot(stack, slot):
+        deliver_labels(stack, late)  # A's labels, one window late; before B, so any check that sees B sees them
+        b_start = datetime.fromisoformat(waiting.data.tags["refit.window_end"]) + timedelta(seconds=1)
+        write_drifted_traffic(stack, champion, b_start, datetime.now(timezone.utc) - timedelta(seconds=1),
+                              seed_offset=2)
+        _set_schedule(stack, active=True)
+        (check,) = stack.wait_for("a scheduled check to start the update", lambda: _drift_checks(
+            stack, " and tags.`refit.action` = 'update'"), timeout=300)
+        _set_schedule(stack, active=False)
+        update_run = stack.wait_for("the drift event to start the update deployment",
+                                    lambda: (stack.flow_runs("update") or [None])[0], timeout=120)
+        stack.wait_for("the update to start (it then waits for the model's update slot)", lambda: stack.call(
+            f"/flow_runs/{update_run['id']}", method="GET")["state_type"] == "RUNNING", timeout=300)
+        params = {"window_end": check.data.tags["refit.window_end"], "window_hours": 24}
+        second = stack.wait_done(run_deployment(stack, "monitor/monitor", params)["id"], timeout=300)
+        second_check = _drift_checks(stack)[0]
     update_run = stack.wait_done(update_run["id"], timeout=900)
-    stack.cache["scheduled"] = {"monitor_run": monitor_run, "drift_check": check, "update_run": update_run,
-                                "seconds": round(time.monotonic() - began, 1), "champion_before": champion}
+    stack.cache["scheduled"] = {
+        "monitor_runs": [r for r in stack.flow_runs("monitor") if r["state_type"] != "SCHEDULED"],
+        "first_monitor_run": first, "second_monitor_run": second, "waiting_check": waiting, "drift_check": check,
+        "second_check": second_check, "episode_id": check.data.tags.get("refit.episode_id"),
+        "late_labels": late, "update_run": update_run, "update_runs": [r["id"] for r in stack.flow_runs("update")],
+        "seconds": round(time.monotonic() - began, 1), "champion_before": champion}
     return stack.cache["scheduled"]
 
 

@@ -3,7 +3,8 @@
 The claim under test: the champion is always a version that passed its gate,
 whatever order updates run in and wherever one of them dies.
 
-- Two updates of one drifted window started at once through two deployments
+- Two updates of one drifted window (a window-based hand run, not a drift
+  episode) started at once through two deployments
   (`update` and `hotfix`: separate deployment limits, so only the flow's
   per-model global limit keeps them apart) train once and promote at most
   one version; the second finds the first's run and pays for nothing.
@@ -39,6 +40,8 @@ def _window(stack, days_ago: int, seed_offset: int) -> dict:
 
 
 def _update_runs(client, experiment_id: str, window: dict, status: str | None = None):
+    """The update runs of a window run by hand (keyed by the window; an episode's update keys on the episode
+    and its labels instead)."""
     key = f"{MODEL}:window:{window['window_start']}..{window['window_end']}"
     status_filter = f" and attributes.status = '{status}'" if status else ""
     return client.search_runs([experiment_id], f"tags.`refit.trigger_key` = '{key}'{status_filter}")

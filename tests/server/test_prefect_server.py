@@ -2,8 +2,9 @@
 
 What a user does on a Prefect server, end to end: the stack answers, every
 deployment of prefect.yaml is registered as designed, the scheduled monitor
-finds the drifted window and its event starts the update deployment, which
-promotes; a duplicated check of the same window starts nothing; the hotfix
+finds the drifted window, follows its drift episode until enough labels
+arrived, and its event starts the update deployment, which promotes; a second
+check while that update runs starts nothing; the hotfix
 deployment run with `prefect deployment run` is still gated; and the results
 are found in the MLflow tracking server, as a reviewer would find them.
 """
@@ -42,18 +43,24 @@ def test_deploy_all_registers_every_deployment_as_designed(stack, deployed):
     deployments = {d["name"]: d for d in stack.call("/deployments/filter")}
     assert set(deployments) == {"monitor", "update", "hotfix", "rollback"}
     assert all(d["work_pool_name"] == "refit" for d in deployments.values())
-    (schedule,) = deployments["monitor"]["schedules"]
-    assert schedule["schedule"]["cron"] == "0 * * * *"
+    # prefect.yaml's hourly cron (the scheduled path, when it ran first, deployed its short interval beside it).
+    schedules = [s["schedule"] for s in deployments["monitor"]["schedules"]]
+    assert [s["cron"] for s in schedules if s.get("cron")] == ["0 * * * *"]
+    assert all(s.get("cron") or "scheduled" in stack.cache for s in schedules), schedules
     # Limits are per model (the flows take refit-<flow>-<model>), not per deployment: models never queue on each other.
     assert all(d["global_concurrency_limit"] is None for d in deployments.values())
     automations = {a["name"]: a for a in stack.call("/automations/filter")}
-    # `refit stack up` installed the one that marks dead flow runs Crashed; prefect.yaml added the trigger.
+    # `refit stack up` installed the one that marks dead flow runs Crashed; prefect.yaml added the update's triggers.
     assert automations.pop("refit-crash-zombie-flow-runs")["actions"][0]["type"] == "change-flow-run-state"
-    (automation,) = automations.values()
-    assert automation["trigger"]["expect"] == ["refit.drift.detected"]
-    (action,) = automation["actions"]
-    assert action["deployment_id"] == deployments["update"]["id"]
-    assert set(action["parameters"]) == {"model_name", "window_start", "window_end", "drift_run_id"}  # the event's model
+    by_event = {tuple(a["trigger"]["expect"]): a for a in automations.values()}
+    assert set(by_event) == {("refit.drift.detected",), ("refit.labels.arrived",)}, list(automations)
+    expected = {"refit.drift.detected": {"model_name", "episode_id", "drift_run_id"},  # the event's episode
+                "refit.labels.arrived": {"model_name"}}  # the update finds the model's open episode itself
+    for (event,), automation in by_event.items():
+        assert automation["trigger"]["match"] == {"prefect.resource.id": "refit.model.*"}
+        (action,) = automation["actions"]
+        assert action["deployment_id"] == deployments["update"]["id"]
+        assert set(action["parameters"]) == expected[event], event  # the event's model
     # The pool is a process pool, made by the worker `refit stack up` started.
     assert stack.call("/work_pools/refit", method="GET")["type"] == "process"
 
@@ -62,10 +69,10 @@ def test_schedule_fires_monitor_whose_event_starts_update_which_promotes(stack, 
     path = stack_session.scheduled_update(stack)
     check, update_run = path["drift_check"], path["update_run"]
     assert check.data.tags["refit.severity"] in ("low", "high")
+    assert path["episode_id"] and check.data.tags["refit.episode_id"] == path["episode_id"]
     assert update_run["state_type"] == "COMPLETED", stack.run_logs(update_run["id"])
-    # The trigger handed the event's model, the drifted window and the drift run to the update (prefect.yaml).
-    assert update_run["parameters"] == {"model_name": MODEL, "window_start": check.data.tags["refit.window_start"],
-                                        "window_end": check.data.tags["refit.window_end"],
+    # The trigger handed the event's model, its drift episode and the drift run to the update (prefect.yaml).
+    assert update_run["parameters"] == {"model_name": MODEL, "episode_id": path["episode_id"],
                                         "drift_run_id": check.info.run_id}
     client = stack.mlflow()
     champion = client.get_model_version_by_alias(MODEL, "champion")
@@ -80,29 +87,25 @@ def test_schedule_fires_monitor_whose_event_starts_update_which_promotes(stack, 
     assert {"drift_report.html", "verdict.json"} <= {a.path for a in client.list_artifacts(check.info.run_id)}
 
 
-def test_second_check_of_the_same_window_starts_no_second_update(stack, deployed):
+def test_a_check_while_the_episodes_update_runs_starts_no_second_update(stack, deployed):
+    """The second check ran by hand over the same drifted traffic after the event had started the update,
+    which was waiting for the model's update slot: it joins the episode, sees the update's try, and waits."""
     path = stack_session.scheduled_update(stack)
-    check, client = path["drift_check"], stack.mlflow()
-    champion = client.get_model_version_by_alias(MODEL, "champion").version
-    # Ask again about the drifted window against the champion that saw it, as a duplicated
-    # scheduled run would have before the update promoted.
-    client.set_registered_model_alias(MODEL, "champion", str(path["champion_before"]))
-    try:
-        params = {"window_end": check.data.tags["refit.window_end"], "window_hours": 24}
-        stack.run(PREFECT + ["deployment", "run", "monitor/monitor", "--params", json.dumps(params)])
-        hand = stack.wait_for("the hand-run monitor", lambda: [r for r in stack.flow_runs("monitor")
-                                                              if not r["auto_scheduled"]], timeout=60)[0]
-        hand = stack.wait_done(hand["id"], timeout=300)
-    finally:
-        client.set_registered_model_alias(MODEL, "champion", champion)
-    assert hand["state_type"] == "COMPLETED", stack.run_logs(hand["id"])
+    second, episode = path["second_check"], path["episode_id"]
+    assert path["second_monitor_run"]["state_type"] == "COMPLETED", stack.run_logs(path["second_monitor_run"]["id"])
+    assert second.info.run_id not in (path["drift_check"].info.run_id, path["waiting_check"].info.run_id)
+    assert second.data.tags["refit.window_end"] == path["drift_check"].data.tags["refit.window_end"]
+    assert second.data.tags["refit.drift_detected"] == "True"
+    assert second.data.tags["refit.episode_id"] == episode  # the same episode, still open then
+    assert second.data.tags["refit.action"] == "wait for labels"
+    # Nothing new arrived since the update started: the same labels, counted once, and no second event.
+    assert second.data.metrics["labelled_rows"] == path["drift_check"].data.metrics["labelled_rows"]
+    assert path["update_runs"] == [path["update_run"]["id"]]
+    client = stack.mlflow()
     experiment = client.get_experiment_by_name("refit")
-    newest = client.search_runs([experiment.experiment_id], "tags.`refit.run_type` = 'drift-check'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
-    assert newest.data.tags["refit.window_start"] == check.data.tags["refit.window_start"]
-    assert newest.data.tags["refit.drift_detected"] == "True"
-    assert newest.data.tags["refit.action"] == "none"
-    assert [r["id"] for r in stack.flow_runs("update")] == [path["update_run"]["id"]]
+    trained = client.search_runs([experiment.experiment_id], "tags.`refit.run_type` = 'update' and "
+                                 f"tags.`refit.trigger_key` LIKE '{MODEL}:episode:{episode}:%'")
+    assert len(trained) == 1, [r.info.run_id for r in trained]
 
 
 def _hotfix_file(stack, directory):
