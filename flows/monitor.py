@@ -28,7 +28,7 @@ from registry import episodes, versions
 from registry.tracking import RUN_TYPE, flat_params, last_checked_window_end, log_policy
 from tasks.deploy import read_reference
 from tasks.drift import check_drift, load_drift_policy, reference_as_served
-from tasks.episodes import UNSENT, check_markdown, follow, record_check  # noqa: F401  (UNSENT: tests read it here)
+from tasks.episodes import UNSENT, check_markdown, count, decide, follow, record_check  # noqa: F401  (UNSENT: tests read it here)
 from tasks.finetune import load_update_policy
 from tasks.report import markdown as cost_markdown, model_report
 from tasks.validate import validate_window
@@ -76,9 +76,11 @@ def _monitor(settings, window_end: str | None, window_hours: float | None, polic
     except WindowTooSmall as exc:
         # A quiet hour is not a failure: complete, record nothing, and the next check covers this window too.
         get_run_logger().info(f"{exc}: waiting for more traffic")
-        return {"drift_detected": False, "severity": "none", "action": "wait",
-                "action_reason": f"{exc}: waiting for more traffic", "rows_in": len(window),
-                "window_start": start.isoformat(), "window_end": end.isoformat(), "champion_version": champion}
+        verdict = {"drift_detected": False, "severity": "none", "action": "wait",
+                   "action_reason": f"{exc}: waiting for more traffic", "rows_in": len(window),
+                   "window_start": start.isoformat(), "window_end": end.isoformat(), "champion_version": champion}
+        return verdict | quiet_hour_episode(ctx, champion, update_policy, end)
+
     except RefitError as exc:
         return user_error(exc)
 
@@ -122,6 +124,30 @@ def _monitor(settings, window_end: str | None, window_hours: float | None, polic
                           f"(severity {result.severity}) on {len(validated.kept)} rows: action {decision.action} "
                           f"({decision.reason})")
     return verdict
+
+
+def quiet_hour_episode(ctx, champion: int, update_policy, end) -> dict:
+    """Too little traffic to measure drift, but labels still arrive: an open episode whose labels now suffice
+    starts its update from this check too."""
+    name = ctx.model_name
+    episode = episodes.open_episode(ctx.experiment_id, name)
+    if episode is None:
+        return {}
+    _, pool = read_reference(ctx.store, name, champion)
+    counted = count(ctx.store, ctx.experiment_id, name, episode, sorted(pool["label"].astype(str).unique()),
+                    update_policy, end, ctx.settings.seed)
+    action, why = decide(episode, counted, update_policy.min_new_examples)
+    if action == "update":
+        payload = {"model_name": name, "episode_id": episode.id, "severity": episode.severity,
+                   "model_version": champion, "drift_run_id": episode.opened_by, "labels": counted.usable}
+        try:
+            sent = emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"}, payload=payload)
+            if sent is not None and delivered(sent):
+                episodes.record_try(episode.id, counted.usable)
+        except Exception as exc:  # noqa: BLE001 - the next check tries again
+            get_run_logger().warning(f"drift event {DRIFT_EVENT} not sent ({type(exc).__name__}: {exc})")
+    return {"action": action, "action_reason": why, "episode": episode.id, "drift_run_id": episode.opened_by,
+            "labelled_rows": counted.usable, "labels_enough": counted.ok}
 
 
 def window_bounds(experiment_id: str, name: str, window_end: str | None, window_hours: float | None):

@@ -251,7 +251,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                     "reason": labelled.wait[1], "episode": labelled.episode.id if labelled.episode else None,
                     "attempts": []}
         source, arrived, trigger_key, episode = labelled.source, labelled.rows, labelled.trigger_key, labelled.episode
-        drift_run_id = drift_run_id or (episode.id if episode else None)
+        drift_run_id = drift_run_id or (episode.opened_by if episode else None)  # a label arrival names none
         earlier = None if force else finished_update(ctx.experiment_id, name, trigger_key)
         if earlier is not None:
             why = (f"already updated for these labels by run {earlier.info.run_id} "

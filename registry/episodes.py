@@ -51,6 +51,7 @@ class Episode:
     champion: int
     tried_labels: int
     closed_reason: str
+    opened_by: str = ""  # the drift check that opened it
 
     @property
     def is_open(self) -> bool:
@@ -68,7 +69,7 @@ def _episode(run) -> Episode:
                    tags.get("refit.episode_start", ""), tags.get("refit.episode_window_end", ""),
                    int(tags.get("refit.episode_windows", "0")), tags.get("refit.severity", "none"),
                    int(tags.get("refit.champion_version", "0")), int(tags.get("refit.episode_tried_labels", "-1")),
-                   tags.get("refit.closed_reason", ""))
+                   tags.get("refit.closed_reason", ""), tags.get("refit.opened_by", ""))
 
 
 def episodes(experiment_id: str, model_name: str, status: str | None = None, newest: int = 50) -> list[Episode]:
