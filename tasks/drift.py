@@ -16,7 +16,8 @@ Three signals compare the window with the champion's reference snapshot:
   variation distance between the label distributions minus its mean under
   the permutation null: ~0 when windows differ by chance, although the raw
   distance (like Evidently's Jensen-Shannon distance, ~0.17) is far from 0
-  with ~150 sparse labels.
+  with ~150 sparse labels. Calibrated, it fires past the same null's
+  ``1 - rate`` quantile (``label_shift_test``).
 * ``confidence``, Evidently's normed Wasserstein distance. Reported, but it
   never changes severity (the champion signals below read the confidences).
 
@@ -36,7 +37,9 @@ them (value, threshold, drifted) and count only where the policy sets
   ``performance_estimate``: a label-free accuracy estimate after NannyML's
   CBPE (``cbpe``): an isotonic map from confidence to the reference's hit
   rate, fitted on the reference's labelled rows, averaged over the window;
-  the value is the reference's accuracy minus the window's estimate.
+  the value is the reference's accuracy minus the window's estimate. The
+  shipped policy counts only this one: it is in accuracy, a unit every
+  model shares, where raw confidences are in each model's own calibration.
 * ``embedding``, Evidently's embedding drift methods (``MMDDriftMethod``,
   ``ModelDriftMethod``, ``DistanceDriftMethod``) on the same embeddings.
   Off in the shipped policy: it imports Evidently, and an MMD test fires on
@@ -56,9 +59,15 @@ runs on ONNX Runtime from a graph built once per encoder from its weights
 (without torch) and kept under ``REFIT_HOME/cache/encoders``, so no check
 imports torch or transformers (``refit/runtime/encoder_onnx.py``).
 
-The thresholds in ``refit/policies/drift.yaml`` are calibrated on quiet
-CLINC150 windows by ``refit bench drift --calibration-pairs``; the numbers
-are in that file and in ``docs/drift.md``.
+The counted signals' thresholds come from the champion's own reference,
+not from any one data set (``threshold: calibrated`` in
+``refit/policies/drift.yaml``): the ``1 - rate`` quantile of the signal on
+quiet windows like the reference, at least a ``min_effect``. The text
+signal draws its quiet windows from the reference's embeddings
+(``novelty_null``), once per reference and window size, kept in the process
+and with the reference (``KeptCalibrations``); the prediction signal's is a
+permutation test's; the champion signals' follow from the reference's spread
+of confidences. ``docs/drift.md`` says what each catches and misses.
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -127,6 +136,11 @@ EXTRA_SIGNAL_METHODS: dict[str, dict[str, Direction]] = {
 }
 # Computed by refit itself, so a check that uses only these never imports Evidently (4 s on 2 cores).
 NATIVE_METHODS = frozenset({EMBEDDING_NOVELTY, NOVELTY, LABEL_SHIFT, "wasserstein"})
+# Methods whose threshold can be computed from the reference for each check (``threshold: calibrated``).
+CALIBRATED = "calibrated"
+CALIBRATED_METHODS = frozenset({EMBEDDING_NOVELTY, LABEL_SHIFT, "mean_confidence_drop", "low_confidence_share",
+                                "cbpe"})
+CALIBRATION_SPLITS = 400
 LOW_CONFIDENCE_QUANTILE = 0.10
 EMBEDDING_MAX_LENGTH = 64
 EMBEDDING_BATCH = 128  # torch
@@ -143,12 +157,17 @@ class SignalPolicy(StrictModel):
 
     enabled: bool = Field(description="False skips the signal: it is neither measured nor reported.")
     method: str = Field(description="Evidently stat test name, or one of refit's (see tasks/drift.py).")
-    threshold: float = Field(gt=0, description="Compared with the value on the side the method's direction names.")
+    threshold: Annotated[float, Field(gt=0)] | Literal["calibrated"] = Field(
+        description="Compared with the value on the side the method's direction names; 'calibrated': computed "
+                    "from the reference for each check (methods in CALIBRATED_METHODS).")
 
 
 class TextSignalPolicy(SignalPolicy):
     max_rows: int = Field(default=1000, ge=2, description="embedding_novelty: rows a side embedded (a sample).")
     neighbours: int = Field(default=NEIGHBOURS, ge=1, description="embedding_novelty: nearest reference rows.")
+    min_effect: float = Field(default=0.0, ge=0, description=(
+        "Calibrated embedding_novelty: the smallest value that fires, in standard deviations of the reference's "
+        "own per-text scores (Cohen's d); the threshold is the larger of this and the quiet-window quantile."))
 
 
 class ExtraSignalPolicy(SignalPolicy):
@@ -170,6 +189,10 @@ class ChampionSignalPolicy(ExtraSignalPolicy):
     (its ``scored_on`` column says ``held_out``): confidences on training rows
     run high, so any window would look like a drop.
     """
+
+    min_effect: float = Field(default=0.0, ge=0, description=(
+        "Calibrated threshold: the smallest value that fires, in the signal's own unit (a share or probability); "
+        "the threshold is the larger of this and the quiet-window quantile."))
 
 
 class PerformanceSignalPolicy(ExtraSignalPolicy):
@@ -230,13 +253,19 @@ class DriftPolicy(StrictModel):
     low_confidence: ChampionSignalPolicy = _off(ChampionSignalPolicy, "low_confidence_share", 0.05)
     performance_estimate: ChampionSignalPolicy = _off(ChampionSignalPolicy, "cbpe", 0.05)
     cooldown_minutes: float = Field(ge=0, description="No second update within this time unless severity rises.")
+    false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5, description=(
+        "Share of quiet windows (drawn like the reference) a check may flag: calibrated thresholds are set for it, "
+        "split evenly among the counted signals that have one."))
 
     @model_validator(mode="after")
     def _known_methods(self) -> DriftPolicy:
         for name, methods in (SIGNAL_METHODS | EXTRA_SIGNAL_METHODS).items():
-            method = getattr(self, name).method
-            if method not in methods:
-                raise ValueError(f"{name}.method {method!r} is not one of: {', '.join(sorted(methods))}")
+            settings = getattr(self, name)
+            if settings.method not in methods:
+                raise ValueError(f"{name}.method {settings.method!r} is not one of: {', '.join(sorted(methods))}")
+            if settings.threshold == CALIBRATED and settings.method not in CALIBRATED_METHODS:
+                raise ValueError(f"{name}.threshold: 'calibrated' needs one of the methods "
+                                 f"{', '.join(sorted(CALIBRATED_METHODS))}, not {settings.method!r}")
         if self.max_sample_rows < self.min_window_rows:
             raise ValueError(f"max_sample_rows ({self.max_sample_rows}) is below min_window_rows "
                              f"({self.min_window_rows}): no window could be measured whole")
@@ -333,6 +362,18 @@ def label_shift(reference: pd.Series, current: pd.Series, draws: int = LABEL_SHI
     rare labels stay inside the noise, which is what keeps a reference that
     holds a few examples of many extra labels from alarming on every window.
     """
+    return label_shift_test(reference, current, draws=draws, seed=seed)[0]
+
+
+def label_shift_test(reference: pd.Series, current: pd.Series, rate: float = 0.01, draws: int = LABEL_SHIFT_DRAWS,
+                     seed: int = 0) -> tuple[float, float]:
+    """``label_shift`` and the threshold it must pass to be beyond chance at ``rate``: a permutation test.
+
+    The threshold is the ``1 - rate`` quantile of the same statistic over the
+    permutation null the value already subtracts the mean of, so no constant
+    of one data set's label count or sizes is in it: with many sparse labels
+    the null spreads wider, and the threshold with it.
+    """
     ref_counts = reference.astype(str).value_counts()
     cur_counts = current.astype(str).value_counts()
     labels = ref_counts.index.union(cur_counts.index)
@@ -344,8 +385,8 @@ def label_shift(reference: pd.Series, current: pd.Series, draws: int = LABEL_SHI
         gap = current_counts / n_current - (totals - current_counts) / n_reference
         return np.clip(gap, 0, None).sum(axis=-1)
 
-    null = np.random.default_rng(seed).multivariate_hypergeometric(totals, n_current, size=draws)
-    return float(distance(observed) - distance(null).mean())
+    null = distance(np.random.default_rng(seed).multivariate_hypergeometric(totals, n_current, size=draws))
+    return float(distance(observed) - null.mean()), float(np.quantile(null, 1 - rate) - null.mean())
 
 
 def _novelty_stattest(reference: pd.Series, current: pd.Series, feature_type, threshold: float) -> tuple[float, bool]:
@@ -767,9 +808,14 @@ def embedding_novelty(reference: pd.Series, current: pd.Series, neighbours: int 
     reference's intents are busier, which a two-sample test on the same
     embeddings (MMD, a classifier) flags too: with a reference drawn from
     one CLINC150 split and windows from another, an MMD permutation test at
-    p < 0.05 fired on 30% of quiet pairs, so the threshold here is calibrated
-    on such quiet pairs instead (``refit bench drift``).
+    p < 0.05 fired on 30% of quiet pairs. Where this value fires is computed
+    from the reference (``novelty_null``, ``text_threshold``).
     """
+    value, details, _ = _novelty(reference, current, neighbours)
+    return value, details
+
+
+def _novelty(reference: pd.Series, current: pd.Series, neighbours: int) -> tuple[float, dict, NoveltyParts]:
     ref = sentence_embeddings(list(reference.astype(str)))
     cur = sentence_embeddings(list(current.astype(str)))
     if len(ref) < 2 or not len(cur):
@@ -780,7 +826,213 @@ def embedding_novelty(reference: pd.Series, current: pd.Series, neighbours: int 
     ref_score, cur_score = _top_k_mean(own, k), _top_k_mean(cur @ ref.T, k)
     value = float(ref_score.mean() - cur_score.mean())
     return value, {"reference_similarity": float(ref_score.mean()), "current_similarity": float(cur_score.mean()),
-                   "neighbours": k, "rows_reference": len(ref), "rows_current": len(cur)}
+                   "neighbours": k, "rows_reference": len(ref), "rows_current": len(cur)}, \
+        NoveltyParts(own, ref_score, len(cur), k)
+
+
+@dataclass(frozen=True)
+class NoveltyParts:
+    """What ``embedding_novelty`` computed that its calibration reuses: nothing is embedded again."""
+
+    similarity: np.ndarray   # reference x reference cosine similarities, own row -inf
+    reference_scores: np.ndarray
+    window_rows: int
+    neighbours: int
+
+
+NULL_NEIGHBOURS = 64  # nearest reference rows kept per row for the splits; a row left short is computed whole
+
+
+def novelty_null(similarity: np.ndarray, window_rows: int, neighbours: int, splits: int = CALIBRATION_SPLITS,
+                 seed: int = 0) -> np.ndarray:
+    """``embedding_novelty`` on quiet windows drawn from the reference itself: its values over ``splits`` splits.
+
+    Each split takes ``window_rows`` reference rows (at most half of them) as
+    a pseudo-window and the rest as a pseudo-reference, and computes the same
+    statistic between them from the reference's similarity matrix
+    (``similarity``, own row ``-inf``): no text is embedded again. Both halves
+    come from one sample, so the values spread as sampling alone spreads
+    them; a smaller pseudo-reference spreads them a little wider, which errs
+    on the quiet side.
+
+    Each row's nearest ``NULL_NEIGHBOURS`` rows are sorted once; a split then
+    reads each row's nearest rows left in the pseudo-reference from that list
+    (about 0.5 ms a split for 1,000 rows), and a row with fewer than
+    ``neighbours`` of them there is computed from its whole row.
+    """
+    n = len(similarity)
+    window_rows = min(window_rows, n // 2)
+    if window_rows < 1 or n - window_rows < 2:
+        raise RefitError(f"a calibration needs a reference of at least 3 rows, got {n}")
+    k = min(neighbours, n - window_rows - 1)
+    width = min(n - 1, max(NULL_NEIGHBOURS, 4 * k))
+    nearest = np.argpartition(-similarity, width - 1, axis=1)[:, :width]
+    close = np.take_along_axis(similarity, nearest, axis=1)
+    order = np.argsort(-close, axis=1, kind="stable")
+    nearest, close = np.take_along_axis(nearest, order, axis=1), np.take_along_axis(close, order, axis=1)
+    rng = np.random.default_rng(seed)
+    values = np.empty(splits)
+    for i in range(splits):
+        in_window = np.zeros(n, dtype=bool)
+        in_window[rng.choice(n, window_rows, replace=False)] = True
+        kept = ~in_window[nearest]
+        rank = np.cumsum(kept, axis=1)
+        scores = np.where(kept & (rank <= k), close, 0.0).sum(axis=1) / k
+        short = rank[:, -1] < k
+        if short.any():
+            scores[short] = _top_k_mean(similarity[np.ix_(short, ~in_window)], k)
+        values[i] = scores[~in_window].mean() - scores[in_window].mean()
+    return values
+
+
+def _z(rate: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - rate)
+
+
+def text_threshold(null_mean: float, null_sd: float, scores_sd: float, rate: float,
+                   min_effect: float) -> tuple[float, dict]:
+    """Where ``embedding_novelty`` fires for one reference and window size: significant, and not negligible.
+
+    The quiet part is the ``1 - rate`` quantile of the values on quiet
+    windows drawn from the reference (``novelty_null``), taken from their
+    mean and standard deviation as a normal quantile: the value is a
+    difference of two means over hundreds of texts. The effect part is
+    ``min_effect`` standard deviations of the reference's per-text scores
+    (Cohen's d): a window whose texts are less alike the reference by less
+    than that is not acted on, however sure the difference is. A window of
+    another collection of the same traffic (other people, another month)
+    reads above the quiet quantile alone; how far is in ``docs/drift.md``.
+    """
+    quiet = null_mean + _z(rate) * null_sd
+    effect = min_effect * scores_sd
+    return max(quiet, effect), {"threshold_quiet": quiet, "threshold_effect": effect, "null_mean": null_mean,
+                                "null_sd": null_sd, "reference_scores_sd": scores_sd, "false_alarm_rate": rate}
+
+
+def calibration_key(texts: list[str], **params) -> str:
+    """What a kept calibration depends on: the reference's texts (as a multiset), the encoder and the parameters."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps({"encoder": encoder_fingerprint(), **params}, sort_keys=True).encode())
+    for text in sorted(map(str, texts)):
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+CALIBRATION_SUFFIX = ".calibration.json"
+STORE_CALIBRATION = "calibration.json"
+KEPT_CALIBRATIONS = 64  # per reference: one per window size seen; the oldest go first
+_calibrated: dict[str, dict] = {}
+
+
+class KeptCalibrations:
+    """Calibrations computed from one reference, kept with it: read on first use, written back when one was added.
+
+    ``beside(path)`` keeps them in a file next to a reference file
+    (``reference.parquet.calibration.json``, as its embeddings are kept);
+    ``in_store(store, prefix)`` in the object store under the reference's
+    prefix (``reference/model=<name>/version=<v>/calibration.json``). Each
+    entry is keyed by ``calibration_key``, so a changed reference, encoder or
+    window size is computed afresh, never read from an old entry. A file that
+    cannot be read or written costs a recomputation, never the check.
+    """
+
+    def __init__(self, read, write, where: str):
+        self._read, self._write, self.where = read, write, where
+        self._entries: dict[str, dict] | None = None
+        self._added = False
+
+    @classmethod
+    def beside(cls, reference_path: Path) -> KeptCalibrations:
+        import os
+
+        path = reference_path.with_name(reference_path.name + CALIBRATION_SUFFIX)
+
+        def write(data: bytes) -> None:
+            partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            try:
+                partial.write_bytes(data)
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+
+        return cls(lambda: path.read_bytes() if path.is_file() else None, write, str(path))
+
+    @classmethod
+    def in_store(cls, store, prefix: str) -> KeptCalibrations:
+        key = prefix + STORE_CALIBRATION
+
+        def read() -> bytes | None:
+            try:
+                return store.get_bytes(key)
+            except KeyError:
+                return None
+
+        return cls(read, lambda data: store.put_bytes(key, data), store.uri(key))
+
+    def _load(self) -> dict[str, dict]:
+        import json
+
+        if self._entries is None:
+            self._entries = {}
+            try:
+                data = self._read()
+                if data is not None:
+                    entries = json.loads(data.decode("utf-8"))["entries"]
+                    self._entries = {str(k): dict(v) for k, v in entries.items() if isinstance(v, dict)}
+            except Exception as exc:  # a damaged or foreign file: calibrate again and write a good one
+                log.warning("drift calibrations in %s not read (%s): computing them again", self.where, exc)
+        return self._entries
+
+    def get(self, key: str) -> dict | None:
+        return self._load().get(key)
+
+    def add(self, key: str, entry: dict) -> None:
+        entries = self._load()
+        entries[key] = entry
+        while len(entries) > KEPT_CALIBRATIONS:
+            entries.pop(next(iter(entries)))
+        self._added = True
+
+    def save(self) -> None:
+        """Write the entries back if a check added one; a failure is logged, the check goes on."""
+        import json
+
+        if not self._added:
+            return
+        try:
+            self._write(json.dumps({"format": 1, "entries": self._load()}, indent=1, sort_keys=True).encode())
+            self._added = False
+        except Exception as exc:  # a read-only directory, a store that refuses: the next check recomputes
+            log.warning("drift calibrations not kept in %s (%s): the next check computes them again", self.where, exc)
+
+
+def _text_calibration(texts: list[str], parts: NoveltyParts, seed: int,
+                      kept: KeptCalibrations | None) -> tuple[dict, str]:
+    """The quiet-window null of one reference and window size: from this process, from ``kept``, or computed."""
+    key = calibration_key(texts, statistic=f"{EMBEDDING_NOVELTY}/1", window_rows=parts.window_rows,
+                          neighbours=parts.neighbours, splits=CALIBRATION_SPLITS, seed=seed)
+    entry, source = _calibrated.get(key), "this process"
+    if entry is None and kept is not None:
+        entry, source = kept.get(key), "kept with the reference"
+        if entry is not None:
+            _calibrated[key] = entry
+    if entry is None:
+        null = novelty_null(parts.similarity, parts.window_rows, parts.neighbours, CALIBRATION_SPLITS, seed)
+        n = len(parts.similarity)
+        entry = {"null_mean": float(null.mean()), "null_sd": float(null.std(ddof=1)), "splits": len(null),
+                 "pseudo_window_rows": min(parts.window_rows, n // 2),
+                 "pseudo_reference_rows": n - min(parts.window_rows, n // 2)}
+        source = "computed"
+        _calibrated[key] = entry
+        if len(_calibrated) > EMBEDDING_CACHE_ROWS // 100:
+            _calibrated.pop(next(iter(_calibrated)))
+    if kept is not None and kept.get(key) is None:
+        kept.add(key, entry)
+    return entry, source
 
 
 def embedding_drift(reference: pd.Series, current: pd.Series, method: str, threshold: float) -> float:
@@ -839,6 +1091,7 @@ def measure_drift(
     confidence_column: str = "confidence",
     label_column: str = "label",
     report: bool = True,
+    kept: KeptCalibrations | None = None,
 ) -> DriftResult:
     """Compare ``current`` with ``reference`` under ``policy``.
 
@@ -861,6 +1114,15 @@ def measure_drift(
     ``low`` only when its policy sets ``counts_toward_verdict``, and a
     champion signal only when the reference's ``scored_on`` column says
     ``held_out`` as well.
+
+    A signal whose policy says ``threshold: calibrated`` gets its threshold
+    from the reference for this check (``CALIBRATED_METHODS``): the quantile
+    of its values on quiet windows like the reference, at the counted
+    signals' share of ``policy.false_alarm_rate``, and at least the signal's
+    ``min_effect``. The text signal's quiet windows are drawn from the
+    reference's own embeddings, once per reference and window size: kept in
+    this process and, with ``kept``, with the reference (a file beside it,
+    or its prefix in the object store), so a new process reads them back.
 
     Refit computes its own methods (``NATIVE_METHODS``, the shipped policy's);
     Evidently is imported only for other methods or for the HTML report
@@ -898,18 +1160,23 @@ def measure_drift(
         cur = pd.concat([cur, text_descriptors(cur[text_column])[descriptors]], axis=1)
     column_of |= {name: name for name in descriptors}
     names = measured + descriptors
+    rates = _false_alarm_rates(policy, measured, has, held_out)
     values: dict[str, float] = {}
+    thresholds: dict[str, float] = {name: getattr(policy, name).threshold for name in names
+                                    if getattr(policy, name).threshold != CALIBRATED}
     details: dict[str, dict] = {}
     for name in names:
         settings = getattr(policy, name)
         if settings.method in NATIVE_METHODS:
-            values[name], details[name] = _native_value(name, settings, ref, cur, column_of[name], policy.seed,
-                                                        stratify_by)
+            values[name], threshold, details[name] = _native_value(
+                name, settings, ref, cur, column_of[name], policy.seed, stratify_by, rates.get(name), kept)
+            if threshold is not None:
+                thresholds[name] = threshold
     report_html = ""
     if report or len(values) < len(names):
         evidently_values, report_html = _evidently_report(
-            ref, cur, policy, {name: column_of[name] for name in names}, measured, descriptors, text_column,
-            prediction_column, confidence_column)
+            ref, cur, thresholds, policy, {name: column_of[name] for name in names}, measured, descriptors,
+            text_column, prediction_column, confidence_column)
         for name in names:
             values.setdefault(name, evidently_values[name])
         if not report:
@@ -920,12 +1187,14 @@ def measure_drift(
         settings = getattr(policy, name)
         direction = (SIGNAL_METHODS | EXTRA_SIGNAL_METHODS)[name][settings.method]
         signals[name] = Signal(
-            name=name, value=float(values[name]), threshold=float(settings.threshold),
-            drifted=_fires(values[name], settings.threshold, direction), method=settings.method, direction=direction,
+            name=name, value=float(values[name]), threshold=float(thresholds[name]),
+            drifted=_fires(values[name], thresholds[name], direction), method=settings.method, direction=direction,
             counts_toward_verdict=name in SEVERITY_SIGNALS or getattr(settings, "counts_toward_verdict", False),
             details=details.get(name, {}))
     signals |= _model_signals(ref, cur, policy, text_column, prediction_column, confidence_column,
-                              label_column if has_labels else None, wants_labels, has, held_out)
+                              label_column if has_labels else None, wants_labels, has, held_out, rates)
+    if kept is not None:
+        kept.save()
     severity = _severity(signals)
     return DriftResult(
         drift_detected=severity != "none",
@@ -943,28 +1212,64 @@ def _fires(value: float, threshold: float, direction: Direction) -> bool:
     return bool(value > threshold if direction == "above" else value < threshold)
 
 
+def _false_alarm_rates(policy: DriftPolicy, measured: list[str], has: dict[str, bool],
+                       held_out: bool) -> dict[str, float]:
+    """Each calibrated signal's share of the policy's false-alarm rate.
+
+    The check fires when any counted signal does, so the counted signals
+    with a calibrated threshold split the rate evenly (Bonferroni): on quiet
+    windows like the reference, about ``false_alarm_rate`` of checks fire in
+    all. A signal that only reports is calibrated at the whole rate.
+    """
+    calibrated = [name for name in (*SIGNAL_METHODS, *CHAMPION_SIGNALS)
+                  if getattr(policy, name).enabled and getattr(policy, name).threshold == CALIBRATED]
+    counted = [name for name in calibrated
+               if (name in SEVERITY_SIGNALS and name in measured)
+               or (name in CHAMPION_SIGNALS and has["confidence"] and held_out
+                   and getattr(policy, name).counts_toward_verdict)]
+    rate = policy.false_alarm_rate
+    return {name: rate / len(counted) if name in counted else rate for name in calibrated}
+
+
 def _native_value(name: str, settings: SignalPolicy, ref: pd.DataFrame, cur: pd.DataFrame, column: str, seed: int,
-                  stratify_by: str | None) -> tuple[float, dict]:
-    """A signal's value by refit's own code (the methods in ``NATIVE_METHODS``), and what explains it."""
+                  stratify_by: str | None, rate: float | None,
+                  kept: KeptCalibrations | None) -> tuple[float, float | None, dict]:
+    """A signal's value by refit's own code (the methods in ``NATIVE_METHODS``), its calibrated threshold
+    (``None`` when the policy fixes it) and what explains them."""
     method = settings.method
+    calibrated = settings.threshold == CALIBRATED
     if method == EMBEDDING_NOVELTY:
         limit = settings.max_rows
         ref_rows = sample_frame(ref, limit, seed, stratify_by)[column]
         cur_rows = sample_frame(cur, limit, seed, stratify_by)[column]
-        return embedding_novelty(ref_rows, cur_rows, settings.neighbours)
+        value, details, parts = _novelty(ref_rows, cur_rows, settings.neighbours)
+        if not calibrated:
+            return value, None, details
+        entry, source = _text_calibration(list(ref_rows.astype(str)), parts, seed, kept)
+        threshold, why = text_threshold(entry["null_mean"], entry["null_sd"], float(parts.reference_scores.std()),
+                                        rate, settings.min_effect)
+        return value, threshold, details | why | {
+            "calibration": source, "calibration_splits": entry["splits"],
+            "pseudo_window_rows": entry["pseudo_window_rows"],
+            "pseudo_reference_rows": entry["pseudo_reference_rows"]}
     if method == NOVELTY:
-        return novelty_share(ref[column], cur[column]), {}
+        return novelty_share(ref[column], cur[column]), None, {}
     if method == LABEL_SHIFT:
-        return label_shift(ref[column], cur[column]), {}
+        value, threshold = label_shift_test(ref[column], cur[column], rate or 0.01)
+        if not calibrated:
+            return value, None, {}
+        return value, threshold, {"calibration": "permutation test", "false_alarm_rate": rate,
+                                  "permutations": LABEL_SHIFT_DRAWS}
     if method == "wasserstein":
         before = pd.to_numeric(ref[column], errors="coerce").dropna().to_numpy(dtype=float)
         after = pd.to_numeric(cur[column], errors="coerce").dropna().to_numpy(dtype=float)
         # Evidently's normed Wasserstein distance, to the same floor on the reference's spread
-        return float(wasserstein_distance(before, after) / max(float(np.std(before)), 0.001)), {}
+        return float(wasserstein_distance(before, after) / max(float(np.std(before)), 0.001)), None, {}
     raise ValueError(f"{method} is not computed by refit")
 
 
-def _evidently_report(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, columns: dict[str, str],
+def _evidently_report(ref: pd.DataFrame, cur: pd.DataFrame, thresholds: dict[str, float], policy: DriftPolicy,
+                      columns: dict[str, str],
                       measured: list[str], descriptors: list[str], text_column: str, prediction_column: str,
                       confidence_column: str) -> tuple[dict[str, float], str]:
     """Evidently's ``ValueDrift`` of each signal: the values it measured and its HTML report."""
@@ -972,8 +1277,8 @@ def _evidently_report(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy,
     from evidently.metrics import ValueDrift
 
     _register_stattests()
-    metrics = {name: ValueDrift(column=column, method=getattr(policy, name).method,
-                                threshold=getattr(policy, name).threshold) for name, column in columns.items()}
+    metrics = {name: ValueDrift(column=column, method=getattr(policy, name).method, threshold=thresholds[name])
+               for name, column in columns.items()}
     definition = DataDefinition(
         text_columns=[text_column],
         categorical_columns=[prediction_column] if "prediction" in measured else [],
@@ -994,10 +1299,11 @@ def _evidently_report(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy,
 
 
 def _extra_signal(name: str, value: float, settings: ExtraSignalPolicy, counts: bool | None = None,
-                  **details: float | str) -> Signal:
+                  threshold: float | None = None, **details: float | str) -> Signal:
     direction = EXTRA_SIGNAL_METHODS[name][settings.method]
-    return Signal(name=name, value=float(value), threshold=float(settings.threshold),
-                  drifted=_fires(value, settings.threshold, direction), method=settings.method, direction=direction,
+    threshold = float(settings.threshold if threshold is None else threshold)
+    return Signal(name=name, value=float(value), threshold=threshold,
+                  drifted=_fires(value, threshold, direction), method=settings.method, direction=direction,
                   counts_toward_verdict=settings.counts_toward_verdict if counts is None else counts,
                   details={k: v if isinstance(v, str) else float(v) for k, v in details.items()})
 
@@ -1061,7 +1367,7 @@ def expected_accuracy(reference_confidence: np.ndarray, reference_correct: np.nd
 
 def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, text_column: str,
                    prediction_column: str, confidence_column: str, label_column: str | None, wants_labels: bool,
-                   has: dict[str, bool], held_out: bool) -> dict[str, Signal]:
+                   has: dict[str, bool], held_out: bool, rates: dict[str, float]) -> dict[str, Signal]:
     """Embedding, performance and champion signals, on the already sampled frames."""
     signals: dict[str, Signal] = {}
     settings = policy.embedding
@@ -1091,24 +1397,31 @@ def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, te
     if not len(before) or not len(after):
         return signals
     scored_on = HELD_OUT if held_out else "training or unknown"
+    sizes = 1 / len(after) + 1 / len(before)
     settings = policy.confidence_drop
     if settings.enabled:
+        # a difference of two means: its quiet spread is the reference's confidence spread over both sizes
+        threshold, why = _champion_threshold(settings, rates.get("confidence_drop"), before.std() * np.sqrt(sizes))
         signals["confidence_drop"] = _extra_signal(
             "confidence_drop", before.mean() - after.mean(), settings, settings.counts_toward_verdict and held_out,
-            mean_confidence_reference=before.mean(), mean_confidence_current=after.mean(),
-            reference_scored_on=scored_on)
+            threshold, mean_confidence_reference=before.mean(), mean_confidence_current=after.mean(),
+            reference_scored_on=scored_on, **why)
     settings = policy.low_confidence
     if settings.enabled:
         cut = float(np.quantile(before, LOW_CONFIDENCE_QUANTILE))
-        share = float(np.mean(after < cut))
+        share, share_reference = float(np.mean(after < cut)), float(np.mean(before < cut))
+        # a difference of two shares: binomial spread at the reference's share
+        threshold, why = _champion_threshold(settings, rates.get("low_confidence"),
+                                             np.sqrt(share_reference * (1 - share_reference) * sizes))
         signals["low_confidence"] = _extra_signal(
-            "low_confidence", share - float(np.mean(before < cut)), settings,
-            settings.counts_toward_verdict and held_out, cut=cut, share_current=share,
-            share_reference=float(np.mean(before < cut)), reference_scored_on=scored_on)
+            "low_confidence", share - share_reference, settings, settings.counts_toward_verdict and held_out,
+            threshold, cut=cut, share_current=share, share_reference=share_reference, reference_scored_on=scored_on,
+            **why)
     settings = policy.performance_estimate
     if settings.enabled:
         expected_ref, expected_cur = float(before.mean()), float(after.mean())
         details: dict = {"reference_scored_on": scored_on}
+        spread = before.std() * np.sqrt(sizes)
         calibrated = False
         if label_column is not None and has["prediction"]:
             labelled = _labelled(ref, label_column)
@@ -1119,16 +1432,37 @@ def _model_signals(ref: pd.DataFrame, cur: pd.DataFrame, policy: DriftPolicy, te
                 details["reference_accuracy"] = float(correct.mean())
                 details["reference_calibration_gap"] = float(reference_confidence.mean() - correct.mean())
                 if settings.method == "cbpe":
+                    knots, fitted = isotonic_fit(reference_confidence, correct.astype(float))
                     expected_ref = float(correct.mean())
-                    expected_cur = expected_accuracy(reference_confidence, correct, after)
+                    expected_cur = float(np.interp(after, knots, fitted).mean())
+                    # the window's mean expected hit rate, and the reference's measured one
+                    spread = np.sqrt(np.interp(before, knots, fitted).var() / len(after)
+                                     + correct.var() / len(correct))
                     calibrated = True
         details |= {"estimated_accuracy_reference": expected_ref, "estimated_accuracy_current": expected_cur}
         if settings.method == "cbpe" and not calibrated:
             details["note"] = "no labelled reference rows: mean confidence stands in for expected accuracy"
+        threshold, why = _champion_threshold(settings, rates.get("performance_estimate"), spread)
         signals["performance_estimate"] = _extra_signal(
             "performance_estimate", expected_ref - expected_cur, settings,
-            settings.counts_toward_verdict and held_out, **details)
+            settings.counts_toward_verdict and held_out, threshold, **details, **why)
     return signals
+
+
+def _champion_threshold(settings: ChampionSignalPolicy, rate: float | None, spread: float) -> tuple[float | None, dict]:
+    """A champion signal's calibrated threshold: the normal ``1 - rate`` quantile of its quiet spread, at least
+    ``min_effect``; ``None`` when the policy fixes the threshold.
+
+    Each of these values is a mean (or share) over the window's rows against
+    the reference's, so its spread on quiet windows follows from the
+    reference's own spread and the two sizes (the central limit theorem);
+    nothing is drawn.
+    """
+    if settings.threshold != CALIBRATED or rate is None:
+        return None, {}
+    quiet = _z(rate) * float(spread)
+    return max(quiet, settings.min_effect), {"threshold_quiet": quiet, "threshold_effect": settings.min_effect,
+                                             "false_alarm_rate": rate, "calibration": "normal quantile"}
 
 
 def _titled(report_html: str) -> str:

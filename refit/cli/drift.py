@@ -27,6 +27,8 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
     With ``embeddings_cache`` the reference's embeddings are read from beside
     it, and written there when missing, stale or short of what this check
     embedded: the reference is the same check after check, the window is not.
+    So are the thresholds calibrated from it (``REFERENCE.calibration.json``,
+    one entry per window size).
     """
     from refit.data import read_table
 
@@ -68,7 +70,7 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
 
     # Only what a check needs: tasks.drift and tasks.validate build their Prefect tasks on first use, and
     # Evidently is imported only for its HTML report, which this command does not write.
-    from tasks.drift import load_drift_policy, measure_drift
+    from tasks.drift import KeptCalibrations, load_drift_policy, measure_drift
     from tasks.validate import split_bad_inference_rows
 
     policy, policy_path = load_drift_policy(policy_name)
@@ -83,7 +85,8 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
                          f"policy needs at least {policy.min_window_rows}"
                          + (f" ({len(bad)} quarantined: {_reasons(bad)})" if len(bad) else ""))
     sidecar = _read_reference_embeddings(reference_path, reference_kept["text"]) if embeddings_cache else None
-    result = measure_drift(reference_kept, kept, policy, report=False)
+    calibrations = KeptCalibrations.beside(reference_path) if embeddings_cache else None
+    result = measure_drift(reference_kept, kept, policy, report=False, kept=calibrations)
     if sidecar is not None:
         _write_reference_embeddings(reference_kept["text"], *sidecar)
     verdict = result.to_dict() | {
@@ -159,7 +162,7 @@ def _signal_table(verdict: dict, title: str) -> Table:
         table.add_column(column, justify=justify)
     for name, signal in verdict["signals"].items():
         table.add_row(name, signal["method"], f"{signal['value']:.4f}",
-                      f"{'>' if signal['direction'] == 'above' else '<'} {signal['threshold']}",
+                      f"{'>' if signal['direction'] == 'above' else '<'} {signal['threshold']:.4f}",
                       "[bold red]yes[/]" if signal["drifted"] else "no")
     for name, why in verdict["signals_skipped"].items():
         table.add_row(name, "-", "-", "-", f"skipped: {why}")
@@ -179,13 +182,15 @@ def drift(reference: Annotated[Path, typer.Argument(help="Reference table: .parq
               help="True-label column, reported only (default: label, used when both files have it).")] = None,
           policy: Annotated[str, typer.Option(help="Drift policy name or YAML path.")] = "drift",
           embeddings_cache: Annotated[bool, typer.Option(
-              help="Keep the reference's embeddings beside it (REFERENCE.embeddings.npz) and reuse them while "
-                   "the reference's texts and the encoder are unchanged.")] = True) -> None:
+              help="Keep the reference's embeddings and calibrated thresholds beside it "
+                   "(REFERENCE.embeddings.npz, REFERENCE.calibration.json) and reuse them while the reference's "
+                   "texts and the encoder are unchanged.")] = True) -> None:
     """Check a window against a reference, with no server: validate it, measure the drift signals, print the verdict.
 
-    The first check of a reference embeds it and keeps the vectors beside it;
+    The first check of a reference embeds it, calibrates the text signal's
+    threshold on quiet windows drawn from it, and keeps both beside it;
     later checks embed only the window. The encoder runs on ONNX Runtime,
-    exported once (with torch) to REFIT_HOME/cache/encoders.
+    built once from its weights into REFIT_HOME/cache/encoders.
 
     Example: refit drift reference.parquet window.csv --text-column utterance --json
     """

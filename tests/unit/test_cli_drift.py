@@ -2,7 +2,8 @@
 
 The files are CLINC150 windows drawn the way the benchmark draws them
 (``refit.bench.drift``): a 1,000-text reference of the scenario's five
-domains plus ``oos`` from the training split, and a window of other texts.
+domains plus ``oos`` from the training split, and a window of other texts
+(from the same split where a test needs a quiet window).
 True intents stand in for predictions here: these tests are about the
 command, not about how well a champion's outputs reveal drift.
 """
@@ -63,6 +64,19 @@ def served_pair(pools, size: int, index: int, kind: int) -> tuple[pd.DataFrame, 
     return served(reference, index), served(current, index + 1)
 
 
+def same_split_pair(pools, size: int, index: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A reference and a quiet window drawn from the same rows (training-split texts the champion never saw).
+
+    The benchmark's quiet windows come from CLINC150's other splits, which
+    differ in phrasing by a small effect that the calibrated text signal may
+    flag; a window from the reference's own collection is quiet by design.
+    """
+    reference, _ = bench_drift.pair_rows(pools, size, index, bench_drift.QUIET)
+    rest = pools.reference.drop(reference.index)
+    current = rest.iloc[np.random.default_rng(index).choice(len(rest), size, replace=False)]
+    return served(reference, index), served(current, index + 1)
+
+
 def renamed(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns as another team might name them, with the true intent as a label column."""
     renamed_ = frame.rename(columns={"text": "utterance", "predicted_label": "intent"})
@@ -70,7 +84,7 @@ def renamed(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_same_distribution_window_is_not_drift_and_bad_rows_are_counted(pools, tmp_path):
-    reference, current = served_pair(pools, 500, index=0, kind=bench_drift.QUIET)
+    reference, current = same_split_pair(pools, 500, index=0)
     current = renamed(current)
     current.insert(0, "request_id", [f"r{i}" for i in range(len(current))])
     bad = pd.DataFrame({"request_id": ["x1", "x2", "r0"], "utterance": ["", "   ", "a duplicate of r0's id"],
@@ -95,13 +109,20 @@ def test_same_distribution_window_is_not_drift_and_bad_rows_are_counted(pools, t
     assert verdict["labels"]["current_labelled_rows"] == 500
     assert "embedding_novelty" in proc.stderr  # with --json the table goes to stderr
 
-    # The reference's embeddings were kept beside it; the next check reads them (and imports only what it uses).
+    # The reference's embeddings and calibration were kept beside it; the next check reads them (and imports only
+    # what it uses).
     sidecar = tmp_path / "reference.parquet.embeddings.npz"
-    written = sidecar.stat().st_mtime_ns
+    calibration = tmp_path / "reference.parquet.calibration.json"
+    written = sidecar.stat().st_mtime_ns, calibration.stat().st_mtime_ns
+    assert verdict["signals"]["text"]["details"]["calibration"] == "computed"
     again = refit_reporting_imports("drift", tmp_path / "reference.parquet", tmp_path / "window.csv", "--json",
                                     "--text-column", "utterance", "--prediction-column", "intent")
-    assert last_json(again) == verdict
-    assert sidecar.stat().st_mtime_ns == written and "computing them again" not in again.stderr
+    repeated = last_json(again)
+    assert repeated["signals"]["text"]["details"].pop("calibration") == "kept with the reference"
+    verdict["signals"]["text"]["details"].pop("calibration")
+    assert repeated == verdict
+    assert (sidecar.stat().st_mtime_ns, calibration.stat().st_mtime_ns) == written
+    assert "computing them again" not in again.stderr
     assert "heavy imports: []" in again.stderr, again.stderr[-2000:]
 
 
@@ -205,7 +226,7 @@ def test_without_json_a_table_is_printed_and_absent_default_columns_are_skipped(
 
 
 def test_a_reference_scored_on_held_out_rows_lets_the_champion_signals_count(pools, tmp_path):
-    reference, current = served_pair(pools, 500, index=2, kind=bench_drift.QUIET)
+    reference, current = same_split_pair(pools, 500, index=2)
     current = current.assign(confidence=current["confidence"] - 0.3)
     current.to_parquet(tmp_path / "window.parquet")
     reference.to_parquet(tmp_path / "trained_on.parquet")
@@ -214,10 +235,11 @@ def test_a_reference_scored_on_held_out_rows_lets_the_champion_signals_count(poo
     trained_on = last_json(refit("drift", tmp_path / "trained_on.parquet", tmp_path / "window.parquet", "--json"))
     held_out = last_json(refit("drift", tmp_path / "held_out.parquet", tmp_path / "window.parquet", "--json"))
 
-    assert trained_on["signals"]["confidence_drop"]["drifted"]
-    assert not trained_on["signals"]["confidence_drop"]["counts_toward_verdict"]
+    assert trained_on["signals"]["performance_estimate"]["drifted"]
+    assert not trained_on["signals"]["performance_estimate"]["counts_toward_verdict"]
     assert trained_on["severity"] == "none", trained_on
-    assert held_out["signals"]["confidence_drop"]["counts_toward_verdict"]
+    assert held_out["signals"]["performance_estimate"]["counts_toward_verdict"]
+    assert not held_out["signals"]["confidence_drop"]["counts_toward_verdict"]  # reported, never counted
     assert (held_out["drift_detected"], held_out["severity"]) == (True, "low"), held_out
 
 

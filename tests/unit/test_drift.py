@@ -255,11 +255,14 @@ def _labelled(frame: pd.DataFrame, wrong_share: float = 0.0, seed: int = 0) -> p
     return out.assign(predicted_label=predicted)
 
 
-def test_shipped_policy_counts_only_the_calibrated_champion_signals(policy):
+def test_shipped_policy_counts_only_the_performance_estimate_of_the_champion_signals(policy):
     assert {n for n in EXTRA_SIGNALS if getattr(policy, n).enabled} == {
         "descriptor_length", "performance", *CHAMPION_SIGNALS}
-    assert {n for n in EXTRA_SIGNALS if getattr(policy, n).counts_toward_verdict} == set(CHAMPION_SIGNALS)
+    assert {n for n in EXTRA_SIGNALS if getattr(policy, n).counts_toward_verdict} == {"performance_estimate"}
     assert policy.text.method == "embedding_novelty"
+    # no threshold of a counted signal is a number measured on one data set: each comes from the reference
+    assert {n for n in ("text", "prediction", *CHAMPION_SIGNALS) if getattr(policy, n).threshold == "calibrated"} \
+        == {"text", "prediction", *CHAMPION_SIGNALS}
 
 
 def test_every_extra_signal_is_reported_and_none_changes_a_quiet_verdict(clinc, policy):
@@ -361,7 +364,7 @@ def test_embedding_novelty_sees_new_intents_inside_known_domains(clinc, policy):
 
     text_quiet, text_shifted = quiet.signals["text"], shifted.signals["text"]
     assert text_quiet.method == "embedding_novelty"
-    assert not text_quiet.drifted and abs(text_quiet.value) < policy.text.threshold, text_quiet
+    assert not text_quiet.drifted and abs(text_quiet.value) < text_quiet.threshold, text_quiet
     assert text_shifted.drifted and text_shifted.value > text_quiet.value + 0.04, (text_quiet, text_shifted)
     assert text_shifted.details["current_similarity"] < text_shifted.details["reference_similarity"]
     assert (quiet.severity, shifted.severity) == ("none", "low")
@@ -390,7 +393,8 @@ def test_champion_signals_count_only_when_the_reference_was_scored_on_held_out_r
 
     for name in CHAMPION_SIGNALS:
         assert trained_on.signals[name].drifted and not trained_on.signals[name].counts_toward_verdict, name
-        assert held_out.signals[name].drifted and held_out.signals[name].counts_toward_verdict, name
+        counted = name == "performance_estimate"  # the raw confidence signals report, in any case
+        assert held_out.signals[name].drifted and held_out.signals[name].counts_toward_verdict == counted, name
         assert not quiet.signals[name].drifted, quiet.signals[name]
     assert trained_on.severity == "none" and held_out.severity == "low"
     assert held_out.signals["low_confidence"].details["share_current"] > 0.5
@@ -431,8 +435,10 @@ def test_refit_values_match_evidentlys(clinc, policy):
     reference, current = windows(clinc, seed=14, shifted_share=0.2)
 
     ours = measure_drift(reference, current, policy, report=False).signals
-    theirs, report_html = _evidently_report(reference, current, policy, {"text": "text", "confidence": "confidence"},
-                                            ["text", "confidence"], [], "text", "predicted_label", "confidence")
+    thresholds = {name: ours[name].threshold for name in ("text", "confidence")}
+    theirs, report_html = _evidently_report(reference, current, thresholds, policy,
+                                            {"text": "text", "confidence": "confidence"}, ["text", "confidence"], [],
+                                            "text", "predicted_label", "confidence")
 
     assert theirs["confidence"] == pytest.approx(ours["confidence"].value, rel=1e-9)
     assert theirs["text"] == pytest.approx(ours["text"].value, rel=1e-6)
