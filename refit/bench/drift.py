@@ -293,11 +293,15 @@ def _summary(results: list) -> dict:
             by_signal[signal.name] = by_signal.get(signal.name, 0) + int(signal.drifted and signal.counts_toward_verdict)
             values.setdefault(signal.name, []).append(signal.value)
             thresholds.setdefault(signal.name, []).append(signal.threshold)
+    # the text value in standard deviations of the reference's per-text scores (Cohen's d), where reported
+    effects = [r.signals["text"].value / r.signals["text"].details["reference_scores_sd"] for r in results
+               if "text" in r.signals and r.signals["text"].details.get("reference_scores_sd")]
     return {"detected": int(sum(fired)), "rate": sum(fired) / len(fired),
             "severity": {level: [r.severity for r in results].count(level) for level in ("none", "low", "high")},
             "counted_signal_fired": by_signal,
             "signal_range": {name: [round(min(v), 4), round(max(v), 4)] for name, v in values.items()},
-            "threshold_range": {name: [round(min(v), 4), round(max(v), 4)] for name, v in thresholds.items()}}
+            "threshold_range": {name: [round(min(v), 4), round(max(v), 4)] for name, v in thresholds.items()},
+            **({"text_effect_range": [round(min(effects), 3), round(max(effects), 3)]} if effects else {})}
 
 
 def evaluate(pools: Pools, champion: Champion | None, policy, size: int, pairs: int, shares: list[float], mode: str,
