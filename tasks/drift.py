@@ -1493,9 +1493,14 @@ def _describe_sampling(reference: pd.DataFrame, current: pd.DataFrame, ref: pd.D
     return f"{how}, seed {seed} ({', '.join(resized)})"
 
 
-def _check_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy, **columns: str) -> DriftResult:
-    """Prefect task around ``measure_drift``; ``columns`` passes the column names through."""
-    return measure_drift(reference, current, policy, **columns)
+def _check_drift(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy,
+                 kept: KeptCalibrations | None = None, **columns: str) -> DriftResult:
+    """Prefect task around ``measure_drift``; ``columns`` passes the column names through.
+
+    The monitor passes ``kept=KeptCalibrations.in_store(store, reference_prefix(model, champion))`` so the
+    text threshold's calibration is computed once per champion and window size, and read back by later checks.
+    """
+    return measure_drift(reference, current, policy, kept=kept, **columns)
 
 
 @cache

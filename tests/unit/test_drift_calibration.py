@@ -119,7 +119,8 @@ def test_the_monitor_keeps_the_calibration_under_the_reference_prefix(policy, tm
     data = Intents("store", 25, 0.6, seed=3)
     reference, window = data.texts(500), data.texts(300)
 
-    first = _text(measure_drift(reference, window, policy, report=False, kept=KeptCalibrations.in_store(store, prefix)))
+    # what the monitor calls: the Prefect task, with the reference's prefix in the store
+    first = _text(drift.check_drift.fn(reference, window, policy, kept=KeptCalibrations.in_store(store, prefix)))
     assert store.exists(prefix + "calibration.json")
     monkeypatch.setattr(drift, "_calibrated", {})
     again = _text(measure_drift(reference, window, policy, report=False, kept=KeptCalibrations.in_store(store, prefix)))
