@@ -26,8 +26,8 @@ from refit.policy import chosen_policy, file_hash
 from refit.runtime.cascade import student_share
 from registry import episodes, versions
 from registry.tracking import RUN_TYPE, flat_params, last_checked_window_end, log_policy
-from tasks.deploy import read_reference
-from tasks.drift import check_drift, load_drift_policy, reference_as_served
+from tasks.deploy import read_reference, reference_prefix
+from tasks.drift import KeptCalibrations, check_drift, load_drift_policy, reference_as_served
 from tasks.episodes import UNSENT, check_markdown, count, decide, follow, record_check  # noqa: F401  (UNSENT: tests read it here)
 from tasks.finetune import load_update_policy
 from tasks.report import markdown as cost_markdown, model_report
@@ -92,7 +92,9 @@ def _monitor(settings, window_end: str | None, window_hours: float | None, polic
         log_policy(policy_path)
         with meters.stage("monitor"):
             current = with_arrived_labels(ctx.store, name, validated.kept, start, drift_policy)
-            result = check_drift(reference_as_served(reference, current), current, drift_policy)
+            # thresholds calibrated on the champion's reference, once, and kept beside it in the store
+            result = check_drift(reference_as_served(reference, current), current, drift_policy,
+                                 kept=KeptCalibrations.in_store(ctx.store, reference_prefix(name, champion)))
         with meters.stage("labels"):
             decision = follow(ctx.store, ctx.experiment_id, name, result.drift_detected, result.severity,
                               start.isoformat(), end.isoformat(), champion, run.info.run_id,

@@ -234,11 +234,16 @@ def build(scenario: Scenario, frame: pd.DataFrame) -> ScenarioData:
 
     w = scenario.windows
     ref_val = frame[ref & (split == "val")].sample(frac=1.0, random_state=scenario.seed)
-    no_drift = ref_val.iloc[: w.no_drift_rows]
-    steady_at = w.no_drift_rows
     used = set(sparse.index)
     e = scenario.evaluation
     golden = data.stratified_sample(frame[ref & (split == "test")], e.golden_max_rows, rng)
+    # The quiet window comes from the collection the reference does (the golden suite's split, less the golden
+    # texts), topped up from validation: CLINC150's splits are phrased differently enough for a self-calibrated
+    # text signal to tell one from the other, as production traffic of a stable model would not.
+    same_split = frame[ref & (split == "test")].drop(golden.index).sample(frac=1.0, random_state=scenario.seed)
+    same_split = same_split[~same_split["text"].map(data.text_hash).isin(data.text_hashes(golden["text"]))]
+    no_drift = pd.concat([same_split, ref_val]).iloc[: w.no_drift_rows]
+    steady_at = max(0, w.no_drift_rows - len(same_split))
     externals = [data.stratified_sample(frame[frame["group"].isin(spec.groups) & (split == "test")],
                                         e.shifted_max_rows, rng) for spec in shifts]
     # A text that also sits in the test split (CLINC150 repeats a few) is never trained on or served.

@@ -111,7 +111,7 @@ UNSENT = "update (event not sent)"
 
 def check_markdown(name: str, verdict: dict, result) -> str:
     rows = "".join(
-        f"| {s.name} | {s.value:.4f} | {s.direction} {s.threshold} | {'**yes**' if s.drifted else 'no'} |\n"
+        f"| {s.name} | {s.value:.4f} | {s.direction} {s.threshold:.4g} | {'**yes**' if s.drifted else 'no'} |\n"
         for s in result.signals.values())
     episode = (f"Drift episode `{verdict['episode']}` ({'opened by this check' if verdict['episode_opened'] else 'open'}"
                f", {verdict['episode_windows']} drifted window(s)): {verdict['labelled_rows']} usable labels so far.\n\n"
