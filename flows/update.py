@@ -26,7 +26,7 @@ from prefect.logging import get_run_logger
 from prefect.transactions import transaction
 
 from flows.common import on_prefect_server, one_at_a_time, open_context, parse_time, settings_for, user_error
-from refit import faults, modeling, procs
+from refit import faults, modeling, procs, requestlog
 from refit.cost import StageMeters
 from refit.data import fingerprint
 from refit.runtime.encoder_states import EncoderStates
@@ -41,8 +41,8 @@ from tasks.budget import killed_charged, month_spend, overhead_estimate_cpu_seco
 from tasks.cascade import cascade
 from tasks.deploy import promote_update, read_reference, register_version, update_version_tags, write_reference
 from tasks.evaluate import Evaluation, evaluate_pair
-from tasks.finetune import (Recipe, Trained, UpdateData, count_tokens, escalates, fine_tune, full_retrain_frame,
-                            load_update_policy, prepare_update)
+from tasks.finetune import (Recipe, Trained, UpdateData, add_pseudo_labels, count_tokens, escalates, fine_tune,
+                            full_retrain_frame, load_update_policy, prepare_update)
 from tasks.gate import GatePolicy, Verdict, chosen_gate_policy, gate, load_gate_policy
 from tasks.ingest import admit_new_labels, labelled_window, read_labelled_file
 from tasks.labels import enough, episode_labels, labels_since, record_used
@@ -185,6 +185,7 @@ class Labelled:
     episode: Episode | None = None
     wait: tuple[str, str] | None = None
     usable: int = 0
+    unlabelled: tuple[str, ...] = ()  # the episode's served texts nobody labelled: pseudo-labels may use them
 
 
 def gather_labels(ctx, policy, known_labels: list[str], labels_path: str | None, window_start: str | None,
@@ -213,8 +214,10 @@ def gather_labels(ctx, policy, known_labels: list[str], labels_path: str | None,
     if not counted.ok:
         return Labelled(episode=episode, wait=("wait for labels", f"drift episode {episode.id}: {counted.reason}"))
     keys = hashlib.sha256("\n".join(sorted(rows["key"])).encode()).hexdigest()[:16]
+    served = requestlog.read_inference(ctx.store, name, since, parse_time(None))["text"].astype(str)
+    unlabelled = tuple(dict.fromkeys(served[~served.isin(set(rows["text"].astype(str)))]))
     return Labelled(f"drift episode {episode.id}: labelled requests since {since.isoformat()}", rows,
-                    f"{name}:episode:{episode.id}:{keys}", episode, usable=counted.usable)
+                    f"{name}:episode:{episode.id}:{keys}", episode, usable=counted.usable, unlabelled=unlabelled)
 
 
 def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_policy, reason, force,
@@ -267,14 +270,19 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                                   f"in quarantine: {'; '.join(admitted.reasons.values())[:500]}")
         data = prepare_update(admitted.rows, pool, golden.frame, known_labels, admitted.learned, policy, source,
                               ctx.settings.seed)
+        with meters.stage("labels"):  # a new label's few rows lend their label to the texts clearly like them
+            data = add_pseudo_labels(data, pool, champion_dir, labelled.unlabelled, policy, ctx.rates)
     except RefitError as exc:
         return user_error(exc)
 
     kind = "hotfix" if labels_path else "update"
     training = data.training
     start_dir = champion_dir
-    if data.learned:  # the head grows by the new labels; every rung starts from that
-        start_dir = modeling.grow_head(champion_dir, data.learned, Path(tempfile.mkdtemp(prefix="refit-grown-")) / "a")
+    if data.learned:  # the head grows by the new labels, each from its examples' prototype; every rung starts there
+        with meters.stage("train"):
+            start_dir = modeling.grow_head(champion_dir, data.learned,
+                                           Path(tempfile.mkdtemp(prefix="refit-grown-")) / "a",
+                                           examples=training.frame, seed=ctx.settings.seed)
         get_run_logger().info(f"learning {len(data.learned)} new label(s): {', '.join(data.learned)[:500]}")
     per_token = (measured_cpu_seconds_per_work_token(ctx.experiment_id, name) or policy.cpu_seconds_per_work_token)
     # The rest of the update (evaluation, gate, reference, cascade, deploy), from measured history: reserved too.
