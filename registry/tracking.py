@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -18,17 +17,6 @@ from mlflow import MlflowClient
 from refit.settings import PROJECT_ROOT, Settings
 
 RUN_TYPE = "refit.run_type"
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """An earlier drift check that started an update."""
-
-    run_id: str
-    window_start: str
-    window_end: str
-    severity: str
-    minutes_ago: float
 
 
 def configure(settings: Settings) -> str:
@@ -151,25 +139,6 @@ def log_training_input(frame, source: str, fingerprint: str) -> None:
         warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
         dataset = mlflow.data.from_pandas(frame, source=source, name=f"train-{fingerprint}")
     mlflow.log_input(dataset, context="training")
-
-
-def update_triggers(experiment_id: str, model_name: str, champion: int) -> list[Trigger]:
-    """Drift checks against this champion that started an update, newest first.
-
-    Dedupe and cooldown look only at the current champion: a new champion
-    has a new reference, so its drift is a new question.
-    """
-    import time
-
-    runs = MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=(f"tags.`{RUN_TYPE}` = 'drift-check' and tags.`refit.model` = '{model_name}' "
-                       f"and tags.`refit.action` = 'update' and tags.`refit.champion_version` = '{champion}'"),
-        order_by=["attributes.start_time DESC"], max_results=200,
-    )
-    now_ms = time.time() * 1000
-    return [Trigger(r.info.run_id, r.data.tags.get("refit.window_start", ""), r.data.tags.get("refit.window_end", ""),
-                    r.data.tags.get("refit.severity", "none"), (now_ms - r.info.start_time) / 60000) for r in runs]
 
 
 def finished_update(experiment_id: str, model_name: str, trigger_key: str):

@@ -78,7 +78,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
@@ -86,9 +86,6 @@ from pydantic import Field, model_validator
 
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
-
-if TYPE_CHECKING:
-    from registry.tracking import Trigger
 
 log = logging.getLogger("refit.drift")
 
@@ -252,7 +249,6 @@ class DriftPolicy(StrictModel):
     confidence_drop: ChampionSignalPolicy = _off(ChampionSignalPolicy, "mean_confidence_drop", 0.05)
     low_confidence: ChampionSignalPolicy = _off(ChampionSignalPolicy, "low_confidence_share", 0.05)
     performance_estimate: ChampionSignalPolicy = _off(ChampionSignalPolicy, "cbpe", 0.05)
-    cooldown_minutes: float = Field(ge=0, description="No second update within this time unless severity rises.")
     false_alarm_rate: float = Field(default=0.01, gt=0, lt=0.5, description=(
         "Share of quiet windows (drawn like the reference) a check may flag: calibrated thresholds are set for it, "
         "split evenly among the counted signals that have one."))
@@ -1516,29 +1512,4 @@ def __getattr__(name: str):
     if name == "check_drift":
         return _drift_task()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-SEVERITY_RANK = {"none": 0, "low": 1, "high": 2}
-
-
-def decide_action(result: DriftResult, window_start: str, window_end: str, labelled: int, min_labelled: int,
-                  earlier: list[Trigger], cooldown_minutes: float) -> tuple[str, str]:
-    """What refit does about a verdict, and why: ``none``, ``wait for labels`` or ``update``.
-
-    The same window never triggers twice, and within the cooldown only a
-    rise in severity triggers again, so one drift costs one fine-tune.
-    """
-    if not result.drift_detected:
-        return "none", "no drift"
-    same = next((t for t in earlier if (t.window_start, t.window_end) == (window_start, window_end)), None)
-    if same:
-        return "none", f"this window already started an update (drift run {same.run_id})"
-    recent = [t for t in earlier if t.minutes_ago < cooldown_minutes]
-    if recent and SEVERITY_RANK[result.severity] <= max(SEVERITY_RANK[t.severity] for t in recent):
-        newest = min(recent, key=lambda t: t.minutes_ago)
-        return "none", (f"cooldown: an update started {newest.minutes_ago:.0f} min ago (drift run {newest.run_id}) "
-                        f"at severity {newest.severity}; cooldown is {cooldown_minutes:g} min")
-    if labelled < min_labelled:
-        return "wait for labels", f"{labelled} labelled rows in the window, an update needs {min_labelled}"
-    return "update", f"drift at severity {result.severity} with {labelled} labelled rows"
 

@@ -210,31 +210,6 @@ def test_policy_file_with_an_unknown_key_or_method_fails(tmp_path, edit, field):
         load_drift_policy(path)
 
 
-def _result(severity: str):
-    from tasks.drift import DriftResult
-
-    return DriftResult(drift_detected=severity != "none", severity=severity, signals={}, rows_reference=1,
-                       rows_current=1, rows_sampled=1, sample_method="all", report_html="")
-
-
-def test_decide_action_dedupes_cools_down_and_waits_for_labels():
-    from registry.tracking import Trigger
-    from tasks.drift import decide_action
-
-    earlier = [Trigger("run-a", "s1", "e1", "low", minutes_ago=30.0)]
-    assert decide_action(_result("none"), "s2", "e2", 500, 50, earlier, 60)[0] == "none"
-    action, why = decide_action(_result("high"), "s1", "e1", 500, 50, [], 60)
-    assert action == "update"
-    action, why = decide_action(_result("high"), "s1", "e1", 500, 50, earlier, 0)
-    assert action == "none" and "run-a" in why                     # same window never twice
-    action, why = decide_action(_result("low"), "s2", "e2", 500, 50, earlier, 60)
-    assert action == "none" and why.startswith("cooldown")        # same severity inside the cooldown
-    assert decide_action(_result("high"), "s2", "e2", 500, 50, earlier, 60)[0] == "update"  # severity rose
-    assert decide_action(_result("low"), "s2", "e2", 500, 50, earlier, 20)[0] == "update"   # cooldown over
-    action, why = decide_action(_result("low"), "s2", "e2", 10, 50, [], 60)
-    assert action == "wait for labels" and "10 labelled" in why
-
-
 EXTRA_SIGNALS = ("embedding", "descriptor_length", "descriptor_oov", "descriptor_non_letter", "performance",
                  "confidence_drop", "low_confidence", "performance_estimate")
 CHAMPION_SIGNALS = ("confidence_drop", "low_confidence", "performance_estimate")
