@@ -177,7 +177,9 @@ def test_demo_on_s3_store(tmp_path, data_dir, s3_endpoint):
     assert not (tmp_path / "home" / "store").exists()
 
 
-def test_same_drifted_window_never_triggers_twice(demo_home):
+def test_same_drifted_window_never_pays_twice(demo_home):
+    """The drifted window checked again against the champion that saw it: drift, a new episode, but its labels
+    were used by the promoted update, so it waits for labels; a person then closes the episode by hand."""
     home, env, result = demo_home
     from datetime import datetime
 
@@ -197,9 +199,13 @@ def test_same_drifted_window_never_triggers_twice(demo_home):
         client.set_registered_model_alias("intent-classifier", "champion", champion.version)
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdict = last_json(proc.stdout)
-    assert verdict["drift_detected"] is True
-    assert verdict["action"] == "none"
-    assert "already started an update" in verdict["action_reason"]
+    assert verdict["drift_detected"] is True and verdict["episode_opened"] is True
+    assert verdict["action"] == "wait for labels" and verdict["labelled_rows"] == 0, verdict["action_reason"]
+    closed = run_cli(["episode", "close", "--json", "--reason", "checked again by a test"], env)
+    assert closed.returncode == 0, closed.stderr[-3000:]
+    assert last_json(closed.stdout)["status"] == "closed"
+    again = run_cli(["episode", "close", "--reason", "twice"], env)
+    assert again.returncode == 2 and "no open drift episode" in again.stderr
 
 
 def test_update_over_budget_is_refused_before_training(demo_home):
