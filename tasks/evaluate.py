@@ -8,10 +8,18 @@ forward pass on ONNX Runtime, or torch where serving would fall back to it),
 so the cost and latency rules judge what users will pay for. Cost is
 measured side by side: CPU-seconds per 1,000 predictions in batches, latency
 of single-text requests, and the adapter's bytes on disk.
+
+Quality needs each model's answers, not its cost: where champion and
+challenger run the same encoder (an update that trained the head alone), the
+encoder runs once and each model's head answers on its states; states kept
+for that encoder stand in for its pass, and the new ones are kept. Each
+reuse is checked against the model's own served pass on probe texts
+(``refit.runtime.encoder_states.outputs_of``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from refit import modeling
 from refit.cost import Meter, Rates
 
+log = logging.getLogger("refit.evaluate")
 COST_SAMPLE_ROWS = 256
 LATENCY_SAMPLE_ROWS = 48
 COST_REPEATS = 3
@@ -56,6 +65,10 @@ class Evaluation:
     latency_ms_p50: float = 0.0
     latency_ms_p95: float = 0.0
     artifact_bytes: int = 0
+    # What was scored, so a later stage can reuse these figures only for the same model on the same sets:
+    runtime: str = ""  # "onnx" or "torch", as served
+    adapter_digest: str = ""  # adapter_digest() of the scored adapter
+    set_digests: dict[str, str] = field(default_factory=dict)  # set_digest() of each set
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}_{name}_{k}": float(v) for name, m in self.slices.items() for k, v in asdict(m).items()}
@@ -92,19 +105,26 @@ def _slice(truth: list, predicted: list, confidence: np.ndarray, correct: np.nda
     )
 
 
-def quality(model, sets: dict[str, pd.DataFrame]
+def quality(model, sets: dict[str, pd.DataFrame], probabilities: dict[str, np.ndarray] | None = None
             ) -> tuple[dict[str, SliceMetrics], dict[str, SliceMetrics], dict[str, np.ndarray]]:
     """Per set and per ``group`` slice: accuracy, macro-F1, confidence, calibration; and per-example hits.
 
     ``model`` is a served model (``refit.runtime.served.ServedModel``), as it
     answers in production. Its batches run on every available core: this
     meters nothing (``cpu_seconds_per_1k`` and ``latency_ms`` do, on one).
+    ``probabilities`` (per set, texts x labels): what it answers there, when
+    already known (``served_probabilities``).
     """
     from refit.procs import available_cpus
 
     slices, groups, hits = {}, {}, {}
     for name, frame in sets.items():
-        predicted, confidence = model.predict(frame["text"].tolist(), workers=available_cpus())
+        if probabilities is None:
+            predicted, confidence = model.predict(frame["text"].tolist(), workers=available_cpus())
+        else:
+            best = probabilities[name].argmax(axis=1)
+            predicted = [model.labels[i] for i in best]
+            confidence = probabilities[name][np.arange(len(best)), best]
         confidence = np.asarray(confidence, dtype=np.float64)
         truth = frame["label"].tolist()
         correct = np.array([p == t for p, t in zip(predicted, truth)], dtype=np.float64)
@@ -114,6 +134,67 @@ def quality(model, sets: dict[str, pd.DataFrame]
                 groups[f"{name}/{group}"] = _slice([truth[i] for i in rows], [predicted[i] for i in rows],
                                                    confidence[rows], correct[rows])
     return slices, groups, hits
+
+
+def served_probabilities(models: dict[str, object], adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame],
+                         store=None, model_name: str | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """What each served model answers on each set (probabilities), sharing the encoder's pass where they can.
+
+    Models whose adapters run the same encoder (an update that trained the
+    head alone, against its champion) need one pass of it: the last model
+    runs it (the challenger, in ``evaluate_pair``'s order), the others answer
+    with their own heads on its states. With a ``store``, states kept for
+    that encoder (``refit.runtime.encoder_states``: the cascade build's, an
+    earlier evaluation's) stand in for the pass as well, and the states this
+    pass computed are kept for the next. Every reuse is checked against the
+    model's own served pass on probe texts first (``outputs_of``).
+    """
+    from refit.procs import available_cpus
+    from refit.runtime.encoder_states import EncoderStates, fingerprint, outputs_of, state_key
+
+    texts = list(dict.fromkeys(t for frame in sets.values() for t in frame["text"]))
+    position = {text: i for i, text in enumerate(texts)}
+    shared: dict[str, dict[str, np.ndarray]] = {}  # encoder -> text hash -> state
+    computed: dict[str, tuple[list[str], np.ndarray]] = {}  # encoder -> the states this pass ran
+    out = {}
+    for name in reversed(list(models)):
+        encoder = _encoder_of(adapter_dirs[name], fingerprint)
+        if encoder is not None and encoder not in shared and store is not None and model_name:
+            shared[encoder] = _load_states(EncoderStates(store, model_name, encoder=encoder))
+        kept = shared.get(encoder) if encoder is not None else None
+        outputs = outputs_of(models[name], texts, kept, workers=available_cpus())
+        if encoder is not None and outputs.states.size:
+            shared[encoder] = (kept or {}) | {state_key(t): s for t, s in zip(texts, outputs.states)}
+            if not outputs.reused or outputs.reused < len(texts):
+                computed[encoder] = (texts, outputs.states)
+        out[name] = {set_name: outputs.probabilities[[position[t] for t in frame["text"]]]
+                     for set_name, frame in sets.items()}
+    if store is not None and model_name:
+        for encoder, (seen, states) in computed.items():
+            _save_states(EncoderStates(store, model_name, encoder=encoder), seen, states)
+    return dict(reversed(list(out.items())))
+
+
+def _encoder_of(adapter_dir: Path, fingerprint) -> str | None:
+    try:
+        return fingerprint(adapter_dir)
+    except Exception:  # noqa: BLE001 - an adapter of an unexpected shape: scored on its own pass
+        return None
+
+
+def _load_states(states) -> dict[str, np.ndarray]:
+    try:
+        return states.load()
+    except Exception:  # noqa: BLE001 - a cache: a miss costs the pass
+        log.exception("encoder states %s not read", states.encoder)
+        return {}
+
+
+def _save_states(states, texts: list[str], values: np.ndarray) -> None:
+    try:
+        states.save(texts, values)
+    except Exception:  # noqa: BLE001 - a cache: the next evaluation runs the pass instead
+        log.exception("encoder states %s not kept", states.encoder)
 
 
 @contextmanager
@@ -160,23 +241,58 @@ def latency_ms(models: dict[str, object], texts: list[str]) -> dict[str, tuple[f
     return {name: (float(np.percentile(v, 50)), float(np.percentile(v, 95))) for name, v in seen.items()}
 
 
+# Served models kept loaded in this process, the newest last: the evaluation's champion and challenger, which the
+# cascade build (the challenger, once promoted) and the ladder's next attempt (the champion) load again.
+LOADED_MODELS = 2
+_loaded: dict[tuple[str, str], object] = {}
+
+
 def served(adapter_dirs: dict[str, Path], runtime: str | None = None) -> dict[str, object]:
     """Each adapter made ready to serve exactly as ``refit serve`` does: merged, on ONNX Runtime (or torch).
 
     One inference thread each, so that the cost of the two is compared on
-    equal terms; ``runtime`` defaults to ``REFIT_SERVE_RUNTIME``.
+    equal terms; ``runtime`` defaults to ``REFIT_SERVE_RUNTIME``. An adapter
+    loaded by one of the last ``LOADED_MODELS`` calls (the same files, the
+    same runtime) is not merged and exported again: it is the same model.
     """
     from refit.settings import Settings
     from refit.runtime.served import from_adapter
 
     runtime = runtime or Settings().serve_runtime
+    models = {}
     with _one_thread():
-        return {name: from_adapter(path, 0, tokenizer=modeling.load_tokenizer(path), runtime=runtime, threads=1)
-                for name, path in adapter_dirs.items()}
+        for name, path in adapter_dirs.items():
+            key = (adapter_digest(path), runtime)
+            model = _loaded.pop(key, None)
+            if model is None:
+                model = from_adapter(path, 0, tokenizer=modeling.load_tokenizer(path), runtime=runtime, threads=1)
+            _loaded[key] = models[name] = model
+    for key in list(_loaded)[: max(0, len(_loaded) - LOADED_MODELS)]:
+        del _loaded[key]
+    return models
 
 
 def artifact_bytes(adapter_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(adapter_dir).rglob("*") if p.is_file())
+
+
+def adapter_digest(adapter_dir: Path) -> str:
+    """Hash of every file of an adapter directory (names and bytes): which model a figure belongs to."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(adapter_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def set_digest(frame: pd.DataFrame) -> str:
+    """Hash of a judging set's rows (text, label and group where there is one): which set a figure belongs to."""
+    from refit.data import fingerprint
+
+    return fingerprint(frame, [c for c in ("text", "label", "group") if c in frame.columns])
 
 
 def _sample_texts(sets: dict[str, pd.DataFrame], n: int) -> list[str]:
@@ -184,31 +300,40 @@ def _sample_texts(sets: dict[str, pd.DataFrame], n: int) -> list[str]:
     return texts.sample(n=min(n, len(texts)), random_state=0).tolist()
 
 
-def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], rates: Rates) -> dict[str, Evaluation]:
-    """Quality and inference cost of each adapter on the same sets, every figure from the model as served."""
+def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], rates: Rates, store=None,
+                 model_name: str | None = None) -> dict[str, Evaluation]:
+    """Quality and inference cost of each adapter on the same sets, every figure from the model as served.
+
+    ``store`` and ``model_name``: where encoder states are kept
+    (``served_probabilities``); without them each encoder still runs once.
+    """
     models = served(adapter_dirs)
     cpu = cpu_seconds_per_1k(models, _sample_texts(sets, COST_SAMPLE_ROWS))
     latency = latency_ms(models, _sample_texts(sets, LATENCY_SAMPLE_ROWS))
+    probabilities = served_probabilities(models, adapter_dirs, sets, store, model_name)
+    digests = {set_name: set_digest(frame) for set_name, frame in sets.items()}
     scored = {}
     for name, model in models.items():
-        slices, groups, hits = quality(model, sets)
+        slices, groups, hits = quality(model, sets, probabilities[name])
         scored[name] = Evaluation(slices, round(cpu[name], 4), round(rates.price(cpu[name]), 8), groups=groups,
                                   correct=hits, latency_ms_p50=round(latency[name][0], 3),
                                   latency_ms_p95=round(latency[name][1], 3),
-                                  artifact_bytes=artifact_bytes(adapter_dirs[name]))
+                                  artifact_bytes=artifact_bytes(adapter_dirs[name]), runtime=model.runtime,
+                                  adapter_digest=adapter_digest(adapter_dirs[name]), set_digests=digests)
     return scored
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(adapter_dir: Path, sets: dict[str, pd.DataFrame], rates: Rates) -> Evaluation:
-    return score_models({"model": adapter_dir}, sets, rates)["model"]
+def evaluate(adapter_dir: Path, sets: dict[str, pd.DataFrame], rates: Rates, store=None,
+             model_name: str | None = None) -> Evaluation:
+    return score_models({"model": adapter_dir}, sets, rates, store, model_name)["model"]
 
 
 @task(name="evaluate-pair", cache_policy=NO_CACHE)
-def evaluate_pair(champion_dir: Path, challenger_dir: Path, sets: dict[str, pd.DataFrame],
-                  rates: Rates) -> tuple[Evaluation, Evaluation]:
+def evaluate_pair(champion_dir: Path, challenger_dir: Path, sets: dict[str, pd.DataFrame], rates: Rates,
+                  store=None, model_name: str | None = None) -> tuple[Evaluation, Evaluation]:
     """Champion and challenger on the same sets, their costs measured in turns."""
-    scored = score_models({"champion": champion_dir, "challenger": challenger_dir}, sets, rates)
+    scored = score_models({"champion": champion_dir, "challenger": challenger_dir}, sets, rates, store, model_name)
     return scored["champion"], scored["challenger"]
 
 

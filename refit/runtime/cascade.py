@@ -190,11 +190,17 @@ class CascadeModel:
         labels, confidence, _ = self.predict_tiers(texts)
         return labels, confidence
 
-    def predict_tiers(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, list[str]]:
-        """Labels, confidences and the tier that answered each text, in the order given."""
+    def predict_tiers(self, texts: Sequence[str], workers: int = 1) -> tuple[list[str], np.ndarray, list[str]]:
+        """Labels, confidences and the tier that answered each text, in the order given.
+
+        ``workers`` > 1 runs the champion's batches side by side (bulk
+        scoring that meters nothing; ``ServedModel.probabilities_of``): the
+        same answers as one worker.
+        """
+        more = {"workers": workers} if workers > 1 else {}
         if self.guard is not None and self.guard.tripped:
             start = time.process_time()
-            labels, confidence = self.champion.predict(texts)
+            labels, confidence = self.champion.predict(texts, **more)
             self.stats.record(len(texts), 0, 0.0, time.process_time() - start)
             return list(labels), confidence, served_by_champion(texts)
         start = time.process_time()
@@ -204,7 +210,7 @@ class CascadeModel:
         student_cpu = time.process_time() - start
         served_by = [STUDENT] * len(texts)
         if escalated:
-            champion_labels, champion_conf = self.champion.predict([texts[i] for i in escalated])
+            champion_labels, champion_conf = self.champion.predict([texts[i] for i in escalated], **more)
             for row, i in enumerate(escalated):
                 labels[i], confidence[i], served_by[i] = champion_labels[row], champion_conf[row], CHAMPION
         self.stats.record(len(texts), len(texts) - len(escalated), student_cpu,

@@ -15,6 +15,11 @@ of the adapter's encoder tensors (LoRA), not of the head. An update that trains
 the head alone leaves the encoder as it was, so the next update finds them under
 the same fingerprint; an update that trains encoder layers starts a new file.
 
+The same states save the served model's own passes: a version whose encoder
+is the one the states were kept for answers a kept text through its head
+alone (``outputs_of``: the pooler and classifier, one matrix product each),
+after a few probe texts run the whole pass and agree.
+
 Layout: ``cache/model=<name>/encoder-states/<fingerprint>.npz`` (exact-text
 hashes and float32 states), and ``index.json`` beside them: the fingerprints
 in the order they were last written; only the newest ``KEEP_ENCODERS`` are kept. It is a cache: a missing or unreadable file costs
@@ -29,6 +34,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -61,8 +67,12 @@ def fingerprint(adapter_dir: Path) -> str:
     digest = hashlib.sha256(f"{SCHEME}; max length {modeling.MAX_LENGTH}; "
                             f"base {modeling.base_model_hash(adapter_dir)}".encode())
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    digest.update(json.dumps({k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")},
-                             sort_keys=True, default=str).encode())
+    # peft keeps target_modules as a set, written in the saving process's string-hash order: sorted here, or the
+    # same encoder would read as another one in every other process.
+    shape = {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora")}
+    if isinstance(shape["target_modules"], list):
+        shape["target_modules"] = sorted(map(str, shape["target_modules"]))
+    digest.update(json.dumps(shape, sort_keys=True, default=str).encode())
     tensors = load_file(str(adapter_dir / modeling.ADAPTER_WEIGHTS))
     for name in sorted(tensors):
         if "lora_" in name:
@@ -163,3 +173,97 @@ class EncoderStates:
         update_object(self.store, f"{self.prefix}index.json", newest_first)
         for encoder in dropped:
             self.store.delete(f"{self.prefix}{encoder}.npz")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A served model's probabilities and states for some texts, in their order."""
+
+    probabilities: np.ndarray  # (texts, labels)
+    states: np.ndarray  # (texts, hidden)
+    reused: int = 0  # texts whose kept state stood in for the forward pass
+    why_not: str = ""  # why kept states were not used, when there were some
+
+
+def outputs_of(model, texts: Sequence[str], kept: dict[str, np.ndarray] | None = None,
+               workers: int = 1) -> Outputs:
+    """``model.probabilities_and_states(texts)``, with kept states standing in for the pass where there are some.
+
+    ``kept`` (text hash -> state, ``EncoderStates.load``) must be the states
+    of ``model``'s own encoder: they were kept under its fingerprint. A text
+    with a kept state is answered by the model's head on it. A few such
+    texts (``modeling.STATE_PROBES``) run the whole pass first; unless their
+    states agree with the kept ones (``modeling.STATE_TOLERANCE``, as
+    training checks them) and the head's probabilities with the pass's
+    (within what serving allows between ONNX Runtime and torch), every text
+    runs the whole pass.
+    """
+    from refit.modeling import STATE_PROBES, STATE_TOLERANCE
+    from refit.runtime.served import MAX_PROBABILITY_DIFF
+
+    texts = list(texts)
+    known = {i: state for i, state in ((i, (kept or {}).get(state_key(t))) for i, t in enumerate(texts))
+             if state is not None}
+    probes = sorted(known)[:: max(1, len(known) // STATE_PROBES)][:STATE_PROBES]
+    probe_set = set(probes)
+    rest = [i for i in sorted(known) if i not in probe_set]
+    run = [i for i in range(len(texts)) if i not in known or i in probe_set]
+    proba, states = _pass(model, [texts[i] for i in run], workers)
+    if not rest:
+        return _placed(len(texts), run, proba, states)
+    at = {i: row for row, i in enumerate(run)}
+    mine, theirs = np.stack([known[i] for i in probes]), states[[at[i] for i in probes]]
+    why = (_differs(mine, theirs, "kept states", STATE_TOLERANCE * max(1.0, float(np.abs(theirs).max())))
+           or _differs(head_probabilities(model, mine), proba[[at[i] for i in probes]],
+                       "probabilities from kept states", MAX_PROBABILITY_DIFF))
+    if why:
+        log.info("kept encoder states not used (%s): running the other %d texts too", why, len(rest))
+        more_proba, more_states = _pass(model, [texts[i] for i in rest], workers)
+        placed = _placed(len(texts), run + rest, np.concatenate([proba, more_proba]),
+                         np.concatenate([states, more_states]))
+        return Outputs(placed.probabilities, placed.states, 0, why)
+    kept_states = np.stack([known[i] for i in rest]).astype(np.float32)
+    placed = _placed(len(texts), run + rest, np.concatenate([proba, head_probabilities(model, kept_states)]),
+                     np.concatenate([states, kept_states]))
+    return Outputs(placed.probabilities, placed.states, len(rest))
+
+
+def head_probabilities(model, states: np.ndarray) -> np.ndarray:
+    """What a served model's head answers for last-layer first-position ``states``: its probabilities.
+
+    The head is the merged model's own (pooler or pre-classifier, then the
+    classifier), run in torch: a matrix product or two per text.
+    """
+    import torch
+
+    from refit import modeling
+
+    head = modeling._head_fn(model.model)
+    with torch.inference_mode():
+        logits = head(torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))[:, None, :]).float().numpy()
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _pass(model, texts: list[str], workers: int) -> tuple[np.ndarray, np.ndarray]:
+    if not texts:
+        return np.zeros((0, len(model.labels)), np.float32), np.zeros((0, 0), np.float32)
+    proba, states = model.probabilities_and_states(texts, workers=workers)
+    return np.asarray(proba, dtype=np.float32), np.asarray(states, dtype=np.float32)
+
+
+def _placed(count: int, order: list[int], proba: np.ndarray, states: np.ndarray) -> Outputs:
+    """Rows computed in ``order`` put back in the texts' order."""
+    if order == list(range(count)):
+        return Outputs(proba, states)
+    out_proba = np.zeros((count, proba.shape[1]), np.float32)
+    out_states = np.zeros((count, states.shape[1]), np.float32)
+    out_proba[order], out_states[order] = proba, states
+    return Outputs(out_proba, out_states)
+
+
+def _differs(mine: np.ndarray, theirs: np.ndarray, what: str, limit: float) -> str:
+    if mine.shape != theirs.shape:
+        return f"{what} of shape {mine.shape}, not {theirs.shape}"
+    diff = float(np.abs(mine - theirs).max()) if mine.size else 0.0
+    return "" if diff <= limit else f"{what} differ by {diff:.2e} (limit {limit:.1e})"

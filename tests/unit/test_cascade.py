@@ -91,6 +91,83 @@ def test_build_calibrates_only_on_texts_outside_the_judging_sets():
     assert built.fit_texts + len(built.calibration_texts) == len(set(pool) - judged)
 
 
+def _evaluation_of(champion, sets, adapter_dir):
+    """What ``tasks.evaluate.score_models`` records for ``champion`` on ``sets``: accuracies and what it scored."""
+    from tasks.evaluate import Evaluation, SliceMetrics, adapter_digest, set_digest
+
+    slices, groups = {}, {}
+    for name, frame in sets.items():
+        correct = np.array([p == t for p, t in zip(champion.predict(frame["text"].tolist())[0], frame["label"])])
+        slices[name] = SliceMetrics(len(frame), float(correct.mean()), 0.0, 0.0)
+        for group, rows in frame.groupby("group").indices.items():
+            groups[f"{name}/{group}"] = SliceMetrics(len(rows), float(correct[rows].mean()), 0.0, 0.0)
+    return Evaluation(slices, 1.0, 0.0, groups=groups, runtime=champion.runtime,
+                      adapter_digest=adapter_digest(adapter_dir),
+                      set_digests={name: set_digest(frame) for name, frame in sets.items()})
+
+
+def test_the_champion_side_is_its_evaluation_and_the_cascade_is_judged_as_served(tmp_path):
+    """The judging sets cost the champion only the texts the cascade escalates; its figures are the evaluation's."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"the champion's weights")
+    pool = [t for label in LABELS for t in texts_of(label, 80)]
+    hard = ["weather flight bank", "rain plane money", "sunny airport account", "forecast fly balance"] * 5
+    golden = pd.DataFrame({"text": pool[::4] + hard, "label": [lab for lab in LABELS for _ in range(20)]
+                           + ["weather"] * 20, "group": ["g1", "g2"] * 40})
+    judged = set(golden["text"])
+    others = [t for t in pool if t not in judged]
+    champion = KeywordChampion()
+    evaluation = _evaluation_of(champion, {"golden": golden}, adapter)
+    champion.seen.clear()
+    rules = policy(min_calibration_texts=10)
+
+    built = build(champion, pool, [], {"golden": golden}, rules, cost_texts=others[:30], latency_texts=others[:3],
+                  evaluation=evaluation, adapter_dir=adapter)
+    assert built.champion_from_evaluation
+    assert built.champion.accuracy == {"golden": evaluation.slices["golden"].accuracy}
+    assert built.champion.groups == {g: (m.rows, m.accuracy) for g, m in evaluation.groups.items()}
+    labels, _, tiers = built.answers["golden"]
+    escalated = [t for t, tier in zip(golden["text"], tiers) if tier == CHAMPION]
+    assert escalated and [t for t in champion.seen if t in judged] == escalated
+    cascade_alone = CascadeModel(champion, built.cascade.student, built.cascade.threshold)
+    assert built.answers["golden"][0] == cascade_alone.predict_tiers(golden["text"].tolist())[0] == labels
+    measured = build(champion, pool, [], {"golden": golden}, rules, cost_texts=others[:30], latency_texts=others[:3])
+    assert not measured.champion_from_evaluation  # no evaluation given: the champion's own pass, the same figures
+    assert (measured.champion.accuracy, measured.champion.groups) == (built.champion.accuracy, built.champion.groups)
+    assert measured.figures.accuracy == built.figures.accuracy
+    assert measured.answers["golden"][::2] == built.answers["golden"][::2]  # labels and tiers
+
+    for other_sets, other_adapter in (({"golden": golden.iloc[1:]}, adapter), ({"golden": golden}, tmp_path)):
+        again = build(champion, pool, [], other_sets, rules, cost_texts=others[:30], latency_texts=others[:3],
+                      evaluation=evaluation, adapter_dir=other_adapter)
+        assert not again.champion_from_evaluation  # another set or another model: measured, not borrowed
+
+
+def test_the_reference_gets_the_cascade_answers_it_was_judged_with(tmp_path):
+    from refit.store import LocalStore
+    from tasks.cascade import serve_reference
+    from tasks.deploy import reference_prefix
+
+    pool = [t for label in LABELS for t in texts_of(label, 80)]
+    golden = pd.DataFrame({"text": pool[::4], "label": [lab for lab in LABELS for _ in range(20)]})
+    champion = KeywordChampion()
+    built = build(champion, pool, [], {"golden": golden}, policy(min_calibration_texts=10), cost_texts=pool[1:30],
+                  latency_texts=pool[1:3])
+    store = LocalStore(tmp_path)
+    sample = pd.DataFrame({"text": golden["text"].tolist()[:10] + ["rain forecast not judged"], "label": "weather"})
+    store.put_parquet(reference_prefix("m", 1) + "sample.parquet", sample)
+    before = built.cascade.stats.texts
+
+    serve_reference(store, "m", 1, built.cascade, built.answers, {"golden": golden})
+    assert built.cascade.stats.texts - before == 1  # only the text the judging sets did not hold
+    got = store.get_parquet(reference_prefix("m", 1) + "sample.parquet")
+    labels, confidence, tiers = CascadeModel(champion, built.cascade.student,
+                                             built.cascade.threshold).predict_tiers(sample["text"].tolist())
+    assert got["served_label"].tolist() == labels and got["served_by"].tolist() == tiers
+    np.testing.assert_allclose(got["served_confidence"], confidence, atol=1e-6)
+
+
 def test_threshold_is_the_lowest_that_keeps_disagreement_within_policy():
     conf = np.array([0.99, 0.95, 0.90, 0.80, 0.70, 0.60, 0.50, 0.40, 0.30, 0.20])
     champion = ["a"] * 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +187,83 @@ def test_saves_at_once_lose_no_rows_and_no_encoder(tmp_path, monkeypatch):
     assert sorted(index) == sorted(["shared", *(f"own-{w}" for w in range(6))])
     files = {key.rsplit("/", 1)[1] for key in store.list("cache/model=m/encoder-states/")} - {"index.json"}
     assert files == {f"{encoder}.npz" for encoder in index}  # no file outlives its place in the index
+
+
+def _new_head(adapter_dir, out_dir, seed: int = 5):
+    """A head-rung update of ``adapter_dir``: the same encoder, the pooler and classifier moved."""
+    model = modeling.load_model(adapter_dir, trainable=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_" not in name:  # the head's trainable copies
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return modeling.save_model(model, out_dir)
+
+
+class Counting:
+    """A served model that counts the texts its whole pass ran on."""
+
+    def __init__(self, model):
+        self.inner, self.ran = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def probabilities_and_states(self, texts, workers=1):
+        self.ran.extend(texts)
+        return self.inner.probabilities_and_states(texts, workers=workers)
+
+
+def test_a_new_head_on_kept_states_answers_as_its_own_served_pass(adapter, rows, tmp_path, caplog):
+    """After a head-only update the champion's answers on kept texts are its head on the states, not a pass."""
+    from refit.runtime.encoder_states import outputs_of
+
+    torch.set_num_threads(1)
+    updated = _new_head(adapter, tmp_path / "v2")
+    assert fingerprint(updated) == fingerprint(adapter)
+    [old] = served({"v1": adapter}, runtime="onnx").values()
+    kept_texts = [text for text, _ in rows[:160]]
+    store = LocalStore(tmp_path / "store")
+    EncoderStates.of(store, "m", adapter).save(kept_texts, old.probabilities_and_states(kept_texts)[1])
+
+    [new] = served({"v2": updated}, runtime="onnx").values()
+    texts = [text for text, _ in rows[:200]]  # 160 kept, 40 new
+    counting = Counting(new)
+    with caplog.at_level(logging.INFO, logger="refit.runtime.encoder_states"):
+        got = outputs_of(counting, texts, EncoderStates.of(store, "m", updated).load(), workers=2)
+    proba, states = new.probabilities_and_states(texts)
+
+    assert "not used" not in caplog.text
+    assert got.reused == 160 - modeling.STATE_PROBES
+    assert len(counting.ran) == 40 + modeling.STATE_PROBES and set(texts[160:]) <= set(counting.ran)
+    np.testing.assert_allclose(got.probabilities, proba, atol=1e-4)
+    np.testing.assert_allclose(got.states, states, atol=1e-4)
+    assert (got.probabilities.argmax(axis=1) == proba.argmax(axis=1)).all()
+    assert not np.allclose(proba, old.probabilities_of(texts), atol=1e-3)  # the head did change
+
+
+def test_states_of_another_encoder_are_not_used_by_the_served_model(adapter, rows, tmp_path, caplog):
+    from refit.runtime.encoder_states import outputs_of, state_key
+
+    torch.set_num_threads(1)
+    [model] = served({"v1": adapter}, runtime="onnx").values()
+    texts = [text for text, _ in rows[:60]]
+    wrong = {state_key(t): np.random.default_rng(i).normal(size=384).astype(np.float32) for i, t in enumerate(texts)}
+    counting = Counting(model)
+    with caplog.at_level(logging.INFO, logger="refit.runtime.encoder_states"):
+        got = outputs_of(counting, texts, wrong)
+    assert "kept encoder states not used (kept states differ" in caplog.text
+    assert got.reused == 0 and got.why_not and sorted(counting.ran) == sorted(texts)
+    np.testing.assert_allclose(got.probabilities, model.probabilities_of(texts), atol=1e-5)
+
+
+def test_the_fingerprint_does_not_depend_on_the_order_peft_wrote_its_target_modules(adapter, tmp_path):
+    """peft writes target_modules from a set: another process may list them in another order, same encoder."""
+    import shutil
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) > 1
+    other = Path(shutil.copytree(adapter, tmp_path / "same-encoder"))
+    config["target_modules"] = list(reversed(config["target_modules"]))
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    assert fingerprint(other) == fingerprint(adapter)

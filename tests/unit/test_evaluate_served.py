@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from refit import modeling
@@ -52,3 +53,85 @@ def test_bulk_scoring_on_several_workers_matches_one(tmp_path):
     np.testing.assert_allclose(together, alone, atol=1e-6)
     np.testing.assert_allclose(alone[7], model.probabilities([texts[7]])[0], atol=1e-5)  # each row is its own text
     assert model.predict(texts, workers=2)[0] == model.predict(texts)[0]
+
+
+def _head_update(adapter_dir, out_dir):
+    """The same encoder with another head: what the ladder's head rung promotes."""
+    model = modeling.load_model(adapter_dir, trainable=True)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_" not in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    return modeling.save_model(model, out_dir)
+
+
+def test_a_pair_on_one_encoder_runs_it_once_and_kept_states_spare_the_next_evaluation(tmp_path, monkeypatch):
+    """Champion and a head-rung challenger: each scored as its own served pass would score it, for less."""
+    import tasks.evaluate
+    from refit.runtime.encoder_states import EncoderStates
+    from refit.store import LocalStore
+
+    torch.set_num_threads(1)
+    labels = ["balance", "transfer", "oos"]
+    champion = modeling.save_model(modeling.new_model(labels, modeling.LoraSpec(), seed=4), tmp_path / "v1")
+    challenger = _head_update(champion, tmp_path / "v2")
+    texts = [f"{'please ' * (i % 5)}{w} {i}" for i, w in enumerate(["what is my balance", "send money to sam",
+                                                                      "tell me a joke"] * 14)]
+    sets = {"golden": pd.DataFrame({"text": texts[:30], "label": [labels[i % 3] for i in range(30)],
+                                    "group": ["a", "b"] * 15}),
+            "fresh": pd.DataFrame({"text": texts[30:], "label": [labels[i % 2] for i in range(12)]})}
+    runs: list[int] = []
+    loaded = tasks.evaluate.served
+
+    def counted(adapter_dirs, runtime=None):
+        models = loaded(adapter_dirs, runtime)
+        for model in models.values():
+            if "probabilities_and_states" not in vars(model):  # loaded models are reused: count each pass once
+                inner = model.probabilities_and_states
+                object.__setattr__(model, "probabilities_and_states", lambda batch, workers=1, inner=inner:
+                                   runs.append(len(batch)) or inner(batch, workers))
+        return models
+
+    monkeypatch.setattr(tasks.evaluate, "served", counted)
+    store = LocalStore(tmp_path / "store")
+    first = score_models({"champion": champion, "challenger": challenger}, sets, Rates(0.048, 2.5), store, "m")
+    # The pair: the challenger's pass over the 42 texts, the champion's over its probes only.
+    assert runs == [42, modeling.STATE_PROBES]
+    assert len(EncoderStates.of(store, "m", challenger).load()) == 42
+    alone = {name: score_models({name: path}, sets, Rates(0.048, 2.5))[name]
+             for name, path in {"champion": champion, "challenger": challenger}.items()}
+    for name in ("champion", "challenger"):
+        for set_name in sets:
+            np.testing.assert_array_equal(first[name].correct[set_name], alone[name].correct[set_name])
+            assert first[name].slices[set_name].mean_confidence == pytest.approx(
+                alone[name].slices[set_name].mean_confidence, abs=1e-5)
+        assert first[name].groups.keys() == alone[name].groups.keys()
+    assert first["champion"].slices["golden"].accuracy != first["challenger"].slices["golden"].accuracy or \
+        first["champion"].slices["golden"].mean_confidence != first["challenger"].slices["golden"].mean_confidence
+
+    runs.clear()
+    again = score_models({"champion": champion, "challenger": challenger}, sets, Rates(0.048, 2.5), store, "m")
+    assert runs == [modeling.STATE_PROBES] * 2  # every text kept: probes only
+    for name in ("champion", "challenger"):
+        for set_name in sets:
+            np.testing.assert_array_equal(again[name].correct[set_name], first[name].correct[set_name])
+
+
+def test_an_evaluation_says_what_it_scored_and_a_loaded_model_is_reused(tmp_path):
+    from tasks.evaluate import LOADED_MODELS, adapter_digest, set_digest
+
+    torch.set_num_threads(1)
+    labels = ["balance", "transfer", "oos"]
+    adapters = [modeling.save_model(modeling.new_model(labels, modeling.LoraSpec(), seed=s), tmp_path / f"a{s}")
+                for s in range(LOADED_MODELS + 1)]
+    frame = pd.DataFrame({"text": ["what is my balance", "send 20 dollars"], "label": ["balance", "transfer"]})
+    scored = score_models({"m": adapters[0]}, {"golden": frame}, Rates(0.048, 2.5))["m"]
+    assert scored.runtime == served({"m": adapters[0]})["m"].runtime
+    assert scored.adapter_digest == adapter_digest(adapters[0]) != adapter_digest(adapters[1])
+    assert scored.set_digests == {"golden": set_digest(frame)} != {"golden": set_digest(frame.iloc[:1])}
+
+    first = served({"m": adapters[0]})["m"]
+    assert served({"m": adapters[0]})["m"] is first  # the same files: the same served model
+    served({f"m{i}": path for i, path in enumerate(adapters[1:])})  # newer loads push it out
+    assert served({"m": adapters[0]})["m"] is not first
