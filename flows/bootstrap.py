@@ -53,7 +53,7 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
         trained = fine_tune(data.train, policy.bootstrap, ctx.rates, labels=data.labels, seed=ctx.settings.seed)
         publish_base(trained.adapter_dir)  # a REFIT_BASE_MODEL checkpoint is stored in the run, found again by hash
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
-        evaluation = evaluate(trained.adapter_dir, {"golden": golden.frame}, ctx.rates)
+        evaluation = evaluate(trained.adapter_dir, {"golden": golden.frame}, ctx.rates, store=ctx.store, model_name=name)
         mlflow.log_metrics(trained.cost.metrics() | evaluation.metrics("champion"))
         version = versions.register(name, run.info.run_id, {
             "refit.parent_version": "none",
@@ -74,7 +74,7 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
                                         held_out=golden.frame)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         cascade(name, version, trained.adapter_dir, data.train, [], {"golden": golden.frame}, ctx.rates,
-                ctx.experiment_id, store=ctx.store)  # the cheap tier, gated as a unit before the server is told
+                ctx.experiment_id, store=ctx.store, evaluation=evaluation)  # the cheap tier, gated before it serves
         promote(name, version, versions.alias_version(name, versions.CHAMPION))
         result = {"version": version, "run_id": run.info.run_id, "reference_uri": reference_uri,
                   "golden_accuracy": evaluation.slices["golden"].accuracy, "golden_rows": golden.rows,

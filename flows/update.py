@@ -87,7 +87,8 @@ def run_attempt(ctx, index: int, recipe: Recipe, frame: pd.DataFrame, champion_d
             faults.point("update.after_train")
             mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         with meters.stage("evaluate"):
-            before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates)
+            before, after = evaluate_pair(champion_dir, trained.adapter_dir, data.sets, ctx.rates, store=ctx.store,
+                                          model_name=name)  # judging sets' encoder states kept for the next
         with meters.stage("gate"):
             verdict = gate(before, after, trained.cost.usd, rules, budget_left_usd, tuple(data.learned))
         mlflow.log_metrics(trained.cost.metrics() | before.metrics("champion") | after.metrics("challenger") | {
@@ -375,7 +376,7 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
                     versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
                 with meters.stage("cascade"):  # the cheap tier, gated as a unit, before the server is told
                     cascade(name, version, trained.adapter_dir, pool, arrived["text"].tolist(), data.sets, ctx.rates,
-                            ctx.experiment_id, store=ctx.store)
+                            ctx.experiment_id, store=ctx.store, evaluation=after)
                 with meters.stage("deploy"):  # under the lock: the fresh holdout joins the golden suite, the alias moves
                     promote_update(ctx.store, name, version, champion, data.fresh, policy.golden_max_per_label,
                                    f"{kind} run {run.info.run_id}")
