@@ -71,6 +71,8 @@ class UpdatePolicy(StrictModel):
         default_factory=lambda: ["fresh_accuracy_gain", "fresh_gain_lower_bound"],
         description="Gate rules whose failure sends the update up the ladder; any other failure ends it.")
     replay_ratio: float = Field(ge=0, description="Replay rows per new labelled row.")
+    min_replay_rows: int = Field(0, ge=0, description="Replay at least this many rows, however few labels arrived: "
+                                                      "a few dozen new rows alone pull the head off what it knew.")
     min_new_examples: int = Field(ge=1)
     fresh_holdout_share: float = Field(
         gt=0, lt=1, description="Share of an update's new labelled rows held out (newest first, per label) as "
@@ -128,7 +130,8 @@ class TrainingSet:
 
 
 def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str], replay_ratio: float,
-             seed: int, per_label: bool = False, pseudo: pd.DataFrame | None = None) -> TrainingSet:
+             seed: int, per_label: bool = False, pseudo: pd.DataFrame | None = None,
+             min_replay: int = 0) -> TrainingSet:
     """New labelled rows plus a label-stratified replay sample, deduplicated and leak-free.
 
     Any row whose text is in an evaluation set is dropped (leakage guard by
@@ -155,7 +158,7 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
     taken |= set(extra["text"].str.strip().str.lower())
     pool = replay_pool[["text", "label"]]
     pool = pool[~pool["text"].str.strip().str.lower().isin(taken) & ~pool["text"].map(text_hash).isin(eval_texts)]
-    size = min(len(pool), round((len(clean) + len(extra)) * replay_ratio))
+    size = min(len(pool), max(min_replay, round((len(clean) + len(extra)) * replay_ratio)))
     replay = per_label_sample(pool, size, seed) if per_label else stratified_sample(pool, size, seed)
     frame = pd.concat([clean.assign(origin="new"), extra.assign(origin="pseudo"), replay.assign(origin="replay")],
                       ignore_index=True)
@@ -221,7 +224,8 @@ def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, 
     sets = {"fresh": fresh, "golden": golden}
     eval_texts = text_hashes(pd.concat([fresh["text"], golden["text"]]))
     replay_ratio = policy.new_label_replay_ratio if learned else policy.replay_ratio
-    training = assemble(train_rows, pool, eval_texts, replay_ratio, seed, per_label=bool(learned))
+    training = assemble(train_rows, pool, eval_texts, replay_ratio, seed, per_label=bool(learned),
+                        min_replay=policy.min_replay_rows)
     return UpdateData(training, sets, eval_texts, list(known_labels) + [l for l in learned if l not in known_labels],
                       list(learned), train_rows, seed)
 
@@ -292,6 +296,7 @@ def add_pseudo_labels(data: UpdateData, pool: pd.DataFrame, champion_dir: Path, 
     if found.empty:
         return dataclasses.replace(data, pseudo_cost=cost)
     training = assemble(data.train_rows, pool, data.eval_texts, policy.new_label_replay_ratio, data.seed,
+                        min_replay=policy.min_replay_rows,
                         per_label=True, pseudo=found)
     return dataclasses.replace(data, training=training, pseudo_cost=cost)
 
