@@ -178,11 +178,20 @@ def _shift(ctx, stages: Stages, shift, k: int, clock: Clock, labellers: Labeller
         if drifted["action"] == "update":
             result = _subflow(stages, f"update-{tag}", update, episode_id=drifted["episode"],
                               drift_run_id=drifted["drift_run_id"], model_name=name)
-            if promoted_after is None:  # the shift's story is its first promotion, or its newest try
+            if promoted_after is None:  # the shift's story: the first promotion that learned its labels, or its newest try
                 updated = result
-                promoted_after = w if result.get("promoted") else None
+                promoted_after = w if result.get("promoted") and _learned_from(ctx.store, name, result, labellers,
+                                                                                shift.name) else None
     return stages.run(f"score-{shift.name}", _outcome, name, shift, champion_before, detected or drifted, updated,
                       promoted_after)
+
+
+def _learned_from(store, name: str, result: dict, labellers: Labellers, shift: str) -> bool:
+    """Whether the promoted update trained on (or held out) any label of this shift's requests."""
+    from tasks.labels import used_keys
+
+    used = used_keys(store, name)
+    return bool(set(used[used["run_id"] == result.get("run_id")]["key"]) & set(labellers.arrived.get(shift, [])))
 
 
 def _deliver(store, name: str, labellers: Labellers, window: int) -> int:

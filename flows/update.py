@@ -314,8 +314,13 @@ def _update(settings, window_start, window_end, labels_path, drift_run_id, gate_
         log_training_input(training.frame, source, training.fingerprint)
         mlflow.log_metric("month_spend_before_usd", spent)
         attempts: list[Attempt] = []
+        stop = f"no rung of the ladder takes {training.new_rows} new rows"
         for index, recipe in enumerate(policy.ladder, start=1):
             recipe = data.recipe(recipe, policy)
+            if training.new_rows < recipe.min_new_rows:
+                get_run_logger().info(f"rung {recipe.name} skipped: {training.new_rows} new rows, it needs "
+                                      f"{recipe.min_new_rows}")
+                continue
             work = recipe.work_tokens(tokens[recipe.start])
             estimate = ctx.rates.price(work * per_token)
             so_far = sum(a.trained.cost.usd for a in attempts)

@@ -50,6 +50,8 @@ class Recipe(StrictModel):
     batch_size: int = Field(32, ge=1)
     frozen_layers: int = Field(0, ge=0, le=6)
     distill_weight: float = Field(0.0, ge=0, le=1, description="Weight of the champion's soft targets on replay rows.")
+    min_new_rows: int = Field(0, ge=0, description="An update with fewer new labelled rows skips this rung: a full "
+                                                   "retrain on a few dozen labels costs much and gains nothing.")
 
     def work_tokens(self, tokens: int, layers: int = 6) -> float:
         """Training work in full-depth token passes (forward + backward), for estimates and the ledger.
