@@ -62,9 +62,9 @@ def test_no_fresh_text_is_ever_trained_on():
 
 def test_too_few_fresh_rows_wait_for_labels():
     policy, _ = load_update_policy()
-    new = labelled({label: 8 for label in "abcdefgh"})  # 64 rows, 2 fresh per label: 16 < min_fresh_rows
+    new = labelled({label: 4 for label in "abcdefghijklmn"})  # 56 rows, 1 fresh per label: 14 < min_fresh_rows
     with pytest.raises(RefitError, match="min_fresh_rows"):
-        prepare_update(new, new.head(0), labelled({"a": 3}), list("abcdefgh"), [], policy, "window")
+        prepare_update(new, new.head(0), labelled({"a": 3}), list("abcdefghijklmn"), [], policy, "window")
 
 
 def test_golden_suite_is_versioned_with_fingerprints(tmp_path):
