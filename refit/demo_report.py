@@ -84,6 +84,7 @@ def summarize(*, v1: int, champion_after: int, quiet: dict, shifts: list[ShiftOu
         "champion_before": v1,
         "champion_after": champion_after,
         "no_drift_window_triggered": quiet["action"] != "none",
+        "no_drift_window_verdict": f"{quiet['action']}: {quiet.get('action_reason', '')}"[:300],
         "shifts": rows,
         "external_accuracy_final": {k: round(v, 4) for k, v in external_final.items()},
         "golden_accuracy_before": round(golden_before, 4),

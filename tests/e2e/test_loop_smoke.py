@@ -29,7 +29,7 @@ def test_the_loop_closes_on_the_tiny_scenario(tmp_path, data_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    assert result["no_drift_window_triggered"] is False
+    assert result["no_drift_window_triggered"] is False, result["no_drift_window_verdict"]
     assert result["drift_detected_on_shift"] is True
     assert result["update_promoted"] is True, result["update_verdict"]
     assert result["champion_after"] == result["champion_before"] + 1
