@@ -70,7 +70,11 @@ def test_mlflow_keeps_every_run_report_and_version(demo_home):
     runs = client.search_runs([experiment.experiment_id])
     kinds = sorted(r.data.tags["refit.run_type"] for r in runs
                    if r.data.tags["refit.run_type"] not in ("update-attempt", "cascade", "report"))
-    assert kinds == ["bootstrap", "drift-check", "drift-check", "update", "update"]
+    assert kinds == ["bootstrap", "drift-check", "drift-check", "drift-episode", "update", "update"]
+    # The drifted window opened an episode; the promoted update that learned its labels closed it.
+    (episode,) = [r for r in runs if r.data.tags["refit.run_type"] == "drift-episode"]
+    assert episode.data.tags["refit.episode_status"] == "closed"
+    assert episode.data.tags["refit.closed_by"] == "v2"
     # Every version that became champion had its cheap tier built and gated (v1 at bootstrap, v2 at promotion).
     cascades = [r for r in runs if r.data.tags["refit.run_type"] == "cascade"]
     assert sorted(r.data.tags["refit.version"] for r in cascades) == ["1", "2"]
@@ -236,7 +240,7 @@ def test_same_hotfix_file_never_pays_twice(demo_home):
     proc = run_cli(["update", "--json", "--labels", str(home / "demo" / "hotfix-poisoned-intent-classifier.csv")], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = last_json(proc.stdout)
-    assert again["promoted"] is False and "already updated for this file" in again["reason"]
+    assert again["promoted"] is False and "already updated for these labels" in again["reason"]
     first = client.get_run(again["duplicate_of"])
     assert first.data.tags["refit.kind"] == "hotfix" and first.data.metrics["attempts"] >= 1
     assert "Task run 'fine-tune" not in proc.stderr  # nothing trained
@@ -331,5 +335,5 @@ def test_second_demo_in_the_same_home_starts_the_story_again(demo_home):
     again = last_json(proc.stdout)
     assert again["champion_before"] > first["champion_after"]  # a new v1 lineage; MLflow keeps the first
     assert again["champion_after"] == again["champion_before"] + 1 and not again["poisoned_hotfix_promoted"]
-    assert not again["no_drift_window_triggered"]  # the first run's traffic was forgotten, not re-read
+    assert not again["no_drift_window_triggered"], again["no_drift_window_verdict"]  # first run forgotten
     assert len(client.search_runs([experiment.experiment_id])) > runs_before
