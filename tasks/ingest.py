@@ -102,7 +102,10 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
         if len(rejected):
             store.put_parquet(f"quarantine/model={model_name}/labels/{_stamp()}.parquet", rejected.astype(str))
     joined = served.merge(labels.drop_duplicates("request_id", keep="last"), on="request_id", how="inner")
+    joined = joined[~joined["request_id"].isin(_ids_under(store, f"quarantine/model={model_name}/labels/", "-batch"))]
     judged = joined[joined["label"].isin(known_labels)] if known_labels is not None else joined
+    # Requests refit asked labels for were picked for being unsure: their label mix is not the traffic's.
+    judged = judged[~judged["request_id"].isin(_ids_under(store, f"labels/model={model_name}/requested/"))]
     if max_label_mix_shift is not None and len(judged) >= min_rows_for_mix and "predicted_label" in judged:
         check = check_label_mix(judged["predicted_label"], judged["label"], max_label_mix_shift)
         if check.suspect:
@@ -117,6 +120,18 @@ def labelled_window(store: ObjectStore, model_name: str, start: datetime, end: d
     served_rows = joined[columns + ["request_id"]]
     return pd.concat([served_rows, examples[columns]], ignore_index=True) if len(examples) else \
         served_rows.reset_index(drop=True)
+
+
+def _ids_under(store: ObjectStore, prefix: str, marker: str = "") -> set[str]:
+    """Request ids in the parquet files under ``prefix`` whose name holds ``marker``: batches refused whole
+    (kept out of every later join, so one bad batch never stalls an episode), or requests refit asked about."""
+    keys = [k for k in store.list(prefix) if marker in k.rsplit("/", 1)[-1]]
+    ids: set[str] = set()
+    for key in keys:
+        frame = store.get_parquet(key)
+        if "request_id" in frame.columns:
+            ids |= set(frame["request_id"].astype(str))
+    return ids
 
 
 def _guard_examples(store: ObjectStore, model_name: str, served: pd.DataFrame, examples: pd.DataFrame,
