@@ -569,4 +569,26 @@ def test_label_batch_far_from_the_models_predictions_is_quarantined_whole(store)
     (quarantined,) = [k for k in store.list("quarantine/model=m/labels/") if k.endswith("-batch.parquet")]
     frame = store.get_parquet(quarantined)
     assert len(frame) == 100 and frame["reason"].str.contains("label mix moved").all()
-    assert len(labelled_window(store, "m", start, end, known_labels=intents)) == 100  # unchecked: as before
+    # A batch refused whole stays out of every later join, checked or not: an episode never stalls on it.
+    assert len(labelled_window(store, "m", start, end, known_labels=intents)) == 0
+
+
+def test_labels_refit_asked_for_are_not_judged_by_the_label_mix_guard(store):
+    """Requests picked for being unsure disagree with the model by design; the guard judges only the rest."""
+    from refit import requestlog
+    from tasks.ingest import labelled_window
+
+    start = datetime(2026, 11, 2, 12, tzinfo=timezone.utc)
+    intents = [f"intent{i}" for i in range(10)]
+    served = pd.DataFrame({
+        "request_id": [f"q{i}" for i in range(100)], "timestamp": [start + timedelta(seconds=i) for i in range(100)],
+        "text": [f"asked {i}" for i in range(100)], "predicted_label": [intents[i % 10] for i in range(100)],
+        "confidence": 0.3, "model_version": "1"})
+    requestlog.write_inference(store, "m", served)
+    requestlog.write_labels(store, "m", served[["request_id"]].assign(label="intent3", source="asked"))
+    store.put_parquet("labels/model=m/requested/ask.parquet", served[["request_id"]].assign(episode="e", cluster=0))
+    kept = labelled_window(store, "m", start, start + timedelta(hours=1), known_labels=intents, max_label_mix_shift=0.85)
+    assert len(kept) == 100 and set(kept["label"]) == {"intent3"}
+    store.delete("labels/model=m/requested/ask.parquet")  # the same labels, never asked for: a broken job
+    with pytest.raises(Exception, match="label batch rejected"):
+        labelled_window(store, "m", start, start + timedelta(hours=1), known_labels=intents, max_label_mix_shift=0.85)
