@@ -337,8 +337,13 @@ class Bench:
             unmetered = [a for a in attempts if "update_cost_usd" not in a.data.metrics]
             owed = metered + sum(a.data.metrics.get("estimate_cost_usd", run.data.metrics.get("estimate_cost_usd", 0.0))
                                  for a in unmetered)
-            expected += owed
             charged = run.data.metrics.get("update_cost_usd")
+            reserved = run.data.metrics.get("reserved_usd", 0.0)
+            if charged is not None and "update_cpu_seconds" in run.data.metrics and charged + 1e-9 >= metered:
+                owed = charged  # finished: charged the whole update (every stage), at least its attempts' training
+            elif charged is not None and owed - 1e-9 <= charged <= max(owed, reserved) + 1e-9:
+                owed = charged  # killed: charged up to its reservation, which covers the whole update's estimate
+            expected += owed
             in_window = run.info.start_time >= since_ms and (until_ms is None or run.info.start_time <= until_ms)
             if in_window and (charged is None or abs(charged - owed) > 1e-9 + 1e-6 * owed):
                 what = "nothing" if charged is None else f"${charged:.6f}"
