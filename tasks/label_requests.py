@@ -2,8 +2,9 @@
 
 An update needs labels of the traffic that drifted, and labels cost money,
 so refit asks for few and chooses them (``refit labels request``). The
-candidates are the requests served since the open episode's labels began
-(``tasks.labels.labels_since``), less any request already labelled (a label
+candidates are the requests served since the open episode began (its own
+drifted traffic: an update counts older labels too, but asking about them
+would spend the budget on a drift already learned), less any request already labelled (a label
 row, a label waiting for its request, or an imported example of the same
 text), any already asked for, and repeats of one text. From those it takes
 ``budget`` texts:
@@ -360,8 +361,6 @@ def request_labels(store: ObjectStore, experiment_id: str, model_name: str, budg
     from registry.episodes import open_episode
     from registry.tracking import RUN_TYPE
     from tasks.drift import sentence_embeddings
-    from tasks.labels import labels_since
-
     if budget < 1:
         raise RefitError(f"--budget must be at least 1 label, not {budget}")
     episode = open_episode(experiment_id, model_name)
@@ -369,7 +368,8 @@ def request_labels(store: ObjectStore, experiment_id: str, model_name: str, budg
         raise RefitError(f"{model_name} has no open drift episode: labels are requested for the traffic of a "
                          "detected drift (the monitor opens an episode when it finds one)")
     now = now or datetime.now(timezone.utc)
-    since = labels_since(experiment_id, episode)
+    since = datetime.fromisoformat(episode.start)
+    since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
     with Meter() as meter:
         pool = candidates(store, model_name, since, now)
         rows, bounded = _bounded(pool.rows, seed)
