@@ -90,8 +90,11 @@ def test_mlflow_keeps_every_run_report_and_version(demo_home):
             # The replay rows' encoder states were kept by the champion's cascade build: the pass skipped them.
             assert attempt.data.metrics["encoder_states_reused"] > 0
     hotfix = next(r for r in updates.values() if r.data.tags["refit.kind"] == "hotfix")
-    # Poisoned labels fail a guard (golden or slice), not just the gain: the ladder stops at its first rung.
-    assert hotfix.data.metrics["attempts"] == 1
+    # Poisoned labels are refused within the warm rungs: the head rung distils toward the champion over a replay
+    # floor, so the poison shows as no gain (or a guard), and a full retrain is not paid for a file this small.
+    assert hotfix.data.metrics["attempts"] <= 2
+    assert hotfix.data.tags["refit.gate_verdict"] == "refused" and hotfix.data.tags["refit.gate_reasons"].startswith(
+        "refuse:")
     assert result["update_attempts"][0] == "head"
     drift = [r for r in runs if r.data.tags["refit.run_type"] == "drift-check"]
     for run in drift:
