@@ -142,12 +142,12 @@ def quiet_hour_episode(ctx, champion: int, update_policy, end) -> dict:
     if action == "update":
         payload = {"model_name": name, "episode_id": episode.id, "severity": episode.severity,
                    "model_version": champion, "drift_run_id": episode.opened_by, "labels": counted.usable}
-        try:
-            sent = emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"}, payload=payload)
-            if sent is not None and delivered(sent):
-                episodes.record_try(episode.id, counted.usable)
-        except Exception as exc:  # noqa: BLE001 - the next check tries again
-            get_run_logger().warning(f"drift event {DRIFT_EVENT} not sent ({type(exc).__name__}: {exc})")
+        try:  # no drift-check run to tag in a quiet hour: only the episode is marked
+            emit_then_mark(None, lambda: emit_event(
+                DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"}, payload=payload),
+                mark=lambda: episodes.record_try(episode.id, counted.usable))
+        except RefitError as exc:  # the episode stays untried: the next check tries again
+            get_run_logger().warning(str(exc))
     return {"action": action, "action_reason": why, "episode": episode.id, "drift_run_id": episode.opened_by,
             "labelled_rows": counted.usable, "labels_enough": counted.ok}
 
@@ -175,7 +175,7 @@ def with_arrived_labels(store, name: str, kept, start, drift_policy):
 
 
 
-def emit_then_mark(run_id: str, emit, mark=None) -> None:
+def emit_then_mark(run_id: str | None, emit, mark=None) -> None:
     """Send the drift event, then tag the check's run ``refit.action = update`` and ``mark`` the episode as tried
     (what the next check's dedupe reads).
 
@@ -199,7 +199,8 @@ def emit_then_mark(run_id: str, emit, mark=None) -> None:
                          "again")
     if mark is not None and sent is not None:  # without a server nothing was sent: the update records its own try
         mark()
-    MlflowClient().set_tag(run_id, "refit.action", "update")
+    if run_id is not None:
+        MlflowClient().set_tag(run_id, "refit.action", "update")
 
 
 def delivered(event, seconds: float = 30.0) -> bool:

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from refit.errors import RefitError
 from refit.settings import OFFLINE_ENV, Settings
-from refit.cli.common import JsonOption, _prepare, _run_flow, bench_app, err
+from refit.cli.common import JsonOption, _prepare, _report, _run_flow, bench_app, err
 
 
 
@@ -80,11 +80,7 @@ def bench_drift(as_json: JsonOption = False,
         result = run_benchmark(data_dir, pairs, size_list, scale_list, baseline_pairs, shift_share, policy,
                                family_list, shares, progress=lambda what, n: bar.update(job, advance=n,
                                                                                         description=what))
-    out = err if as_json else Console()
-    for table in tables(result):
-        out.print(table)
-    if as_json:
-        print(json.dumps(result, default=str))
+    _report(result, tables(result), as_json)
 
 
 @bench_app.command("update-cost")
@@ -114,11 +110,7 @@ def bench_update_cost(as_json: JsonOption = False,
             status.update(what)
 
         result = run_benchmark(data_dir, scenario, update_policy, gate_policy, progress=progress)
-    out = err if as_json else Console()
-    for table in tables(result):
-        out.print(table)
-    if as_json:
-        print(json.dumps(result, default=str))
+    _report(result, tables(result), as_json)
 
 
 @bench_app.command("cascade")
@@ -185,9 +177,7 @@ def bench_feedback(as_json: JsonOption = False,
 
     result = run_benchmark(run_home, settings.data_dir, requests, days, calls, labels_per_call, unlogged_per_call,
                            progress=progress)
-    (err if as_json else Console()).print(table(result))
-    if as_json:
-        print(json.dumps(result, default=str))
+    _report(result, [table(result)], as_json)
 
 
 @bench_app.command("faults")
@@ -215,7 +205,5 @@ def bench_faults(as_json: JsonOption = False,
         err.print(f"[dim]{escape(what)}[/]", soft_wrap=True, highlight=False)
 
     result = run_benchmark(run_home, names, progress)
-    (err if as_json else Console()).print(table(result))
-    if as_json:
-        print(json.dumps(result, default=str))
+    _report(result, [table(result)], as_json)
 

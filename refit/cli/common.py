@@ -61,6 +61,15 @@ def _run_flow(flow_fn, **params) -> dict:
     return state.result()
 
 
+def _report(result: dict, tables, as_json: bool) -> None:
+    """A benchmark's tables (on stderr with ``--json``, so stdout stays one JSON object) and its JSON line."""
+    out = err if as_json else Console()
+    for table in tables:
+        out.print(table)
+    if as_json:
+        print(json.dumps(result, default=str))
+
+
 def _emit(result: dict, as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(result, default=str))
