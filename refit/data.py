@@ -167,9 +167,14 @@ def fingerprint(frame: pd.DataFrame, columns: list[str] | None = None) -> str:
     return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
 
 
+def text_key(text) -> str:
+    """A text as compared for sameness: stripped and lower-cased, so case and edge spaces make no new text."""
+    return str(text).strip().lower()
+
+
 def text_hash(text: str) -> str:
-    """Hash of the normalised text: the leakage guard's key."""
-    return hashlib.sha1(str(text).strip().lower().encode()).hexdigest()
+    """Hash of the normalised text (``text_key``): the leakage guard's key."""
+    return hashlib.sha1(text_key(text).encode()).hexdigest()
 
 
 def text_hashes(texts) -> set[str]:

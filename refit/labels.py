@@ -52,6 +52,7 @@ from datetime import date, datetime, timedelta, timezone
 import pandas as pd
 
 from refit import faults, requestlog
+from refit.data import text_key
 from refit.errors import RefitError
 from refit.store import ObjectStore
 
@@ -284,7 +285,7 @@ def _row_checks(rows: pd.DataFrame, max_text_chars: int, now: datetime):
     text_chars = frame["text"].where(~has_id & has_text).map(lambda v: 0 if _blank(v) else len(str(v)))
     mark(text_chars > max_text_chars,
          text_chars.map(lambda n: f"text is {n:,} characters; the limit is {max_text_chars:,}"))
-    texts = frame["text"].where(~has_id).map(lambda v: None if _blank(v) else str(v).strip().lower())
+    texts = frame["text"].where(~has_id).map(lambda v: None if _blank(v) else text_key(v))
     mark(~has_id & has_text & texts.duplicated(keep="first"), "duplicate text in this batch")
     ids = frame["request_id"].where(has_id).astype(object).map(lambda v: None if _blank(v) else str(v).strip())
     first = _lookback(now)[0]
