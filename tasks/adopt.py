@@ -249,7 +249,7 @@ def publish_base(adapter_dir: Path) -> modeling.BaseRef:
         return base
     directory = Path(base.location)
     for path in sorted(directory.iterdir()):
-        if path.is_file() and path.suffix not in modeling.PICKLE_SUFFIXES and not path.name.startswith("."):
+        if path.is_file() and not modeling.is_pickled(path) and not path.name.startswith("."):
             mlflow.log_artifact(str(path), BASE_ARTIFACT)
     published = modeling.BaseRef("artifact", mlflow.get_artifact_uri(BASE_ARTIFACT), base.sha256, base.model_type,
                                  base.source or base.location)
