@@ -241,3 +241,60 @@ def _log(message: str) -> None:
         get_run_logger().info(message)
     except MissingContextError:
         logging.getLogger(__name__).info(message)
+
+
+def ship(ctx, start, labelled, learnable, ladder, run_id: str, drift_run_id: str | None, reason: str | None,
+         meters) -> int:
+    """Register the final rung's version; on a pass write its reference and cascade, then promote it.
+
+    One Prefect transaction: a failure after registering rolls back (the
+    version is tagged abandoned). A promoted update writes which labels it
+    used and closes its drift episode; a refused one records the try on the
+    episode, which stays open and tries again once more labels arrived.
+    Returns the registered version.
+    """
+    from prefect.transactions import transaction
+
+    from registry import episodes
+    from tasks.cascade import cascade
+    from tasks.labels import record_used
+
+    name, data, final = ctx.model_name, learnable.data, ladder.final
+    with transaction():
+        with meters.stage("register"):
+            version = register_version(name, final.run_id, update_version_tags(
+                kind=start.kind, reason=reason, champion=start.champion, run_id=run_id, recipe=final.recipe.name,
+                attempts=len(ladder.attempts), source=labelled.source, training=data.training, data=data,
+                golden=start.golden, drift_run_id=drift_run_id, rules_path=start.rules_path, verdict=final.verdict,
+                cost_usd=ladder.train_cost_usd, cpu_seconds=ladder.train_cpu_seconds, after=final.after,
+                adapter_dir=final.trained.adapter_dir))
+            faults.point("update.after_register")
+        if not final.verdict.passed:
+            if labelled.episode is not None:
+                episodes.record_try(labelled.episode.id, labelled.usable)
+            return version
+        with meters.stage("reference"):
+            _write_update_reference(ctx, start, data, ladder, version)
+        with meters.stage("cascade"):  # the cheap tier, gated as a unit, before the server is told
+            cascade(name, version, final.trained.adapter_dir, start.pool, labelled.rows["text"].tolist(), data.sets,
+                    ctx.rates, ctx.experiment_id, store=ctx.store, evaluation=final.after)
+        with meters.stage("deploy"):  # under the lock: the fresh holdout joins the golden suite, the alias moves
+            promote_update(ctx.store, name, version, start.champion, data.fresh, start.policy.golden_max_per_label,
+                           f"{start.kind} run {run_id}")
+            if labelled.episode is not None:  # its labels are used now; later ones wait for the next episode
+                record_used(ctx.store, name, run_id, learnable.admitted.rows, data.fresh["text"])
+                episodes.close(labelled.episode.id, f"v{version} promoted, trained on its labels (update run "
+                                                    f"{run_id})", f"v{version}")
+    return version
+
+
+def _write_update_reference(ctx, start, data, ladder, version: int) -> None:
+    """The new version's drift reference: its replay pool with the update's new rows, judged on held-out text."""
+    training, final = data.training, ladder.final
+    reference_uri = write_reference(
+        ctx.store, ctx.model_name, version, modeling.load_model(final.trained.adapter_dir),
+        modeling.load_tokenizer(start.champion_dir),
+        pool=pd.concat([start.pool, training.frame[training.frame.origin == "new"]]),
+        trained_on=ladder.trained_on, seed=ctx.settings.seed,
+        held_out=pd.concat([start.golden.frame[["text", "label"]], data.fresh[["text", "label"]]]))
+    versions.set_tags(ctx.model_name, version, {"refit.reference_uri": reference_uri})

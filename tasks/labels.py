@@ -23,12 +23,14 @@ completed with the same action.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pandas as pd
 
 from refit.data import text_hash
+from refit.errors import RefitError
 from refit.store import ObjectStore
 
 ROLES = ("trained", "held_out")
@@ -142,3 +144,67 @@ def label_fates(store: ObjectStore, model_name: str, request_ids) -> dict[str, i
              "held_out": int((role == "held_out").sum()), "waiting": 0, "quarantined": int(quarantined.sum())}
     fates["waiting"] = fates["arrived"] - fates["trained"] - fates["held_out"] - fates["quarantined"]
     return fates
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """What an update learns from: its rows and where they came from, or why it waits instead."""
+
+    source: str = ""
+    rows: pd.DataFrame | None = None
+    trigger_key: str = ""  # one update per key: the file's contents, the window, or the episode's label keys
+    episode: object | None = None  # registry.episodes.Episode
+    wait: tuple[str, str] | None = None  # (action, why) when there is nothing to learn yet
+    usable: int = 0
+    unlabelled: tuple[str, ...] = ()  # the episode's served texts nobody labelled: pseudo-labels may use them
+
+    def waiting(self, champion: int) -> dict:
+        """The update's result when it waits: a completed run, not a failure."""
+        return {"action": self.wait[0], "promoted": False, "version": None, "champion": champion,
+                "reason": self.wait[1], "episode": self.episode.id if self.episode else None, "attempts": []}
+
+
+def gather_labels(ctx, policy, known_labels: list[str], labels_path: str | None, window_start: str | None,
+                  window_end: str | None, episode_id: str | None) -> Labelled:
+    """The update's labelled rows: a hand-supplied file (hotfix), one window, or the drift episode's labels."""
+    from refit.data import fingerprint
+    from tasks.context import parse_time
+    from tasks.ingest import labelled_window, read_labelled_file
+
+    name = ctx.model_name
+    if labels_path:
+        arrived = read_labelled_file(labels_path, ctx.settings)
+        return Labelled(labels_path, arrived, f"{name}:file:{fingerprint(arrived)}")
+    if window_start or window_end:
+        if not (window_start and window_end):
+            raise RefitError("give a whole window (window_start and window_end), a labelled file (labels_path), "
+                             "or neither to learn from the open drift episode")
+        start, end = parse_time(window_start), parse_time(window_end)
+        arrived = labelled_window(ctx.store, name, start, end, known_labels=known_labels,
+                                  max_label_mix_shift=policy.max_label_mix_shift)
+        return Labelled(f"labelled requests {start.isoformat()} .. {end.isoformat()}", arrived,
+                        f"{name}:window:{window_start}..{window_end}")
+    return _episode_labelled(ctx, policy, known_labels, episode_id)
+
+
+def _episode_labelled(ctx, policy, known_labels: list[str], episode_id: str | None) -> Labelled:
+    """The open (or named) episode's unused labels, if they meet ``enough``; else why the update waits."""
+    from refit import requestlog
+    from registry import episodes
+    from tasks.context import parse_time
+
+    name = ctx.model_name
+    episode = episodes.get_episode(episode_id) if episode_id else episodes.open_episode(ctx.experiment_id, name)
+    if episode is None or not episode.is_open:
+        why = f"drift episode {episode_id} is closed" if episode else f"model {name} has no open drift episode"
+        return Labelled(episode=episode, wait=("none", f"{why}: nothing to learn"))
+    since, now = labels_since(ctx.experiment_id, episode), parse_time(None)
+    rows = episode_labels(ctx.store, name, since, now, known_labels, policy.max_label_mix_shift).rows
+    counted = enough(rows, known_labels, policy, ctx.settings.seed)
+    if not counted.ok:
+        return Labelled(episode=episode, wait=("wait for labels", f"drift episode {episode.id}: {counted.reason}"))
+    keys = hashlib.sha256("\n".join(sorted(rows["key"])).encode()).hexdigest()[:16]
+    served = requestlog.read_inference(ctx.store, name, since, now)["text"].astype(str)
+    unlabelled = tuple(dict.fromkeys(served[~served.isin(set(rows["text"].astype(str)))]))
+    return Labelled(f"drift episode {episode.id}: labelled requests since {since.isoformat()}", rows,
+                    f"{name}:episode:{episode.id}:{keys}", episode, usable=counted.usable, unlabelled=unlabelled)
