@@ -20,18 +20,21 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from refit.bench.children import free_port as _free_port  # noqa: F401  (other benches import it from here)
+from refit.bench.children import stop_child
+from refit.bench.children import wait_ready as _wait_ready  # noqa: F401  (other benches import it from here)
 from refit.errors import RefitError
 from refit.secrets import mask_uri
 from refit.settings import Settings
@@ -57,20 +60,9 @@ class Load:
             self.version.append(version)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def stop_server(proc: subprocess.Popen, timeout: float = 120) -> None:
     """SIGTERM (the server flushes its request log), then SIGKILL if it has not exited within ``timeout``."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_child(proc, signal.SIGTERM, timeout)
 
 
 def _client(url: str, texts: list[str], per_request: tuple[int, int], stop: threading.Event, load: Load,
@@ -158,31 +150,21 @@ def _promote_under_load(name: str, version: int, what: str, started: float, prog
     return events
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RefitError(f"refit serve exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RefitError(f"refit serve at {url} was not ready within {timeout:.0f}s")
-
-
 def _load(url: str, texts: list[str], seconds: float, concurrency: int, per_request: tuple[int, int],
-          seed: int = 0) -> tuple[Load, float]:
+          seed: int = 0, during: Callable[[float], None] | None = None) -> tuple[Load, float]:
+    """``concurrency`` clients for ``seconds``; ``during(started)`` (a ``perf_counter`` time) runs meanwhile.
+
+    Returns what the clients saw and the seconds they ran.
+    """
     load, stop = Load(), threading.Event()
     clients = [threading.Thread(target=_client, args=(url, texts, per_request, stop, load, seed + i), daemon=True)
                for i in range(concurrency)]
     started = time.perf_counter()
     for client in clients:
         client.start()
-    time.sleep(seconds)
+    if during is not None:
+        during(started)
+    time.sleep(max(0.0, started + seconds - time.perf_counter()))
     stop.set()
     for client in clients:
         client.join(timeout=60)
@@ -246,6 +228,57 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
             "rounds_texts_per_s": {name: [round(v, 1) for v in values] for name, values in rates.items()}}, everything
 
 
+def _start_server() -> tuple[str, subprocess.Popen]:
+    """``refit serve`` on a free port with a short rollout policy; this process's deploy step is told its address."""
+    port, token = _free_port(), secrets.token_hex(16)
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {"REFIT_SERVE_PORT": str(port), "REFIT_SERVE_URL": url, "REFIT_SERVE_ADMIN_TOKEN": token,
+                        "REFIT_SERVE_POLL_SECONDS": "0"}
+    os.environ.update({k: env[k] for k in ("REFIT_SERVE_URL", "REFIT_SERVE_ADMIN_TOKEN")})  # for the deploy step
+    policy = _bench_policy(window_seconds=8, watch_seconds=8)
+    log_file = open(Path(tempfile.mkdtemp(prefix="refit-bench-")) / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "refit.cli", "serve", "--port", str(port), "--policy", str(policy)],
+                            env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return url, proc
+
+
+def _promotions(name: str, schedule: list[tuple[float, str, int]], events: dict, progress) -> Callable[[float], None]:
+    """What runs during the load: each ``(at, what, version)`` of ``schedule`` promoted ``at`` seconds in."""
+    def during(started: float) -> None:
+        for at, what, version in schedule:
+            time.sleep(max(0.0, started + at - time.perf_counter()))
+            events.update(_promote_under_load(name, version, what, started, progress))
+
+    return during
+
+
+def _load_figures(load: Load, elapsed: float, extra: Load, rows_logged: int) -> dict:
+    """Requests, answers, errors, latency and throughput of the load with the swaps, and the request log's count.
+
+    ``extra``: the load of the throughput rounds after it, whose answers the
+    request log holds too.
+    """
+    ok = np.array(load.status) == 200
+    latency_ms = np.array(load.latency)[ok] * 1000
+    answered_texts = int(np.array(load.texts)[ok].sum())
+    extra_answered = sum(n for n, status in zip(extra.texts, extra.status) if status == 200)
+    return {
+        "requests": len(load.status), "answered": int(ok.sum()),
+        "status_counts": {str(k): v for k, v in sorted(Counter(load.status).items())},
+        "server_errors_5xx": int(sum(1 for s in load.status if s >= 500)),
+        "latency_p50_ms": round(float(np.percentile(latency_ms, 50)), 1),
+        "latency_p95_ms": round(float(np.percentile(latency_ms, 95)), 1),
+        "requests_per_s": round(int(ok.sum()) / elapsed, 1),
+        "texts_per_s": round(answered_texts / elapsed, 1),
+        "answered_texts": answered_texts,
+        "answered_texts_all_phases": answered_texts + extra_answered,
+        "server_errors_5xx_all_phases": int(sum(1 for s in load.status + extra.status if s >= 500)),
+        "request_log_rows": rows_logged,
+        "log_complete": rows_logged == answered_texts + extra_answered,
+        "answers_by_version": {str(k): v for k, v in sorted(Counter(np.array(load.version)[ok].tolist()).items())},
+    }
+
+
 def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_request: tuple[int, int] = (1, 8),
         swap_at: float | None = 15, bad_at: float | None = 35, compare_rounds: int = 3,
         progress=lambda message: None) -> dict:
@@ -271,35 +304,15 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
     copy_version, bad_version = _register_bench_versions(settings, experiment_id, champion)
     progress(f"registered v{copy_version} (copy of v{champion}) and v{bad_version} (untrained head)")
 
-    port, token = _free_port(), secrets.token_hex(16)
-    url = f"http://127.0.0.1:{port}"
-    env = os.environ | {"REFIT_SERVE_PORT": str(port), "REFIT_SERVE_URL": url, "REFIT_SERVE_ADMIN_TOKEN": token,
-                        "REFIT_SERVE_POLL_SECONDS": "0"}
-    os.environ.update({k: env[k] for k in ("REFIT_SERVE_URL", "REFIT_SERVE_ADMIN_TOKEN")})  # for the deploy step
-    policy = _bench_policy(window_seconds=8, watch_seconds=8)
-    log_file = open(Path(tempfile.mkdtemp(prefix="refit-bench-")) / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "refit.cli", "serve", "--port", str(port), "--policy", str(policy)],
-                            env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url, proc = _start_server()
     events: dict[str, float] = {}
+    schedule = sorted((at, what, version) for at, what, version in ((swap_at, "swap", copy_version),
+                                                                     (bad_at, "bad", bad_version)) if at is not None)
     try:
         _wait_ready(url, proc)
         progress(f"server ready at {url}; {seconds:.0f} s of load at concurrency {concurrency}")
-        load, stop = Load(), threading.Event()
-        clients = [threading.Thread(target=_client, args=(url, texts, per_request, stop, load, i), daemon=True)
-                   for i in range(concurrency)]
-        started = time.perf_counter()
-        for client in clients:
-            client.start()
-        schedule = sorted([(at, what) for at, what in ((swap_at, "swap"), (bad_at, "bad")) if at is not None])
-        for at, what in schedule:
-            time.sleep(max(0.0, started + at - time.perf_counter()))
-            events.update(_promote_under_load(name, copy_version if what == "swap" else bad_version, what,
-                                              started, progress))
-        time.sleep(max(0.0, started + seconds - time.perf_counter()))
-        stop.set()
-        for client in clients:
-            client.join(timeout=60)
-        elapsed = time.perf_counter() - started
+        load, elapsed = _load(url, texts, seconds, concurrency, per_request,
+                              during=_promotions(name, schedule, events, progress))
         rollout = httpx.get(url + "/rollout", timeout=10).json()
         comparison, extra = None, Load()
         if compare_rounds:
@@ -312,26 +325,9 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
         stop_server(proc)
     rows_logged = len(store.read_parquet_prefix(prefix)) - rows_before
     bad_tags = versions.version_tags(name, bad_version)
-    extra_answered = sum(n for n, status in zip(extra.texts, extra.status) if status == 200)
-
-    ok = np.array(load.status) == 200
-    latency_ms = np.array(load.latency)[ok] * 1000
-    answered_texts = int(np.array(load.texts)[ok].sum())
     result = {
         "seconds": round(elapsed, 1), "concurrency": concurrency, "texts_per_request": f"{per_request[0]}-{per_request[1]}",
-        "requests": len(load.status), "answered": int(ok.sum()),
-        "status_counts": {str(k): v for k, v in sorted(Counter(load.status).items())},
-        "server_errors_5xx": int(sum(1 for s in load.status if s >= 500)),
-        "latency_p50_ms": round(float(np.percentile(latency_ms, 50)), 1),
-        "latency_p95_ms": round(float(np.percentile(latency_ms, 95)), 1),
-        "requests_per_s": round(int(ok.sum()) / elapsed, 1),
-        "texts_per_s": round(answered_texts / elapsed, 1),
-        "answered_texts": answered_texts,
-        "answered_texts_all_phases": answered_texts + extra_answered,
-        "server_errors_5xx_all_phases": int(sum(1 for s in load.status + extra.status if s >= 500)),
-        "request_log_rows": rows_logged,
-        "log_complete": rows_logged == answered_texts + extra_answered,
-        "answers_by_version": {str(k): v for k, v in sorted(Counter(np.array(load.version)[ok].tolist()).items())},
+        **_load_figures(load, elapsed, extra, rows_logged),
         "versions": {"champion_before": champion, "swap_to": copy_version, "bad": bad_version},
         "bad_version_rolled_back": bad_tags.get("refit.deployed") == "rolled back",
         "bad_version_reason": bad_tags.get("refit.rolled_back"),
