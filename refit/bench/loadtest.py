@@ -306,8 +306,8 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
 
     url, proc = _start_server()
     events: dict[str, float] = {}
-    schedule = sorted((at, what, version) for at, what, version in ((swap_at, "swap", copy_version),
-                                                                     (bad_at, "bad", bad_version)) if at is not None)
+    planned = ((swap_at, "swap", copy_version), (bad_at, "bad", bad_version))
+    schedule = sorted((at, what, version) for at, what, version in planned if at is not None)
     try:
         _wait_ready(url, proc)
         progress(f"server ready at {url}; {seconds:.0f} s of load at concurrency {concurrency}")
