@@ -8,7 +8,8 @@ and a table of them reads the same in a gate verdict and a guard verdict.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 STYLE = ("body{font-family:sans-serif}table{border-collapse:collapse;margin-bottom:1em}"
          "td,th{border:1px solid #ccc;padding:4px 8px}.pass td:last-child{color:#070}"
@@ -34,6 +35,36 @@ class Rule:
         verb = "passed" if self.passed else "failed"
         ci = f" {self.interval}" if self.interval else ""
         return f"{self.name} {verb}: {self.value:+.4f}{ci} (must be {self.comparison} {self.limit:+.4f})"
+
+
+@dataclass(frozen=True)
+class RuleVerdict:
+    """A decision over rules: passed or not, every rule with its result, and a one-line summary.
+
+    Subclasses name the two outcomes (``PASSED``, ``REFUSED``); a refusal's
+    summary lists the sentence of each failed rule, so it says which rule
+    refused and by how much.
+    """
+
+    passed: bool
+    rules: list[Rule]
+
+    PASSED: ClassVar[str] = "passed: all rules passed"
+    REFUSED: ClassVar[str] = "refused"
+
+    @property
+    def failed(self) -> list[Rule]:
+        return [r for r in self.rules if not r.passed]
+
+    @property
+    def summary(self) -> str:
+        if self.passed:
+            return self.PASSED
+        return f"{self.REFUSED}: " + "; ".join(r.sentence for r in self.failed)
+
+    def rule_dicts(self) -> list[dict]:
+        """Every rule as a dict with its sentence: how a verdict's rules are written to JSON."""
+        return [asdict(r) | {"sentence": r.sentence} for r in self.rules]
 
 
 def ratio(new: float, old: float) -> float:

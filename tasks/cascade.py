@@ -38,7 +38,7 @@ from pydantic import Field
 from refit.cost import Rates
 from refit.data import text_hash
 from refit.policy import StrictModel, load_policy
-from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table
+from refit.verdict import RuleVerdict, at_least, at_most, html_page, html_table, markdown_table
 from refit.runtime.cascade import (ARTIFACT_DIR, CHAMPION, GUARD_TAG, RUN_TAG, STUDENT, THRESHOLD_TAG, VERDICT_TAG,
                                    CascadeModel, Student, served_by_champion)
 from refit.runtime.encoder_states import Outputs, outputs_of
@@ -159,27 +159,24 @@ def split_for_calibration(texts: Sequence[str], judging: Sequence[str], share: f
 # --- the gate ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class CascadeVerdict:
-    passed: bool
-    rules: list[Rule]
+class CascadeVerdict(RuleVerdict):
+    """Whether the cascade is served: every rule with its result, the student's threshold, or why none was built."""
+
     threshold: float
     error: str = ""  # why no cascade could be built at all
 
-    @property
-    def failed(self) -> list[Rule]:
-        return [r for r in self.rules if not r.passed]
+    PASSED = "serve the cascade: all rules passed"
+    REFUSED = "champion alone"
 
     @property
     def summary(self) -> str:
-        if self.passed:
-            return "serve the cascade: all rules passed"
-        if self.error:
+        if not self.passed and self.error:
             return f"champion alone: the cascade could not be built ({self.error})"
-        return "champion alone: " + "; ".join(r.sentence for r in self.failed)
+        return super().summary
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "summary": self.summary, "threshold": self.threshold, "error": self.error,
-                "rules": [asdict(r) | {"sentence": r.sentence} for r in self.rules]}
+                "rules": self.rule_dicts()}
 
     def markdown(self) -> str:
         return f"**Cascade verdict: {self.summary}** (threshold {self.threshold:.4f})\n\n{markdown_table(self.rules)}"
@@ -320,7 +317,7 @@ def measure(champion, cascade: CascadeModel, sets: dict[str, pd.DataFrame], cost
                     judged is not None)
 
 
-def teach(champion, texts: list[str], kept: dict[str, np.ndarray] | None = None) -> Outputs:
+def champion_outputs(champion, texts: list[str], kept: dict[str, np.ndarray] | None = None) -> Outputs:
     """The served champion's probabilities for ``texts`` and each text's encoder state.
 
     A text whose state was kept for this champion's encoder (an update that
@@ -336,7 +333,7 @@ def teach(champion, texts: list[str], kept: dict[str, np.ndarray] | None = None)
 
 
 @dataclass
-class Built:
+class CascadeBuild:
     """A cascade built and judged (not yet logged)."""
 
     cascade: CascadeModel | None
@@ -356,10 +353,10 @@ class Built:
 def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets: dict[str, pd.DataFrame],
           policy: CascadePolicy, seed: int = 0, cost_texts: list[str] | None = None,
           latency_texts: list[str] | None = None, kept: dict[str, np.ndarray] | None = None,
-          evaluation=None, adapter_dir: Path | None = None) -> Built:
+          evaluation=None, adapter_dir: Path | None = None) -> CascadeBuild:
     """Distil, calibrate and judge a cascade in front of the served ``champion``; nothing is logged.
 
-    ``kept``: encoder states of the champion's encoder (``teach``);
+    ``kept``: encoder states of the champion's encoder (``champion_outputs``);
     ``evaluation`` and ``adapter_dir``: the evaluation that judged this
     champion on ``sets``, and its adapter (``judged_figures``).
     """
@@ -370,8 +367,8 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
                                              policy.calibration_share, seed)
     if len(calibration) < policy.min_calibration_texts or not fit:
         rule = at_least("calibration_texts", len(calibration), policy.min_calibration_texts)
-        return Built(None, CascadeVerdict(False, [rule], float("inf")), None, None, len(fit), calibration, 0.0)
-    taught = teach(champion, fit + calibration, kept)
+        return CascadeBuild(None, CascadeVerdict(False, [rule], float("inf")), None, None, len(fit), calibration, 0.0)
+    taught = champion_outputs(champion, fit + calibration, kept)
     teacher, calibration_proba = taught.probabilities[: len(fit)], taught.probabilities[len(fit) :]
     student = fit_student(fit, teacher, champion.labels, policy.student_c)
     champion_labels = [champion.labels[i] for i in calibration_proba.argmax(axis=1)]
@@ -382,8 +379,8 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
     measured = measure(champion, cascade, sets, cost_texts or _sample_texts(sets, COST_SAMPLE_ROWS),
                        latency_texts or _sample_texts(sets, LATENCY_SAMPLE_ROWS), evaluation, adapter_dir)
     verdict = judge(measured.champion, measured.cascade, threshold, policy)
-    return Built(cascade, verdict, measured.champion, measured.cascade, len(fit), calibration, agreement,
-                 fit + calibration, taught.states, taught.reused, measured.answers,
+    return CascadeBuild(cascade, verdict, measured.champion, measured.cascade, len(fit), calibration, agreement,
+                        fit + calibration, taught.states, taught.reused, measured.answers,
                  measured.champion_from_evaluation)
 
 
@@ -428,25 +425,11 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
             taken from it instead of a second pass (only when it scored the
             same adapter files on the same sets with the same runtime).
     """
-    import tempfile
-
-    import mlflow
-
-    from refit.policy import file_hash
     from registry import versions
-    from registry.tracking import RUN_TYPE, log_json, log_policy
-    from tasks.evaluate import served
 
     rules, rules_path = load_cascade_policy(policy)
-    try:
-        champion = served({CHAMPION: Path(adapter_dir)})[CHAMPION]
-        built = build(champion, pool["text"].tolist(), list(recent_texts), sets, rules, seed,
-                      kept=kept_states(store, model_name, Path(adapter_dir)), evaluation=evaluation,
-                      adapter_dir=Path(adapter_dir))
-    except Exception as exc:  # noqa: BLE001 - a cascade is an optimisation: its failure never blocks the champion
-        log.exception("cascade of %s v%d could not be built", model_name, version)
-        built = Built(None, CascadeVerdict(False, [], float("inf"), f"{type(exc).__name__}: {exc}"[:500]),
-                      None, None, 0, [], 0.0)
+    built = _build_or_explain(model_name, version, Path(adapter_dir), pool, recent_texts, sets, rules, seed, store,
+                              evaluation)
     verdict = built.verdict
     kept = keep_states(store, model_name, Path(adapter_dir), built)
     if verdict.passed and store is not None:
@@ -454,6 +437,33 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
             serve_reference(store, model_name, version, built.cascade, built.answers, sets)
         except Exception:  # noqa: BLE001 - the monitor then compares with the champion's columns, as before
             log.exception("the drift reference of %s v%d keeps the champion's predictions only", model_name, version)
+    result = _result(model_name, version, built, kept, rules, rates)
+    result["run_id"] = _log_run(model_name, version, built, result, rules, rules_path, experiment_id)
+    versions.set_tags(model_name, version, _version_tags(verdict, result, rules, rules_path))
+    log.info("cascade of %s v%d: %s", model_name, version, verdict.summary)
+    return result
+
+
+def _build_or_explain(model_name: str, version: int, adapter_dir: Path, pool: pd.DataFrame,
+                      recent_texts: Sequence[str], sets: dict[str, pd.DataFrame], rules: CascadePolicy, seed: int,
+                      store, evaluation) -> CascadeBuild:
+    """``build`` on the served champion; a build that raises becomes a refused verdict that says why."""
+    from tasks.evaluate import served
+
+    try:
+        champion = served({CHAMPION: adapter_dir})[CHAMPION]
+        return build(champion, pool["text"].tolist(), list(recent_texts), sets, rules, seed,
+                     kept=kept_states(store, model_name, adapter_dir), evaluation=evaluation, adapter_dir=adapter_dir)
+    except Exception as exc:  # noqa: BLE001 - a cascade is an optimisation: its failure never blocks the champion
+        log.exception("cascade of %s v%d could not be built", model_name, version)
+        return CascadeBuild(None, CascadeVerdict(False, [], float("inf"), f"{type(exc).__name__}: {exc}"[:500]),
+                            None, None, 0, [], 0.0)
+
+
+def _result(model_name: str, version: int, built: CascadeBuild, kept: int, rules: CascadePolicy,
+            rates: Rates) -> dict:
+    """What ``build_cascade`` returns and logs: the verdict, the build's counts and, if measured, the figures."""
+    verdict = built.verdict
     result = {"model_name": model_name, "version": version, "passed": verdict.passed, "verdict": verdict.summary,
               "threshold": verdict.threshold, "fit_texts": built.fit_texts,
               "calibration_texts": len(built.calibration_texts),
@@ -473,6 +483,19 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
             "champion_cost_per_1k_usd": round(rates.price(champ.cpu_seconds_per_1k), 8),
             "cascade_cost_per_1k_usd": round(rates.price(casc.cpu_seconds_per_1k), 8),
             "champion": champ.to_dict(), "cascade": casc.to_dict()}
+    return result
+
+
+def _log_run(model_name: str, version: int, built: CascadeBuild, result: dict, rules: CascadePolicy,
+             rules_path: Path, experiment_id: str) -> str:
+    """The ``cascade`` run (nested under the active run, if any): policy, figures, student, JSON and HTML; its id."""
+    import tempfile
+
+    import mlflow
+
+    from registry.tracking import RUN_TYPE, log_json, log_policy
+
+    verdict = built.verdict
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"cascade v{version}", nested=nested,
                           tags={RUN_TYPE: "cascade", "refit.model": model_name, "refit.version": str(version)}) as run:
@@ -486,18 +509,22 @@ def build_cascade(model_name: str, version: int, adapter_dir: Path, pool: pd.Dat
                 mlflow.log_artifacts(str(built.cascade.student.save(Path(directory))), ARTIFACT_DIR)
         log_json(verdict.to_dict() | result, f"{ARTIFACT_DIR}/cascade.json")
         mlflow.log_text(_html(f"Cascade: {model_name} v{version}", verdict, result), f"{ARTIFACT_DIR}/cascade.html")
-    result["run_id"] = run.info.run_id
+    return run.info.run_id
+
+
+def _version_tags(verdict: CascadeVerdict, result: dict, rules: CascadePolicy, rules_path: Path) -> dict[str, str]:
+    """The version's cascade tags: what ``refit serve`` reads to decide whether to serve the cascade."""
+    from refit.policy import file_hash
+
     tags = {VERDICT_TAG: "passed" if verdict.passed else "refused", "refit.cascade_reasons": verdict.summary[:5000],
-            THRESHOLD_TAG: repr(verdict.threshold), RUN_TAG: run.info.run_id,
+            THRESHOLD_TAG: repr(verdict.threshold), RUN_TAG: result["run_id"],
             "refit.cascade_policy_hash": file_hash(rules_path),
             GUARD_TAG: json.dumps({"max_share_drop": rules.max_share_drop, "guard_min_texts": rules.guard_min_texts})}
     for key in ("cost_ratio", "accuracy_ratio", "student_share", "worst_slice_loss", "champion_cpu_seconds_per_1k",
                 "cascade_cpu_seconds_per_1k"):
         if key in result:
             tags[f"refit.cascade_{key.removeprefix('cascade_')}"] = str(result[key])
-    versions.set_tags(model_name, version, tags)
-    log.info("cascade of %s v%d: %s", model_name, version, verdict.summary)
-    return result
+    return tags
 
 
 def kept_states(store, model_name: str, adapter_dir: Path) -> dict[str, np.ndarray] | None:
@@ -513,7 +540,7 @@ def kept_states(store, model_name: str, adapter_dir: Path) -> dict[str, np.ndarr
         return None
 
 
-def keep_states(store, model_name: str, adapter_dir: Path, built: Built) -> int:
+def keep_states(store, model_name: str, adapter_dir: Path, built: CascadeBuild) -> int:
     """Keep the encoder states the build's passes returned, for the next update; the rows kept (0: none).
 
     A cache: a failure to write is logged and costs the next update its forward pass, never this build.

@@ -9,7 +9,7 @@ how much. The verdict is a value, never a bare bool.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from prefect import task
 from pydantic import Field
 
 from refit.policy import StrictModel, chosen_policy, load_policy
-from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table, ratio
+from refit.verdict import Rule, RuleVerdict, at_least, at_most, html_page, html_table, markdown_table, ratio
 from tasks.evaluate import Evaluation
 
 FRESH, GOLDEN = "fresh", "golden"  # the update's held-out new labels; the regression suite
@@ -52,24 +52,17 @@ def chosen_gate_policy(requested: str | None, settings) -> str:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    passed: bool
-    rules: list[Rule]
+class Verdict(RuleVerdict):
+    """The gate's decision: every rule with its value, limit and result, and the labels the challenger learned."""
+
     labels_learned: tuple[str, ...] = ()  # labels the champion did not know that the challenger answers
 
-    @property
-    def failed(self) -> list[Rule]:
-        return [r for r in self.rules if not r.passed]
-
-    @property
-    def summary(self) -> str:
-        if self.passed:
-            return "promote: all rules passed"
-        return "refuse: " + "; ".join(r.sentence for r in self.failed)
+    PASSED = "promote: all rules passed"
+    REFUSED = "refuse"
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "summary": self.summary, "labels_learned": list(self.labels_learned),
-                "rules": [asdict(r) | {"sentence": r.sentence} for r in self.rules]}
+                "rules": self.rule_dicts()}
 
     @property
     def learned_line(self) -> str:
