@@ -16,6 +16,7 @@ import pytest
 
 import tasks.drift as drift
 from refit.store import LocalStore
+from tasks.drift import calibration
 from tasks.drift import (
     CHAMPION_SIGNALS,
     DriftPolicy,
@@ -91,8 +92,8 @@ def test_the_calibration_is_kept_beside_the_reference_and_reused(policy, tmp_pat
     assert first.details["calibration"] == "computed" and sidecar.is_file()
 
     # a new process (no calibration in memory) reads it back and computes nothing
-    monkeypatch.setattr(drift, "_calibrated", {})
-    monkeypatch.setattr(drift, "novelty_null", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr(calibration, "_calibrated", {})
+    monkeypatch.setattr(calibration, "novelty_null", lambda *a, **k: pytest.fail("calibrated again"))
     again = _text(measure_drift(reference, window, policy, report=False, kept=KeptCalibrations.beside(reference_path)))
     assert again.details["calibration"] == "kept with the reference"
     assert (again.value, again.threshold) == (first.value, first.threshold)
@@ -107,7 +108,7 @@ def test_the_calibration_is_kept_beside_the_reference_and_reused(policy, tmp_pat
 
     # a damaged file costs a recomputation, never the check
     sidecar.write_text("{not json")
-    monkeypatch.setattr(drift, "_calibrated", {})
+    monkeypatch.setattr(calibration, "_calibrated", {})
     damaged = _text(measure_drift(reference, window, policy, report=False, kept=KeptCalibrations.beside(reference_path)))
     assert damaged.details["calibration"] == "computed" and damaged.threshold == pytest.approx(first.threshold)
     assert len(json.loads(sidecar.read_text())["entries"]) == 1
@@ -122,7 +123,7 @@ def test_the_monitor_keeps_the_calibration_under_the_reference_prefix(policy, tm
     # what the monitor calls: the Prefect task, with the reference's prefix in the store
     first = _text(drift.check_drift.fn(reference, window, policy, kept=KeptCalibrations.in_store(store, prefix)))
     assert store.exists(prefix + "calibration.json")
-    monkeypatch.setattr(drift, "_calibrated", {})
+    monkeypatch.setattr(calibration, "_calibrated", {})
     again = _text(measure_drift(reference, window, policy, report=False, kept=KeptCalibrations.in_store(store, prefix)))
     assert again.details["calibration"] == "kept with the reference" and again.threshold == first.threshold
 
