@@ -85,7 +85,7 @@ def record_check(verdict: dict, result, validated) -> None:
     """The drift check's metrics, report, verdict and tags, on the active MLflow run.
 
     ``refit.action`` says ``update (event not sent)`` until the event is out
-    (``flows.monitor.emit_then_mark`` sets ``update``): a check whose event
+    (``tasks.monitor.emit_then_mark`` sets ``update``): a check whose event
     never left is not a trigger.
     """
     import mlflow
@@ -103,10 +103,10 @@ def record_check(verdict: dict, result, validated) -> None:
     log_json(verdict, "verdict.json")
     action = verdict["action"]
     mlflow.set_tags({"refit.drift_detected": str(result.drift_detected), "refit.severity": result.severity,
-                     "refit.action": UNSENT if action == "update" else action})
+                     "refit.action": EVENT_NOT_SENT if action == "update" else action})
 
 
-UNSENT = "update (event not sent)"
+EVENT_NOT_SENT = "update (event not sent)"
 
 
 def check_markdown(name: str, verdict: dict, result) -> str:

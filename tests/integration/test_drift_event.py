@@ -22,7 +22,8 @@ import time
 import mlflow
 import pytest
 
-from flows.monitor import DRIFT_EVENT, UNSENT, emit_then_mark
+from tasks.episodes import EVENT_NOT_SENT
+from tasks.monitor import DRIFT_EVENT, emit_then_mark
 from registry import episodes
 from registry.tracking import RUN_TYPE, configure
 
@@ -31,7 +32,7 @@ from registry.tracking import RUN_TYPE, configure
 def check_run(refit_env):
     experiment_id = configure(refit_env)
     tags = {RUN_TYPE: "drift-check", "refit.model": refit_env.model_name, "refit.champion_version": "1",
-            "refit.action": UNSENT, "refit.window_start": "2026-01-01T00:00:00", "refit.window_end": "2026-01-01T01:00:00"}
+            "refit.action": EVENT_NOT_SENT, "refit.window_start": "2026-01-01T00:00:00", "refit.window_end": "2026-01-01T01:00:00"}
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
         pass
     episode, _ = episodes.join_or_open(experiment_id, refit_env.model_name, "2026-01-01T00:00:00",
@@ -79,7 +80,7 @@ CHILD = textwrap.dedent("""
     import json, sys
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
-    from flows.monitor import DRIFT_EVENT, emit_then_mark
+    from tasks.monitor import DRIFT_EVENT, emit_then_mark
     from refit.errors import RefitError
     from refit.settings import Settings
     from registry import episodes
@@ -113,6 +114,6 @@ def test_a_refused_events_api_leaves_the_episode_untried(check_run):
     assert outcome["returned"] == "Event"  # the real client's answer to a refused connection: queued, no error
     assert "EventsWorker" in child.stderr  # ... and the failure, later, only in its log
     # The episode must stay untried, so that the next check starts the update again, and the caller must be told.
-    assert mlflow.get_run(run_id).data.tags["refit.action"] == UNSENT
+    assert mlflow.get_run(run_id).data.tags["refit.action"] == EVENT_NOT_SENT
     assert episodes.get_episode(episode_id).tried_labels == -1
     assert outcome["raised"] is not None and "next check will try again" in outcome["raised"]

@@ -137,7 +137,7 @@ def test_prefect_yaml_names_real_flows_and_their_parameters():
     by_name = {d["name"]: d for d in config["deployments"]}
     assert by_name["monitor"]["schedules"][0]["cron"] == "0 * * * *"
     drift, arrived = by_name["update"]["triggers"]
-    from flows.monitor import DRIFT_EVENT
+    from tasks.monitor import DRIFT_EVENT
 
     assert drift["expect"] == [DRIFT_EVENT]
     assert set(drift["parameters"]) == {"model_name", "episode_id", "drift_run_id"}
