@@ -383,17 +383,13 @@ def write_examples(store: ObjectStore, model_name: str, rows: pd.DataFrame, now:
 def read_examples(store: ObjectStore, model_name: str, start: datetime, end: datetime) -> pd.DataFrame:
     """Examples imported in ``[start, end)`` (text, label, timestamp), reading only their date partitions."""
     frames = [store.read_parquet_prefix(f"examples/model={model_name}/date={day.isoformat()}/")
-              for day in _days(start.date(), end.date())]
+              for day in requestlog.calendar_days(start.date(), end.date())]
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(columns=EXAMPLE_COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
     ts = pd.to_datetime(frame["timestamp"], utc=True)
     return frame[(ts >= start) & (ts < end)].reset_index(drop=True)
-
-
-def _days(first: date, last: date) -> list[date]:
-    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
 def check_source(uri: str, allowed: list[str] | None) -> None:

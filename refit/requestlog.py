@@ -74,15 +74,15 @@ def write_labels(store: ObjectStore, model_name: str, rows: pd.DataFrame, day: d
     return store.put_parquet(_part_key("labels", model_name, day), rows[LABEL_COLUMNS])
 
 
-def _days(start: datetime, end: datetime) -> list[date]:
-    first, last = start.date(), end.date()
+def calendar_days(first: date, last: date) -> list[date]:
+    """Every day from ``first`` to ``last``, both included (none if ``last`` is earlier): a span's date partitions."""
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
 def read_inference(store: ObjectStore, model_name: str, start: datetime, end: datetime) -> pd.DataFrame:
     """Requests served in ``[start, end)``, reading only the date partitions involved."""
     frames = [store.read_parquet_prefix(f"inference/model={model_name}/date={day.isoformat()}/")
-              for day in _days(start, end)]
+              for day in calendar_days(start.date(), end.date())]
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(columns=INFERENCE_COLUMNS)
@@ -107,7 +107,7 @@ def read_labels(store: ObjectStore, model_name: str, since: date | None = None) 
     else:
         today = datetime.now(timezone.utc).date()
         frames = [store.read_parquet_prefix(f"labels/model={model_name}/date={day.isoformat()}/")
-                  for day in [since + timedelta(days=i) for i in range(max(0, (today - since).days) + 1)]]
+                  for day in calendar_days(since, max(since, today))]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LABEL_COLUMNS)
 
@@ -188,8 +188,8 @@ def served_among(store: ObjectStore, model_name: str, ids: Iterable[str], first:
             anywhere.append(request_id)
         elif first <= day <= last:
             by_day.setdefault(day, []).append(request_id)
-    for offset in range((last - first).days + 1) if anywhere else ():
-        by_day.setdefault(first + timedelta(days=offset), []).extend(anywhere)
+    for day in calendar_days(first, last) if anywhere else ():
+        by_day.setdefault(day, []).extend(anywhere)
     found: set[str] = set()
     for day, wanted in sorted(by_day.items()):
         found |= _ids_in_parts(store, f"inference/model={model_name}/date={day.isoformat()}/", sorted(wanted))
@@ -207,8 +207,8 @@ def label_pairs(store: ObjectStore, model_name: str, since: date | None, until: 
     until = until or datetime.now(timezone.utc).date()
     value_set = pa.array(sorted(set(ids)), pa.string()) if ids is not None else None
     frames = []
-    for offset in range(max(0, (until - since).days) + 1 if since is not None else 0):
-        prefix = f"labels/model={model_name}/date={(since + timedelta(days=offset)).isoformat()}/"
+    for day in calendar_days(since, max(since, until)) if since is not None else ():
+        prefix = f"labels/model={model_name}/date={day.isoformat()}/"
         for key in store.list(prefix):
             table = _columns(store, key, ["request_id", "label"])
             if table is None or not table.num_rows:

@@ -16,23 +16,10 @@ from refit.settings import OFFLINE_ENV
 from refit.cli.common import JsonOption, app, err
 
 
-
-def _drift_files(reference_path: Path, current_path: Path, policy_name: str, text_column: str,
-                 optional_columns: dict[str, tuple[str, bool]], embeddings_cache: bool = True) -> dict:
-    """Read, validate and measure two files; the verdict as a JSON-ready dict.
-
-    ``optional_columns`` maps refit's name (``predicted_label``, ``confidence``,
-    ``label``) to the file's name and whether the user named it: a named
-    column must be in both files, a default one is used when both have it.
-    With ``embeddings_cache`` the reference's embeddings are read from beside
-    it, and written there when missing, stale or short of what this check
-    embedded: the reference is the same check after check, the window is not.
-    So are the thresholds calibrated from it (``REFERENCE.calibration.json``,
-    one entry per window size).
-    """
+def _read_sides(paths: dict[str, Path], text_column: str) -> dict:
+    """Both files as frames; ``RefitError`` for an empty one or one without the text column."""
     from refit.data import read_table
 
-    paths = {"reference": reference_path, "current": current_path}
     frames = {side: read_table(path) for side, path in paths.items()}
     for side, frame in frames.items():
         path = paths[side]
@@ -41,6 +28,16 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
         if text_column not in frame.columns:
             raise RefitError(f"{side} file {path} has no column {text_column!r} "
                              f"(columns: {', '.join(map(str, frame.columns))}); name it with --text-column")
+    return frames
+
+
+def _columns_to_read(frames: dict, paths: dict[str, Path], text_column: str,
+                     optional_columns: dict[str, tuple[str, bool]]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the files' column -> refit's name, the signals skipped -> why) for the text and the optional columns.
+
+    A named optional column must be in both files; a default one is used when
+    both have it, else its signal is skipped with the reason.
+    """
     rename = {text_column: "text"}
     skipped = {}
     for ours, (theirs, named) in optional_columns.items():
@@ -59,7 +56,25 @@ def _drift_files(reference_path: Path, current_path: Path, policy_name: str, tex
         else:
             skipped[ours] = f"no column {theirs!r} in the {' and '.join(lacking)} file"
     signal_of = {"predicted_label": "prediction", "confidence": "confidence"}
-    skipped = {signal_of[ours]: why for ours, why in skipped.items() if ours in signal_of}
+    return rename, {signal_of[ours]: why for ours, why in skipped.items() if ours in signal_of}
+
+
+def _drift_files(reference_path: Path, current_path: Path, policy_name: str, text_column: str,
+                 optional_columns: dict[str, tuple[str, bool]], embeddings_cache: bool = True) -> dict:
+    """Read, validate and measure two files; the verdict as a JSON-ready dict.
+
+    ``optional_columns`` maps refit's name (``predicted_label``, ``confidence``,
+    ``label``) to the file's name and whether the user named it: a named
+    column must be in both files, a default one is used when both have it.
+    With ``embeddings_cache`` the reference's embeddings are read from beside
+    it, and written there when missing, stale or short of what this check
+    embedded: the reference is the same check after check, the window is not.
+    So are the thresholds calibrated from it (``REFERENCE.calibration.json``,
+    one entry per window size).
+    """
+    paths = {"reference": reference_path, "current": current_path}
+    frames = _read_sides(paths, text_column)
+    rename, skipped = _columns_to_read(frames, paths, text_column, optional_columns)
     # Request ids and timestamps are not measured, but they are validated (duplicates, bad times) where present;
     # a reference's scored_on column says whether its confidences are on rows the champion never trained on.
     checked_only = [c for c in ("request_id", "timestamp", "scored_on")
