@@ -12,15 +12,14 @@ from flows.common import open_context, user_error
 from refit import faults, modeling, procs
 from refit.errors import RefitError
 from refit.evalsets import write_golden
-from refit.policy import file_hash
 from refit.settings import Settings
 from registry import versions
 from registry.tracking import RUN_TYPE, flat_params, log_json, log_policy
-from tasks.adopt import (adopted_adapter, golden_quality, lineage_tags, prepare_adoption, publish_base,
-                         retire_unfinished, unfinished_adoption)
+from tasks.adopt import (adopted_version_tags, adoption_result, first_adapter, golden_quality, log_golden_quality,
+                         prepare_adoption, publish_base, retire_unfinished, unfinished_adoption)
 from tasks.cascade import cascade
 from tasks.deploy import promote, write_reference
-from tasks.finetune import fine_tune, load_update_policy
+from tasks.finetune import load_update_policy
 
 
 @flow(name="adopt")
@@ -58,25 +57,14 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
             "adopted_model": str(adoption.checkpoint or "none"), "train_source": adoption.train_source,
             "golden_source": adoption.golden_source})
         log_policy(policy_path)
-        if adoption.checkpoint is not None:
-            adapter_dir, cost = adopted_adapter(adoption.checkpoint, recipe.rank, recipe.alpha, ctx.settings.seed), None
-        else:
-            trained = fine_tune(adoption.train, recipe, ctx.rates, labels=adoption.labels, seed=ctx.settings.seed)
-            adapter_dir, cost = trained.adapter_dir, trained.cost
+        adapter_dir, cost = first_adapter(adoption, recipe, ctx)
         base = publish_base(adapter_dir)
         mlflow.log_artifacts(str(adapter_dir), versions.ADAPTER_DIR)
         golden = write_golden(ctx.store, name, adoption.golden)
         quality, groups, runtime = golden_quality(adapter_dir, golden.frame, ctx.settings.serve_runtime)
-        mlflow.log_metrics({"golden_accuracy": quality.accuracy, "golden_macro_f1": quality.macro_f1,
-                            **(cost.metrics() if cost else {})}
-                           | {f"golden_{g.split('/', 1)[1]}_accuracy": m.accuracy for g, m in groups.items()})
-        version = versions.register(name, run.info.run_id, lineage_tags(adoption, base) | golden.tags() | {
-            "refit.policy_hash": file_hash(policy_path),
-            "refit.gate_verdict": "adopted (no gate)",
-            "refit.update_cost_usd": cost.usd if cost else 0.0,
-            "refit.golden_accuracy": round(quality.accuracy, 4),
-            "refit.labels": str(len(adoption.labels)),
-        })
+        log_golden_quality(quality, groups, cost)
+        version = versions.register(name, run.info.run_id, adopted_version_tags(adoption, base, golden, policy_path,
+                                                                                quality, cost))
         faults.point("adopt.after_register")
         model = modeling.load_model(adapter_dir)
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(adapter_dir),
@@ -87,17 +75,11 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
                 ctx.experiment_id, store=ctx.store)  # the cheap tier, gated as a unit before the server is told
         with versions.promotion_lock(ctx.store, name, f"adopt run {run.info.run_id}") as lease:
             promote(name, version, None, lease=lease)  # a new model: any champion is another adopt's
-        result = {"model_name": name, "version": version, "labels": len(adoption.labels),
-                  "golden_accuracy": quality.accuracy, "golden_rows": golden.rows,
-                  "base_model": str(adoption.checkpoint) if adoption.checkpoint else base.describe(),
-                  "base_model_sha256": base.sha256, "base_model_uri": base.location or base.kind,
-                  "adopted": adoption.checkpoint is not None, "train_rows": len(adoption.train),
-                  "golden_version": golden.version, "runtime": runtime, "run_id": run.info.run_id,
-                  "reference_uri": reference_uri, "train_cost_usd": cost.usd if cost else 0.0}
+        result = adoption_result(name, version, adoption, base, quality, golden, runtime, run.info.run_id,
+                                 reference_uri, cost)
         log_json(result, "adopt.json")
     shutil.rmtree(adapter_dir, ignore_errors=True)  # in MLflow now; the local copy is scratch
-    create_markdown_artifact(
-        f"# Adopt: {name} v{version} is champion\n\n| | |\n|---|---|\n"
-        + "".join(f"| {k} | {v} |\n" for k, v in result.items()),
-        key="adopt", description=f"{name} v{version}")
+    create_markdown_artifact(f"# Adopt: {name} v{version} is champion\n\n| | |\n|---|---|\n"
+                             + "".join(f"| {k} | {v} |\n" for k, v in result.items()),
+                             key="adopt", description=f"{name} v{version}")
     return result

@@ -10,19 +10,21 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.common import open_context, settings_for, user_error
 from refit import modeling
-from refit.data import fingerprint
 from refit.errors import RefitError
 from refit.evalsets import write_golden
-from refit.policy import file_hash
 from refit.scenario import build, load_scenario, load_source
 from registry import versions
-from registry.tracking import RUN_TYPE, code_revision, flat_params, log_json, log_policy
+from registry.tracking import RUN_TYPE, flat_params, log_json, log_policy
 from tasks.budget import killed_charged
 from tasks.adopt import publish_base
 from tasks.cascade import cascade
-from tasks.deploy import promote, write_reference
+from tasks.deploy import first_version_tags, promote, write_reference
 from tasks.evaluate import evaluate
 from tasks.finetune import fine_tune, load_update_policy
+
+
+def markdown_table(values: dict) -> str:
+    return "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in values.items())
 
 @flow(name="bootstrap")
 def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dict:
@@ -55,19 +57,8 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
         mlflow.log_artifacts(str(trained.adapter_dir), versions.ADAPTER_DIR)
         evaluation = evaluate(trained.adapter_dir, {"golden": golden.frame}, ctx.rates, store=ctx.store, model_name=name)
         mlflow.log_metrics(trained.cost.metrics() | evaluation.metrics("champion"))
-        version = versions.register(name, run.info.run_id, {
-            "refit.parent_version": "none",
-            "refit.train_data_fingerprint": fingerprint(data.train),
-            **golden.tags(),
-            "refit.code_revision": code_revision(),
-            "refit.base_model_sha256": modeling.base_model_hash(trained.adapter_dir),
-            "refit.base_model_uri": modeling.base_of(trained.adapter_dir).location or "packaged",
-            "refit.policy_hash": file_hash(policy_path),
-            "refit.gate_verdict": "bootstrap (no gate)",
-            "refit.update_cost_usd": trained.cost.usd,
-            "refit.golden_accuracy": round(evaluation.slices["golden"].accuracy, 4),
-            "refit.labels": str(len(data.labels)),
-        })
+        version = versions.register(name, run.info.run_id, first_version_tags(
+            data.train, golden, trained, policy_path, evaluation.slices["golden"].accuracy, len(data.labels)))
         model = modeling.load_model(trained.adapter_dir)
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(trained.adapter_dir),
                                         pool=data.train, trained_on=data.train, seed=ctx.settings.seed,
@@ -82,8 +73,6 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
                   "train_cpu_seconds": trained.cost.cpu_seconds, "train_cost_usd": trained.cost.usd}
         log_json(result, "bootstrap.json")
     shutil.rmtree(trained.adapter_dir, ignore_errors=True)  # in MLflow now; the local copy is scratch
-    create_markdown_artifact(
-        f"# Bootstrap: {name} v{version} is champion\n\n| metric | value |\n|---|---|\n"
-        + "".join(f"| {k} | {v} |\n" for k, v in result.items()),
-        key="bootstrap", description=f"{name} v{version}")
+    create_markdown_artifact(f"# Bootstrap: {name} v{version} is champion\n\n" + markdown_table(result),
+                             key="bootstrap", description=f"{name} v{version}")
     return result

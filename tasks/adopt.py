@@ -289,3 +289,48 @@ def lineage_tags(adoption: Adoption, base: modeling.BaseRef) -> dict[str, str]:
         "refit.golden_source": adoption.golden_source,
         "refit.code_revision": code_revision(),
     }
+
+
+def first_adapter(adoption, recipe, ctx) -> tuple[Path, object | None]:
+    """Version 1's adapter and its training cost: the adopted checkpoint as it is (no cost), or one trained on the
+    team's rows from the configured base with the bootstrap recipe."""
+    from tasks.finetune import fine_tune
+
+    if adoption.checkpoint is not None:
+        return adopted_adapter(adoption.checkpoint, recipe.rank, recipe.alpha, ctx.settings.seed), None
+    trained = fine_tune(adoption.train, recipe, ctx.rates, labels=adoption.labels, seed=ctx.settings.seed)
+    return trained.adapter_dir, trained.cost
+
+
+def log_golden_quality(quality, groups: dict, cost) -> None:
+    """Version 1's golden-suite scores, whole and per group, on the adopt run."""
+    import mlflow
+
+    mlflow.log_metrics({"golden_accuracy": quality.accuracy, "golden_macro_f1": quality.macro_f1,
+                        **(cost.metrics() if cost else {})}
+                       | {f"golden_{g.split('/', 1)[1]}_accuracy": m.accuracy for g, m in groups.items()})
+
+
+def adopted_version_tags(adoption, base, golden, policy_path, quality, cost) -> dict[str, str]:
+    """What the adopted version's page in the MLflow UI says: its lineage, its golden suite, and no gate."""
+    from refit.policy import file_hash
+
+    return lineage_tags(adoption, base) | golden.tags() | {
+        "refit.policy_hash": file_hash(policy_path),
+        "refit.gate_verdict": "adopted (no gate)",
+        "refit.update_cost_usd": cost.usd if cost else 0.0,
+        "refit.golden_accuracy": round(quality.accuracy, 4),
+        "refit.labels": str(len(adoption.labels)),
+    }
+
+
+def adoption_result(name: str, version: int, adoption, base, quality, golden, runtime: str, run_id: str,
+                    reference_uri: str, cost) -> dict:
+    """What ``refit adopt --json`` prints and the adopt run keeps as ``adopt.json``."""
+    return {"model_name": name, "version": version, "labels": len(adoption.labels),
+            "golden_accuracy": quality.accuracy, "golden_rows": golden.rows,
+            "base_model": str(adoption.checkpoint) if adoption.checkpoint else base.describe(),
+            "base_model_sha256": base.sha256, "base_model_uri": base.location or base.kind,
+            "adopted": adoption.checkpoint is not None, "train_rows": len(adoption.train),
+            "golden_version": golden.version, "runtime": runtime, "run_id": run_id,
+            "reference_uri": reference_uri, "train_cost_usd": cost.usd if cost else 0.0}

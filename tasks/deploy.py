@@ -104,6 +104,28 @@ def _abandon_version(txn) -> None:
     _log(f"{model_name} v{version} abandoned: promotion did not complete")
 
 
+def first_version_tags(train: pd.DataFrame, golden, trained, policy_path, golden_accuracy: float,
+                       labels: int) -> dict[str, str]:
+    """What the first version's page in the MLflow UI says: what it was trained on, and that no gate judged it."""
+    from refit.data import fingerprint
+    from refit.policy import file_hash
+    from registry.tracking import code_revision
+
+    return {
+        "refit.parent_version": "none",
+        "refit.train_data_fingerprint": fingerprint(train),
+        **golden.tags(),
+        "refit.code_revision": code_revision(),
+        "refit.base_model_sha256": modeling.base_model_hash(trained.adapter_dir),
+        "refit.base_model_uri": modeling.base_of(trained.adapter_dir).location or "packaged",
+        "refit.policy_hash": file_hash(policy_path),
+        "refit.gate_verdict": "bootstrap (no gate)",
+        "refit.update_cost_usd": trained.cost.usd,
+        "refit.golden_accuracy": round(golden_accuracy, 4),
+        "refit.labels": str(labels),
+    }
+
+
 def update_version_tags(*, kind: str, reason: str | None, champion: int, run_id: str, recipe: str, attempts: int,
                         source: str, training, data, golden, drift_run_id: str | None, rules_path, verdict,
                         cost_usd: float, cpu_seconds: float, after, adapter_dir) -> dict[str, str]:
