@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import open_context, user_error
-from refit import faults, modeling, procs
+from refit import faults, modeling, processes
 from refit.errors import RefitError
 from refit.evalsets import write_golden
 from refit.settings import Settings
@@ -49,7 +49,7 @@ def adopt(train_path: str, golden_path: str | None = None, model_path: str | Non
         return user_error(exc)
 
     name, recipe = ctx.model_name, policy.bootstrap
-    tags = {RUN_TYPE: "adopt", "refit.model": name, "refit.process": procs.identity()}
+    tags = {RUN_TYPE: "adopt", "refit.model": name, "refit.process": processes.identity()}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name="adopt", tags=tags) as run:
         retire_unfinished(name, stopped, run.info.run_id)
         mlflow.log_params(flat_params("recipe", recipe) | {

@@ -95,7 +95,7 @@ def _descendant_cpu_seconds(pid: int) -> float:
 def cpu_seconds_used() -> float:
     """CPU-seconds this process has used so far: every thread, the children it reaped, and every live
     descendant (a temporary Prefect API, a worker pool), so a stage that starts helpers pays for them too."""
-    from refit.procs import descendants
+    from refit.processes import descendants
 
     times = os.times()
     total = times.user + times.system + times.children_user + times.children_system

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from refit import procs
+from refit import processes
 
 MARKER = "prefect.server.api.server:create_app"  # the temporary API's command line
 
@@ -29,15 +29,15 @@ def guard(parent: int, every: float = 1.0, on_first_look=lambda: None) -> list[i
     """Until ``parent`` exits, note its temporary API servers; then stop those still running. Returns them."""
     servers: set[int] = set()
     looked = False
-    while procs.alive(parent):
-        servers |= {pid for pid in procs.descendants(parent) if MARKER in procs.cmdline(pid)}
+    while processes.alive(parent):
+        servers |= {pid for pid in processes.descendants(parent) if MARKER in processes.cmdline(pid)}
         if not looked:
             looked = True
             on_first_look()
         time.sleep(every)
     stopped = []
     for pid in servers:
-        if procs.alive(pid) and MARKER in procs.cmdline(pid):  # the same process, not a recycled pid
+        if processes.alive(pid) and MARKER in processes.cmdline(pid):  # the same process, not a recycled pid
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)
     return stopped

@@ -45,7 +45,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from refit import procs
+from refit import processes
 from refit.errors import RefitError
 from refit.secrets import is_secret_name, mask_env, mask_uri
 from refit.settings import OFFLINE_ENV, PROJECT_ROOT, Settings, settings_error
@@ -145,7 +145,7 @@ def running_pid(settings: Settings, service: Service) -> int | None:
         pid = int(_pid_file(settings, service.name).read_text().strip())
     except (OSError, ValueError):
         return None
-    line = procs.cmdline(pid)
+    line = processes.cmdline(pid)
     if not line or service.marker not in line:
         return None
     return pid
@@ -165,12 +165,12 @@ def _signal_all(pids: list[int], group: int, sig: int) -> None:
 
 def stop_process(pid: int, grace: float = 15.0) -> None:
     """SIGTERM the process group and every descendant, then SIGKILL what is left after ``grace`` seconds."""
-    pids = [pid, *procs.descendants(pid)]
+    pids = [pid, *processes.descendants(pid)]
     _signal_all(pids, pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(procs.alive(p) for p in pids):
+    while time.monotonic() < deadline and any(processes.alive(p) for p in pids):
         time.sleep(0.2)
-    left = [p for p in pids if procs.alive(p)]
+    left = [p for p in pids if processes.alive(p)]
     if left:
         _signal_all(left, pid, signal.SIGKILL)
     try:  # reap it if it is our child (a test starts and stops in one process)

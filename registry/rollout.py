@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from refit import faults, procs
+from refit import faults, processes
 from refit.errors import RefitError
 from registry import versions
 from registry.tracking import RUN_TYPE, abandoned_runs
@@ -152,7 +152,7 @@ def _record(model_name: str, bad_version: int, target: int, reason: str, experim
     run = client.create_run(experiment_id, run_name="rollback", tags={
         RUN_TYPE: "rollback", "refit.model": model_name, "refit.rolled_back_version": str(bad_version),
         "refit.restored_version": str(target), "refit.reason": reason[:5000], "refit.rolled_back_by": source,
-        "refit.process": procs.identity()})
+        "refit.process": processes.identity()})
     run_id = run.info.run_id
     faults.point("rollback.run_created")
     status = "FAILED"

@@ -169,10 +169,10 @@ def abandoned_runs(experiment_id: str, model_name: str, run_type: str,
     Prefect server ``flow_run_ended`` asks. A run neither can judge
     (another host's, on no server) is not returned.
     """
-    from refit import procs
+    from refit import processes
 
     def ended(run) -> bool:
-        if procs.gone(run.data.tags.get("refit.process", "")):
+        if processes.gone(run.data.tags.get("refit.process", "")):
             return True
         flow_run_id = run.data.tags.get("refit.flow_run_id")
         return bool(flow_run_ended and flow_run_id and flow_run_id != "none" and flow_run_ended(flow_run_id))

@@ -298,7 +298,7 @@ def inference_threads(settings: Settings, runtime: str | None = None) -> int:
     on a busy machine every core in the pass halved throughput (measured in
     ``refit bench serve``). ``REFIT_SERVE_TORCH_THREADS`` overrides both.
     """
-    from refit.procs import available_cpus
+    from refit.processes import available_cpus
 
     cores = available_cpus()
     runtime = runtime or settings.serve_runtime

@@ -195,7 +195,7 @@ def _live_adopt_run(run_id: str | None) -> str | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from refit import procs
+    from refit import processes
 
     if not run_id:
         return None
@@ -204,7 +204,7 @@ def _live_adopt_run(run_id: str | None) -> str | None:
     except MlflowException:
         return None
     process = run.data.tags.get("refit.process", "")
-    if run.info.status != "RUNNING" or not process or procs.gone(process) is True:
+    if run.info.status != "RUNNING" or not process or processes.gone(process) is True:
         return None
     return f"run {run_id} in process {process}"
 

@@ -302,7 +302,7 @@ def measure(champion, cascade: CascadeModel, sets: dict[str, pd.DataFrame], cost
     accuracies are those of ``evaluation`` where it judged this champion on
     these sets (``judged_figures``), else those of its own pass.
     """
-    from refit.procs import available_cpus
+    from refit.processes import available_cpus
     from tasks.evaluate import cpu_seconds_per_1k, latency_ms
 
     models = {CHAMPION: champion, "cascade": cascade}
@@ -327,7 +327,7 @@ def champion_outputs(champion, texts: list[str], kept: dict[str, np.ndarray] | N
     core (bulk work that meters nothing). The states are kept for the next
     update, which trains the head on them.
     """
-    from refit.procs import available_cpus
+    from refit.processes import available_cpus
 
     return outputs_of(champion, texts, kept, workers=available_cpus())
 

@@ -115,7 +115,7 @@ def quality(model, sets: dict[str, pd.DataFrame], probabilities: dict[str, np.nd
     ``probabilities`` (per set, texts x labels): what it answers there, when
     already known (``served_probabilities``).
     """
-    from refit.procs import available_cpus
+    from refit.processes import available_cpus
 
     slices, groups, hits = {}, {}, {}
     for name, frame in sets.items():
@@ -149,7 +149,7 @@ def served_probabilities(models: dict[str, object], adapter_dirs: dict[str, Path
     pass computed are kept for the next. Every reuse is checked against the
     model's own served pass on probe texts first (``outputs_of``).
     """
-    from refit.procs import available_cpus
+    from refit.processes import available_cpus
     from refit.runtime.encoder_states import EncoderStates, fingerprint, outputs_of, state_key
 
     texts = list(dict.fromkeys(t for frame in sets.values() for t in frame["text"]))

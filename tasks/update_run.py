@@ -20,7 +20,7 @@ import pandas as pd
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from refit import modeling, procs
+from refit import modeling, processes
 from refit.cost import StageMeters
 from refit.errors import RefitError
 from refit.evalsets import Golden, read_golden
@@ -153,7 +153,7 @@ def update_run(ctx, start: UpdateStart, labelled: Labelled, learnable: Learnable
     tags = {RUN_TYPE: "update", "refit.model": name, "refit.kind": kind, "refit.parent_version": str(start.champion),
             "refit.drift_run_id": drift_run_id or "none", "refit.data_source": labelled.source,
             "refit.reason": reason or kind, "refit.trigger_key": labelled.trigger_key,
-            "refit.flow_run_id": flow_run_id(), "refit.process": procs.identity()}
+            "refit.flow_run_id": flow_run_id(), "refit.process": processes.identity()}
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=kind, tags=tags) as run, \
             killed_charged(run.info.run_id, f"{kind} of {name}"):
         mlflow.log_params(flat_params("gate", start.rules) | {

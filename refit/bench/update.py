@@ -34,13 +34,17 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 SCENARIO = "clinc-shift"
-TARGETS = {  # issue 4: what the incremental update must reach against a full retrain
+MODEL = "benchmark"
+TARGETS = {  # what the incremental update must reach against a full retrain
     "cpu_ratio_max": 0.10,
+    "flow_cpu_ratio_max": 0.15,
     "shifted_ratio_min": 0.98,
     "golden_drop_points_max": 1.0,
     "artifact_share_max": 0.02,
@@ -49,11 +53,11 @@ TARGETS = {  # issue 4: what the incremental update must reach against a full re
 Progress = Callable[[str], None]
 
 
-def _scored(evaluation, cpu_seconds: float, adapter_dir: Path) -> dict:
+def _scored(evaluation, shifted, cpu_seconds: float, adapter_dir: Path) -> dict:
     from tasks.evaluate import artifact_bytes
 
     return {"cpu_seconds": round(cpu_seconds, 2),
-            "shifted_accuracy": round(evaluation.slices["shifted"].accuracy, 4),
+            "shifted_accuracy": round(shifted.slices["shifted"].accuracy, 4),
             "golden_accuracy": round(evaluation.slices["golden"].accuracy, 4),
             "artifact_bytes": artifact_bytes(adapter_dir)}
 
@@ -61,7 +65,7 @@ def _scored(evaluation, cpu_seconds: float, adapter_dir: Path) -> dict:
 def _champion_states(adapter_dir: Path, pool: pd.DataFrame, golden: pd.DataFrame, made: list[Path]):
     """Build the champion's cascade as bootstrap does and keep its encoder states in a scratch store.
 
-    Returns the states (``EncoderStates``), the rows kept and the build's CPU-seconds.
+    Returns the states (``EncoderStates``), the rows kept, the build's CPU-seconds and the scratch store.
     """
     import tempfile
 
@@ -77,25 +81,147 @@ def _champion_states(adapter_dir: Path, pool: pd.DataFrame, golden: pd.DataFrame
     with Meter() as meter:
         champion = served({"champion": adapter_dir})["champion"]
         built = build(champion, pool["text"].tolist(), [], {"golden": golden}, load_cascade_policy()[0])
-        kept = keep_states(store, "benchmark", adapter_dir, built)
-    return EncoderStates.of(store, "benchmark", adapter_dir), kept, meter.cpu_seconds
+        kept = keep_states(store, MODEL, adapter_dir, built)
+    return EncoderStates.of(store, MODEL, adapter_dir), kept, meter.cpu_seconds, store
+
+
+@contextmanager
+def _scratch_registry(root: Path):
+    """A throwaway MLflow store (SQLite) where each side registers its version, as the flow does; restored after."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield mlflow.create_experiment("bench-update-cost", artifact_location=(root / "artifacts").as_uri())
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def _ship(side: str, bench: _Bench, adapter_dir: Path, trained_on: pd.DataFrame, meters) -> None:
+    """What the flow does after the gate for one side, metered per stage: register, reference, cascade."""
+    import mlflow
+
+    from refit import modeling
+    from registry import versions
+    from tasks.cascade import cascade
+    from tasks.deploy import register_version, write_reference
+
+    with meters.stage("register"):
+        with mlflow.start_run(experiment_id=bench.experiment_id, run_name=side) as run:
+            mlflow.log_artifacts(str(adapter_dir), versions.ADAPTER_DIR)
+        version = register_version.fn(MODEL, run.info.run_id, {"refit.kind": side})
+    with meters.stage("reference"):
+        write_reference.fn(bench.store, MODEL, version, modeling.load_model(adapter_dir),
+                           modeling.load_tokenizer(adapter_dir), pool=pd.concat([bench.pool, bench.new]),
+                           trained_on=trained_on, seed=bench.seed, held_out=bench.held_out)
+    with meters.stage("cascade"):
+        cascade.fn(MODEL, version, adapter_dir, bench.pool, bench.new["text"].tolist(), bench.update.sets,
+                   bench.rates, bench.experiment_id, store=bench.store, evaluation=bench.last_evaluation)
+
+
+def _judge(bench: _Bench, adapter_dir: Path, cost_usd: float, meters):
+    """Evaluate against the champion on the flow's sets (kept encoder states where they apply), then gate."""
+    from tasks.evaluate import evaluate_pair, score_models
+    from tasks.gate import decide
+
+    with meters.stage("evaluate"):
+        before, after = evaluate_pair.fn(bench.champion_dir, adapter_dir, bench.update.sets, bench.rates,
+                                         store=bench.store, model_name=MODEL)
+    with meters.stage("gate"):
+        verdict = decide(before, after, cost_usd, bench.rules)
+    bench.last_evaluation = after
+    shifted = score_models({"model": adapter_dir}, {"shifted": bench.shifted}, bench.rates)["model"]  # report only
+    return before, after, shifted, verdict
+
+
+def _incremental(bench: _Bench, policy, full: pd.DataFrame, progress: Progress) -> dict:
+    """The ladder as the update flow climbs it, then its version shipped; every stage metered."""
+    from refit.cost import StageMeters
+    from tasks.finetune import escalates, train_adapter
+
+    meters, attempts = StageMeters(), []
+    training = bench.update.training
+    for recipe in policy.ladder:
+        warm = recipe.start == "warm"
+        frame = training.frame if warm else full
+        progress(f"incremental: {recipe.name} on {len(frame):,} rows")
+        with meters.stage("train"):
+            trained = train_adapter(frame, recipe, bench.rates, labels=bench.labels, seed=bench.seed,
+                                    warm_start=bench.champion_dir if warm else None,
+                                    states=bench.states if warm else None)
+        bench.made.append(trained.adapter_dir)
+        before, after, shifted, verdict = _judge(bench, trained.adapter_dir, trained.cost.usd, meters)
+        bench.champion_eval = bench.champion_eval or before
+        attempts.append(_scored(after, shifted, trained.cost.cpu_seconds, trained.adapter_dir)
+                        | {"recipe": recipe.name, "rows": len(frame), "gate": verdict.summary, "passed": verdict.passed})
+        if verdict.passed or not escalates([r.name for r in verdict.failed], policy):
+            break
+    progress("incremental: register, reference and cascade, as the flow ships it")
+    _ship("incremental", bench, trained.adapter_dir, frame, meters)
+    final = attempts[-1]
+    return {k: final[k] for k in ("shifted_accuracy", "golden_accuracy", "artifact_bytes")} | {
+        "cpu_seconds": round(sum(a["cpu_seconds"] for a in attempts), 2), "recipe": final["recipe"],
+        "gate_passed": final["passed"], "attempts": attempts, "flow_cpu_seconds": round(meters.whole(), 2),
+        "stage_cpu_seconds": {k: round(v, 2) for k, v in meters.cpu.items()}}
+
+
+def _full_retrain(bench: _Bench, policy, full: pd.DataFrame, progress: Progress) -> dict:
+    """A fresh adapter over the base on everything so far, judged and shipped through the same stages."""
+    from refit.cost import StageMeters
+    from tasks.finetune import train_adapter
+
+    meters = StageMeters()
+    progress(f"full retrain: bootstrap recipe on {len(full):,} rows")
+    with meters.stage("train"):
+        retrain = train_adapter(full, policy.bootstrap, bench.rates, labels=bench.labels, seed=bench.seed)
+    bench.made.append(retrain.adapter_dir)
+    _, after, shifted, verdict = _judge(bench, retrain.adapter_dir, retrain.cost.usd, meters)
+    progress("full retrain: register, reference and cascade, as the flow ships it")
+    _ship("full-retrain", bench, retrain.adapter_dir, full, meters)
+    return _scored(after, shifted, retrain.cost.cpu_seconds, retrain.adapter_dir) | {
+        "gate_passed": verdict.passed, "flow_cpu_seconds": round(meters.whole(), 2),
+        "stage_cpu_seconds": {k: round(v, 2) for k, v in meters.cpu.items()}}
+
+
+@dataclass
+class _Bench:
+    """What both sides share: the champion, its kept states, the new labels and the flow's judging sets."""
+
+    rates: object
+    rules: object
+    seed: int
+    labels: list[str]
+    pool: pd.DataFrame
+    new: pd.DataFrame
+    update: object  # tasks.finetune.UpdateData
+    shifted: pd.DataFrame
+    held_out: pd.DataFrame
+    made: list[Path] = field(default_factory=list)
+    champion_dir: Path | None = None
+    states: object = None
+    store: object = None
+    experiment_id: str = ""
+    champion_eval: object = None
+    last_evaluation: object = None
 
 
 def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str = "update", gate_policy: str = "gate",
                   progress: Progress = lambda what: None) -> dict:
-    from refit import modeling
+    import tempfile
+
     from refit.cost import Rates
     from refit.data import text_hashes
     from refit.scenario import build, load_scenario, load_source
     from refit.settings import Settings
-    from tasks.evaluate import score_models
-    from tasks.finetune import escalates, full_retrain_frame, load_update_policy, prepare_update, train_adapter
-    from tasks.gate import decide, load_gate_policy
+    from tasks.finetune import full_retrain_frame, load_update_policy, prepare_update, train_adapter
+    from tasks.gate import load_gate_policy
 
     settings = Settings(data_dir=data_dir)
-    rates = Rates(settings.cpu_usd_per_hour, settings.gpu_usd_per_hour)
     policy, _ = load_update_policy(update_policy)
-    rules, _ = load_gate_policy(gate_policy)
     spec, _ = load_scenario(scenario)
     data = build(spec, load_source(spec.source, data_dir))
     shift = data.shifts[0]
@@ -103,70 +229,58 @@ def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str =
     # As the flow: a fresh holdout of the new labels judges improvement, golden judges regression. The
     # scenario's shifted test texts are scored for this report only.
     update = prepare_update(new, data.train, data.golden, data.labels, [], policy, "benchmark", spec.seed)
-    sets = update.sets | {"shifted": shift.external}
-    eval_texts = update.eval_texts | text_hashes(shift.external["text"])
-    made: list[Path] = []
-
+    bench = _Bench(Rates(settings.cpu_usd_per_hour, settings.gpu_usd_per_hour), load_gate_policy(gate_policy)[0],
+                   spec.seed, data.labels, data.train, new, update, shift.external,
+                   pd.concat([data.golden[["text", "label"]], update.fresh[["text", "label"]]]))
+    full = full_retrain_frame(data.train, update.training, update.eval_texts | text_hashes(shift.external["text"]))
+    root = Path(tempfile.mkdtemp(prefix="refit-bench-update-"))
+    bench.made.append(root)
     try:
-        progress(f"champion: bootstrap recipe on {len(data.train):,} rows")
-        champion = train_adapter(data.train, policy.bootstrap, rates, labels=data.labels, seed=spec.seed)
-        made.append(champion.adapter_dir)
-        progress("champion's cascade, as the flow builds it at registration (keeps its encoder states)")
-        states, kept, cascade_cpu = _champion_states(champion.adapter_dir, data.train, data.golden, made)
-
-        training = update.training
-        full = full_retrain_frame(data.train, training, eval_texts)
-        attempts, champion_eval = [], None
-        for recipe in policy.ladder:
-            frame = full if recipe.start == "fresh" else training.frame
-            progress(f"incremental: {recipe.name} on {len(frame):,} rows")
-            trained = train_adapter(frame, recipe, rates, labels=data.labels, seed=spec.seed,
-                                    warm_start=champion.adapter_dir if recipe.start == "warm" else None,
-                                    states=states if recipe.start == "warm" else None)
-            made.append(trained.adapter_dir)
-            scored = score_models({"champion": champion.adapter_dir, "challenger": trained.adapter_dir}, sets, rates)
-            champion_eval = champion_eval or scored["champion"]
-            verdict = decide(scored["champion"], scored["challenger"], trained.cost.usd, rules)  # as the flow
-            attempts.append(_scored(scored["challenger"], trained.cost.cpu_seconds, trained.adapter_dir)
-                            | {"recipe": recipe.name, "rows": len(frame), "gate": verdict.summary,
-                               "passed": verdict.passed})
-            if verdict.passed or not escalates([r.name for r in verdict.failed], policy):
-                break
-
-        progress(f"full retrain: bootstrap recipe on {len(full):,} rows")
-        retrain = train_adapter(full, policy.bootstrap, rates, labels=data.labels, seed=spec.seed)
-        made.append(retrain.adapter_dir)
-        retrain_eval = score_models({"full": retrain.adapter_dir}, sets, rates)["full"]
-        full_retrain = _scored(retrain_eval, retrain.cost.cpu_seconds, retrain.adapter_dir)
+        with _scratch_registry(root) as bench.experiment_id:
+            progress(f"champion: bootstrap recipe on {len(data.train):,} rows")
+            champion = train_adapter(data.train, policy.bootstrap, bench.rates, labels=data.labels, seed=spec.seed)
+            bench.champion_dir = champion.adapter_dir
+            bench.made.append(champion.adapter_dir)
+            progress("champion's cascade, as the flow builds it at registration (keeps its encoder states)")
+            bench.states, kept, cascade_cpu, bench.store = _champion_states(champion.adapter_dir, data.train,
+                                                                            data.golden, bench.made)
+            incremental = _incremental(bench, policy, full, progress)
+            full_retrain = _full_retrain(bench, policy, full, progress)
     finally:
-        for path in made:
+        for path in bench.made:
             shutil.rmtree(path, ignore_errors=True)
+    return _result(spec.name, bench, champion, kept, cascade_cpu, len(full), incremental, full_retrain)
 
-    final = attempts[-1]
-    incremental = {k: final[k] for k in ("shifted_accuracy", "golden_accuracy", "artifact_bytes")} | {
-        "cpu_seconds": round(sum(a["cpu_seconds"] for a in attempts), 2), "recipe": final["recipe"],
-        "gate_passed": final["passed"], "attempts": attempts}
+
+def _result(scenario: str, bench: _Bench, champion, kept: int, cascade_cpu: float, full_rows: int, incremental: dict,
+            full_retrain: dict) -> dict:
+    import torch
+
+    from refit import modeling
+    from tasks.evaluate import score_models
+
     model_bytes = (modeling.base_model_path() / "model.safetensors").stat().st_size
-    champion_golden = round(champion_eval.slices["golden"].accuracy, 4)
+    champion_golden = round(bench.champion_eval.slices["golden"].accuracy, 4)
     ratios = {
         "cpu_ratio": round(incremental["cpu_seconds"] / full_retrain["cpu_seconds"], 4),
+        "flow_cpu_ratio": round(incremental["flow_cpu_seconds"] / full_retrain["flow_cpu_seconds"], 4),
         "shifted_ratio": round(incremental["shifted_accuracy"] / full_retrain["shifted_accuracy"], 4),
         "golden_drop_points": round(100 * (champion_golden - incremental["golden_accuracy"]), 2),
         "artifact_share": round(incremental["artifact_bytes"] / model_bytes, 4),
     }
     met = {
         "cpu_ratio": ratios["cpu_ratio"] <= TARGETS["cpu_ratio_max"],
+        "flow_cpu_ratio": ratios["flow_cpu_ratio"] <= TARGETS["flow_cpu_ratio_max"],
         "shifted_ratio": ratios["shifted_ratio"] >= TARGETS["shifted_ratio_min"],
         "golden_drop_points": ratios["golden_drop_points"] <= TARGETS["golden_drop_points_max"],
         "artifact_share": ratios["artifact_share"] <= TARGETS["artifact_share_max"],
     }
-    import torch
-
     return {
-        "scenario": spec.name, "torch_threads": torch.get_num_threads(), "new_rows": training.new_rows, "replay_rows": training.replay_rows,
-        "full_retrain_rows": len(full), "champion_cpu_seconds": round(champion.cost.cpu_seconds, 2),
-        "encoder_states_kept": kept, "cascade_build_cpu_seconds": round(cascade_cpu, 2),
-        "champion_shifted_accuracy": round(champion_eval.slices["shifted"].accuracy, 4),
+        "scenario": scenario, "torch_threads": torch.get_num_threads(), "new_rows": bench.update.training.new_rows,
+        "replay_rows": bench.update.training.replay_rows, "full_retrain_rows": full_rows,
+        "champion_cpu_seconds": round(champion.cost.cpu_seconds, 2), "encoder_states_kept": kept,
+        "cascade_build_cpu_seconds": round(cascade_cpu, 2),
+        "champion_shifted_accuracy": round(bench.champion_shifted, 4),
         "champion_golden_accuracy": champion_golden, "model_bytes": model_bytes,
         "incremental": incremental, "full_retrain": full_retrain, "ratios": ratios, "targets": TARGETS, "met": met,
     }

@@ -29,7 +29,7 @@ import torch
 
 from refit import modeling
 from refit.errors import RefitError
-from refit.procs import side_by_side
+from refit.processes import side_by_side
 
 log = logging.getLogger("refit.serving")
 RUNTIMES = ("onnx", "torch")

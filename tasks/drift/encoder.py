@@ -216,7 +216,7 @@ def _embed_onnx(texts: list[str], input_ids: list[list[int]], order: np.ndarray,
     not beat, and the first check of a new 1,000-row reference no longer
     waits on one core.
     """
-    from refit.procs import side_by_side
+    from refit.processes import side_by_side
     from refit.runtime.encoder_onnx import padded, run
 
     batches = [order[start:start + ONNX_BATCH] for start in range(0, len(order), ONNX_BATCH)]

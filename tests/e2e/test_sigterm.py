@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from refit import procs
+from refit import processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -59,7 +59,7 @@ def _wait_for_training(proc: subprocess.Popen, log: Path, after: str = "") -> No
 def _terminate(proc: subprocess.Popen, log: Path) -> tuple[int, float, list[int], int]:
     """SIGTERM the command alone (not its group): its exit code, seconds to exit, what it left running, and how
     many training progress marks it logged after the signal."""
-    tree = [proc.pid, *procs.descendants(proc.pid)]
+    tree = [proc.pid, *processes.descendants(proc.pid)]
     marks_before = len(STEP.findall(log.read_text(errors="replace")))
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -70,10 +70,10 @@ def _terminate(proc: subprocess.Popen, log: Path) -> tuple[int, float, list[int]
         pytest.fail(f"still running {EXIT_WITHIN + 60} s after SIGTERM")
     took = time.monotonic() - started
     deadline = time.monotonic() + 60  # the orphan guard stops the temporary API as soon as it sees its parent gone
-    while time.monotonic() < deadline and any(procs.alive(p) for p in tree):
+    while time.monotonic() < deadline and any(processes.alive(p) for p in tree):
         time.sleep(0.2)
     marks_after = len(STEP.findall(log.read_text(errors="replace"))) - marks_before
-    return code, took, [p for p in tree if procs.alive(p)], marks_after
+    return code, took, [p for p in tree if processes.alive(p)], marks_after
 
 
 def _runs(home: Path) -> list[tuple]:
@@ -94,7 +94,7 @@ def test_bootstrap_sent_sigterm_while_training_stops_at_once_and_leaves_no_proce
     assert code != 0
     assert marks_after <= 1, log.read_text()[-3000:]  # the step in flight at most, not the rest of the run
     assert took <= EXIT_WITHIN, took
-    assert not left, [(p, procs.cmdline(p)) for p in left]
+    assert not left, [(p, processes.cmdline(p)) for p in left]
     statuses = {name: status for _, name, status, *_ in _runs(home)}
     assert statuses.get("bootstrap") == "KILLED", statuses
 
@@ -118,7 +118,7 @@ def test_update_sent_sigterm_while_training_closes_its_runs_killed_and_charged(t
     assert code != 0
     assert marks_after <= 1, log.read_text()[-3000:]
     assert took <= EXIT_WITHIN, took
-    assert not left, [(p, procs.cmdline(p)) for p in left]
+    assert not left, [(p, processes.cmdline(p)) for p in left]
 
     runs = _runs(home)
     updates = [r for r in runs if r[3] == "update"]

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from refit import procs
+from refit import processes
 from registry import tracking
 from tasks import budget
 
@@ -49,14 +49,14 @@ def _update_run(experiment: str, process: str | None = None, **metrics: float) -
 def _dead_process() -> str:
     """The identity of a process that ran on this host and has ended."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    identity = procs.identity(child.pid)
+    identity = processes.identity(child.pid)
     child.kill()
     child.wait()
     return identity
 
 
 def test_a_running_updates_reservation_counts_in_the_months_spend(experiment):
-    _update_run(experiment, process=procs.identity(), reserved_usd=0.30)  # still training
+    _update_run(experiment, process=processes.identity(), reserved_usd=0.30)  # still training
     finished = _update_run(experiment, reserved_usd=0.50, update_cost_usd=0.20)  # charged less than reserved
     MlflowClient().set_terminated(finished)
     assert budget.month_spend(experiment, MODEL, _month_start_ms()) == pytest.approx(0.50)
@@ -80,7 +80,7 @@ def test_a_killed_embedded_update_is_closed_killed_and_charged_by_the_next(exper
     with mlflow.start_run(experiment_id=experiment, tags={"mlflow.parentRunId": killed}) as attempt:
         mlflow.log_metric("update_cost_usd", 0.03)  # a finished rung; the next one was training when killed
     open_attempt = client.create_run(experiment, tags={"mlflow.parentRunId": killed}).info.run_id
-    training = _update_run(experiment, process=procs.identity(), reserved_usd=0.02)  # alive: not ours to close
+    training = _update_run(experiment, process=processes.identity(), reserved_usd=0.02)  # alive: not ours to close
     on_another_host = _update_run(experiment, process="elsewhere:1:1", reserved_usd=0.05)
 
     closed = tracking.close_abandoned_updates(experiment, MODEL, "the next update", flow_run_ended=None)

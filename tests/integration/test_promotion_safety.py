@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from refit import procs
+from refit import processes
 from refit.errors import RefitError
 from refit.evalsets import read_golden, suite_versions, write_golden
 from refit.faults import FaultInjected
@@ -60,7 +60,7 @@ def _rows(prefix: str, labels: str = "ab", n: int = 3) -> pd.DataFrame:
 
 def _dead_process() -> str:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = procs.identity(child.pid)
+    dead = processes.identity(child.pid)
     child.kill()
     child.wait()
     return dead
@@ -378,7 +378,7 @@ def test_an_adopt_stopped_after_registering_is_replaced_by_the_next(tmp_path):
                        run_tags=adopt_run | {"refit.process": _dead_process()}, finish=False)  # killed: left RUNNING
 
     assert unfinished_adoption(MODEL) == [stopped]
-    with mlflow.start_run(experiment_id=experiment_id, tags=adopt_run | {"refit.process": procs.identity()}) as run:
+    with mlflow.start_run(experiment_id=experiment_id, tags=adopt_run | {"refit.process": processes.identity()}) as run:
         retire_unfinished(MODEL, [stopped], run.info.run_id)
         again = write_golden(store, MODEL, _rows("golden"))
         assert again.version == golden.version and suite_versions(store, MODEL) == [1]  # nothing left behind

@@ -332,19 +332,19 @@ def test_a_rollback_killed_with_its_run_open_has_the_run_closed_by_the_next(tmp_
     import subprocess
     import sys
 
-    from refit import procs
+    from refit import processes
     from registry import rollout
 
     experiment_id = _champion_2_previous_1(tmp_path)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = procs.identity(child.pid)
+    dead = processes.identity(child.pid)
     child.kill()
     child.wait()
     client = MlflowClient()
     left = client.create_run(experiment_id, tags={tracking.RUN_TYPE: "rollback", "refit.model": MODEL,
                                                   "refit.process": dead}).info.run_id
     alive = client.create_run(experiment_id, tags={tracking.RUN_TYPE: "rollback", "refit.model": MODEL,
-                                                   "refit.process": procs.identity()}).info.run_id
+                                                   "refit.process": processes.identity()}).info.run_id
 
     rollout.roll_back(MODEL, None, "again", experiment_id=experiment_id)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from refit import procs
+from refit import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = Path(__file__).with_name("clinc-shift-tiny.yaml")
@@ -157,7 +157,7 @@ def stop(home: Path, env: dict[str, str]) -> None:
     down = subprocess.run(REFIT + ["stack", "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     _stack = None
     assert down.returncode == 0, down.stderr
-    left = [pid for pid in pids if procs.alive(pid)]
+    left = [pid for pid in pids if processes.alive(pid)]
     assert not left, f"stack processes still alive after `refit stack down`: {left}"
 
 
@@ -354,7 +354,7 @@ def kill_tree(pid: int) -> list[int]:
     """SIGKILL a process, its process group and every descendant, as a lost machine would stop them."""
     import signal
 
-    pids = [pid, *procs.descendants(pid)]
+    pids = [pid, *processes.descendants(pid)]
     for p in pids:  # stop each first, so nothing forks while the rest are killed
         try:
             os.kill(p, signal.SIGSTOP)

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from refit import procs
+from refit import processes
 from server import stack_session
 from server.stack_session import MODEL, REFIT
 
@@ -99,7 +99,7 @@ def test_worker_killed_mid_update_leaves_the_registry_consistent(stack, deployed
     worker_pid = int((stack.home / "stack" / "worker.pid").read_text())
     killed = stack_session.kill_tree(worker_pid)
     assert len(killed) >= 2  # the worker and the flow run's process
-    stack.wait_for("the killed processes to be gone", lambda: not any(procs.alive(p) for p in killed),
+    stack.wait_for("the killed processes to be gone", lambda: not any(processes.alive(p) for p in killed),
                    timeout=30, every=0.2)
 
     # Nothing moved: the champion is the gated version it was.

@@ -531,7 +531,7 @@ def test_a_graph_that_disagrees_with_numpy_is_not_kept(tmp_path, monkeypatch):
 def test_available_cpus_is_capped_by_a_cgroup_quota(tmp_path):
     import os
 
-    from refit.procs import available_cpus, side_by_side
+    from refit.processes import available_cpus, side_by_side
 
     affinity = len(os.sched_getaffinity(0))
     quota = tmp_path / "cpu.max"

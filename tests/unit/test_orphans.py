@@ -15,7 +15,7 @@ import sys
 import time
 
 from refit.orphans import MARKER
-from refit.procs import alive
+from refit.processes import alive
 
 COMMAND = f"""
 import subprocess, sys, time
