@@ -22,6 +22,7 @@ from peft import PeftModel
 
 from refit.anatomy import (MAX_LENGTH, anatomy, batches_by_length, encode, head_fn, submodule, transformers_model,
                            upper_fn)
+from refit.stopping import stop_if_requested, watch_sigterm
 
 # One logger name for the classifier, whichever of its modules speaks: operators and tests filter on it.
 log = logging.getLogger("refit.modeling")
@@ -52,6 +53,7 @@ def _optimizer(model: PeftModel, learning_rate: float, total_steps: int):
 
 
 def _step(loss: torch.Tensor, optimizer, scheduler) -> None:
+    stop_if_requested()  # a SIGTERM whose own exception was lost stops the run here, within one step
     loss.backward()
     optimizer.step()
     scheduler.step()
@@ -75,6 +77,7 @@ def train(
     Deterministic for a seed on CPU. ``on_step(step, total_steps, loss)`` lets
     a caller show progress without this module knowing how.
     """
+    watch_sigterm()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     input_ids = encode(model, tokenizer, texts)
@@ -336,6 +339,7 @@ def train_upper(
     with what was kept, or none is used.
     """
     frozen, layers = _freeze_lower_layers(model, frozen_layers, depth)
+    watch_sigterm()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     input_ids = encode(model, tokenizer, texts)
