@@ -1,15 +1,14 @@
 """SIGTERM, as Kubernetes, systemd and `timeout` send it first, while refit trains.
 
-Issue 15, "Seen" item 1: a command sent SIGTERM must stop its training at
-once, close its MLflow runs KILLED (an update's charged to the month's
+A command sent SIGTERM must stop its training at once, close its MLflow runs KILLED (an update's charged to the month's
 budget), stop its temporary Prefect API and exit non-zero, leaving no process.
 "At once" is measured in training progress, not seconds, so a loaded machine
 cannot fail it: after the signal, training logs at most one more of its
 progress marks (one per tenth of the run). A generous wall-clock bound
 (``EXIT_WITHIN``) only catches a command that hangs on its way out.
-On the code before this (`git checkout ecfeed1`) the update test fails: its
-runs end FAILED and the update is charged nothing (``update_cost_usd``
-missing), so the month's ledger never sees the machine time.
+Without the KILLED-and-charged close the update test fails: its runs end
+FAILED and the update is charged nothing (``update_cost_usd`` missing), so
+the month's ledger never sees the machine time.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The month's budget ledger against a real MLflow store (SQLite in tmp_path): reservations and killed updates.
 
-Issue 15, "Seen" item 5: two embedded updates at once could both pass the
-budget check (cost was logged only at the end), and a killed embedded update
-stayed RUNNING and was never charged. Each test here fails on the code before
-the reservation (`git show ecfeed1:registry/tracking.py`): there
-``month_spend`` counted only ``update_cost_usd`` and ``close_abandoned_updates``
-judged only flow runs on a Prefect server.
+Two embedded updates at once must not both pass the budget check (so cost
+is reserved before training, not only logged at the end), and a killed
+embedded update must not stay RUNNING uncharged. Each test here fails where
+``month_spend`` counts only ``update_cost_usd`` or ``close_abandoned_updates``
+judges only flow runs on a Prefect server.
 """
 
 from __future__ import annotations
