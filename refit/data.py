@@ -172,6 +172,12 @@ def text_key(text) -> str:
     return str(text).strip().lower()
 
 
+def text_keys(texts) -> pd.Series:
+    """``text_key`` of each text, as a Series: a Series keeps its index, so the keys line up with its frame."""
+    series = texts if isinstance(texts, pd.Series) else pd.Series(list(texts), dtype=object)
+    return series.astype(str).str.strip().str.lower()
+
+
 def text_hash(text: str) -> str:
     """Hash of the normalised text (``text_key``): the leakage guard's key."""
     return hashlib.sha1(text_key(text).encode()).hexdigest()

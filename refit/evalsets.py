@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from refit.data import fingerprint
+from refit.data import fingerprint, text_keys
 from refit.errors import RefitError
 from refit.store import ObjectStore
 
@@ -111,7 +111,7 @@ def write_golden(store: ObjectStore, model_name: str, frame: pd.DataFrame, versi
 
 
 def grow_suite(store: ObjectStore, model_name: str, fresh: pd.DataFrame, max_per_label: int) -> Golden:
-    """The newest suite with ``fresh`` joined (``grown``), written as the version right after it.
+    """The newest suite with ``fresh`` joined (``suite_with_fresh``), written as the version right after it.
 
     Built on the newest version at the moment of writing, not on the one an
     update was judged against, so a fresh set that joined meanwhile (an
@@ -122,7 +122,7 @@ def grow_suite(store: ObjectStore, model_name: str, fresh: pd.DataFrame, max_per
     """
     while True:
         latest = read_golden(store, model_name)
-        frame = grown(latest, fresh, max_per_label)
+        frame = suite_with_fresh(latest, fresh, max_per_label)
         if fingerprint(frame) == latest.fingerprint:
             return latest  # every fresh row is in the suite already
         golden = _create_version(store, model_name, frame, latest.version + 1)
@@ -173,7 +173,7 @@ def read_golden(store: ObjectStore, model_name: str, version: int | None = None)
     return Golden(frame, version, fingerprint(frame), store.uri(f"{prefix}version={version}.parquet"))
 
 
-def grown(golden: Golden, fresh: pd.DataFrame, max_per_label: int) -> pd.DataFrame:
+def suite_with_fresh(golden: Golden, fresh: pd.DataFrame, max_per_label: int) -> pd.DataFrame:
     """The suite with ``fresh`` joined, each label capped at ``max_per_label`` rows, oldest dropped first.
 
     A fresh text already in the suite is not added twice. Fresh rows take the
@@ -182,8 +182,8 @@ def grown(golden: Golden, fresh: pd.DataFrame, max_per_label: int) -> pd.DataFra
     """
     group_of = dict(zip(golden.frame["label"], golden.frame["group"]))
     new = _with_groups(fresh, group_of)
-    present = set(golden.frame["text"].str.strip().str.lower())
-    new = new[~new["text"].str.strip().str.lower().isin(present)].assign(added=golden.version + 1)
+    present = set(text_keys(golden.frame["text"]))
+    new = new[~text_keys(new["text"]).isin(present)].assign(added=golden.version + 1)
     both = pd.concat([golden.frame, new[GOLDEN_COLUMNS]], ignore_index=True)
     # Newest first within each label (a later version, then a later row), then the first max_per_label.
     order = both.assign(_row=np.arange(len(both))).sort_values(["added", "_row"], ascending=False)
@@ -201,7 +201,7 @@ def split_fresh(new: pd.DataFrame, share: float, seed: int = 0) -> tuple[pd.Data
     """
     if not 0 < share < 1:
         raise RefitError(f"fresh_holdout_share must be between 0 and 1, not {share}")
-    key = new["text"].astype(str).str.strip().str.lower()
+    key = text_keys(new["text"])
     rows = new[~key.duplicated(keep="last")].copy()
     rng = np.random.default_rng(seed)
     rows["_order"] = (pd.to_datetime(rows["timestamp"], utc=True).rank(method="first").to_numpy()

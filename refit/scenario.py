@@ -315,11 +315,13 @@ class Labellers:
         self.arrived: dict[str, list[str]] = {}  # shift name -> request ids whose label arrived
         self.requested: dict[str, int] = {}
 
-    def served(self, shift: str, served: pd.DataFrame, labels: pd.Series) -> None:
+    def record_served(self, shift: str, served: pd.DataFrame, labels: pd.Series) -> None:
         """Requests of ``shift`` as served (``request_id`` in the window's row order) with their true labels."""
         for request_id, label in zip(served["request_id"], labels):
             self._truth[str(request_id)] = str(label)
             self._shift_of[str(request_id)] = shift
+
+    served = record_served  # the former name, still called by the demo flow
 
     def label_share(self, served: pd.DataFrame, share: float, seed: int, due: int) -> int:
         """A seeded ``share`` of the served requests gets labelled, arriving at window ``due``."""

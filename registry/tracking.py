@@ -107,8 +107,8 @@ def last_checked_window_end(experiment_id: str, model_name: str) -> str | None:
         filter_string=f"tags.`{RUN_TYPE}` = 'drift-check' and tags.`refit.model` = '{model_name}'",
         max_results=200,
     )
-    ends = [r.data.tags["refit.window_end"] for r in runs if "refit.window_end" in r.data.tags]
-    return max(ends) if ends else None
+    window_ends = [r.data.tags["refit.window_end"] for r in runs if "refit.window_end" in r.data.tags]
+    return max(window_ends) if window_ends else None
 
 
 def measured_cpu_seconds_per_work_token(experiment_id: str, model_name: str, newest: int = 5) -> float | None:

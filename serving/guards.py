@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from refit.policy import StrictModel, load_policy
-from refit.verdict import Rule, at_least, at_most, html_page, html_table, markdown_table, ratio
+from refit.verdict import Rule, RuleVerdict, at_least, at_most, html_page, html_table, markdown_table, ratio
 
 
 class Guards(StrictModel):
@@ -115,25 +115,30 @@ class LiveStats:
 
 
 @dataclass(frozen=True)
-class GuardVerdict:
-    passed: bool
-    checks: list[Rule]
+class GuardVerdict(RuleVerdict):
+    """The guards' decision on a new version against the old one: every guard (``checks``) and both sides' figures."""
+
     new: Figures
     old: Figures
     new_version: int
     old_version: int
 
     @property
+    def checks(self) -> list[Rule]:
+        """The guards, each a rule with its value, limit and result (``rules`` under the name the guards use)."""
+        return self.rules
+
+    @property
     def summary(self) -> str:
         if self.passed:
             return f"v{self.new_version} healthy: every guard passed against v{self.old_version}"
         return f"v{self.new_version} failed against v{self.old_version}: " + "; ".join(
-            c.sentence for c in self.checks if not c.passed)
+            c.sentence for c in self.failed)
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "summary": self.summary, "new_version": self.new_version,
                 "old_version": self.old_version, "new": asdict(self.new), "old": asdict(self.old),
-                "checks": [asdict(c) | {"sentence": c.sentence} for c in self.checks]}
+                "checks": self.rule_dicts()}
 
     def _figure_rows(self) -> list[tuple[str, float, float]]:
         return [(k, getattr(self.new, k), getattr(self.old, k)) for k in asdict(self.new)] + [

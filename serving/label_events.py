@@ -12,10 +12,10 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from refit.events import LABELS_EVENT
 from refit.secrets import mask_uri
 
 log = logging.getLogger("refit.serving")
-LABELS_EVENT = "refit.labels.arrived"
 
 
 class LabelEvents:

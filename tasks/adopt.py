@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from refit import modeling
-from refit.data import read_table
+from refit.data import read_table, text_keys
 from refit.errors import RefitError
 
 GOLDEN_SHARE = 0.15  # of --train, held out per label as the golden set when none is given
@@ -43,10 +43,6 @@ class Adoption:
     checkpoint: Path | None
     train_source: str
     golden_source: str
-
-
-def _normalised(texts: pd.Series) -> pd.Series:
-    return texts.astype(str).str.strip().str.lower()
 
 
 def read_labelled(path: Path, text_column: str, label_column: str, what: str) -> pd.DataFrame:
@@ -86,7 +82,7 @@ def hold_out_golden(train: pd.DataFrame, share: float = GOLDEN_SHARE, seed: int 
     A text and its repeats stay on one side; a label with a single distinct
     text stays in training.
     """
-    key = _normalised(train["text"])
+    key = text_keys(train["text"])
     firsts = train.assign(_key=key).drop_duplicates("_key")
     rng = np.random.default_rng(seed)
     held: set[str] = set()
@@ -132,7 +128,7 @@ def prepare_adoption(train_path: Path, golden_path: Path | None = None, model_pa
     labels = checkpoint_labels(checkpoint) if checkpoint else None
     if golden_path:
         golden = read_labelled(golden_path, text_column, label_column, "golden")
-        train = train[~_normalised(train["text"]).isin(set(_normalised(golden["text"])))].reset_index(drop=True)
+        train = train[~text_keys(train["text"]).isin(set(text_keys(golden["text"])))].reset_index(drop=True)
         if train.empty:
             raise RefitError(f"every text of {train_path} is also in the golden file {golden_path}")
         golden_source = str(Path(golden_path).resolve())

@@ -263,7 +263,7 @@ def judged_figures(evaluation, champion, adapter_dir: Path | None, sets: dict[st
     """The champion's figures from the evaluation that judged it for promotion, if it judged this model here.
 
     The evaluation scored the same adapter on the same sets, served the same
-    way (``tasks.evaluate.served``): its per-set and per-slice accuracies are
+    way (``tasks.evaluate.load_served_models``): its per-set and per-slice accuracies are
     the ones ``figures`` would measure again. None (measure them) when any
     of that cannot be shown: another adapter, another set, another runtime.
     """
@@ -448,10 +448,10 @@ def _build_or_explain(model_name: str, version: int, adapter_dir: Path, pool: pd
                       recent_texts: Sequence[str], sets: dict[str, pd.DataFrame], rules: CascadePolicy, seed: int,
                       store, evaluation) -> CascadeBuild:
     """``build`` on the served champion; a build that raises becomes a refused verdict that says why."""
-    from tasks.evaluate import served
+    from tasks.evaluate import load_served_models
 
     try:
-        champion = served({CHAMPION: adapter_dir})[CHAMPION]
+        champion = load_served_models({CHAMPION: adapter_dir})[CHAMPION]
         return build(champion, pool["text"].tolist(), list(recent_texts), sets, rules, seed,
                      kept=kept_states(store, model_name, adapter_dir), evaluation=evaluation, adapter_dir=adapter_dir)
     except Exception as exc:  # noqa: BLE001 - a cascade is an optimisation: its failure never blocks the champion

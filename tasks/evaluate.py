@@ -247,7 +247,7 @@ LOADED_MODELS = 2
 _loaded: dict[tuple[str, str], object] = {}
 
 
-def served(adapter_dirs: dict[str, Path], runtime: str | None = None) -> dict[str, object]:
+def load_served_models(adapter_dirs: dict[str, Path], runtime: str | None = None) -> dict[str, object]:
     """Each adapter made ready to serve exactly as ``refit serve`` does: merged, on ONNX Runtime (or torch).
 
     One inference thread each, so that the cost of the two is compared on
@@ -270,6 +270,9 @@ def served(adapter_dirs: dict[str, Path], runtime: str | None = None) -> dict[st
     for key in list(_loaded)[: max(0, len(_loaded) - LOADED_MODELS)]:
         del _loaded[key]
     return models
+
+
+served = load_served_models  # the former name, still imported by the update benchmark
 
 
 def artifact_bytes(adapter_dir: Path) -> int:
@@ -307,7 +310,7 @@ def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], r
     ``store`` and ``model_name``: where encoder states are kept
     (``served_probabilities``); without them each encoder still runs once.
     """
-    models = served(adapter_dirs)
+    models = load_served_models(adapter_dirs)
     cpu = cpu_seconds_per_1k(models, _sample_texts(sets, COST_SAMPLE_ROWS))
     latency = latency_ms(models, _sample_texts(sets, LATENCY_SAMPLE_ROWS))
     probabilities = served_probabilities(models, adapter_dirs, sets, store, model_name)

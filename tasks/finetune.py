@@ -23,7 +23,7 @@ from pydantic import Field
 
 from refit import modeling
 from refit.cost import Meter, Rates, TrainingCost
-from refit.data import per_label_sample, stratified_sample, text_hash, text_hashes
+from refit.data import per_label_sample, stratified_sample, text_hash, text_hashes, text_keys
 from refit.runtime.encoder_states import EncoderStates
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
@@ -145,7 +145,7 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
     from datasets import Dataset
 
     new = new[["text", "label"]]
-    key = new["text"].str.strip().str.lower()
+    key = text_keys(new["text"])
     deduped = new[~key.duplicated()]
     duplicates = len(new) - len(deduped)
     leaked = deduped["text"].map(text_hash).isin(eval_texts)
@@ -155,11 +155,11 @@ def assemble(new: pd.DataFrame, replay_pool: pd.DataFrame, eval_texts: set[str],
 
     taken = set(key)
     extra = pseudo[["text", "label"]] if pseudo is not None else new.iloc[:0]
-    extra_key = extra["text"].str.strip().str.lower()
+    extra_key = text_keys(extra["text"])
     extra = extra[~extra_key.isin(taken) & ~extra_key.duplicated() & ~extra["text"].map(text_hash).isin(eval_texts)]
-    taken |= set(extra["text"].str.strip().str.lower())
+    taken |= set(text_keys(extra["text"]))
     pool = replay_pool[["text", "label"]]
-    pool = pool[~pool["text"].str.strip().str.lower().isin(taken) & ~pool["text"].map(text_hash).isin(eval_texts)]
+    pool = pool[~text_keys(pool["text"]).isin(taken) & ~pool["text"].map(text_hash).isin(eval_texts)]
     size = min(len(pool), max(min_replay, round((len(clean) + len(extra)) * replay_ratio)))
     replay = per_label_sample(pool, size, seed) if per_label else stratified_sample(pool, size, seed)
     frame = pd.concat([clean.assign(origin="new"), extra.assign(origin="pseudo"), replay.assign(origin="replay")],
@@ -246,10 +246,9 @@ def pseudo_labels(champion_dir: Path, labelled: pd.DataFrame, unlabelled: Sequen
     ``exclude`` (hashes of evaluation texts) are never given a label: the
     gate still judges only rows never trained on.
     """
-    key = lambda texts: pd.Series(list(texts), dtype=object).astype(str).str.strip().str.lower()  # noqa: E731
     candidates = pd.Series(list(unlabelled), dtype=object).astype(str)
-    keys = key(candidates)
-    keep = ~keys.duplicated() & ~keys.isin(set(key(labelled["text"]))) & ~candidates.map(text_hash).isin(exclude)
+    keys = text_keys(candidates)
+    keep = ~keys.duplicated() & ~keys.isin(set(text_keys(labelled["text"]))) & ~candidates.map(text_hash).isin(exclude)
     candidates = candidates[keep.to_numpy()].reset_index(drop=True)
     wanted = [label for label in dict.fromkeys(learned) if label in set(labelled["label"])]
     empty = pd.DataFrame({"text": pd.Series(dtype=object), "label": pd.Series(dtype=object),

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from refit import modeling, requestlog
+from refit.data import text_keys
 from refit.labels import check_source, read_examples, resolve_pending
 from refit.errors import RefitError
 from refit.store import ObjectStore
@@ -196,8 +197,7 @@ def admit_new_labels(store: ObjectStore, model_name: str, rows: pd.DataFrame, kn
     waiting = store.read_parquet_prefix(pending_prefix(model_name))
     if len(waiting):
         waiting = waiting[~waiting["label"].isin(known)].drop(columns=["reason"], errors="ignore")
-    key = lambda frame: frame["text"].astype(str).str.strip().str.lower()  # noqa: E731
-    earlier = waiting[~key(waiting).isin(set(key(unknown)))] if len(waiting) else waiting
+    earlier = waiting[~text_keys(waiting["text"]).isin(set(text_keys(unknown["text"])))] if len(waiting) else waiting
     both = pd.concat([unknown, earlier], ignore_index=True) if len(earlier) else unknown
     counts = both.drop_duplicates(subset=["text"])["label"].value_counts()
     ready = sorted(str(label) for label, n in counts.items() if n >= min_examples)

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from refit.data import text_hash
+from refit.data import text_hash, text_keys
 from refit.errors import RefitError
 from refit.store import ObjectStore
 
@@ -57,8 +57,8 @@ def used_keys(store: ObjectStore, model_name: str) -> pd.DataFrame:
 
 def record_used(store: ObjectStore, model_name: str, run_id: str, rows: pd.DataFrame, held_out_texts) -> str:
     """Write the ledger entry of a promoted update: each of ``rows`` trained on or held out (by text)."""
-    held = set(pd.Series(list(held_out_texts), dtype=object).astype(str).str.strip().str.lower())
-    roles = rows["text"].astype(str).str.strip().str.lower().isin(held).map({True: "held_out", False: "trained"})
+    held = set(text_keys(held_out_texts))
+    roles = text_keys(rows["text"]).isin(held).map({True: "held_out", False: "trained"})
     ledger = pd.DataFrame({"key": label_keys(rows).to_numpy(), "role": roles.to_numpy(), "run_id": run_id})
     return store.put_parquet(f"{used_prefix(model_name)}{run_id}.parquet", ledger.drop_duplicates("key"))
 

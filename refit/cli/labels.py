@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from refit.errors import RefitError
+from refit.events import LABELS_EVENT
 from refit.cli.common import JsonOption, ModelNameOption, StoreOption, _emit, _prepare, err, labels_app
 
 
@@ -36,9 +37,6 @@ def labels_import(file: Annotated[Path, typer.Argument(help="CSV/Parquet/JSON(L)
     event = _announce(settings.model_name, result.accepted + result.earlier.kept)
     _emit(result.to_dict() | {"model_name": settings.model_name, "event": event}, as_json,
           f"Labels for {settings.model_name}")
-
-
-LABELS_EVENT = "refit.labels.arrived"  # serving.app.LABELS_EVENT: the update deployment's trigger
 
 
 def _announce(model_name: str, labels: int, seconds: float = 15.0) -> str:

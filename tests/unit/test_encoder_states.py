@@ -14,7 +14,7 @@ import torch
 from refit import modeling
 from refit.runtime.encoder_states import EncoderStates, fingerprint
 from refit.store import LocalStore
-from tasks.evaluate import served
+from tasks.evaluate import load_served_models
 
 LABELS = ["balance", "transfer", "weather", "oos"]
 
@@ -49,7 +49,7 @@ def _pass_states(adapter_dir, texts) -> torch.Tensor:
 
 def test_the_served_pass_returns_the_states_training_computes(adapter, rows):
     torch.set_num_threads(1)
-    [champion] = served({"champion": adapter}, runtime="onnx").values()
+    [champion] = load_served_models({"champion": adapter}, runtime="onnx").values()
     texts = [text for text, _ in rows[:70]]
     proba, states = champion.probabilities_and_states(texts, workers=2)
     assert champion.runtime == "onnx" and states.shape == (70, 384)
@@ -70,7 +70,7 @@ def _train(adapter_dir, rows, known=None):
 
 def test_the_head_rung_skips_the_pass_for_kept_rows_and_learns_the_same(adapter, rows, tmp_path, caplog):
     torch.set_num_threads(1)
-    [champion] = served({"champion": adapter}, runtime="onnx").values()
+    [champion] = load_served_models({"champion": adapter}, runtime="onnx").values()
     store = LocalStore(tmp_path / "store")
     kept_texts = [text for text, _ in rows[:160]]  # the pool the cascade build ran on; rows[160:] are new
     _, states = champion.probabilities_and_states(kept_texts)
@@ -221,12 +221,12 @@ def test_a_new_head_on_kept_states_answers_as_its_own_served_pass(adapter, rows,
     torch.set_num_threads(1)
     updated = _new_head(adapter, tmp_path / "v2")
     assert fingerprint(updated) == fingerprint(adapter)
-    [old] = served({"v1": adapter}, runtime="onnx").values()
+    [old] = load_served_models({"v1": adapter}, runtime="onnx").values()
     kept_texts = [text for text, _ in rows[:160]]
     store = LocalStore(tmp_path / "store")
     EncoderStates.of(store, "m", adapter).save(kept_texts, old.probabilities_and_states(kept_texts)[1])
 
-    [new] = served({"v2": updated}, runtime="onnx").values()
+    [new] = load_served_models({"v2": updated}, runtime="onnx").values()
     texts = [text for text, _ in rows[:200]]  # 160 kept, 40 new
     counting = Counting(new)
     with caplog.at_level(logging.INFO, logger="refit.runtime.encoder_states"):
@@ -246,7 +246,7 @@ def test_states_of_another_encoder_are_not_used_by_the_served_model(adapter, row
     from refit.runtime.encoder_states import outputs_of, state_key
 
     torch.set_num_threads(1)
-    [model] = served({"v1": adapter}, runtime="onnx").values()
+    [model] = load_served_models({"v1": adapter}, runtime="onnx").values()
     texts = [text for text, _ in rows[:60]]
     wrong = {state_key(t): np.random.default_rng(i).normal(size=384).astype(np.float32) for i, t in enumerate(texts)}
     counting = Counting(model)

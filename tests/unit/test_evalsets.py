@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from refit.data import fingerprint, text_hash
+from refit.data import fingerprint, text_hash, text_keys
 from refit.errors import RefitError
-from refit.evalsets import grown, read_golden, split_fresh, write_golden
+from refit.evalsets import read_golden, split_fresh, suite_with_fresh, write_golden
 from refit.store import LocalStore
 from tasks.finetune import load_update_policy, prepare_update
 
@@ -41,7 +41,7 @@ def test_duplicate_texts_cannot_straddle_the_split():
     twins = new.assign(text=new["text"].str.upper() + "  ")  # the same texts, as the leakage guard normalises them
     train, fresh = split_fresh(pd.concat([new, twins]), 0.25)
     assert len(train) + len(fresh) == 20
-    keys = lambda f: set(f["text"].str.strip().str.lower())  # noqa: E731
+    keys = lambda f: set(text_keys(f["text"]))  # noqa: E731
     assert not keys(train) & keys(fresh)
 
 
@@ -72,7 +72,7 @@ def test_golden_suite_is_versioned_with_fingerprints(tmp_path):
     first = write_golden(store, "m", labelled({"a": 5, "b": 5}).drop(columns="timestamp").assign(group="g1"))
     assert (first.version, first.rows) == (1, 10)
     assert first.fingerprint == fingerprint(first.frame) and read_golden(store, "m").fingerprint == first.fingerprint
-    second = write_golden(store, "m", grown(first, labelled({"c": 4}, "2026-02-01"), max_per_label=100))
+    second = write_golden(store, "m", suite_with_fresh(first, labelled({"c": 4}, "2026-02-01"), max_per_label=100))
     assert second.version == 2 and second.rows == 14 and second.fingerprint != first.fingerprint
     assert read_golden(store, "m").version == 2
     assert read_golden(store, "m", version=1).fingerprint == first.fingerprint  # the old version is kept
@@ -87,7 +87,7 @@ def test_golden_grows_capped_per_label_oldest_first(tmp_path):
                                                     "group": ["banking"] * 6}))
     fresh = pd.DataFrame({"text": ["new 1", "new 2", "new 3", "old 0", "brand new"],
                           "label": ["a", "a", "a", "a", "z"]})
-    out = grown(golden, fresh, max_per_label=5)
+    out = suite_with_fresh(golden, fresh, max_per_label=5)
     a = out[out["label"] == "a"]
     assert len(a) == 5 and set(a["text"]) == {"new 1", "new 2", "new 3", "old 4", "old 5"}  # old 0..3 dropped
     assert (a.loc[a["text"].str.startswith("new"), "added"] == 2).all()

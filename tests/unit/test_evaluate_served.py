@@ -9,7 +9,7 @@ import torch
 
 from refit import modeling
 from refit.cost import Rates
-from tasks.evaluate import score_models, served
+from tasks.evaluate import load_served_models, score_models
 
 
 def test_candidates_are_scored_as_served(tmp_path, monkeypatch):
@@ -21,7 +21,7 @@ def test_candidates_are_scored_as_served(tmp_path, monkeypatch):
             "golden": pd.DataFrame({"text": texts[:2], "label": ["balance", "transfer"], "group": "banking"})}
 
     monkeypatch.setenv("REFIT_SERVE_RUNTIME", "onnx")
-    [model] = served({"m": adapter}).values()
+    [model] = load_served_models({"m": adapter}).values()
     assert model.runtime == "onnx"  # what `refit serve` answers with, not the unmerged peft model
     peft = modeling.predict(modeling.load_model(adapter), modeling.load_tokenizer(), texts)
     got = model.predict(texts)
@@ -35,7 +35,7 @@ def test_candidates_are_scored_as_served(tmp_path, monkeypatch):
     assert scored.slices["fresh"].accuracy == expected
 
     monkeypatch.setenv("REFIT_SERVE_RUNTIME", "torch")
-    assert next(iter(served({"m": adapter}).values())).runtime == "torch"
+    assert next(iter(load_served_models({"m": adapter}).values())).runtime == "torch"
 
 
 def test_bulk_scoring_on_several_workers_matches_one(tmp_path):
@@ -43,7 +43,7 @@ def test_bulk_scoring_on_several_workers_matches_one(tmp_path):
     torch.set_num_threads(1)
     labels = ["balance", "transfer", "oos"]
     adapter = modeling.save_model(modeling.new_model(labels, modeling.LoraSpec(), seed=2), tmp_path / "a")
-    [model] = served({"m": adapter}, runtime="onnx").values()
+    [model] = load_served_models({"m": adapter}, runtime="onnx").values()
     texts = [f"{'please ' * (i % 9)}what is my balance number {i}" for i in range(150)]  # 5 batches, mixed lengths
 
     alone = model.probabilities_of(texts, workers=1)
@@ -82,7 +82,7 @@ def test_a_pair_on_one_encoder_runs_it_once_and_kept_states_spare_the_next_evalu
                                     "group": ["a", "b"] * 15}),
             "fresh": pd.DataFrame({"text": texts[30:], "label": [labels[i % 2] for i in range(12)]})}
     runs: list[int] = []
-    loaded = tasks.evaluate.served
+    loaded = tasks.evaluate.load_served_models
 
     def counted(adapter_dirs, runtime=None):
         models = loaded(adapter_dirs, runtime)
@@ -93,7 +93,7 @@ def test_a_pair_on_one_encoder_runs_it_once_and_kept_states_spare_the_next_evalu
                                    runs.append(len(batch)) or inner(batch, workers))
         return models
 
-    monkeypatch.setattr(tasks.evaluate, "served", counted)
+    monkeypatch.setattr(tasks.evaluate, "load_served_models", counted)
     store = LocalStore(tmp_path / "store")
     first = score_models({"champion": champion, "challenger": challenger}, sets, Rates(0.048, 2.5), store, "m")
     # The pair: the challenger's pass over the 42 texts, the champion's over its probes only.
@@ -127,11 +127,11 @@ def test_an_evaluation_says_what_it_scored_and_a_loaded_model_is_reused(tmp_path
                 for s in range(LOADED_MODELS + 1)]
     frame = pd.DataFrame({"text": ["what is my balance", "send 20 dollars"], "label": ["balance", "transfer"]})
     scored = score_models({"m": adapters[0]}, {"golden": frame}, Rates(0.048, 2.5))["m"]
-    assert scored.runtime == served({"m": adapters[0]})["m"].runtime
+    assert scored.runtime == load_served_models({"m": adapters[0]})["m"].runtime
     assert scored.adapter_digest == adapter_digest(adapters[0]) != adapter_digest(adapters[1])
     assert scored.set_digests == {"golden": set_digest(frame)} != {"golden": set_digest(frame.iloc[:1])}
 
-    first = served({"m": adapters[0]})["m"]
-    assert served({"m": adapters[0]})["m"] is first  # the same files: the same served model
-    served({f"m{i}": path for i, path in enumerate(adapters[1:])})  # newer loads push it out
-    assert served({"m": adapters[0]})["m"] is not first
+    first = load_served_models({"m": adapters[0]})["m"]
+    assert load_served_models({"m": adapters[0]})["m"] is first  # the same files: the same served model
+    load_served_models({f"m{i}": path for i, path in enumerate(adapters[1:])})  # newer loads push it out
+    assert load_served_models({"m": adapters[0]})["m"] is not first

@@ -137,11 +137,12 @@ def test_prefect_yaml_names_real_flows_and_their_parameters():
     by_name = {d["name"]: d for d in config["deployments"]}
     assert by_name["monitor"]["schedules"][0]["cron"] == "0 * * * *"
     drift, arrived = by_name["update"]["triggers"]
+    from refit.events import LABELS_EVENT
     from tasks.monitor import DRIFT_EVENT
 
     assert drift["expect"] == [DRIFT_EVENT]
     assert set(drift["parameters"]) == {"model_name", "episode_id", "drift_run_id"}
-    assert arrived["expect"] == ["refit.labels.arrived"]  # the update counts the open episode's labels, or waits
+    assert arrived["expect"] == [LABELS_EVENT]  # the update counts the open episode's labels, or waits
     assert set(arrived["parameters"]) == {"model_name"}
     # Concurrency is per model, taken inside the flows; a deployment-wide limit would make models queue on each other.
     assert not any("concurrency_limit" in d for d in by_name.values())
