@@ -1,7 +1,7 @@
 """Policies: YAML files parsed into strict, frozen pydantic models.
 
 A typo in a policy file is an error naming the field, never a silent default.
-Each stage defines its own policy model beside its logic (``tasks/drift.py``,
+Each stage defines its own policy model beside its logic (``tasks/drift/policy.py``,
 ``tasks/gate.py`` ...); this module only loads and fingerprints them. The
 files shipped with refit live in ``refit/policies/``; a path overrides them.
 """
