@@ -343,7 +343,7 @@ def test_a_cascade_that_cannot_be_built_is_refused_with_its_reason_and_never_rai
     def broken(adapter_dirs, runtime=None):
         raise RuntimeError("export broke")
 
-    monkeypatch.setattr(tasks.evaluate, "served", broken)
+    monkeypatch.setattr(tasks.evaluate, "load_served_models", broken)
     golden = pd.DataFrame({"text": ["a"], "label": ["balance"]})
     result = build_cascade("m", version, tmp_path, pd.DataFrame({"text": ["x"]}), [], {"golden": golden},
                            Rates(0.048, 2.5), experiment_id)
