@@ -163,7 +163,7 @@ def _shift(ctx, stages: Stages, shift, k: int, clock: Clock, labellers: Labeller
         champion = versions.alias_version(name, versions.CHAMPION)
         served = stages.run(f"replay-{tag}", replay_traffic, ctx.store, name, *_served_by(name, champion), champion,
                             part, begin, end, seed=seed + 100 * k + w)
-        labellers.served(shift.name, served, part["label"])
+        labellers.record_served(shift.name, served, part["label"])
         if shift.labelling == "all":
             labellers.label_share(served, shift.labelled_share, seed + 100 * k + w, index + shift.label_delay_windows)
         _deliver(ctx.store, name, labellers, index)

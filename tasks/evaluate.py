@@ -272,7 +272,6 @@ def load_served_models(adapter_dirs: dict[str, Path], runtime: str | None = None
     return models
 
 
-served = load_served_models  # the former name, still imported by the update benchmark
 
 
 def artifact_bytes(adapter_dir: Path) -> int:
