@@ -321,7 +321,6 @@ class Labellers:
             self._truth[str(request_id)] = str(label)
             self._shift_of[str(request_id)] = shift
 
-
     def label_share(self, served: pd.DataFrame, share: float, seed: int, due: int) -> int:
         """A seeded ``share`` of the served requests gets labelled, arriving at window ``due``."""
         picked = np.random.default_rng(seed).random(len(served)) < share
