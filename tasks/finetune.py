@@ -209,8 +209,13 @@ class UpdateData:
 
 
 def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, known_labels: list[str],
-                   learned: list[str], policy: UpdatePolicy, source: str, seed: int = 0) -> UpdateData:
+                   learned: list[str], policy: UpdatePolicy, source: str, seed: int = 0,
+                   judged_too: pd.DataFrame | None = None) -> UpdateData:
     """Hold out the fresh set, then assemble the training set without any evaluation text.
+
+    ``judged_too``: labelled rows an earlier update held out (never trained
+    on) that join the fresh set, so the gate judges the gain on them as well;
+    a text among them never trains here either.
 
     Raises:
         RefitError: too few labelled rows, or too few fresh rows to judge on: wait for labels.
@@ -223,6 +228,10 @@ def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, 
     if len(fresh) < policy.min_fresh_rows:
         raise RefitError(f"only {len(fresh)} fresh rows held out of {len(new)} labelled examples in {source}; "
                          f"policy needs min_fresh_rows={policy.min_fresh_rows}: wait for more labels")
+    if judged_too is not None and len(judged_too):
+        earlier = judged_too[~text_keys(judged_too["text"]).isin(set(text_keys(fresh["text"])))]
+        fresh = pd.concat([fresh, earlier[[c for c in fresh.columns if c in earlier.columns]]], ignore_index=True)
+        train_rows = train_rows[~text_keys(train_rows["text"]).isin(set(text_keys(earlier["text"])))]
     sets = {"fresh": fresh, "golden": golden}
     eval_texts = text_hashes(pd.concat([fresh["text"], golden["text"]]))
     replay_ratio = policy.new_label_replay_ratio if learned else policy.replay_ratio

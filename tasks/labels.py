@@ -65,11 +65,17 @@ def record_used(store: ObjectStore, model_name: str, run_id: str, rows: pd.DataF
 
 @dataclass(frozen=True)
 class EpisodeLabels:
-    """Labelled rows for an update: ``rows`` not used yet (text, label, timestamp, key), and how many were."""
+    """Labelled rows for an update: ``rows`` not used yet (text, label, timestamp, key), and how many were.
+
+    ``held_out_before``: the rows since ``since`` that an earlier promoted
+    update held out (judged on, never trained on): no update trains on them,
+    but a later one on the same labels may be judged on them too.
+    """
 
     rows: pd.DataFrame
     since: datetime
     already_used: int
+    held_out_before: pd.DataFrame | None = None
 
 
 def episode_labels(store: ObjectStore, model_name: str, since: datetime, until: datetime,
@@ -80,9 +86,10 @@ def episode_labels(store: ObjectStore, model_name: str, since: datetime, until: 
     rows = labelled_window.fn(store, model_name, since, until, known_labels=known_labels,
                            max_label_mix_shift=max_label_mix_shift)
     rows = rows.assign(key=label_keys(rows)).drop_duplicates("key", keep="last")
-    used = set(used_keys(store, model_name)["key"])
-    fresh = rows[~rows["key"].isin(used)].reset_index(drop=True)
-    return EpisodeLabels(fresh, since, len(rows) - len(fresh))
+    used = used_keys(store, model_name)
+    fresh = rows[~rows["key"].isin(set(used["key"]))].reset_index(drop=True)
+    held_out = rows[rows["key"].isin(set(used.loc[used["role"] == "held_out", "key"]))].reset_index(drop=True)
+    return EpisodeLabels(fresh, since, len(rows) - len(fresh), held_out)
 
 
 def usable(rows: pd.DataFrame, known_labels: list[str], min_examples_per_new_label: int) -> pd.DataFrame:
@@ -157,6 +164,7 @@ class Labelled:
     wait: tuple[str, str] | None = None  # (action, why) when there is nothing to learn yet
     usable: int = 0
     unlabelled: tuple[str, ...] = ()  # the episode's served texts nobody labelled: pseudo-labels may use them
+    judged_too: pd.DataFrame | None = None  # rows of these labels an earlier update held out: judged on again
 
     def waiting(self, champion: int) -> dict:
         """The update's result when it waits: a completed run, not a failure."""
@@ -199,12 +207,18 @@ def _episode_labelled(ctx, policy, known_labels: list[str], episode_id: str | No
         why = f"drift episode {episode_id} is closed" if episode else f"model {name} has no open drift episode"
         return Labelled(episode=episode, wait=("none", f"{why}: nothing to learn"))
     since, now = labels_since(ctx.experiment_id, episode), parse_time(None)
-    rows = episode_labels(ctx.store, name, since, now, known_labels, policy.max_label_mix_shift).rows
+    found = episode_labels(ctx.store, name, since, now, known_labels, policy.max_label_mix_shift)
+    rows = found.rows
     counted = enough(rows, known_labels, policy, ctx.settings.seed)
     if not counted.ok:
         return Labelled(episode=episode, wait=("wait for labels", f"drift episode {episode.id}: {counted.reason}"))
     keys = hashlib.sha256("\n".join(sorted(rows["key"])).encode()).hexdigest()[:16]
     served = requestlog.read_inference(ctx.store, name, since, now)["text"].astype(str)
     unlabelled = tuple(dict.fromkeys(served[~served.isin(set(rows["text"].astype(str)))]))
+    # The same labels' rows that the update before this one held out: never trained on by either model, they
+    # judge this update's gain too, so a follow-up on a few more labels is not judged on a dozen rows alone.
+    before = found.held_out_before
+    judged_too = before[before["label"].isin(set(rows["label"]))] if before is not None and len(before) else None
     return Labelled(f"drift episode {episode.id}: labelled requests since {since.isoformat()}", rows,
-                    f"{name}:episode:{episode.id}:{keys}", episode, usable=counted.usable, unlabelled=unlabelled)
+                    f"{name}:episode:{episode.id}:{keys}", episode, usable=counted.usable, unlabelled=unlabelled,
+                    judged_too=judged_too)

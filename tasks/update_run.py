@@ -126,7 +126,7 @@ def learnable_rows(ctx, start: UpdateStart, labelled: Labelled) -> Learnable:
         get_run_logger().info(f"{admitted.waiting} row(s) of new labels below min_examples_per_new_label wait "
                               f"in quarantine: {'; '.join(admitted.reasons.values())[:500]}")
     data = prepare_update(admitted.rows, start.pool, start.golden.frame, start.known_labels, admitted.learned,
-                          start.policy, labelled.source, ctx.settings.seed)
+                          start.policy, labelled.source, ctx.settings.seed, judged_too=labelled.judged_too)
     data = add_pseudo_labels(data, start.pool, start.champion_dir, labelled.unlabelled, start.policy, ctx.rates)
     return Learnable(admitted, data)
 

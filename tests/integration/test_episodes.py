@@ -115,6 +115,8 @@ def test_a_promoted_update_uses_labels_once_and_late_ones_wait_for_the_next_epis
     nxt = _follow(store, experiment, 3, True, policy)
     assert nxt.opened and nxt.episode.id != episode.id
     assert nxt.labels.usable == 20 + 30  # the late ones are kept; the used 40 are not counted again
+    found = episode_labels(store, NAME, labels_since(experiment, nxt.episode), T0 + WINDOW * 4, KNOWN)
+    assert set(found.held_out_before["text"]) == set(rows["text"].iloc[:10])  # judged on again, never trained on
 
     fates = label_fates(store, NAME, list(w1["request_id"]) + list(w3["request_id"]))
     assert fates == {"arrived": 90, "trained": 30, "held_out": 10, "waiting": 50, "quarantined": 0}

@@ -60,6 +60,22 @@ def test_no_fresh_text_is_ever_trained_on():
     assert data.training.new_rows + data.training.leaked_dropped == len(new) - len(data.fresh)
 
 
+def test_rows_an_earlier_update_held_out_are_judged_on_again_and_never_trained_on():
+    policy, _ = load_update_policy()
+    new = labelled({"a": 40, "b": 40})
+    earlier = labelled({"a": 12, "b": 8}, "2025-12-01").assign(text=lambda f: "earlier " + f["text"])
+    again = pd.concat([earlier.head(3), new.head(0)])  # three of them were labelled again since: still not trained
+    golden = labelled({"z": 10}).drop(columns="timestamp").assign(group="g")
+    arrived = pd.concat([new, again])
+    own = split_fresh(arrived, policy.fresh_holdout_share)[1]
+    data = prepare_update(arrived, new.head(0), golden, ["a", "b", "z"], [], policy, "test", judged_too=earlier)
+    expected = set(text_keys(own["text"])) | set(text_keys(earlier["text"]))  # its own holdout, and the earlier one
+    assert set(text_keys(data.fresh["text"])) == expected and len(data.fresh) == len(expected)
+    trained = set(text_keys(data.training.frame["text"]))
+    assert not trained & set(text_keys(earlier["text"]))
+    assert not trained & set(text_keys(data.fresh["text"]))
+
+
 def test_too_few_fresh_rows_wait_for_labels():
     policy, _ = load_update_policy()
     new = labelled({label: 4 for label in "abcdefghijklmn"})  # 56 rows, 1 fresh per label: 14 < min_fresh_rows
