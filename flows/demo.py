@@ -119,14 +119,14 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
                           model_name=name)
 
         champion_after = versions.alias_version(name, versions.CHAMPION)
-        ends = stages.run("score-final", _final_scores, name, v1, champion_after, golden_v1, externals)
+        final_scores = stages.run("score-final", _final_scores, name, v1, champion_after, golden_v1, externals)
         fates = stages.run("count-labels", _label_fates, ctx.store, name, labellers)
     except RefitError as exc:
         return user_error(exc)
 
     summary = summarize(v1=v1, champion_after=champion_after, quiet=quiet, shifts=outcomes, hotfix=hotfix,
-                        golden_before=ends["golden_before"], golden_after=ends["golden_after"],
-                        external_final=ends["external_final"], tracking_uri=mask_uri(ctx.settings.tracking_uri),
+                        golden_before=final_scores["golden_before"], golden_after=final_scores["golden_after"],
+                        external_final=final_scores["external_final"], tracking_uri=mask_uri(ctx.settings.tracking_uri),
                         store_uri=ctx.store.uri(), stage_seconds=stages.seconds, labels=fates["labels"],
                         stage_cpu_seconds=stages.cpu_seconds,
                         labels_by_shift=fates["by_shift"], labels_requested=labellers.requested)
