@@ -167,7 +167,10 @@ class Labelled:
     judged_too: pd.DataFrame | None = None  # rows of these labels an earlier update held out: judged on again
 
     def waiting(self, champion: int) -> dict:
-        """The update's result when it waits: a completed run, not a failure."""
+        """The update's result when it waits (a completed run, not a failure), said in the run's log."""
+        from prefect.logging import get_run_logger
+
+        get_run_logger().info(f"{self.wait[0]}: {self.wait[1]}")
         return {"action": self.wait[0], "promoted": False, "version": None, "champion": champion,
                 "reason": self.wait[1], "episode": self.episode.id if self.episode else None, "attempts": []}
 
