@@ -186,10 +186,7 @@ def request_update(ctx, champion: int, decision: Decision, run_id: str) -> None:
     Raises:
         RefitError: the event was not delivered; nothing is marked, so the next check sends it again.
     """
-    payload = {"model_name": ctx.model_name, "episode_id": decision.episode.id,
-               "severity": decision.episode.severity, "model_version": champion, "drift_run_id": run_id,
-               "labels": decision.labels.usable}
-    emit_then_mark(run_id, lambda: _emit(ctx.model_name, payload),
+    emit_then_mark(run_id, lambda: _emit(ctx.model_name, decision.episode, champion, run_id, decision.labels.usable),
                    mark=lambda: episodes.record_try(decision.episode.id, decision.labels.usable))
 
 
@@ -216,10 +213,8 @@ def quiet_hour_episode(ctx, champion: int, update_policy, end) -> dict:
                     update_policy, end, ctx.settings.seed)
     action, why = decide(episode, counted, update_policy.min_new_examples)
     if action == "update":
-        payload = {"model_name": name, "episode_id": episode.id, "severity": episode.severity,
-                   "model_version": champion, "drift_run_id": episode.opened_by, "labels": counted.usable}
         try:  # no drift-check run to tag in a quiet hour: only the episode is marked
-            emit_then_mark(None, lambda: _emit(name, payload),
+            emit_then_mark(None, lambda: _emit(name, episode, champion, episode.opened_by, counted.usable),
                            mark=lambda: episodes.record_try(episode.id, counted.usable))
         except RefitError as exc:  # the episode stays untried: the next check tries again
             get_run_logger().warning(str(exc))
@@ -227,9 +222,12 @@ def quiet_hour_episode(ctx, champion: int, update_policy, end) -> dict:
             "labelled_rows": counted.usable, "labels_enough": counted.ok}
 
 
-def _emit(name: str, payload: dict):
+def _emit(name: str, episode, champion: int, drift_run_id: str | None, labels: int):
+    """The drift event the update's trigger reads: the model, its episode and the check that found the drift."""
     from prefect.events import emit_event
 
+    payload = {"model_name": name, "episode_id": episode.id, "severity": episode.severity,
+               "model_version": champion, "drift_run_id": drift_run_id, "labels": labels}
     return emit_event(DRIFT_EVENT, resource={"prefect.resource.id": f"refit.model.{name}"}, payload=payload)
 
 

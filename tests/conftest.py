@@ -16,7 +16,6 @@ temporary local API.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from refit.bench.children import free_port
 
 # No network beyond 127.0.0.1, no telemetry: set before anything heavy is imported.
 for _key, _value in {
@@ -155,12 +156,6 @@ def data_dir() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_until_answers(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,7 +177,7 @@ def s3_endpoint(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in FAKE_AWS.items():
             mp.setenv(key, value)
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = tmp_path_factory.mktemp("moto") / "moto.log"
         with open(log, "wb") as fh:

@@ -108,7 +108,7 @@ def _scratch_registry(root: Path):
         mlflow.set_registry_uri(before[1])
 
 
-def _ship(side: str, bench: _Bench, adapter_dir: Path, trained_on: pd.DataFrame, meters) -> None:
+def _ship(side: str, bench: _Bench, adapter_dir: Path, trained_on: pd.DataFrame, evaluation, meters) -> None:
     """What the flow does after the gate for one side, metered per stage: register, reference, cascade."""
     import mlflow
 
@@ -127,7 +127,7 @@ def _ship(side: str, bench: _Bench, adapter_dir: Path, trained_on: pd.DataFrame,
                            trained_on=trained_on, seed=bench.seed, held_out=bench.held_out)
     with meters.stage("cascade"):
         cascade.fn(MODEL, version, adapter_dir, bench.pool, bench.new["text"].tolist(), bench.update.sets,
-                   bench.rates, bench.experiment_id, store=bench.store, evaluation=bench.last_evaluation)
+                   bench.rates, bench.experiment_id, store=bench.store, evaluation=evaluation)
 
 
 def _judge(bench: _Bench, adapter_dir: Path, cost_usd: float, meters):
@@ -140,7 +140,6 @@ def _judge(bench: _Bench, adapter_dir: Path, cost_usd: float, meters):
                                          store=bench.store, model_name=MODEL)
     with meters.stage("gate"):
         verdict = decide(before, after, cost_usd, bench.rules)
-    bench.last_evaluation = after
     shifted = score_models({"model": adapter_dir}, {"shifted": bench.shifted}, bench.rates)["model"]  # report only
     return before, after, shifted, verdict
 
@@ -168,7 +167,7 @@ def _incremental(bench: _Bench, policy, full: pd.DataFrame, progress: Progress) 
         if verdict.passed or not escalates([r.name for r in verdict.failed], policy):
             break
     progress("incremental: register, reference and cascade, as the flow ships it")
-    _ship("incremental", bench, trained.adapter_dir, frame, meters)
+    _ship("incremental", bench, trained.adapter_dir, frame, after, meters)
     final = attempts[-1]
     return {k: final[k] for k in ("shifted_accuracy", "golden_accuracy", "artifact_bytes")} | {
         "cpu_seconds": round(sum(a["cpu_seconds"] for a in attempts), 2), "recipe": final["recipe"],
@@ -188,7 +187,7 @@ def _full_retrain(bench: _Bench, policy, full: pd.DataFrame, progress: Progress)
     bench.made.append(retrain.adapter_dir)
     _, after, shifted, verdict = _judge(bench, retrain.adapter_dir, retrain.cost.usd, meters)
     progress("full retrain: register, reference and cascade, as the flow ships it")
-    _ship("full-retrain", bench, retrain.adapter_dir, full, meters)
+    _ship("full-retrain", bench, retrain.adapter_dir, full, after, meters)
     return _scored(after, shifted, retrain.cost.cpu_seconds, retrain.adapter_dir) | {
         "gate_passed": verdict.passed, "flow_cpu_seconds": round(meters.whole(), 2),
         "stage_cpu_seconds": {k: round(v, 2) for k, v in meters.cpu.items()}}
@@ -214,7 +213,6 @@ class _Bench:
     experiment_id: str = ""
     champion_eval: object = None
     champion_shifted: float = 0.0
-    last_evaluation: object = None
 
     @property
     def new_rows(self) -> pd.DataFrame:

@@ -64,7 +64,7 @@ def test_rows_an_earlier_update_held_out_are_judged_on_again_and_never_trained_o
     policy, _ = load_update_policy()
     new = labelled({"a": 40, "b": 40})
     earlier = labelled({"a": 12, "b": 8}, "2025-12-01").assign(text=lambda f: "earlier " + f["text"])
-    again = pd.concat([earlier.head(3), new.head(0)])  # three of them were labelled again since: still not trained
+    again = earlier.head(3)  # three of them were labelled again since: still not trained on
     golden = labelled({"z": 10}).drop(columns="timestamp").assign(group="g")
     arrived = pd.concat([new, again])
     own = split_fresh(arrived, policy.fresh_holdout_share)[1]
