@@ -314,8 +314,7 @@ def _write_update_reference(ctx, start, data, ladder, version: int) -> None:
     """The new version's drift reference: its replay pool with the update's new rows, judged on held-out text."""
     training, final = data.training, ladder.final
     reference_uri = write_reference(
-        ctx.store, ctx.model_name, version, modeling.load_model(final.trained.adapter_dir),
-        modeling.load_tokenizer(start.champion_dir),
+        ctx.store, ctx.model_name, version, modeling.load_model(final.trained.adapter_dir), ladder.tokenizer,
         pool=pd.concat([start.pool, training.frame[training.frame.origin == "new"]]),
         trained_on=ladder.trained_on, seed=ctx.settings.seed,
         held_out=pd.concat([start.golden.frame[["text", "label"]], data.fresh[["text", "label"]]]))

@@ -69,6 +69,7 @@ class Ladder:
     attempts: list[Attempt] = field(default_factory=list)
     stop: str = ""  # why no rung ran or the budget stopped the climb
     trained_on: pd.DataFrame | None = None  # the final rung's training rows
+    tokenizer: object = None  # the champion's, which every rung and the new reference share
 
     @property
     def final(self) -> Attempt:
@@ -103,7 +104,7 @@ def climb(ctx, run_id: str, policy, data: UpdateData, pool: pd.DataFrame, champi
     overhead = ctx.rates.price(overhead_estimate_cpu_seconds(ctx.experiment_id, name))
     budget = ctx.settings.monthly_budget_usd
     mlflow.log_metric("month_spend_before_usd", month_spend(ctx.experiment_id, name, month_start_ms()))
-    ladder = Ladder(stop=f"no rung of the ladder takes {training.new_rows} new rows")
+    ladder = Ladder(stop=f"no rung of the ladder takes {training.new_rows} new rows", tokenizer=tokenizer)
     for index, recipe in enumerate(policy.ladder, start=1):
         recipe = data.recipe(recipe, policy)
         if training.new_rows < recipe.min_new_rows:
