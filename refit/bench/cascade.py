@@ -180,7 +180,8 @@ def http_comparison(settings, version: int, texts: list[str], seconds: float = 1
     from registry import versions
     from serving.app import inference_threads
     from refit.runtime.cascade import VERDICT_TAG
-    from refit.bench.loadtest import _free_port, _wait_ready, compare_throughput, stop_server
+    from refit.bench.children import free_port, wait_ready
+    from refit.bench.loadtest import compare_throughput, stop_server
 
     name = settings.model_name
     adapter_dir = versions.download_adapter(name, version)
@@ -190,7 +191,7 @@ def http_comparison(settings, version: int, texts: list[str], seconds: float = 1
         for mode in ("cascade", "champion"):
             if mode == "champion":
                 versions.set_tags(name, version, {VERDICT_TAG: f"set aside by refit bench cascade ({verdict})"})
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}"
             env = os.environ | {"REFIT_SERVE_PORT": str(port), "REFIT_SERVE_URL": url, "REFIT_SERVE_POLL_SECONDS": "0",
                                 "REFIT_SERVE_ADMIN_TOKEN": secrets.token_hex(16)}
@@ -198,7 +199,7 @@ def http_comparison(settings, version: int, texts: list[str], seconds: float = 1
             proc = subprocess.Popen([sys.executable, "-m", "refit.cli", "serve", "--port", str(port)], env=env,
                                     stdout=log_file, stderr=subprocess.STDOUT)
             try:
-                _wait_ready(url, proc)
+                wait_ready(url, proc)
                 runtime = httpx.get(url + "/rollout", timeout=10).json()["runtimes"].get(str(version))
                 progress(f"HTTP: {mode} ({runtime}) against transformers.pipeline, {rounds} rounds of {seconds:.0f} s")
                 figures, _ = compare_throughput(url, adapter_dir, texts, settings.serve_batch_size,

@@ -310,12 +310,11 @@ def other_replica(bench: Bench, labels: int = 24) -> None:
 
     import httpx
 
+    from refit.bench.children import free_port, wait_ready
     from refit.bench.faults import _stop
-    from refit.bench.loadtest import _free_port
     from refit.bench.feedback import account
     from refit.labels import resolve_pending
     from refit.store import open_store
-    from refit.bench.loadtest import _wait_ready
 
     name = "feedback.other_replica"
     bench.progress(f"fault {name}: replica A buffers {labels} answered requests; their labels go to replica B")
@@ -324,14 +323,14 @@ def other_replica(bench: Bench, labels: int = 24) -> None:
     urls = []
     try:
         for replica, flush_seconds in (("a", "3600"), ("b", "1")):
-            port = _free_port()
+            port = free_port()
             env = {"REFIT_SERVE_PORT": str(port), "REFIT_SERVE_ADMIN_TOKEN": admin,
                    "REFIT_SERVE_FEEDBACK_TOKEN": feedback, "REFIT_SERVE_POLL_SECONDS": "0",
                    "REFIT_SERVE_LOG_FLUSH_SECONDS": flush_seconds, "REFIT_SERVE_LOG_FLUSH_ROWS": "1000000"}
             proc, log, _ = bench.start(f"replica-{replica}", "serve", env=env)
             servers.append(proc)
             urls.append(f"http://127.0.0.1:{port}")
-            _wait_ready(urls[-1], proc, timeout=300)
+            wait_ready(urls[-1], proc, timeout=300)
         texts = (bench.texts * (labels // max(1, len(bench.texts)) + 1))[:labels]
         answer = httpx.post(urls[0] + "/predict", json={"texts": texts}, timeout=120).json()["predictions"]
         sent = [(p["request_id"], p["label"]) for p in answer]

@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from refit.bench.loadtest import _free_port, stop_server
+from refit.bench.children import free_port
+from refit.bench.loadtest import stop_server
 from refit.errors import RefitError
 
 MODEL = "feedback-bench"
@@ -150,7 +151,7 @@ def _logged(store, manifest: dict, now: datetime) -> pd.DataFrame:
 
 def start_server(home: Path, token: str, log_path: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """``refit serve`` for the bench model, with no champion: ready once ``/healthz`` answers."""
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"REFIT_HOME": str(home), "REFIT_STORE": "local", "REFIT_MODEL_NAME": MODEL,
                         "REFIT_SERVE_FEEDBACK_TOKEN": token, "REFIT_SERVE_POLL_SECONDS": "0",
                         "REFIT_SERVE_FEEDBACK_LABELS_PER_MINUTE": str(10**9)}  # the limiter is not what is measured

@@ -32,9 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refit.bench.children import free_port as _free_port  # noqa: F401  (other benches import it from here)
-from refit.bench.children import stop_child
-from refit.bench.children import wait_ready as _wait_ready  # noqa: F401  (other benches import it from here)
+from refit.bench.children import free_port, stop_child, wait_ready
 from refit.errors import RefitError
 from refit.secrets import mask_uri
 from refit.settings import Settings
@@ -230,7 +228,7 @@ def compare_throughput(url: str, adapter_dir: Path, texts: list[str], batch_size
 
 def _start_server() -> tuple[str, subprocess.Popen]:
     """``refit serve`` on a free port with a short rollout policy; this process's deploy step is told its address."""
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     url = f"http://127.0.0.1:{port}"
     env = os.environ | {"REFIT_SERVE_PORT": str(port), "REFIT_SERVE_URL": url, "REFIT_SERVE_ADMIN_TOKEN": token,
                         "REFIT_SERVE_POLL_SECONDS": "0"}
@@ -309,7 +307,7 @@ def run(settings: Settings, seconds: float = 60, concurrency: int = 8, per_reque
     planned = ((swap_at, "swap", copy_version), (bad_at, "bad", bad_version))
     schedule = sorted((at, what, version) for at, what, version in planned if at is not None)
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         progress(f"server ready at {url}; {seconds:.0f} s of load at concurrency {concurrency}")
         load, elapsed = _load(url, texts, seconds, concurrency, per_request,
                               during=_promotions(name, schedule, events, progress))

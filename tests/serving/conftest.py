@@ -8,7 +8,6 @@ fresh REFIT_HOME (SQLite MLflow, local store) and starts uvicorn in a thread.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+
+from refit.bench.children import free_port
 
 TOKEN = "test-admin-token"
 
@@ -95,12 +96,6 @@ def registry(serving_env, adapters) -> Registry:
     reg = Registry(serving_env, adapters)
     versions.promote(reg.name, reg.register("good"), expected_champion=None)
     return reg
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RunningServer:

@@ -79,7 +79,7 @@ def test_adopted_roberta_is_served_with_its_own_tokenizer(tmp_path, data_dir):
     import httpx
     import torch
 
-    from refit.bench.loadtest import _free_port, _wait_ready
+    from refit.bench.children import free_port, wait_ready
     from refit.data import load_clinc150
 
     torch.set_num_threads(1)
@@ -96,7 +96,7 @@ def test_adopted_roberta_is_served_with_its_own_tokenizer(tmp_path, data_dir):
     assert np.mean([a == b for a, b in zip(own, golden["label"])]) > 0.4
     assert len(set(own)) >= 5
 
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"REFIT_HOME": str(tmp_path / "home"), "REFIT_DATA_DIR": str(data_dir),
                         "REFIT_TORCH_THREADS": "1", "REFIT_SERVE_PORT": str(port),
                         "REFIT_SERVE_URL": f"http://127.0.0.1:{port}", "REFIT_SERVE_POLL_SECONDS": "0"}
@@ -110,7 +110,7 @@ def test_adopted_roberta_is_served_with_its_own_tokenizer(tmp_path, data_dir):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, server, timeout=240)
+        wait_ready(url, server, timeout=240)
         served = []
         for start in range(0, len(texts), 50):
             reply = httpx.post(url + "/predict", json={"texts": texts[start : start + 50]}, timeout=120)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from refit.bench.children import free_port
 from refit.store import LocalStore
 from registry import versions
 from serving.app import WATCHED_TAG
@@ -163,15 +164,9 @@ def test_request_log_spills_while_the_store_is_down_and_drains_when_it_is_back(r
     root.unlink()
     root.with_name("store-away").rename(root)
     assert len(store.read_parquet_prefix(prefix)) == 40
-    again = start_server(settings=_settings(monkeypatch, REFIT_SERVE_PORT=_free_port()))
+    again = start_server(settings=_settings(monkeypatch, REFIT_SERVE_PORT=free_port()))
     _wait_for(lambda: again.state.request_log.rows_spilled == 0, 30, "the next server drained the rows left")
     assert sorted(store.read_parquet_prefix(prefix)["request_id"]) == sorted(ids)  # every row, once
-
-
-def _free_port() -> int:
-    from tests.serving.conftest import free_port
-
-    return free_port()
 
 
 def test_an_automatic_rollback_is_retried_until_the_registry_takes_it(registry, start_server, tmp_path, monkeypatch):
@@ -214,7 +209,7 @@ def test_a_restarted_server_canaries_a_champion_no_server_has_watched(registry, 
     versions.set_tags(registry.name, v2, {WATCHED_TAG: "passed against v1"})  # what a settled watch writes
     from refit.settings import Settings
 
-    again = start_server(policy, settings=Settings(serve_port=_free_port()))
+    again = start_server(policy, settings=Settings(serve_port=free_port()))
     status = again.state.rollout.status()
     assert (status["phase"], status["champion"], status["candidate"]) == ("stable", v2, None)
 

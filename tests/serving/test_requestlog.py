@@ -16,7 +16,8 @@ import pytest
 
 from refit.store import S3Store
 from serving.requestlog import RequestLog
-from tests.conftest import FAKE_AWS, _free_port, _wait_until_answers
+from refit.bench.children import free_port
+from tests.conftest import FAKE_AWS, _wait_until_answers
 
 
 def _rows(n: int) -> list[dict]:
@@ -28,7 +29,7 @@ def _rows(n: int) -> list[dict]:
 def test_rows_answered_while_s3_is_down_wait_on_disk_and_reach_the_bucket_once(tmp_path, monkeypatch):
     for key, value in FAKE_AWS.items():
         monkeypatch.setenv(key, value)
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     store = S3Store(f"log-{uuid.uuid4().hex[:8]}", endpoint_url=endpoint)
     log = RequestLog(store, "m", flush_rows=10, flush_seconds=3600, spill_dir=tmp_path / "spill")

@@ -8,7 +8,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 
 from refit import requestlog
