@@ -90,27 +90,21 @@ def fit_student(texts: Sequence[str], teacher: np.ndarray, labels: Sequence[str]
                 top_k: int = SOFT_TOP_K) -> Student:
     """Distil the champion's probabilities ``teacher`` (texts x labels) into a TF-IDF logistic regression.
 
-    Soft targets: each text is a training row for each of the champion's
-    ``top_k`` labels, weighted by the champion's probability of it (the
-    cross-entropy against the champion's distribution, cut to its top).
+    Soft targets: each text's ``top_k`` labels, weighted by the champion's
+    probability of them (the cross-entropy against the champion's
+    distribution, cut to its top), fitted by ``refit.distill``.
     """
     from scipy.sparse import hstack
-    from sklearn.linear_model import LogisticRegression
+
+    from refit.distill import fit_soft_logistic, soft_targets
 
     fitted = tuple(v.fit(list(texts)) for v in vectorizers())
     features = hstack([v.transform(list(texts)) for v in fitted], format="csr")
-    top = np.argsort(-teacher, axis=1)[:, :top_k]
-    rows = np.repeat(np.arange(len(texts)), top.shape[1])
-    targets = top.reshape(-1)
-    weights = teacher[rows, targets]
-    keep = weights > 1e-3
-    rows, targets, weights = rows[keep], targets[keep], weights[keep]
-    classifier = LogisticRegression(C=c, max_iter=300)
-    classifier.fit(features[rows], targets, sample_weight=weights)
+    taught, weights, biases = fit_soft_logistic(features, soft_targets(teacher, top_k), c)
     coef = np.zeros((len(labels), features.shape[1]), dtype=np.float32)
     intercept = np.full(len(labels), -1e4, dtype=np.float32)  # a label no text was taught: never the student's
-    coef[classifier.classes_] = classifier.coef_
-    intercept[classifier.classes_] = classifier.intercept_
+    coef[taught] = weights
+    intercept[taught] = biases
     return Student(tuple(labels), fitted, coef, intercept)
 
 
