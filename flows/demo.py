@@ -100,14 +100,15 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
         v1 = boot["version"]
         golden_v1 = read_golden(ctx.store, name).frame
         now = datetime.now(timezone.utc).replace(microsecond=0)
-        clock = Clock(now - WINDOW * (1 + sum(shift.windows for shift in data.shifts)))
+        clock = Clock(now - WINDOW * (2 + sum(shift.windows for shift in data.shifts)))  # the last: quiet
         stages.run("replay-no-drift", replay_traffic, ctx.store, name, *_served_by(name, v1), v1,
                    data.no_drift_window, *clock.window(0), seed=spec.seed)
         quiet = _subflow(stages, "monitor-no-drift", monitor, window_end=clock.window(0)[1].isoformat(),
                          window_hours=WINDOW.total_seconds() / 3600, model_name=name)
         outcomes = [_shift(ctx, stages, shift, k, clock, labellers, spec.seed) for k, shift in
                     enumerate(data.shifts, start=1)]
-        stages.run("labels-after-the-last-window", _deliver, ctx.store, name, labellers, 10**6)
+        if stages.run("labels-after-the-last-window", _deliver, ctx.store, name, labellers, 10**6):
+            _next_check(stages, name, clock)
 
         final = versions.alias_version(name, versions.CHAMPION)
         hotfix_file = ctx.settings.home_dir / "demo" / f"hotfix-poisoned-{name}.csv"
@@ -137,7 +138,8 @@ def demo(scenario: str | None = None, model_name: str | None = None) -> dict:
 
 
 class Clock:
-    """The demo's windows, back to back: window 0 is the no-drift one, then each shift's windows in order."""
+    """The demo's windows, back to back: window 0 is the no-drift one, then each shift's windows in order, then
+    a quiet one for the check after the last labels arrived."""
 
     def __init__(self, start: datetime) -> None:
         self.start = start
@@ -184,6 +186,16 @@ def _shift(ctx, stages: Stages, shift, k: int, clock: Clock, labellers: Labeller
                                                                                 shift.name) else None
     return stages.run(f"score-{shift.name}", _outcome, name, shift, champion_before, detected or drifted, updated,
                       promoted_after)
+
+
+def _next_check(stages: Stages, name: str, clock: Clock) -> None:
+    """The scheduled check after the last window: no traffic, but the labels that arrived since count, and an
+    open episode whose labels now suffice starts its update, as it would in production."""
+    checked = _subflow(stages, "monitor-after-the-last-window", monitor, window_end=clock.window(clock.take())[1]
+                       .isoformat(), window_hours=WINDOW.total_seconds() / 3600, model_name=name)
+    if checked.get("action") == "update":
+        _subflow(stages, "update-after-the-last-window", update, episode_id=checked["episode"],
+                 drift_run_id=checked.get("drift_run_id"), model_name=name)
 
 
 def _learned_from(store, name: str, result: dict, labellers: Labellers, shift: str) -> bool:

@@ -340,3 +340,22 @@ def test_second_demo_in_the_same_home_starts_the_story_again(demo_home):
     assert again["champion_after"] == again["champion_before"] + 1 and not again["poisoned_hotfix_promoted"]
     assert not again["no_drift_window_triggered"], again["no_drift_window_verdict"]  # first run forgotten
     assert len(client.search_runs([experiment.experiment_id])) > runs_before
+
+
+def test_labels_that_arrive_after_the_last_window_are_learned_by_the_next_check(tmp_path, data_dir):
+    """The shifted window's labels come a window late, after the demo's last window. The check drifts and waits;
+    the scheduled check after it sees no traffic, counts the labels that arrived, and starts the update."""
+    env = os.environ | {"REFIT_HOME": str(tmp_path / "home"), "REFIT_DATA_DIR": str(data_dir)}
+    proc = run_cli(["demo", "--json", "--scenario", str(Path(__file__).with_name("clinc-late-labels-tiny.yaml"))],
+                   env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = last_json(proc.stdout)
+    shift = result["shifts"][0]
+    assert shift["drift_detected"] and shift["action"] == "wait for labels", shift
+    assert shift["promoted_after_window"] is None  # no label had arrived by its only window
+    assert {"monitor-after-the-last-window", "update-after-the-last-window"} <= set(result["stage_seconds"])
+    labels = result["labels"]
+    assert labels["arrived"] == shift["labels_arrived"] > 0
+    assert labels["waiting"] == 0 and labels["trained"] + labels["held_out"] == labels["arrived"], labels
+    assert result["champion_after"] > result["champion_before"]
+    assert result["external_accuracy_final"]["late"] > shift["external_accuracy_before"] + 0.2
