@@ -354,7 +354,7 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
     ``evaluation`` and ``adapter_dir``: the evaluation that judged this
     champion on ``sets``, and its adapter (``judged_figures``).
     """
-    from tasks.evaluate import LATENCY_SAMPLE_ROWS, COST_SAMPLE_ROWS, _sample_texts
+    from tasks.evaluate import COST_SAMPLE_ROWS, LATENCY_SAMPLE_ROWS, tier_sample
 
     judging = [t for frame in sets.values() for t in frame["text"]]
     fit, calibration = split_for_calibration(list(pool_texts) + list(recent_texts), judging,
@@ -370,8 +370,11 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
     threshold = calibrate(student_labels, student_conf, champion_labels, policy.max_calibration_disagreement)
     agreement = float(np.mean([s == c for s, c in zip(student_labels, champion_labels)]))
     cascade = CascadeModel(champion, student, threshold)
-    measured = measure(champion, cascade, sets, cost_texts or _sample_texts(sets, COST_SAMPLE_ROWS),
-                       latency_texts or _sample_texts(sets, LATENCY_SAMPLE_ROWS), evaluation, adapter_dir)
+    judged = list(dict.fromkeys(judging))
+    answered = student.predict(judged)[1] >= threshold if judged else np.zeros(0, dtype=bool)
+    measured = measure(champion, cascade, sets, cost_texts or tier_sample(judged, answered, COST_SAMPLE_ROWS, seed),
+                       latency_texts or tier_sample(judged, answered, LATENCY_SAMPLE_ROWS, seed), evaluation,
+                       adapter_dir)
     verdict = judge(measured.champion, measured.cascade, threshold, policy)
     return CascadeBuild(cascade, verdict, measured.champion, measured.cascade, len(fit), calibration, agreement,
                         fit + calibration, taught.states, taught.reused, measured.answers,

@@ -20,7 +20,7 @@ reuse is checked against the model's own served pass on probe texts
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,6 +300,28 @@ def set_digest(frame: pd.DataFrame) -> str:
 def _sample_texts(sets: dict[str, pd.DataFrame], n: int) -> list[str]:
     texts = pd.concat([frame["text"] for frame in sets.values()])
     return texts.sample(n=min(n, len(texts)), random_state=0).tolist()
+
+
+def tier_sample(texts: Sequence[str], answered: np.ndarray, n: int, seed: int = 0) -> list[str]:
+    """``n`` of ``texts`` in which the student answers the share it answers of all of them (``answered``).
+
+    A cascade's cost and latency are measured on a sample, and what it costs
+    is mostly the share of texts it escalates. A plain random draw of 256
+    texts has a share about 3 points off the judged sets' (one standard
+    error; in the default demo a draw was 9 points under, and the cost ratio
+    read 0.09 higher). Drawn from each tier in proportion, the sample has the
+    judged sets' share, and each tier's texts are still a random draw.
+    """
+    texts, answered = np.asarray(list(texts), dtype=object), np.asarray(answered, dtype=bool)
+    n = min(n, len(texts))
+    if n == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    take = int(round(n * answered.mean()))
+    student, champion = np.flatnonzero(answered), np.flatnonzero(~answered)
+    picked = np.concatenate([rng.choice(student, size=min(take, len(student)), replace=False),
+                             rng.choice(champion, size=min(n - take, len(champion)), replace=False)])
+    return texts[np.sort(picked)].tolist()
 
 
 def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], rates: Rates, store=None,

@@ -351,3 +351,16 @@ def test_a_cascade_that_cannot_be_built_is_refused_with_its_reason_and_never_rai
     assert "could not be built (RuntimeError: export broke)" in result["verdict"]
     tags = versions.version_tags("m", version)
     assert tags[VERDICT_TAG] == "refused" and "export broke" in tags["refit.cascade_reasons"]
+
+
+def test_the_cost_sample_has_the_judged_sets_student_share():
+    from tasks.evaluate import tier_sample
+
+    texts = [f"text {i}" for i in range(1000)]
+    answered = np.arange(1000) % 10 < 6  # the student answers 60% of the judged texts
+    sample = tier_sample(texts, answered, 256, seed=3)
+    index = [int(t.split()[1]) for t in sample]
+    assert len(set(index)) == 256 and np.mean(answered[index]) == pytest.approx(0.6, abs=0.5 / 256)
+    assert tier_sample(texts, answered, 256, seed=3) == sample  # the same draw every time
+    assert sorted(tier_sample(texts[:10], answered[:10], 256)) == sorted(texts[:10])  # fewer texts: all of them
+    assert tier_sample([], np.zeros(0, dtype=bool), 256) == []
