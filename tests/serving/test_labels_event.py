@@ -108,12 +108,16 @@ def _events(since: datetime, model_name: str, count: int, seconds: float = 180.0
 
 
 @pytest.fixture
-def prefect_api(prefect_harness, monkeypatch) -> str:
+def prefect_api(monkeypatch) -> str:
+    """A temporary Prefect API of this test's own (about 15 s to start): the test reads back the events the API
+    stored, so it runs against an API that no other test of the session has loaded."""
     from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
 
-    url = get_current_settings().api.url
-    monkeypatch.setenv("PREFECT_API_URL", url)
-    return url
+    with prefect_test_harness():
+        url = get_current_settings().api.url
+        monkeypatch.setenv("PREFECT_API_URL", url)
+        yield url
 
 
 def test_feedback_announces_kept_labels_to_the_prefect_api_once_a_minute(registry, start_server, prefect_api,
