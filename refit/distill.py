@@ -45,10 +45,12 @@ def fit_soft_logistic(features, targets: np.ndarray, c: float,
 
     targets = np.asarray(targets)
     labels = np.flatnonzero(targets.sum(axis=0) > 0)
+    if features.shape[0] == 0 or len(labels) == 0:
+        return labels, np.zeros((len(labels), features.shape[1]), dtype=np.float32), np.zeros(len(labels), np.float32)
     p = targets[:, labels].astype(np.float32)
     x = features.astype(np.float32).tocsr()
     xt = x.T.tocsr()
-    rows, dims, k = x.shape[0], x.shape[1], len(labels)
+    dims, k = x.shape[1], len(labels)
     mass = p.sum(axis=1, keepdims=True)
 
     def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -62,8 +64,6 @@ def fit_soft_logistic(features, targets: np.ndarray, c: float,
                                    c * d_logits.sum(axis=0, dtype=np.float64)])
         return c * loss + 0.5 * float(theta[: dims * k] @ theta[: dims * k]), gradient
 
-    if rows == 0 or k == 0:
-        return labels, np.zeros((k, dims), dtype=np.float32), np.zeros(k, dtype=np.float32)
     fitted = minimize(loss_and_gradient, np.zeros(dims * k + k), jac=True, method="L-BFGS-B",
                       options={"maxiter": max_steps, "maxfun": 2 * max_steps})
     coef = fitted.x[: dims * k].reshape(dims, k).T.astype(np.float32)

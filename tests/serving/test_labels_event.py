@@ -88,10 +88,8 @@ def test_without_an_api_nothing_is_sent_and_a_refused_api_is_a_warning(caplog):
                and "hunter2" not in r.getMessage() for r in caplog.records)
 
 
-def _events(since: datetime, model_name: str, count: int, seconds: float = 180.0) -> list:
+def _events(since: datetime, model_name: str, count: int, seconds: float = 60.0) -> list:
     """The ``refit.labels.arrived`` events about ``model_name`` stored by the Prefect API since ``since``."""
-    # Prefect's API stores events from a background service: on two cores busy with other tiers that can take over
-    # a minute; the wait ends as soon as the events are there.
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 

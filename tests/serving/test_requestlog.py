@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 
 import pytest
 
+from refit.bench.children import free_port
 from refit.store import S3Store
 from serving.requestlog import RequestLog
-from refit.bench.children import free_port
 from tests.conftest import FAKE_AWS, _wait_until_answers
 
 
