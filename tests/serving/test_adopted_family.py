@@ -115,11 +115,14 @@ def test_adopted_roberta_is_served_with_its_own_tokenizer(tmp_path, data_dir):
         for start in range(0, len(texts), 50):
             reply = httpx.post(url + "/predict", json={"texts": texts[start : start + 50]}, timeout=120)
             assert reply.status_code == 200, reply.text
-            served += [p["label"] for p in reply.json()["predictions"]]
+            served += [(p["label"], p.get("served_by", "champion")) for p in reply.json()["predictions"]]
     finally:
         server.terminate()
         server.wait(timeout=60)
-    agree = np.mean([a == b for a, b in zip(served, own)])
+    # Where its gated cascade is served, its student answers some texts: the model's own answers are the rest.
+    by_model = [(label, mine) for (label, tier), mine in zip(served, own) if tier == "champion"]
+    assert len(by_model) >= 50, len(by_model)
+    agree = np.mean([a == b for a, b in by_model])
     assert agree >= 0.97, agree
 
 
