@@ -62,7 +62,7 @@ def bootstrap(scenario: str | None = None, model_name: str | None = None) -> dic
         model = modeling.load_model(trained.adapter_dir)
         reference_uri = write_reference(ctx.store, name, version, model, modeling.load_tokenizer(trained.adapter_dir),
                                         pool=data.train, trained_on=data.train, seed=ctx.settings.seed,
-                                        held_out=golden.frame)
+                                        held_out=golden.frame, answers=evaluation.answers)
         versions.set_tags(name, version, {"refit.reference_uri": reference_uri})
         cascade(name, version, trained.adapter_dir, data.train, [], {"golden": golden.frame}, ctx.rates,
                 ctx.experiment_id, store=ctx.store, evaluation=evaluation)  # the cheap tier, gated before it serves

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -37,7 +39,8 @@ def reference_prefix(model_name: str, version: int) -> str:
 @task(name="write-reference", cache_policy=NO_CACHE, **RETRY)
 def write_reference(store: ObjectStore, model_name: str, version: int, model, tokenizer,
                     pool: pd.DataFrame, trained_on: pd.DataFrame, seed: int = 0,
-                    held_out: pd.DataFrame | None = None) -> str:
+                    held_out: pd.DataFrame | None = None, answers: Mapping[str, tuple[str, float]] | None = None
+                    ) -> str:
     """Snapshot what drift is measured against, and what later updates replay.
 
     ``sample.parquet``: up to 1,000 labelled rows the version was judged on
@@ -48,6 +51,9 @@ def write_reference(store: ObjectStore, model_name: str, version: int, model, to
     (``scored_on = training``: those signals then only report).
     ``pool.parquet``: every labelled row the lineage has learned so far, the
     replay source for the next update.
+    ``answers``: text -> (label, confidence) the version answered as served
+    (``Evaluation.answers``, on the sets that judged it); only the sampled
+    texts it did not answer there run through ``model``.
     """
     from tasks.drift import HELD_OUT, SCORED_ON
 
@@ -55,7 +61,7 @@ def write_reference(store: ObjectStore, model_name: str, version: int, model, to
     if held_out is not None and len(held_out) >= REFERENCE_MIN_HELD_OUT_ROWS:
         source, scored_on = held_out, HELD_OUT
     sample = source.sample(n=min(REFERENCE_SAMPLE_ROWS, len(source)), random_state=seed)
-    predicted, confidence = modeling.predict(model, tokenizer, sample["text"].tolist())
+    predicted, confidence = _predictions(model, tokenizer, sample["text"].tolist(), answers or {})
     snapshot = pd.DataFrame({"text": sample["text"].to_numpy(), "label": sample["label"].to_numpy(),
                              "predicted_label": predicted, "confidence": confidence.astype(float),
                              SCORED_ON: scored_on})
@@ -64,6 +70,14 @@ def write_reference(store: ObjectStore, model_name: str, version: int, model, to
     faults.point("update.reference_write")
     store.put_parquet(prefix + "sample.parquet", snapshot)
     return store.uri(prefix)
+
+
+def _predictions(model, tokenizer, texts: list[str], answers: Mapping[str, tuple[str, float]]
+                 ) -> tuple[list[str], np.ndarray]:
+    missing = [t for t in dict.fromkeys(texts) if t not in answers]
+    if missing:
+        answers = dict(answers) | dict(zip(missing, zip(*modeling.predict(model, tokenizer, missing))))
+    return [answers[t][0] for t in texts], np.array([answers[t][1] for t in texts], dtype=np.float64)
 
 
 def read_reference(store: ObjectStore, model_name: str, version: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -317,5 +331,6 @@ def _write_update_reference(ctx, start, data, ladder, version: int) -> None:
         ctx.store, ctx.model_name, version, modeling.load_model(final.trained.adapter_dir), ladder.tokenizer,
         pool=pd.concat([start.pool, training.frame[training.frame.origin == "new"]]),
         trained_on=ladder.trained_on, seed=ctx.settings.seed,
-        held_out=pd.concat([start.golden.frame[["text", "label"]], data.fresh[["text", "label"]]]))
+        held_out=pd.concat([start.golden.frame[["text", "label"]], data.fresh[["text", "label"]]]),
+        answers=final.after.answers)
     versions.set_tags(ctx.model_name, version, {"refit.reference_uri": reference_uri})

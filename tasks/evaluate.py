@@ -69,6 +69,9 @@ class Evaluation:
     runtime: str = ""  # "onnx" or "torch", as served
     adapter_digest: str = ""  # adapter_digest() of the scored adapter
     set_digests: dict[str, str] = field(default_factory=dict)  # set_digest() of each set
+    # Text -> (label, confidence) the model answered on the scored sets, as served: later stages of the same
+    # flow (the drift reference's snapshot) read these instead of running the model again.
+    answers: dict[str, tuple[str, float]] = field(default_factory=dict, repr=False)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}_{name}_{k}": float(v) for name, m in self.slices.items() for k, v in asdict(m).items()}
@@ -343,8 +346,19 @@ def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], r
                                   correct=hits, latency_ms_p50=round(latency[name][0], 3),
                                   latency_ms_p95=round(latency[name][1], 3),
                                   artifact_bytes=artifact_bytes(adapter_dirs[name]), runtime=model.runtime,
-                                  adapter_digest=adapter_digest(adapter_dirs[name]), set_digests=digests)
+                                  adapter_digest=adapter_digest(adapter_dirs[name]), set_digests=digests,
+                                  answers=_answers(model.labels, sets, probabilities[name]))
     return scored
+
+
+def _answers(labels: Sequence[str], sets: dict[str, pd.DataFrame], probabilities: dict[str, np.ndarray]
+             ) -> dict[str, tuple[str, float]]:
+    out = {}
+    for name, frame in sets.items():
+        best = probabilities[name].argmax(axis=1)
+        confidence = probabilities[name][np.arange(len(best)), best]
+        out |= {text: (labels[i], float(p)) for text, i, p in zip(frame["text"], best, confidence)}
+    return out
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -124,7 +124,8 @@ def _ship(side: str, bench: _Bench, adapter_dir: Path, trained_on: pd.DataFrame,
     with meters.stage("reference"):
         write_reference.fn(bench.store, MODEL, version, modeling.load_model(adapter_dir),
                            modeling.load_tokenizer(adapter_dir), pool=pd.concat([bench.pool, bench.new_rows]),
-                           trained_on=trained_on, seed=bench.seed, held_out=bench.held_out)
+                           trained_on=trained_on, seed=bench.seed, held_out=bench.held_out,
+                           answers=evaluation.answers)
     with meters.stage("cascade"):
         cascade.fn(MODEL, version, adapter_dir, bench.pool, bench.new["text"].tolist(), bench.update.sets,
                    bench.rates, bench.experiment_id, store=bench.store, evaluation=evaluation)

@@ -27,7 +27,7 @@ def test_the_fit_is_sklearns_logistic_regression_on_rows_repeated_per_label():
 
     features, teacher = _problem()
     targets = soft_targets(teacher, top_k=3)
-    labels, coef, intercept = fit_soft_logistic(features, targets, c=5.0, max_steps=500)
+    labels, coef, intercept = fit_soft_logistic(features, targets, c=5.0, max_steps=500, tol=1e-10)
     rows, columns = np.nonzero(targets)
     reference = LogisticRegression(C=5.0, max_iter=2000, tol=1e-8).fit(
         features[rows], columns, sample_weight=targets[rows, columns])

@@ -135,3 +135,36 @@ def test_an_evaluation_says_what_it_scored_and_a_loaded_model_is_reused(tmp_path
     assert load_served_models({"m": adapters[0]})["m"] is first  # the same files: the same served model
     load_served_models({f"m{i}": path for i, path in enumerate(adapters[1:])})  # newer loads push it out
     assert load_served_models({"m": adapters[0]})["m"] is not first
+
+
+def test_the_reference_snapshot_takes_the_evaluations_answers_and_runs_only_the_rest(tmp_path):
+    """``write_reference`` reads what the evaluation answered as served; texts it did not score run the model."""
+    from refit.store import LocalStore
+    from tasks.deploy import read_reference, write_reference
+
+    torch.set_num_threads(1)
+    labels = ["balance", "transfer", "oos"]
+    adapter = modeling.save_model(modeling.new_model(labels, modeling.LoraSpec(), seed=3), tmp_path / "a")
+    golden = pd.DataFrame({"text": ["what is my balance", "send 20 dollars to sam", "tell me a joke"],
+                           "label": ["balance", "transfer", "oos"]})
+    scored = score_models({"m": adapter}, {"golden": golden}, Rates(0.048, 2.5))["m"]
+    served = load_served_models({"m": adapter})["m"].predict(golden["text"].tolist())
+    assert [scored.answers[t][0] for t in golden["text"]] == list(served[0])
+    np.testing.assert_allclose([scored.answers[t][1] for t in golden["text"]], served[1], atol=1e-6)
+
+    store = LocalStore(tmp_path / "store")
+    # Every sampled text answered: the model is never run (None would fail if it were).
+    write_reference.fn(store, "m", 1, None, None, pool=golden, trained_on=golden, answers=scored.answers)
+    sample, _ = read_reference(store, "m", 1)
+    assert {t: (label, pytest.approx(c)) for t, label, c in
+            zip(sample["text"], sample["predicted_label"], sample["confidence"])} == dict(scored.answers)
+
+    # One text the evaluation did not score runs through the model, as before.
+    more = pd.concat([golden, pd.DataFrame({"text": ["how much money is left"], "label": ["balance"]})])
+    model = modeling.load_model(adapter)
+    write_reference.fn(store, "m", 2, model, modeling.load_tokenizer(), pool=more, trained_on=more,
+                       answers=scored.answers)
+    sample, _ = read_reference(store, "m", 2)
+    ran = modeling.predict(model, modeling.load_tokenizer(), ["how much money is left"])
+    row = sample.set_index("text").loc["how much money is left"]
+    assert row["predicted_label"] == ran[0][0] and row["confidence"] == pytest.approx(float(ran[1][0]))
