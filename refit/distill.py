@@ -3,15 +3,16 @@
 One row per text, its target the teacher's distribution (cut to its top
 labels). The objective is sklearn's ``LogisticRegression`` with
 ``sample_weight`` on each text repeated once per target label: the same
-optimum, and measured, the same student after the same number of L-BFGS
-steps. But each step multiplies the features once instead of once per
-label, in float32.
+optimum. But each step multiplies the features once instead of once per
+label, in float32, and the solver is a plain L-BFGS (``lbfgs``): scipy's
+L-BFGS-B spent more time in its bound handling than in the objective on a
+student's million parameters.
 
 Measured on the default demo's bootstrap and update cascades (docs/cascade.md):
-40 steps cost 7.9 and 9.3 CPU-seconds where sklearn's run to its tolerance
-cost 21.5 (51 to 61 steps), and the student answered as large a share of the
-golden set at the same calibration disagreement (0.578 against 0.565, 0.587
-against 0.575). Past 40 steps the share no longer grows.
+40 steps cost 3.7 and 4.4 CPU-seconds, where the same 40 steps of L-BFGS-B
+cost 8.9 and 10.5 and sklearn's run to its tolerance 21.5, and the student
+answered as large a share of the golden set at the same calibration
+disagreement. Past 40 steps the share no longer grows.
 """
 
 from __future__ import annotations
