@@ -34,42 +34,47 @@ def soft_targets(teacher: np.ndarray, top_k: int, floor: float = 1e-3) -> np.nda
     return np.where(teacher > floor, teacher, 0.0)
 
 
-def fit_soft_logistic(features, targets: np.ndarray, c: float,
-                      max_steps: int = MAX_STEPS, tol: float = GTOL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_soft_logistic(features, targets: np.ndarray, c: float, max_steps: int = MAX_STEPS, tol: float = GTOL,
+                      dense: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit ``softmax(features @ coef.T + intercept)`` to ``targets`` (rows: texts, columns: labels).
 
     Minimises ``0.5 * |coef|^2 + c * sum_i sum_k targets[i, k] * -log p_k(x_i)``
     (the intercept is not penalised) by L-BFGS, for at most ``max_steps``
     steps or until no gradient entry exceeds ``tol`` times ``c`` times the
     targets' total mass. Labels no row targets are left out of the fit.
+    ``dense`` (rows x columns): more features, kept as a dense block (a
+    product with BLAS, not a sparse matrix of full rows); its columns follow
+    the sparse ones in ``coef``.
 
     Returns ``(labels, coef, intercept)``: the column indices fitted, and
     their weights (``len(labels)`` x features) and intercepts.
     """
     targets = np.asarray(targets)
     labels = np.flatnonzero(targets.sum(axis=0) > 0)
+    width = features.shape[1] + (0 if dense is None else dense.shape[1])
     if features.shape[0] == 0 or len(labels) == 0:
-        return labels, np.zeros((len(labels), features.shape[1]), dtype=np.float32), np.zeros(len(labels), np.float32)
+        return labels, np.zeros((len(labels), width), dtype=np.float32), np.zeros(len(labels), np.float32)
     p = targets[:, labels].astype(np.float32)
     x = features.astype(np.float32).tocsr()
     xt = x.T.tocsr()
-    dims, k = x.shape[1], len(labels)
+    d = np.zeros((x.shape[0], 0), np.float32) if dense is None else np.ascontiguousarray(dense, dtype=np.float32)
+    dims, k, weights = x.shape[1], len(labels), width * len(labels)
     mass = p.sum(axis=1, keepdims=True)
 
     def loss_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        coef = theta[: dims * k].reshape(dims, k)
-        logits = np.asarray(x @ coef.astype(np.float32)) + theta[dims * k :].astype(np.float32)
+        coef = theta[:weights].astype(np.float32).reshape(width, k)
+        logits = np.asarray(x @ coef[:dims]) + d @ coef[dims:] + theta[weights:].astype(np.float32)
         logits -= logits.max(axis=1, keepdims=True)
         log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         loss = -float((p * log_p).sum())
         d_logits = np.exp(log_p) * mass - p
-        gradient = np.concatenate([(c * np.asarray(xt @ d_logits, dtype=np.float64)).ravel() + theta[: dims * k],
-                                   c * d_logits.sum(axis=0, dtype=np.float64)])
-        return c * loss + 0.5 * float(theta[: dims * k] @ theta[: dims * k]), gradient
+        grad_coef = np.concatenate([np.asarray(xt @ d_logits), d.T @ d_logits]).astype(np.float64).ravel()
+        gradient = np.concatenate([c * grad_coef + theta[:weights], c * d_logits.sum(axis=0, dtype=np.float64)])
+        return c * loss + 0.5 * float(theta[:weights] @ theta[:weights]), gradient
 
-    theta = lbfgs(loss_and_gradient, np.zeros(dims * k + k), max_steps, gtol=tol * c * float(mass.sum()))
-    coef = theta[: dims * k].reshape(dims, k).T.astype(np.float32)
-    return labels, np.ascontiguousarray(coef), theta[dims * k :].astype(np.float32)
+    theta = lbfgs(loss_and_gradient, np.zeros(weights + k), max_steps, gtol=tol * c * float(mass.sum()))
+    coef = theta[:weights].reshape(width, k).T.astype(np.float32)
+    return labels, np.ascontiguousarray(coef), theta[weights:].astype(np.float32)
 
 
 def lbfgs(fun, x0: np.ndarray, max_steps: int, gtol: float, memory: int = 10, ftol: float = 1e-9) -> np.ndarray:

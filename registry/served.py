@@ -49,7 +49,7 @@ def load_cascade(model_name: str, version: int, champion) -> CascadeModel | None
         return None
     directory = mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path=ARTIFACT_DIR)
     guard = json.loads(tags.get(GUARD_TAG, "null"))
-    model = CascadeModel(champion, Student.load(Path(directory)), float(tags[THRESHOLD_TAG]),
+    model = CascadeModel(champion, Student.load(Path(directory), champion), float(tags[THRESHOLD_TAG]),
                          guard=ShareGuard(float(tags[SHARE_TAG]), guard["max_share_drop"], guard["guard_min_texts"])
                          if guard and SHARE_TAG in tags else None)
     if tuple(model.student.labels) != tuple(champion.labels):

@@ -1,7 +1,7 @@
 """Cascade: build, calibrate and gate a cheap tier that answers the easy traffic in front of the champion.
 
-The student is a linear model over TF-IDF word and character n-grams,
-distilled from the champion's soft outputs on texts production already has
+The student is a linear model over TF-IDF word and character n-grams and
+the champion's input embeddings, distilled from the champion's soft outputs on texts production already has
 (the replay pool and recent traffic, no new labels). Chosen by measurement
 (docs/cascade.md): it costs about 1% of a MiniLM forward pass per text,
 where a student with fewer transformer layers would cost a third or more and
@@ -40,11 +40,13 @@ from refit.data import text_hash
 from refit.policy import StrictModel, load_policy
 from refit.verdict import RuleVerdict, at_least, at_most, html_page, html_table, markdown_table
 from refit.runtime.cascade import (ARTIFACT_DIR, CHAMPION, GUARD_TAG, RUN_TAG, STUDENT, THRESHOLD_TAG, VERDICT_TAG,
-                                   CascadeModel, Student, served_by_champion)
+                                   CascadeModel, Student, WordVectors, served_by_champion)
 from refit.runtime.encoder_states import Outputs, outputs_of
 
 log = logging.getLogger("refit.cascade")
 SOFT_TOP_K = 3  # the champion's top labels per text a student learns from, weighted by their probability
+# The word vectors' norm against the n-grams' (each vectorizer's rows have norm 1): docs/cascade.md measures it.
+WORD_SCALE = 3.0
 
 
 class CascadePolicy(StrictModel):
@@ -87,25 +89,29 @@ def vectorizers():
 
 
 def fit_student(texts: Sequence[str], teacher: np.ndarray, labels: Sequence[str], c: float,
-                top_k: int = SOFT_TOP_K) -> Student:
-    """Distil the champion's probabilities ``teacher`` (texts x labels) into a TF-IDF logistic regression.
+                top_k: int = SOFT_TOP_K, champion=None) -> Student:
+    """Distil the champion's probabilities ``teacher`` (texts x labels) into a logistic regression.
 
-    Soft targets: each text's ``top_k`` labels, weighted by the champion's
-    probability of them (the cross-entropy against the champion's
-    distribution, cut to its top), fitted by ``refit.distill``.
+    Features: TF-IDF n-grams and, given the served ``champion``, the mean of
+    its input embeddings over each text's pieces (``WordVectors``). Each
+    text's soft targets: its ``top_k`` labels, weighted by the champion's
+    probability of them, fitted by ``refit.distill``.
     """
     from scipy.sparse import hstack
 
     from refit.distill import fit_soft_logistic, soft_targets
 
     fitted = tuple(v.fit(list(texts)) for v in vectorizers())
+    words = WordVectors.of(getattr(champion, "model", None), getattr(champion, "tokenizer", None), WORD_SCALE)
+    student = Student(tuple(labels), fitted, np.zeros((len(labels), 0)), np.zeros(len(labels)), words)
     features = hstack([v.transform(list(texts)) for v in fitted], format="csr")
-    taught, weights, biases = fit_soft_logistic(features, soft_targets(teacher, top_k), c)
-    coef = np.zeros((len(labels), features.shape[1]), dtype=np.float32)
+    taught, weights, biases = fit_soft_logistic(features, soft_targets(teacher, top_k), c,
+                                                dense=student.dense(texts))
+    coef = np.zeros((len(labels), weights.shape[1]), dtype=np.float32)
     intercept = np.full(len(labels), -1e4, dtype=np.float32)  # a label no text was taught: never the student's
     coef[taught] = weights
     intercept[taught] = biases
-    return Student(tuple(labels), fitted, coef, intercept)
+    return Student(tuple(labels), fitted, coef, intercept, words)
 
 
 def calibrate(student_labels: Sequence[str], student_conf: np.ndarray, champion_labels: Sequence[str],
@@ -364,7 +370,7 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
         return CascadeBuild(None, CascadeVerdict(False, [rule], float("inf")), None, None, len(fit), calibration, 0.0)
     taught = champion_outputs(champion, fit + calibration, kept)
     teacher, calibration_proba = taught.probabilities[: len(fit)], taught.probabilities[len(fit) :]
-    student = fit_student(fit, teacher, champion.labels, policy.student_c)
+    student = fit_student(fit, teacher, champion.labels, policy.student_c, champion=champion)
     champion_labels = [champion.labels[i] for i in calibration_proba.argmax(axis=1)]
     student_labels, student_conf = student.predict(calibration)
     threshold = calibrate(student_labels, student_conf, champion_labels, policy.max_calibration_disagreement)

@@ -48,7 +48,7 @@ def _tiers(model_name: str, version: int, champion):
         return served
     tags = versions.version_tags(model_name, version)
     directory = Path(mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path=ARTIFACT_DIR))
-    return CascadeModel(champion, Student.load(directory), float(tags[THRESHOLD_TAG]))
+    return CascadeModel(champion, Student.load(directory, champion), float(tags[THRESHOLD_TAG]))
 
 
 def measure(champion, cascade, frame: pd.DataFrame, min_slice_rows: int) -> dict:

@@ -19,13 +19,15 @@ reference snapshot and the cascade. Their sum is the side's
 ``flow_cpu_seconds``, from labelled rows to a gated, registered version with
 its cascade and reference; ``cpu_seconds`` stays the training alone.
 
-As in the flows, the champion's cascade is built when it is registered
-(``tasks.cascade.build`` on the served champion, over its training pool, the
-golden set kept out), and the encoder states its passes return are kept
-(``refit.runtime.encoder_states``) in a scratch store: the update's ``head`` rung
-reads them for the replay rows they cover, inside its metered time. That build
-runs at every promotion for the cascade anyway; it is not counted here, and
-its CPU-seconds are reported beside the table (``cascade_build_cpu_seconds``).
+As in the flows, the champion is judged on golden and its cascade built
+when it is registered (``tasks.evaluate.score_models`` and
+``tasks.cascade.build`` on the served champion, over its training pool, the
+golden set kept out), and the encoder states their passes return are kept
+(``refit.runtime.encoder_states``) in a scratch store: the update's ``head``
+rung reads them for the replay rows they cover, and its evaluation for the
+golden set, inside their metered time. Both run at every promotion anyway;
+they are not counted here, and their CPU-seconds are reported beside the
+table (``cascade_build_cpu_seconds``).
 
 Every model is scored on the same golden set, the fresh holdout (which the
 gate judges, as in the flow) and the scenario's shifted test texts (reported
@@ -69,10 +71,11 @@ def _scored(evaluation, shifted, cpu_seconds: float, adapter_dir: Path) -> dict:
             "artifact_bytes": artifact_bytes(adapter_dir)}
 
 
-def _champion_states(adapter_dir: Path, pool: pd.DataFrame, golden: pd.DataFrame, made: list[Path]):
-    """Build the champion's cascade as bootstrap does and keep its encoder states in a scratch store.
+def _champion_states(adapter_dir: Path, pool: pd.DataFrame, golden: pd.DataFrame, rates, made: list[Path]):
+    """Judge the champion on golden and build its cascade as bootstrap does, keeping the encoder states of both.
 
-    Returns the states (``EncoderStates``), the rows kept, the build's CPU-seconds and the scratch store.
+    Returns the states (``EncoderStates``), the rows kept, the CPU-seconds of
+    both and the scratch store.
     """
     import tempfile
 
@@ -80,14 +83,17 @@ def _champion_states(adapter_dir: Path, pool: pd.DataFrame, golden: pd.DataFrame
     from refit.runtime.encoder_states import EncoderStates
     from refit.store import LocalStore
     from tasks.cascade import build, keep_states, load_cascade_policy
-    from tasks.evaluate import load_served_models
+    from tasks.evaluate import load_served_models, score_models
 
     root = Path(tempfile.mkdtemp(prefix="refit-bench-states-"))
     made.append(root)
     store = LocalStore(root)
     with Meter() as meter:
+        sets = {"golden": golden}
+        evaluation = score_models({"champion": adapter_dir}, sets, rates, store, MODEL)["champion"]
         champion = load_served_models({"champion": adapter_dir})["champion"]
-        built = build(champion, pool["text"].tolist(), [], {"golden": golden}, load_cascade_policy()[0])
+        built = build(champion, pool["text"].tolist(), [], sets, load_cascade_policy()[0], evaluation=evaluation,
+                      adapter_dir=adapter_dir)
         kept = keep_states(store, MODEL, adapter_dir, built)
     return EncoderStates.of(store, MODEL, adapter_dir), kept, meter.cpu_seconds, store
 
@@ -257,9 +263,9 @@ def run_benchmark(data_dir: Path, scenario: str = SCENARIO, update_policy: str =
             bench.made.append(champion.adapter_dir)
             bench.champion_shifted = score_models({"model": champion.adapter_dir}, {"shifted": shift.external},
                                                   bench.rates)["model"].slices["shifted"].accuracy
-            progress("champion's cascade, as the flow builds it at registration (keeps its encoder states)")
+            progress("champion's evaluation and cascade, as bootstrap runs them (keeps their encoder states)")
             bench.states, kept, cascade_cpu, bench.store = _champion_states(champion.adapter_dir, data.train,
-                                                                            data.golden, bench.made)
+                                                                            data.golden, bench.rates, bench.made)
             incremental = _incremental(bench, policy, full, progress)
             full_retrain = _full_retrain(bench, policy, full, progress)
     finally:
@@ -310,7 +316,7 @@ def tables(result: dict) -> list:
         runs.add_column(column, justify="left" if column in ("model", "gate") else "right")
     runs.add_row("champion (before)", f"{result['champion_cpu_seconds']:.1f}", f"{result['champion_shifted_accuracy']:.3f}",
                  f"{result['champion_golden_accuracy']:.3f}", "", "")
-    runs.add_row(f"  champion's cascade build (not counted: it runs at every promotion; kept "
+    runs.add_row(f"  champion's evaluation and cascade build (not counted: they run at every promotion; kept "
                  f"{result['encoder_states_kept']:,} encoder states)", f"{result['cascade_build_cpu_seconds']:.1f}",
                  "", "", "", "")
     for a in result["incremental"]["attempts"]:

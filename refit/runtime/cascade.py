@@ -3,8 +3,10 @@
 In each micro-batch the student scores every text; only the texts whose
 student confidence is below the calibrated threshold go to the champion's
 forward pass. Every answer says which tier gave it (``served_by``). The
-student is a linear model over TF-IDF word and character n-grams, distilled
-from the champion (``tasks/cascade.py`` builds, calibrates and gates it).
+student is a linear model over TF-IDF word and character n-grams and the
+mean of the champion's own input embeddings over each text's word pieces
+(``WordVectors``), distilled from the champion (``tasks/cascade.py`` builds,
+calibrates and gates it).
 
 A student is stored as JSON (vocabularies, labels, settings) plus an ``.npz``
 of arrays read with ``allow_pickle=False``: nothing executable is loaded, as
@@ -29,6 +31,7 @@ log = logging.getLogger("refit.serving")
 
 STUDENT, CHAMPION = "student", "champion"
 STUDENT_JSON, STUDENT_ARRAYS = "student.json", "student.npz"
+MAX_WORD_PIECES = 128  # a text's word pieces a student's word vectors average, at most
 ARTIFACT_DIR = "cascade"  # in the cascade run: student.json, student.npz, cascade.json, cascade.html
 VERDICT_TAG, THRESHOLD_TAG, RUN_TAG = "refit.cascade_verdict", "refit.cascade_threshold", "refit.cascade_run_id"
 SHARE_TAG = "refit.cascade_student_share"
@@ -37,13 +40,58 @@ FALLBACK_TAG = "refit.cascade_fallback"  # set when the live guard tripped: the 
 
 
 @dataclass(frozen=True)
+class WordVectors:
+    """The champion's own input embeddings, averaged over each text's word pieces: a dense feature per text.
+
+    Read from the served champion (``of``), never stored with the student: a
+    student fitted with them is loaded with its champion (``Student.load``).
+    Each text's mean is L2-normalised and times ``scale``, against the
+    n-gram vectorizers' rows of norm 1.
+    """
+
+    table: np.ndarray  # (vocabulary, dim): the champion's input embeddings, not a copy
+    tokenizer: object  # the champion's
+    scale: float
+
+    @classmethod
+    def of(cls, model, tokenizer, scale: float) -> WordVectors | None:
+        """A model's input embeddings and tokenizer; None when it has none to read."""
+        try:
+            table = model.get_input_embeddings().weight.detach().float().numpy()
+        except (AttributeError, TypeError, RuntimeError) as exc:
+            log.info("no input embeddings to read (%s): the student keeps its n-grams alone", exc)
+            return None
+        return cls(table, tokenizer, float(scale))
+
+    def features(self, texts: Sequence[str]) -> np.ndarray:
+        from scipy.sparse import csr_matrix
+
+        if not len(texts):
+            return np.zeros((0, self.table.shape[1]), dtype=np.float32)
+        pieces = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
+                                max_length=MAX_WORD_PIECES)["input_ids"]
+        counts = np.array([len(row) for row in pieces])
+        ids = np.fromiter((i for row in pieces for i in row), dtype=np.int64, count=int(counts.sum()))
+        means = csr_matrix((np.repeat(1.0 / np.maximum(counts, 1), counts).astype(np.float32), ids,
+                            np.concatenate([[0], np.cumsum(counts)])), shape=(len(texts), self.table.shape[0]))
+        out = np.asarray(means @ self.table, dtype=np.float32)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1.0) * self.scale
+
+
+@dataclass(frozen=True)
 class Student:
-    """TF-IDF n-grams (one vectorizer per entry of ``vectorizers``) and a linear layer over the champion's labels."""
+    """A linear layer over the champion's labels, on TF-IDF n-grams and the champion's word embeddings.
+
+    One vectorizer per entry of ``vectorizers``; ``word_vectors`` is None for
+    a student of n-grams alone (and for those stored before it existed).
+    """
 
     labels: tuple[str, ...]
     vectorizers: tuple  # fitted sklearn TfidfVectorizers
-    coef: np.ndarray  # (labels, features)
+    coef: np.ndarray  # (labels, features): the n-grams' columns, then the word vectors' dimensions
     intercept: np.ndarray  # (labels,)
+    word_vectors: WordVectors | None = None
     weights: np.ndarray = field(init=False, repr=False)  # coef transposed, C order
 
     def __post_init__(self) -> None:
@@ -53,12 +101,20 @@ class Student:
         object.__setattr__(self, "weights", np.ascontiguousarray(np.asarray(self.coef, dtype=np.float32).T))
 
     def features(self, texts: Sequence[str]):
+        """The n-gram features (sparse); the word vectors' dense block is ``dense``."""
         from scipy.sparse import hstack
 
         return hstack([v.transform(list(texts)) for v in self.vectorizers], format="csr")
 
+    def dense(self, texts: Sequence[str]) -> np.ndarray | None:
+        return self.word_vectors.features(texts) if self.word_vectors is not None else None
+
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
-        logits = np.asarray(self.features(texts).astype(np.float32) @ self.weights) + self.intercept
+        sparse = self.features(texts).astype(np.float32)
+        logits = np.asarray(sparse @ self.weights[: sparse.shape[1]]) + self.intercept
+        dense = self.dense(texts)
+        if dense is not None:
+            logits += dense @ self.weights[sparse.shape[1] :]
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return shifted / shifted.sum(axis=-1, keepdims=True)
 
@@ -74,17 +130,28 @@ class Student:
         specs = [{"params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vec.get_params().items()
                              if k in _PARAMS},
                   "vocabulary": {term: int(i) for term, i in vec.vocabulary_.items()}} for vec in self.vectorizers]
-        (directory / STUDENT_JSON).write_text(json.dumps({"labels": list(self.labels), "vectorizers": specs}))
+        spec = {"labels": list(self.labels), "vectorizers": specs}
+        if self.word_vectors is not None:  # read from the champion again when loaded
+            spec["word_vectors"] = {"scale": self.word_vectors.scale}
+        (directory / STUDENT_JSON).write_text(json.dumps(spec))
         arrays = {f"idf_{i}": vec.idf_ for i, vec in enumerate(self.vectorizers)}
         np.savez(directory / STUDENT_ARRAYS, coef=self.coef.astype(np.float32),
                  intercept=self.intercept.astype(np.float32), **arrays)
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> Student:
+    def load(cls, directory: Path, champion=None) -> Student:
+        """The student saved in ``directory``; one fitted with word vectors reads them from its ``champion``."""
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         spec = json.loads((Path(directory) / STUDENT_JSON).read_text())
+        words = None
+        if "word_vectors" in spec:
+            words = WordVectors.of(getattr(champion, "model", None), getattr(champion, "tokenizer", None),
+                                   spec["word_vectors"]["scale"])
+            if words is None:
+                raise ValueError(f"the student in {directory} reads its champion's input embeddings: load it with "
+                                 "the served champion it was fitted on")
         with np.load(Path(directory) / STUDENT_ARRAYS, allow_pickle=False) as arrays:
             vectorizers = []
             for i, vec_spec in enumerate(spec["vectorizers"]):
@@ -92,7 +159,7 @@ class Student:
                 vec = TfidfVectorizer(**params, vocabulary=vec_spec["vocabulary"])
                 vec.idf_ = arrays[f"idf_{i}"]
                 vectorizers.append(vec)
-            return cls(tuple(spec["labels"]), tuple(vectorizers), arrays["coef"], arrays["intercept"])
+            return cls(tuple(spec["labels"]), tuple(vectorizers), arrays["coef"], arrays["intercept"], words)
 
 
 # The vectorizer settings a student records (plain values only).

@@ -231,6 +231,37 @@ def test_student_round_trips_without_pickle(tmp_path):
     assert loaded.labels == LABELS
 
 
+def test_a_student_reads_its_champions_word_embeddings_and_is_loaded_with_them(tmp_path):
+    """Word vectors are the served champion's input embeddings, averaged over a text's pieces; never stored."""
+    import torch
+
+    from refit import modeling
+    from tasks.cascade import WORD_SCALE
+    from tasks.evaluate import load_served_models
+
+    torch.set_num_threads(1)
+    adapter = modeling.save_model(modeling.new_model(list(LABELS), modeling.LoraSpec(), seed=4), tmp_path / "a")
+    [champion] = load_served_models({"m": adapter}, runtime="torch").values()
+    train = [t for label in LABELS for t in texts_of(label, 30)]
+    student = fit_student(train, KeywordChampion().probabilities(train), LABELS, c=5.0, champion=champion)
+
+    table = champion.model.get_input_embeddings().weight.detach().numpy()
+    pieces = champion.tokenizer("is it sunny", add_special_tokens=False)["input_ids"]
+    mean = table[pieces].mean(axis=0)
+    np.testing.assert_allclose(student.dense(["is it sunny"])[0], mean / np.linalg.norm(mean) * WORD_SCALE,
+                               atol=1e-5)
+    assert student.coef.shape[1] == student.features(train).shape[1] + table.shape[1]
+
+    saved = student.save(tmp_path / "student")
+    assert "word_vectors" in (saved / "student.json").read_text()
+    assert set(np.load(saved / "student.npz").files) == {"coef", "intercept", "idf_0", "idf_1"}  # no table copy
+    probe = ["is it sunny", "book a plane", "my bank account", "a text of words no n-gram knows"]
+    np.testing.assert_allclose(Student.load(saved, champion).probabilities(probe), student.probabilities(probe),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="load it with the served champion"):
+        Student.load(saved)
+
+
 def test_served_by_is_right_per_text_and_only_unsure_texts_reach_the_champion():
     champion = KeywordChampion()
     train = [t for label in LABELS for t in texts_of(label, 40)]
