@@ -45,6 +45,13 @@ def built(registry, data_dir, tmp_path, store=None, **overrides) -> dict:
     return result | {"golden": golden}
 
 
+def _champion(registry):
+    """The served champion a student is loaded with: it reads the champion's input embeddings."""
+    from tasks.evaluate import load_served_models
+
+    return load_served_models({"champion": registry.adapters.good})["champion"]
+
+
 def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, start_server, data_dir, tmp_path):
     from registry import versions
 
@@ -58,7 +65,7 @@ def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, st
 
     artifacts = Path(mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path="cascade"))
     assert {"student.json", "student.npz", "cascade.json", "cascade.html"} <= {p.name for p in artifacts.iterdir()}
-    student = Student.load(artifacts)
+    student = Student.load(artifacts, _champion(registry))
 
     server = start_server()
     assert httpx.get(server.url + "/rollout").json()["runtimes"] == {"1": "cascade+onnx"}
@@ -104,7 +111,8 @@ def test_a_passed_cascade_leaves_the_reference_as_it_serves_and_the_encoder_stat
     from registry import versions
 
     tags = versions.version_tags(registry.name, 1)
-    student = Student.load(Path(mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path="cascade")))
+    student = Student.load(Path(mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path="cascade")),
+                           _champion(registry))
     sample = store.get_parquet(key)
     student_labels, student_conf = student.predict(texts)
     expected = [STUDENT if c >= result["threshold"] else CHAMPION for c in student_conf]
@@ -128,7 +136,8 @@ def test_a_cascade_that_loses_accuracy_is_refused_and_the_champion_serves_alone(
     # nearly every text: everything passes but the accuracy the cascade loses.
     fit = tasks.cascade.fit_student
     monkeypatch.setattr(tasks.cascade, "fit_student",
-                        lambda texts, teacher, labels, c: fit(texts, np.roll(teacher, 1, axis=1), labels, c))
+                        lambda texts, teacher, labels, c, **more: fit(texts, np.roll(teacher, 1, axis=1), labels, c,
+                                                                      **more))
     result = built(registry, data_dir, tmp_path, max_calibration_disagreement=0.99, max_cost_ratio=5.0,
                    min_student_share=0.0, max_slice_loss=1.0)
     assert not result["passed"]
