@@ -4,15 +4,9 @@ One row per text, its target the teacher's distribution (cut to its top
 labels). The objective is sklearn's ``LogisticRegression`` with
 ``sample_weight`` on each text repeated once per target label: the same
 optimum. But each step multiplies the features once instead of once per
-label, in float32, and the solver is a plain L-BFGS (``lbfgs``): scipy's
-L-BFGS-B spent more time in its bound handling than in the objective on a
-student's million parameters.
-
-Measured on the default demo's bootstrap and update cascades (docs/cascade.md):
-40 steps cost 3.7 and 4.4 CPU-seconds, where the same 40 steps of L-BFGS-B
-cost 8.9 and 10.5 and sklearn's run to its tolerance 21.5, and the student
-answered as large a share of the golden set at the same calibration
-disagreement. Past 40 steps the share no longer grows.
+label, in float32, and the solver is a plain L-BFGS (``lbfgs``), without
+the bound handling of L-BFGS-B, which costs more than the objective on a
+student's million parameters. Measurements: docs/cascade.md.
 """
 
 from __future__ import annotations
@@ -23,6 +17,7 @@ MAX_STEPS = 40
 # Stop earlier once the gradient is this small, per unit of the objective's weight (c x target mass): sklearn's
 # LogisticRegression stops at tol=1e-4 on the gradient of its objective, which is ours divided by that weight.
 GTOL = 1e-4
+LINE_SEARCH_TRIES = 20  # step halvings before a direction is given up
 
 
 def soft_targets(teacher: np.ndarray, top_k: int, floor: float = 1e-3) -> np.ndarray:
@@ -66,7 +61,7 @@ def fit_soft_logistic(features, targets: np.ndarray, c: float, max_steps: int = 
         logits = np.asarray(x @ coef[:dims]) + d @ coef[dims:] + theta[weights:].astype(np.float32)
         logits -= logits.max(axis=1, keepdims=True)
         log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        loss = -float((p * log_p).sum())
+        loss = -float((p * log_p).sum(dtype=np.float64))
         d_logits = np.exp(log_p) * mass - p
         grad_coef = np.concatenate([np.asarray(xt @ d_logits), d.T @ d_logits]).astype(np.float64).ravel()
         gradient = np.concatenate([c * grad_coef + theta[:weights], c * d_logits.sum(axis=0, dtype=np.float64)])
@@ -81,31 +76,24 @@ def lbfgs(fun, x0: np.ndarray, max_steps: int, gtol: float, memory: int = 10, ft
     """Minimise ``fun`` (returns value and gradient) by L-BFGS with a backtracking (Armijo) line search.
 
     Stops after ``max_steps`` steps, when the gradient's largest entry is at
-    most ``gtol``, or when a step lowers the value by a relative ``ftol`` or
-    less. The search directions are kept in float32: each step is a few
-    passes over the parameters, not the bound-handling of L-BFGS-B, which
-    cost more than the objective on a student's million parameters.
+    most ``gtol``, when a step lowers the value by a relative ``ftol`` or
+    less, or when no step along the steepest descent lowers it. The search
+    directions are kept in float32: each step is a few passes over the
+    parameters.
     """
     x = np.asarray(x0, dtype=np.float64).copy()
     value, gradient = fun(x)
     steps: list[tuple[np.ndarray, np.ndarray, float]] = []  # (s, y, 1 / y.s), oldest first
-    for step in range(max_steps):
+    for _ in range(max_steps):
         if np.abs(gradient).max() <= gtol:
             break
-        direction = -_two_loop(gradient.astype(np.float32), steps)
-        slope = float(direction @ gradient)
-        if slope >= 0:  # not a descent direction: start the memory again
+        found = _line_search(fun, x, value, gradient, steps)
+        if found is None and steps:  # the memory's direction failed: once more along the steepest descent
             steps.clear()
-            direction, slope = -gradient.astype(np.float32), -float(gradient @ gradient)
-        size = 1.0 if steps else min(1.0, 1.0 / float(np.linalg.norm(gradient)))
-        for _ in range(30):
-            moved = x + size * direction
-            new_value, new_gradient = fun(moved)
-            if new_value <= value + 1e-4 * size * slope:
-                break
-            size *= 0.5
-        else:
+            found = _line_search(fun, x, value, gradient, steps)
+        if found is None:
             break
+        moved, new_value, new_gradient = found
         s, y = (moved - x).astype(np.float32), (new_gradient - gradient).astype(np.float32)
         sy = float(s @ y)
         if sy > 1e-10:
@@ -116,6 +104,24 @@ def lbfgs(fun, x0: np.ndarray, max_steps: int, gtol: float, memory: int = 10, ft
         if done:
             break
     return x
+
+
+def _line_search(fun, x: np.ndarray, value: float, gradient: np.ndarray, steps: list,
+                 tries: int = LINE_SEARCH_TRIES) -> tuple[np.ndarray, float, np.ndarray] | None:
+    """A point along the L-BFGS direction that lowers ``value`` enough (Armijo), halving the step; None if none."""
+    direction = -_two_loop(gradient.astype(np.float32), steps)
+    slope = float(direction @ gradient)
+    if slope >= 0:  # not a descent direction: start the memory again
+        steps.clear()
+        direction, slope = -gradient.astype(np.float32), -float(gradient @ gradient)
+    size = 1.0 if steps else min(1.0, 1.0 / float(np.linalg.norm(gradient)))
+    for _ in range(tries):
+        moved = x + size * direction
+        new_value, new_gradient = fun(moved)
+        if new_value <= value + 1e-4 * size * slope:
+            return moved, new_value, new_gradient
+        size *= 0.5
+    return None
 
 
 def _two_loop(gradient: np.ndarray, steps: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:

@@ -63,6 +63,12 @@ class WordVectors:
             return None
         return cls(table, tokenizer, float(scale))
 
+    def identity(self) -> dict:
+        """What a saved student records of the table it was fitted on, to refuse another champion's."""
+        import hashlib
+
+        return {"shape": list(self.table.shape), "sha256": hashlib.sha256(self.table.tobytes()).hexdigest()}
+
     def features(self, texts: Sequence[str]) -> np.ndarray:
         from scipy.sparse import csr_matrix
 
@@ -132,7 +138,7 @@ class Student:
                   "vocabulary": {term: int(i) for term, i in vec.vocabulary_.items()}} for vec in self.vectorizers]
         spec = {"labels": list(self.labels), "vectorizers": specs}
         if self.word_vectors is not None:  # read from the champion again when loaded
-            spec["word_vectors"] = {"scale": self.word_vectors.scale}
+            spec["word_vectors"] = {"scale": self.word_vectors.scale} | self.word_vectors.identity()
         (directory / STUDENT_JSON).write_text(json.dumps(spec))
         arrays = {f"idf_{i}": vec.idf_ for i, vec in enumerate(self.vectorizers)}
         np.savez(directory / STUDENT_ARRAYS, coef=self.coef.astype(np.float32),
@@ -152,6 +158,10 @@ class Student:
             if words is None:
                 raise ValueError(f"the student in {directory} reads its champion's input embeddings: load it with "
                                  "the served champion it was fitted on")
+            fitted_on = {k: spec["word_vectors"][k] for k in ("shape", "sha256")}
+            if words.identity() != fitted_on:
+                raise ValueError(f"the student in {directory} was fitted on other input embeddings ({fitted_on}) "
+                                 f"than this champion's ({words.identity()})")
         with np.load(Path(directory) / STUDENT_ARRAYS, allow_pickle=False) as arrays:
             vectorizers = []
             for i, vec_spec in enumerate(spec["vectorizers"]):

@@ -260,6 +260,12 @@ def test_a_student_reads_its_champions_word_embeddings_and_is_loaded_with_them(t
                                atol=1e-5)
     with pytest.raises(ValueError, match="load it with the served champion"):
         Student.load(saved)
+    other = modeling.save_model(modeling.new_model(list(LABELS), modeling.LoraSpec(), seed=5), tmp_path / "b")
+    [stranger] = load_served_models({"m": other}, runtime="torch").values()
+    with torch.no_grad():
+        stranger.model.get_input_embeddings().weight[7] += 1.0  # another model: its table differs
+    with pytest.raises(ValueError, match="fitted on other input embeddings"):
+        Student.load(saved, stranger)
 
 
 def test_served_by_is_right_per_text_and_only_unsure_texts_reach_the_champion():

@@ -51,3 +51,62 @@ def test_the_student_agrees_with_its_teacher_after_the_default_steps():
     labels, coef, intercept = fit_soft_logistic(features, soft_targets(teacher, 3), c=20.0)
     predicted = labels[(np.asarray(features @ coef.T) + intercept).argmax(axis=1)]
     assert np.mean(predicted == teacher.argmax(axis=1)) > 0.9
+
+
+def _objective(features, targets, c, labels, coef, intercept) -> float:
+    logits = np.asarray(features @ coef.T, dtype=np.float64) + intercept
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return 0.5 * float((coef.astype(np.float64) ** 2).sum()) - c * float((targets[:, labels] * log_p).sum())
+
+
+def test_lbfgs_solves_a_quadratic_as_quasi_newton_does():
+    """A strictly convex quadratic in 30 dimensions: L-BFGS reaches its minimum in a few dozen steps, where
+    steepest descent (or a broken two-loop recursion) is still far off."""
+    from refit.distill import lbfgs
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(30, 30)))[0]
+    a = basis @ np.diag(np.geomspace(1.0, 300.0, 30)) @ basis.T
+    b = rng.normal(size=30)
+    solution = lbfgs(lambda x: (0.5 * x @ a @ x - b @ x, a @ x - b), np.zeros(30), max_steps=80, gtol=1e-9, ftol=0.0)
+    np.testing.assert_allclose(solution, np.linalg.solve(a, b), atol=1e-4)
+
+
+def test_forty_steps_reach_at_least_the_objective_of_scipys_l_bfgs_b():
+    from scipy.optimize import minimize
+
+    features, teacher = _problem(seed=3, rows=600, dims=300, labels=12)
+    targets = soft_targets(teacher, top_k=3)
+    c = 20.0
+    labels, coef, intercept = fit_soft_logistic(features, targets, c, max_steps=40, tol=0.0)
+    ours = _objective(features, targets, c, labels, coef, intercept)
+
+    dims, k = features.shape[1], len(labels)
+
+    def scipy_objective(theta):
+        w, b0 = theta[: dims * k].reshape(k, dims), theta[dims * k :]
+        logits = np.asarray(features @ w.T) + b0
+        logits -= logits.max(axis=1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        d = np.exp(log_p) * targets[:, labels].sum(axis=1, keepdims=True) - targets[:, labels]
+        value = 0.5 * float((w ** 2).sum()) - c * float((targets[:, labels] * log_p).sum())
+        return value, np.concatenate([(c * np.asarray(features.T @ d).T + w).ravel(), c * d.sum(axis=0)])
+
+    theirs = minimize(scipy_objective, np.zeros(dims * k + k), jac=True, method="L-BFGS-B",
+                      options={"maxiter": 40, "maxfun": 80}).fun
+    start = _objective(features, targets, c, labels, np.zeros_like(coef), np.zeros_like(intercept))
+    assert ours <= theirs + 1e-3 * (start - theirs), (ours, theirs, start)
+
+
+def test_a_dense_block_is_the_same_fit_as_its_columns_after_the_sparse_ones():
+    from scipy.sparse import hstack
+
+    features, teacher = _problem(seed=4, rows=200, dims=40, labels=4)
+    dense = np.random.default_rng(4).normal(size=(200, 6)).astype(np.float32)
+    targets = soft_targets(teacher, 3)
+    split = fit_soft_logistic(features, targets, c=5.0, dense=dense)
+    stacked = fit_soft_logistic(hstack([features, csr_matrix(dense)], format="csr"), targets, c=5.0)
+    assert split[1].shape == (4, 46)
+    for ours, theirs in zip(split, stacked):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
