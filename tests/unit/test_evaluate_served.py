@@ -168,3 +168,23 @@ def test_the_reference_snapshot_takes_the_evaluations_answers_and_runs_only_the_
     ran = modeling.predict(model, modeling.load_tokenizer(), ["how much money is left"])
     row = sample.set_index("text").loc["how much money is left"]
     assert row["predicted_label"] == ran[0][0] and row["confidence"] == pytest.approx(float(ran[1][0]))
+
+
+def test_bulk_batches_group_texts_of_one_token_length_and_pad_little(tmp_path):
+    """Bulk scoring pads each batch by at most MAX_PADDING of its tokens, and answers each text as alone."""
+    from refit.runtime.served import MAX_PADDING
+
+    torch.set_num_threads(1)
+    adapter = modeling.save_model(modeling.new_model(["a", "b"], modeling.LoraSpec(), seed=5), tmp_path / "a")
+    [model] = load_served_models({"m": adapter}, runtime="onnx").values()
+    texts = [" ".join(["word"] * (1 + (i * 7) % 23)) + f" {i}" for i in range(120)]
+    batches = model._batches(texts)
+    assert sorted(i for batch in batches for i in batch) == list(range(120))
+    lengths = [len(p) for p in model.tokenizer(texts)["input_ids"]]
+    for batch in batches:
+        own = sum(lengths[i] for i in batch)
+        assert len(batch) <= model.batch_size and len(batch) * max(lengths[i] for i in batch) <= (1 + MAX_PADDING) * own
+    assert len(batches) < 40  # texts of one length still share a batch
+    alone = np.concatenate([model.probabilities([t]) for t in texts])
+    np.testing.assert_allclose(model.probabilities_of(texts), alone, atol=1e-5)
+    assert model._batches([]) == [] and model.probabilities_of([]).shape == (0, 2)
