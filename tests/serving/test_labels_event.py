@@ -115,7 +115,26 @@ def prefect_api(monkeypatch) -> str:
     with prefect_test_harness():
         url = get_current_settings().api.url
         monkeypatch.setenv("PREFECT_API_URL", url)
+        _wait_until_events_are_stored(url)
         yield url
+
+
+def _wait_until_events_are_stored(url: str, seconds: float = 90.0) -> None:
+    """Post probe events until the API stores one. The API answers before its event persister subscribes to
+    the in-memory topic, and an event posted in between is dropped; a real server's first seconds are the same."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    probe = LabelEvents(url)
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            probe._post("probe", 0)  # about model "probe": the tests below read only their own model's events
+            time.sleep(1.0)
+            stored = client.read_events(EventFilter(event=EventNameFilter(name=[LABELS_EVENT])), limit=1).events
+            if stored:
+                return
+    raise AssertionError(f"the Prefect API at {url} stored no event in {seconds:.0f} s")
 
 
 def test_feedback_announces_kept_labels_to_the_prefect_api_once_a_minute(registry, start_server, prefect_api,
