@@ -77,6 +77,7 @@ class Server:
         self._loading = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._threads_before = 0
+        self._blas_limits = None  # threadpoolctl's limiter while started
         self._background: set[asyncio.Task] = set()
 
     # -- models ------------------------------------------------------------
@@ -244,11 +245,15 @@ class Server:
 
     async def start(self) -> None:
         import torch
+        from threadpoolctl import threadpool_limits
 
         from registry.tracking import configure
 
         self._threads_before = torch.get_num_threads()  # restored on stop: tests run servers in-process
         torch.set_num_threads(inference_threads(self.settings, "torch"))  # torch answers on a failed export too
+        # A cascade's student multiplies a micro-batch by its word vectors' weights: too small a product for
+        # threads, whose spinning after it would be billed to every pass that follows.
+        self._blas_limits = threadpool_limits(limits=1, user_api="blas")
 
         self.experiment_id = await asyncio.to_thread(configure, self.settings)
         self.request_log.start()
@@ -284,6 +289,8 @@ class Server:
             import torch
 
             torch.set_num_threads(self._threads_before)
+        if self._blas_limits is not None:
+            self._blas_limits.restore_original_limits()
         log.info("stopped: %d request-log rows written in %d parts", self.request_log.rows_logged,
                  self.request_log.parts_written)
 

@@ -10,8 +10,8 @@ leave too little room for the texts it must escalate.
 Its threshold is calibrated on a calibration split of those texts that is
 never one of the sets that judge it (a text of ``fresh`` or ``golden`` is
 removed by its normalised hash before anything is split): the lowest student
-confidence at which the texts it would answer disagree with the champion on
-at most ``max_calibration_disagreement`` of the calibration texts.
+margin (``Student.answer``) at which the texts it would answer disagree with
+the champion on at most ``max_calibration_disagreement`` of the calibration texts.
 
 The cascade is then gated as a unit, as served (``refit.runtime.cascade``, ONNX
 Runtime, one thread, side by side with the champion alone), on the same
@@ -44,7 +44,7 @@ from refit.runtime.cascade import (ARTIFACT_DIR, CHAMPION, GUARD_TAG, RUN_TAG, S
 from refit.runtime.encoder_states import Outputs, outputs_of
 
 log = logging.getLogger("refit.cascade")
-SOFT_TOP_K = 3  # the champion's top labels per text a student learns from, weighted by their probability
+SOFT_TOP_K = 5  # the champion's top labels per text a student learns from, weighted by their probability
 # The word vectors' norm against the n-grams' (each vectorizer's rows have norm 1): docs/cascade.md measures it.
 WORD_SCALE = 3.0
 
@@ -116,7 +116,7 @@ def fit_student(texts: Sequence[str], teacher: np.ndarray, labels: Sequence[str]
 
 def calibrate(student_labels: Sequence[str], student_conf: np.ndarray, champion_labels: Sequence[str],
               max_disagreement: float) -> float:
-    """The lowest student confidence whose answers disagree with the champion on few enough calibration texts.
+    """The lowest student score (``Student.answer``) whose answers disagree with the champion on few enough texts.
 
     Texts at or above the threshold are answered by the student; what the
     cascade can lose against the champion is at most their disagreements,
@@ -372,12 +372,12 @@ def build(champion, pool_texts: Sequence[str], recent_texts: Sequence[str], sets
     teacher, calibration_proba = taught.probabilities[: len(fit)], taught.probabilities[len(fit) :]
     student = fit_student(fit, teacher, champion.labels, policy.student_c, champion=champion)
     champion_labels = [champion.labels[i] for i in calibration_proba.argmax(axis=1)]
-    student_labels, student_conf = student.predict(calibration)
-    threshold = calibrate(student_labels, student_conf, champion_labels, policy.max_calibration_disagreement)
+    student_labels, _, student_score = student.answer(calibration)
+    threshold = calibrate(student_labels, student_score, champion_labels, policy.max_calibration_disagreement)
     agreement = float(np.mean([s == c for s, c in zip(student_labels, champion_labels)]))
     cascade = CascadeModel(champion, student, threshold)
     judged = list(dict.fromkeys(judging))
-    answered = student.predict(judged)[1] >= threshold if judged else np.zeros(0, dtype=bool)
+    answered = student.answer(judged)[2] >= threshold if judged else np.zeros(0, dtype=bool)
     measured = measure(champion, cascade, sets, cost_texts or tier_sample(judged, answered, COST_SAMPLE_ROWS, seed),
                        latency_texts or tier_sample(judged, answered, LATENCY_SAMPLE_ROWS, seed), evaluation,
                        adapter_dir)

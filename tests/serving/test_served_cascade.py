@@ -52,6 +52,18 @@ def _champion(registry):
     return load_served_models({"champion": registry.adapters.good})["champion"]
 
 
+def _in_a_thread(fn):
+    """``fn()`` on a thread of its own, as the server sets its limits: OpenBLAS ignored a later thread's limit
+    once the main thread had set one to the value it already had."""
+    import threading
+
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
 def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, start_server, data_dir, tmp_path):
     from registry import versions
 
@@ -67,14 +79,19 @@ def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, st
     assert {"student.json", "student.npz", "cascade.json", "cascade.html"} <= {p.name for p in artifacts.iterdir()}
     student = Student.load(artifacts, _champion(registry))
 
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    blas = _in_a_thread(lambda: threadpool_limits(limits=2, user_api="blas"))  # as where nothing limits BLAS
     server = start_server()
     assert httpx.get(server.url + "/rollout").json()["runtimes"] == {"1": "cascade+onnx"}
+    # The student's product is too small for threads: their spinning would be billed to the passes after it.
+    assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}
     texts = unique_texts(registry.adapters.texts, 30) + [f"zq xv {i}" for i in range(10)]  # some it cannot know
     answer = httpx.post(server.url + "/predict", json={"texts": texts}, timeout=60)
     assert answer.status_code == 200, answer.text
     predictions = answer.json()["predictions"]
-    _, confidence = student.predict(texts)
-    expected = [STUDENT if c >= result["threshold"] else CHAMPION for c in confidence]
+    _, _, margin = student.answer(texts)
+    expected = [STUDENT if m >= result["threshold"] else CHAMPION for m in margin]
     assert [p["served_by"] for p in predictions] == expected
     assert set(expected) == {STUDENT, CHAMPION}, "the texts should exercise both tiers"
     student_labels, _ = student.predict(texts)
@@ -86,6 +103,8 @@ def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, st
     assert 'refit_cascade_student_share{version="1"}' in metrics
     assert 'refit_cascade_cpu_seconds_per_1k{tier="student",version="1"}' in metrics
     server.stop()
+    assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {2}
+    _in_a_thread(blas.restore_original_limits)
     logged = requestlog.read_inference(LocalStore(registry.settings.local_store_root), registry.name,
                                        pd.Timestamp.now(tz="UTC") - pd.Timedelta(hours=1),
                                        pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1))
@@ -114,8 +133,8 @@ def test_a_passed_cascade_leaves_the_reference_as_it_serves_and_the_encoder_stat
     student = Student.load(Path(mlflow.artifacts.download_artifacts(run_id=tags[RUN_TAG], artifact_path="cascade")),
                            _champion(registry))
     sample = store.get_parquet(key)
-    student_labels, student_conf = student.predict(texts)
-    expected = [STUDENT if c >= result["threshold"] else CHAMPION for c in student_conf]
+    student_labels, student_conf, margin = student.answer(texts)
+    expected = [STUDENT if m >= result["threshold"] else CHAMPION for m in margin]
     assert sample["served_by"].tolist() == expected and set(expected) == {STUDENT, CHAMPION}
     for row, label, conf, tier in zip(sample.itertuples(), student_labels, student_conf, expected):
         if tier == STUDENT:

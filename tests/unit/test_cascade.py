@@ -231,6 +231,36 @@ def test_student_round_trips_without_pickle(tmp_path):
     assert loaded.labels == LABELS
 
 
+def test_the_threshold_applies_to_the_students_margin_and_a_student_stored_before_margins_keeps_its_probability(
+        tmp_path):
+    import json
+
+    champion = KeywordChampion()
+    train = [t for label in LABELS for t in texts_of(label, 30)]
+    student = fit_student(train, champion.probabilities(train), LABELS, c=5.0)
+    probe = ["is it sunny", "book a plane", "my bank account", "qq zz"]
+    labels, confidence, margin = student.answer(probe)
+    top_two = np.sort(student.probabilities(probe), axis=1)[:, -2:]
+    np.testing.assert_allclose(confidence, top_two[:, 1], atol=1e-6)  # what is served: the label's probability
+    np.testing.assert_allclose(margin, top_two[:, 1] - top_two[:, 0], atol=1e-6)  # what is routed on
+    assert (labels, list(confidence)) == tuple(map(list, student.predict(probe)))
+
+    saved = student.save(tmp_path / "student")
+    assert Student.load(saved).routing == "margin"
+    spec = json.loads((saved / "student.json").read_text())
+    del spec["routing"]  # as stored before margins
+    (saved / "student.json").write_text(json.dumps(spec))
+    older = Student.load(saved)
+    assert older.routing == "probability"
+    np.testing.assert_allclose(older.answer(probe)[2], confidence, atol=1e-6)
+    # The cascade routes on the margin: texts under the threshold go to the champion.
+    threshold = float(np.median(margin))
+    by_margin = CascadeModel(champion, student, threshold).predict_tiers(probe)[2]
+    assert by_margin == [STUDENT if m >= threshold else CHAMPION for m in margin]
+    with pytest.raises(ValueError, match="routes on"):
+        Student(LABELS, student.vectorizers, student.coef, student.intercept, routing="entropy")
+
+
 def test_a_student_reads_its_champions_word_embeddings_and_is_loaded_with_them(tmp_path):
     """Word vectors are the served champion's input embeddings, averaged over a text's pieces; never stored."""
     import torch
@@ -273,11 +303,11 @@ def test_served_by_is_right_per_text_and_only_unsure_texts_reach_the_champion():
     train = [t for label in LABELS for t in texts_of(label, 40)]
     student = fit_student(train, champion.probabilities(train), LABELS, c=20.0)
     texts = ["rain forecast sunny weather", "hello there", "flight plane airport fly", "zzz"]
-    _, confidence = student.predict(texts)
-    threshold = float(np.sort(confidence)[1]) + 1e-6  # the two least sure go to the champion
+    _, _, margin = student.answer(texts)
+    threshold = float(np.sort(margin)[1]) + 1e-6  # the two least sure go to the champion
     cascade = CascadeModel(champion, student, threshold)
     labels, _, served_by = cascade.predict_tiers(texts)
-    expected = [STUDENT if c >= threshold else CHAMPION for c in confidence]
+    expected = [STUDENT if m >= threshold else CHAMPION for m in margin]
     assert served_by == expected and served_by.count(CHAMPION) == 2
     assert champion.seen == [t for t, s in zip(texts, served_by) if s == CHAMPION]
     assert labels[0] == "weather" and labels[2] == "flight"
@@ -292,7 +322,7 @@ def test_guard_falls_back_to_the_champion_when_the_share_collapses():
     student = fit_student(train, champion.probabilities(train), LABELS, c=20.0)
     easy = [t for label in LABELS for t in texts_of(label, 10, seed=2)]
     hard = [f"qq zz {i}" for i in range(30)]
-    easy_conf, hard_conf = student.predict(easy)[1], student.predict(hard)[1]
+    easy_conf, hard_conf = student.answer(easy)[2], student.answer(hard)[2]
     assert hard_conf.max() < easy_conf.min(), "precondition: the student is surer of the easy texts"
     guard = ShareGuard(gated_share=0.9, max_drop=0.25, min_texts=20)
     cascade = CascadeModel(champion, student, float(easy_conf.min()), guard=guard)
@@ -341,8 +371,8 @@ def test_served_by_stays_with_its_text_when_concurrent_requests_share_a_pass():
     student = fit_student(train, champion.probabilities(train), LABELS, c=20.0)
     sure = texts_of("weather", 3, seed=5)
     unsure = ["qq zz 1", "qq zz 2"]
-    threshold = float(student.predict(sure)[1].min())
-    assert student.predict(unsure)[1].max() < threshold
+    threshold = float(student.answer(sure)[2].min())
+    assert student.answer(unsure)[2].max() < threshold
     slot = Slot(CascadeModel(champion, student, threshold), LiveStats(0.048))
     passes: list[int] = []
 

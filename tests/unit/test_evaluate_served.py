@@ -188,3 +188,19 @@ def test_bulk_batches_group_texts_of_one_token_length_and_pad_little(tmp_path):
     alone = np.concatenate([model.probabilities([t]) for t in texts])
     np.testing.assert_allclose(model.probabilities_of(texts), alone, atol=1e-5)
     assert model._batches([]) == [] and model.probabilities_of([]).shape == (0, 2)
+
+
+def test_cost_and_latency_are_metered_with_numpys_blas_on_one_thread():
+    """Threads a BLAS product leaves spinning would be billed to whatever the meter times next."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from tasks.evaluate import _one_thread
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == {2}
+        with _one_thread():
+            assert blas_threads() == {1} and torch.get_num_threads() == 1
+        assert blas_threads() == {2}
