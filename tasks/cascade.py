@@ -114,7 +114,7 @@ def fit_student(texts: Sequence[str], teacher: np.ndarray, labels: Sequence[str]
     return Student(tuple(labels), fitted, coef, intercept, words)
 
 
-def calibrate(student_labels: Sequence[str], student_conf: np.ndarray, champion_labels: Sequence[str],
+def calibrate(student_labels: Sequence[str], student_score: np.ndarray, champion_labels: Sequence[str],
               max_disagreement: float) -> float:
     """The lowest student score (``Student.answer``) whose answers disagree with the champion on few enough texts.
 
@@ -123,7 +123,7 @@ def calibrate(student_labels: Sequence[str], student_conf: np.ndarray, champion_
     counted over all calibration texts. Returns ``inf`` (the student never
     answers) when even its surest answer breaks the limit.
     """
-    conf = np.asarray(student_conf, dtype=np.float64)
+    conf = np.asarray(student_score, dtype=np.float64)
     if len(conf) == 0:
         return float("inf")
     disagree = np.array([s != c for s, c in zip(student_labels, champion_labels)], dtype=np.float64)

@@ -2,8 +2,8 @@
 
 In each micro-batch the student scores every text; only the texts whose
 student margin (the gap between its two likeliest labels) is below the
-calibrated threshold go to the champion's forward pass. Every answer says which tier gave it (``served_by``). The
-student is a linear model over TF-IDF word and character n-grams and the
+calibrated threshold go to the champion's forward pass. Every answer says
+which tier gave it (``served_by``). The student is a linear model over TF-IDF word and character n-grams and the
 mean of the champion's own input embeddings over each text's word pieces
 (``WordVectors``), distilled from the champion (``tasks/cascade.py`` builds,
 calibrates and gates it).
@@ -145,7 +145,7 @@ class Student:
         confidence = proba[np.arange(len(best)), best].astype(np.float32)
         score = confidence
         if self.routing == MARGIN:
-            second = np.partition(proba, -2, axis=1)[:, -2] if proba.shape[1] > 1 else np.zeros(len(best))
+            second = np.partition(proba, -2, axis=1)[:, -2] if proba.shape[1] > 1 else 0.0
             score = (confidence - second).astype(np.float32)
         return [self.labels[i] for i in best], confidence, score
 
