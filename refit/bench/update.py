@@ -31,7 +31,8 @@ table (``cascade_build_cpu_seconds``).
 
 Every model is scored on the same golden set, the fresh holdout (which the
 gate judges, as in the flow) and the scenario's shifted test texts (reported
-as ``shifted_accuracy``, never judged on). CPU-seconds are
+as ``shifted_accuracy``, never judged on, and scored once the side's flow is
+metered: no flow scores a scenario's test set). CPU-seconds are
 the training process's user+system time (``refit.cost.Meter``). Artifact
 bytes are the saved adapter directory against the base model's weights file.
 
@@ -62,9 +63,11 @@ TARGETS = {  # what the incremental update must reach against a full retrain
 Progress = Callable[[str], None]
 
 
-def _scored(evaluation, shifted, cpu_seconds: float, adapter_dir: Path) -> dict:
-    from tasks.evaluate import artifact_bytes
+def _scored(bench: _Bench, evaluation, cpu_seconds: float, adapter_dir: Path) -> dict:
+    """One trained model's figures; its shifted accuracy is scored here, for the report, outside every meter."""
+    from tasks.evaluate import artifact_bytes, score_models
 
+    shifted = score_models({"model": adapter_dir}, {"shifted": bench.shifted}, bench.rates)["model"]
     return {"cpu_seconds": round(cpu_seconds, 2),
             "shifted_accuracy": round(shifted.slices["shifted"].accuracy, 4),
             "golden_accuracy": round(evaluation.slices["golden"].accuracy, 4),
@@ -139,7 +142,7 @@ def _ship(side: str, bench: _Bench, adapter_dir: Path, trained_on: pd.DataFrame,
 
 def _judge(bench: _Bench, adapter_dir: Path, cost_usd: float, meters):
     """Evaluate against the champion on the flow's sets (kept encoder states where they apply), then gate."""
-    from tasks.evaluate import evaluate_pair, score_models
+    from tasks.evaluate import evaluate_pair
     from tasks.gate import decide
 
     with meters.stage("evaluate"):
@@ -147,8 +150,7 @@ def _judge(bench: _Bench, adapter_dir: Path, cost_usd: float, meters):
                                          store=bench.store, model_name=MODEL)
     with meters.stage("gate"):
         verdict = decide(before, after, cost_usd, bench.rules)
-    shifted = score_models({"model": adapter_dir}, {"shifted": bench.shifted}, bench.rates)["model"]  # report only
-    return before, after, shifted, verdict
+    return before, after, verdict
 
 
 def _incremental(bench: _Bench, policy, full: pd.DataFrame, progress: Progress) -> dict:
@@ -156,7 +158,7 @@ def _incremental(bench: _Bench, policy, full: pd.DataFrame, progress: Progress) 
     from refit.cost import StageMeters
     from tasks.finetune import escalates, train_adapter
 
-    meters, attempts = StageMeters(), []
+    meters, attempts, judged = StageMeters(), [], []
     training = bench.update.training
     for recipe in policy.ladder:
         warm = recipe.start == "warm"
@@ -167,18 +169,20 @@ def _incremental(bench: _Bench, policy, full: pd.DataFrame, progress: Progress) 
                                     warm_start=bench.champion_dir if warm else None,
                                     states=bench.states if warm else None)
         bench.made.append(trained.adapter_dir)
-        before, after, shifted, verdict = _judge(bench, trained.adapter_dir, trained.cost.usd, meters)
+        before, after, verdict = _judge(bench, trained.adapter_dir, trained.cost.usd, meters)
         bench.champion_eval = bench.champion_eval or before
-        attempts.append(_scored(after, shifted, trained.cost.cpu_seconds, trained.adapter_dir)
-                        | {"recipe": recipe.name, "rows": len(frame), "gate": verdict.summary, "passed": verdict.passed})
+        judged.append((trained, after, {"recipe": recipe.name, "rows": len(frame), "gate": verdict.summary,
+                                        "passed": verdict.passed}))
         if verdict.passed or not escalates([r.name for r in verdict.failed], policy):
             break
     progress("incremental: register, reference and cascade, as the flow ships it")
     _ship("incremental", bench, trained.adapter_dir, frame, after, meters)
+    flow_cpu_seconds = meters.whole()
+    attempts = [_scored(bench, after, t.cost.cpu_seconds, t.adapter_dir) | facts for t, after, facts in judged]
     final = attempts[-1]
     return {k: final[k] for k in ("shifted_accuracy", "golden_accuracy", "artifact_bytes")} | {
         "cpu_seconds": round(sum(a["cpu_seconds"] for a in attempts), 2), "recipe": final["recipe"],
-        "gate_passed": final["passed"], "attempts": attempts, "flow_cpu_seconds": round(meters.whole(), 2),
+        "gate_passed": final["passed"], "attempts": attempts, "flow_cpu_seconds": round(flow_cpu_seconds, 2),
         "stage_cpu_seconds": {k: round(v, 2) for k, v in meters.cpu.items()}}
 
 
@@ -192,11 +196,12 @@ def _full_retrain(bench: _Bench, policy, full: pd.DataFrame, progress: Progress)
     with meters.stage("train"):
         retrain = train_adapter(full, policy.bootstrap, bench.rates, labels=bench.labels, seed=bench.seed)
     bench.made.append(retrain.adapter_dir)
-    _, after, shifted, verdict = _judge(bench, retrain.adapter_dir, retrain.cost.usd, meters)
+    _, after, verdict = _judge(bench, retrain.adapter_dir, retrain.cost.usd, meters)
     progress("full retrain: register, reference and cascade, as the flow ships it")
     _ship("full-retrain", bench, retrain.adapter_dir, full, after, meters)
-    return _scored(after, shifted, retrain.cost.cpu_seconds, retrain.adapter_dir) | {
-        "gate_passed": verdict.passed, "flow_cpu_seconds": round(meters.whole(), 2),
+    flow_cpu_seconds = meters.whole()
+    return _scored(bench, after, retrain.cost.cpu_seconds, retrain.adapter_dir) | {
+        "gate_passed": verdict.passed, "flow_cpu_seconds": round(flow_cpu_seconds, 2),
         "stage_cpu_seconds": {k: round(v, 2) for k, v in meters.cpu.items()}}
 
 

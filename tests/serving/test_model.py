@@ -67,3 +67,13 @@ def test_unknown_runtime_is_refused(adapters):
 
     with pytest.raises(ValueError, match="runtime must be one of"):
         from_adapter(adapters.good, 1, runtime="tensorrt")
+
+
+def test_the_export_is_checked_on_a_text_alone_a_full_batch_and_a_padded_batch():
+    from refit.runtime.served import probe_batches
+
+    alone, full, padded = probe_batches([f"intent_{i}" for i in range(150)], batch_size=32)
+    assert len(alone) == 1 and len(full) == 32
+    words = sorted(len(text.split()) for text in padded)
+    assert words[0] <= 6 and words[-1] >= 80  # short texts padded to long ones in one batch
+    assert all(batch for batch in probe_batches(["yes", "no"], batch_size=32))  # a model of two labels too
