@@ -30,8 +30,7 @@ def soft_targets(teacher: np.ndarray, top_k: int, floor: float = 1e-3) -> np.nda
 
 
 def fit_soft_logistic(features, targets: np.ndarray, c: float, max_steps: int = MAX_STEPS, tol: float = GTOL,
-                      dense: np.ndarray | None = None,
-                      start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      dense: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit ``softmax(features @ coef.T + intercept)`` to ``targets`` (rows: texts, columns: labels).
 
     Minimises ``0.5 * |coef|^2 + c * sum_i sum_k targets[i, k] * -log p_k(x_i)``
@@ -41,10 +40,6 @@ def fit_soft_logistic(features, targets: np.ndarray, c: float, max_steps: int = 
     ``dense`` (rows x columns): more features, kept as a dense block (a
     product with BLAS, not a sparse matrix of full rows); its columns follow
     the sparse ones in ``coef``.
-
-    ``start``: weights (every column of ``targets`` x features) and
-    intercepts to start from instead of zeros: a previous fit, its
-    features and labels aligned with these (a warm start).
 
     Returns ``(labels, coef, intercept)``: the column indices fitted, and
     their weights (``len(labels)`` x features) and intercepts.
@@ -72,11 +67,7 @@ def fit_soft_logistic(features, targets: np.ndarray, c: float, max_steps: int = 
         gradient = np.concatenate([c * grad_coef + theta[:weights], c * d_logits.sum(axis=0, dtype=np.float64)])
         return c * loss + 0.5 * float(theta[:weights] @ theta[:weights]), gradient
 
-    theta = np.zeros(weights + k)
-    if start is not None:
-        theta[:weights] = np.asarray(start[0], dtype=np.float64)[labels].T.ravel()
-        theta[weights:] = np.asarray(start[1], dtype=np.float64)[labels]
-    theta = lbfgs(loss_and_gradient, theta, max_steps, gtol=tol * c * float(mass.sum()))
+    theta = lbfgs(loss_and_gradient, np.zeros(weights + k), max_steps, gtol=tol * c * float(mass.sum()))
     coef = theta[:weights].reshape(width, k).T.astype(np.float32)
     return labels, np.ascontiguousarray(coef), theta[weights:].astype(np.float32)
 
