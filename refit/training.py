@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,6 +41,8 @@ class TrainStats:
     steps: int
     final_loss: float
     reused_states: int = 0  # rows whose kept encoder states stood in for the forward pass
+    # With every layer frozen: the states the pass computed (row -> last layer's first-position state), to keep.
+    computed_states: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _optimizer(model: PeftModel, learning_rate: float, total_steps: int):
@@ -186,6 +188,7 @@ class _FrozenPass:
     batch_size: int
     probes: set[int]
     tokens: int = 0
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # with every layer frozen: each row's state
 
     def run(self, rows: list[int]) -> tuple[list[CachedBatch], str | None, dict[int, torch.Tensor]]:
         """The frozen part's output and the starting model's logits for ``rows``, in training batches.
@@ -210,6 +213,8 @@ class _FrozenPass:
                                             out.logits)
                 self.tokens += int(features["attention_mask"].sum())
                 seen |= {row: hidden[j, 0] for j, row in enumerate(big) if row in self.probes}
+                if self.all_frozen:
+                    self.states |= {row: hidden[j, 0] for j, row in enumerate(big)}
                 for s in range(0, len(big), self.batch_size):
                     part = slice(s, s + self.batch_size)
                     cached.append(CachedBatch(big[part], None if why_not else hidden[part].clone(),
@@ -336,7 +341,9 @@ def train_upper(
     earlier pass of this encoder (``refit.runtime.encoder_states``): with every layer
     frozen, those rows skip the pass, and their soft targets come from the
     head. A sample of them is run through the pass anyway and must agree
-    with what was kept, or none is used.
+    with what was kept, or none is used. With every layer frozen, the states
+    the pass computed for the other rows are returned (``computed_states``),
+    for the caller to keep beside them.
     """
     frozen, layers = _freeze_lower_layers(model, frozen_layers, depth)
     watch_sigterm()
@@ -361,4 +368,6 @@ def train_upper(
     steps, loss_value, step_tokens = _fit_cached(
         frozen_pass, cached, labels, soft, epochs=epochs, learning_rate=learning_rate, rng=rng,
         distill_weight=distill_weight, temperature=temperature, on_step=on_step)
-    return TrainStats(len(texts) * epochs, frozen_pass.tokens + step_tokens, steps, loss_value, reused)
+    computed = {} if why_not else {i: state.numpy() for i, state in frozen_pass.states.items()
+                                   if i not in reuse and lengths[i] <= MAX_LENGTH}
+    return TrainStats(len(texts) * epochs, frozen_pass.tokens + step_tokens, steps, loss_value, reused, computed)

@@ -8,6 +8,7 @@ from the base model.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from refit.data import per_label_sample, stratified_sample, text_hash, text_hash
 from refit.runtime.encoder_states import EncoderStates
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
+
+log = logging.getLogger(__name__)
 
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of forward + backward
 
@@ -366,10 +369,25 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
             stats = modeling.train(model, tokenizer, texts, targets, epochs=recipe.epochs,
                                    learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, seed=seed,
                                    on_step=on_step)
+        if states is not None and stats.computed_states:
+            _keep_states(states, texts, stats.computed_states)
     out = Path(tempfile.mkdtemp(prefix="refit-adapter-"))
     modeling.save_model(model, out)
     return Trained(out, TrainingCost.from_meter(meter, rates, stats.examples_seen, stats.tokens_seen),
                    stats.steps, stats.final_loss, stats.reused_states)
+
+
+def _keep_states(states: EncoderStates, texts: list[str], computed: dict) -> None:
+    """The encoder states a head-only update computed for its new rows, kept beside the champion's.
+
+    The encoder did not change, so the new version's evaluation and cascade
+    read them instead of running those texts' pass again.
+    """
+    rows = sorted(computed)
+    try:
+        states.save([texts[i] for i in rows], np.stack([computed[i] for i in rows]))
+    except Exception:  # noqa: BLE001 - a cache: the next pass over these texts computes them
+        log.exception("encoder states of %d new rows not kept", len(rows))
 
 
 def count_tokens(texts: list[str], tokenizer=None) -> int:

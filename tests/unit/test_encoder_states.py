@@ -267,3 +267,32 @@ def test_the_fingerprint_does_not_depend_on_the_order_peft_wrote_its_target_modu
     config["target_modules"] = list(reversed(config["target_modules"]))
     (other / "adapter_config.json").write_text(json.dumps(config))
     assert fingerprint(other) == fingerprint(adapter)
+
+
+def test_a_head_update_keeps_the_states_it_computed_for_its_new_rows(adapter, rows, tmp_path):
+    """The new version's passes (its evaluation, its cascade's teacher) read them: its encoder is the champion's."""
+    import pandas as pd
+
+    from refit.cost import Rates
+    from refit.runtime.encoder_states import outputs_of
+    from tasks.finetune import load_update_policy, train_adapter
+
+    torch.set_num_threads(1)
+    [champion] = load_served_models({"champion": adapter}, runtime="onnx").values()
+    store = LocalStore(tmp_path / "store")
+    texts = [text for text, _ in rows]
+    EncoderStates.of(store, "m", adapter).save(texts[:160], champion.probabilities_and_states(texts[:160])[1])
+    frame = pd.DataFrame({"text": texts, "label": [label for _, label in rows],
+                          "origin": ["replay"] * 160 + ["new"] * 80})
+    head = next(recipe for recipe in load_update_policy()[0].ladder if recipe.name == "head")
+    trained = train_adapter(frame, head, Rates(0.1, 1.0), warm_start=adapter,
+                            states=EncoderStates.of(store, "m", adapter))
+
+    kept = EncoderStates.of(store, "m", trained.adapter_dir).load()
+    assert len(kept) == 240  # the 80 new rows' states beside the 160 kept before
+    [new] = load_served_models({"new": trained.adapter_dir}, runtime="onnx").values()
+    out = outputs_of(new, texts, kept)
+    assert out.reused == 240 - modeling.STATE_PROBES and not out.why_not
+    np.testing.assert_allclose(out.probabilities, new.probabilities_of(texts), atol=1e-4)
+    served = new.probabilities_and_states(texts[160:])[1]
+    np.testing.assert_allclose(out.states[160:], served, atol=modeling.STATE_TOLERANCE * float(np.abs(served).max()))
