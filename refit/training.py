@@ -188,7 +188,8 @@ class _FrozenPass:
     batch_size: int
     probes: set[int]
     tokens: int = 0
-    states: dict[int, torch.Tensor] = field(default_factory=dict)  # with every layer frozen: each row's state
+    keep_states: bool = False  # with every layer frozen: copy each row's state into ``states``
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def run(self, rows: list[int]) -> tuple[list[CachedBatch], str | None, dict[int, torch.Tensor]]:
         """The frozen part's output and the starting model's logits for ``rows``, in training batches.
@@ -213,8 +214,8 @@ class _FrozenPass:
                                             out.logits)
                 self.tokens += int(features["attention_mask"].sum())
                 seen |= {row: hidden[j, 0] for j, row in enumerate(big) if row in self.probes}
-                if self.all_frozen:
-                    self.states |= {row: hidden[j, 0] for j, row in enumerate(big)}
+                if self.all_frozen and self.keep_states:  # copies: a view would hold the whole batch's output
+                    self.states |= dict(zip(big, hidden[:, 0].clone().unbind()))
                 for s in range(0, len(big), self.batch_size):
                     part = slice(s, s + self.batch_size)
                     cached.append(CachedBatch(big[part], None if why_not else hidden[part].clone(),
@@ -321,6 +322,7 @@ def train_upper(
     on_step: Callable[[int, int, float], None] | None = None,
     depth: int = POLICY_DEPTH,
     known: Sequence[np.ndarray | None] | None = None,
+    return_states: bool = False,
 ) -> TrainStats:
     """Fine-tune only what sits above the lowest encoder layers.
 
@@ -341,9 +343,9 @@ def train_upper(
     earlier pass of this encoder (``refit.runtime.encoder_states``): with every layer
     frozen, those rows skip the pass, and their soft targets come from the
     head. A sample of them is run through the pass anyway and must agree
-    with what was kept, or none is used. With every layer frozen, the states
-    the pass computed for the other rows are returned (``computed_states``),
-    for the caller to keep beside them.
+    with what was kept, or none is used. With every layer frozen and
+    ``return_states``, the states the pass computed for the other rows are
+    returned (``computed_states``), for the caller to keep beside them.
     """
     frozen, layers = _freeze_lower_layers(model, frozen_layers, depth)
     watch_sigterm()
@@ -353,7 +355,7 @@ def train_upper(
     lengths = [len(ids) for ids in input_ids]
     reuse = _reusable_states(known, lengths, frozen == layers)
     frozen_pass = _FrozenPass(model, tokenizer, input_ids, lengths, frozen, frozen == layers, upper_fn(model, frozen),
-                              head_fn(model), batch_size, _probe_rows(reuse))
+                              head_fn(model), batch_size, _probe_rows(reuse), keep_states=return_states)
     model.eval()
     cached, why_not, seen = frozen_pass.run([i for i in range(len(texts)) if i not in reuse or i in frozen_pass.probes])
     reused = 0

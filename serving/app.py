@@ -254,8 +254,11 @@ class Server:
         # A cascade's student multiplies a micro-batch by its word vectors' weights: too small a product for
         # threads, whose spinning after it would be billed to every pass that follows.
         self._blas_limits = threadpool_limits(limits=1, user_api="blas")
-
-        self.experiment_id = await asyncio.to_thread(configure, self.settings)
+        try:
+            self.experiment_id = await asyncio.to_thread(configure, self.settings)
+        except BaseException:
+            self._restore_threads()
+            raise
         self.request_log.start()
         self.engine.start()
         self._tasks.append(asyncio.create_task(self._first_load(), name="first-load"))
@@ -285,14 +288,21 @@ class Server:
                       ", ".join(self.registry_writes.pending))
         await self.engine.stop()
         await asyncio.to_thread(self.request_log.close)
+        self._restore_threads()
+        log.info("stopped: %d request-log rows written in %d parts", self.request_log.rows_logged,
+                 self.request_log.parts_written)
+
+
+    def _restore_threads(self) -> None:
+        """Torch's and BLAS's thread counts as they were before ``start``; once."""
         if self._threads_before:
             import torch
 
             torch.set_num_threads(self._threads_before)
+            self._threads_before = 0
         if self._blas_limits is not None:
             self._blas_limits.restore_original_limits()
-        log.info("stopped: %d request-log rows written in %d parts", self.request_log.rows_logged,
-                 self.request_log.parts_written)
+            self._blas_limits = None
 
 
 def inference_threads(settings: Settings, runtime: str | None = None) -> int:

@@ -206,8 +206,7 @@ def _one_thread() -> Iterator[None]:
 
     BLAS matters for a cascade: its student's product with the word vectors
     left two OpenBLAS threads spinning into the champion's pass that followed,
-    billed to the cascade (on 256 of the default demo's golden texts the
-    cascade read 0.88 CPU-seconds per 1,000 texts against 0.45 on one BLAS thread).
+    billed to the cascade (measured in docs/cascade.md).
     """
     import torch
     from threadpoolctl import threadpool_limits

@@ -364,7 +364,8 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
             stats = modeling.train_upper(model, tokenizer, texts, targets, frozen_layers=recipe.frozen_layers,
                                          epochs=recipe.epochs, learning_rate=recipe.learning_rate,
                                          batch_size=recipe.batch_size, seed=seed, distill=replay,
-                                         distill_weight=recipe.distill_weight, on_step=on_step, known=known)
+                                         distill_weight=recipe.distill_weight, on_step=on_step, known=known,
+                                         return_states=states is not None)
         else:
             stats = modeling.train(model, tokenizer, texts, targets, epochs=recipe.epochs,
                                    learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, seed=seed,
@@ -378,10 +379,11 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
 
 
 def _keep_states(states: EncoderStates, texts: list[str], computed: dict) -> None:
-    """The encoder states a head-only update computed for its new rows, kept beside the champion's.
+    """The encoder states a head-only update computed (rows no kept state covered), kept beside the champion's.
 
-    The encoder did not change, so the new version's evaluation and cascade
-    read them instead of running those texts' pass again.
+    The encoder did not change, so the new version's cascade (its teacher
+    pass over the pool and recent traffic) and later updates read them
+    instead of running those texts' pass again.
     """
     rows = sorted(computed)
     try:

@@ -33,8 +33,8 @@ STUDENT, CHAMPION = "student", "champion"
 STUDENT_JSON, STUDENT_ARRAYS = "student.json", "student.npz"
 MAX_WORD_PIECES = 128  # a text's word pieces a student's word vectors average, at most
 # What a cascade's threshold applies to: the gap between the student's two likeliest labels' probabilities, or
-# (students stored before margins) the likeliest one's. On the default demo's cascades, at the same 1% calibration
-# disagreement, the margin let the student answer 3 to 5 points more of the judged texts (docs/cascade.md).
+# (students stored before margins) the likeliest one's. At the same calibration disagreement, the margin lets the
+# student answer more of the texts (measured in docs/cascade.md).
 MARGIN, PROBABILITY = "margin", "probability"
 ARTIFACT_DIR = "cascade"  # in the cascade run: student.json, student.npz, cascade.json, cascade.html
 VERDICT_TAG, THRESHOLD_TAG, RUN_TAG = "refit.cascade_verdict", "refit.cascade_threshold", "refit.cascade_run_id"

@@ -77,3 +77,5 @@ def test_the_export_is_checked_on_a_text_alone_a_full_batch_and_a_padded_batch()
     words = sorted(len(text.split()) for text in padded)
     assert words[0] <= 6 and words[-1] >= 80  # short texts padded to long ones in one batch
     assert all(batch for batch in probe_batches(["yes", "no"], batch_size=32))  # a model of two labels too
+    *_, small = probe_batches([f"intent_{i}" for i in range(150)], batch_size=1)
+    assert sorted(len(text.split()) for text in small)[-1] >= 80 and len(small) == 2  # padded at any batch size

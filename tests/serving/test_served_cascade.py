@@ -82,29 +82,31 @@ def test_a_passed_cascade_serves_and_each_prediction_names_its_tier(registry, st
     from threadpoolctl import threadpool_info, threadpool_limits
 
     blas = _in_a_thread(lambda: threadpool_limits(limits=2, user_api="blas"))  # as where nothing limits BLAS
-    server = start_server()
-    assert httpx.get(server.url + "/rollout").json()["runtimes"] == {"1": "cascade+onnx"}
-    # The student's product is too small for threads: their spinning would be billed to the passes after it.
-    assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}
-    texts = unique_texts(registry.adapters.texts, 30) + [f"zq xv {i}" for i in range(10)]  # some it cannot know
-    answer = httpx.post(server.url + "/predict", json={"texts": texts}, timeout=60)
-    assert answer.status_code == 200, answer.text
-    predictions = answer.json()["predictions"]
-    _, _, margin = student.answer(texts)
-    expected = [STUDENT if m >= result["threshold"] else CHAMPION for m in margin]
-    assert [p["served_by"] for p in predictions] == expected
-    assert set(expected) == {STUDENT, CHAMPION}, "the texts should exercise both tiers"
-    student_labels, _ = student.predict(texts)
-    for p, label, tier in zip(predictions, student_labels, expected):
-        if tier == STUDENT:
-            assert p["label"] == label
+    try:
+        server = start_server()
+        assert httpx.get(server.url + "/rollout").json()["runtimes"] == {"1": "cascade+onnx"}
+        # The student's product is too small for threads: their spinning would be billed to the passes after it.
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}
+        texts = unique_texts(registry.adapters.texts, 30) + [f"zq xv {i}" for i in range(10)]  # some it cannot know
+        answer = httpx.post(server.url + "/predict", json={"texts": texts}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        predictions = answer.json()["predictions"]
+        _, _, margin = student.answer(texts)
+        expected = [STUDENT if m >= result["threshold"] else CHAMPION for m in margin]
+        assert [p["served_by"] for p in predictions] == expected
+        assert set(expected) == {STUDENT, CHAMPION}, "the texts should exercise both tiers"
+        student_labels, _ = student.predict(texts)
+        for p, label, tier in zip(predictions, student_labels, expected):
+            if tier == STUDENT:
+                assert p["label"] == label
 
-    metrics = httpx.get(server.url + "/metrics").text
-    assert 'refit_cascade_student_share{version="1"}' in metrics
-    assert 'refit_cascade_cpu_seconds_per_1k{tier="student",version="1"}' in metrics
-    server.stop()
-    assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {2}
-    _in_a_thread(blas.restore_original_limits)
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'refit_cascade_student_share{version="1"}' in metrics
+        assert 'refit_cascade_cpu_seconds_per_1k{tier="student",version="1"}' in metrics
+        server.stop()
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {2}
+    finally:  # later tests measure cost: they need BLAS as it was
+        _in_a_thread(blas.restore_original_limits)
     logged = requestlog.read_inference(LocalStore(registry.settings.local_store_root), registry.name,
                                        pd.Timestamp.now(tz="UTC") - pd.Timedelta(hours=1),
                                        pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=1))

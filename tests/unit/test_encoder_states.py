@@ -270,7 +270,7 @@ def test_the_fingerprint_does_not_depend_on_the_order_peft_wrote_its_target_modu
 
 
 def test_a_head_update_keeps_the_states_it_computed_for_its_new_rows(adapter, rows, tmp_path):
-    """The new version's passes (its evaluation, its cascade's teacher) read them: its encoder is the champion's."""
+    """The new version's passes (its cascade's teacher, later updates) read them: its encoder is the champion's."""
     import pandas as pd
 
     from refit.cost import Rates
