@@ -10,8 +10,8 @@ text), any already asked for, and repeats of one text. From those it takes
 ``budget`` texts:
 
 - spread over the episode's content: the candidates are clustered (a seeded
-  spherical k-means, k about the square root of the budget) in the drift
-  encoder's embedding space (``tasks.drift.sentence_embeddings``);
+  spherical k-means, k half the budget) in the drift encoder's embedding
+  space (``tasks.drift.sentence_embeddings``);
 - weighted toward what the update needs: a cluster's texts are worth more
   the less sure the model was of them (one minus the logged
   ``confidence``), the farther the cluster lies from the champion's
@@ -19,6 +19,11 @@ text), any already asked for, and repeats of one text. From those it takes
   the more of it is unlike the reference (less like it than 95% of the
   reference's own texts are). Its share of the budget is that worth times
   its size, and every cluster gets at least one text while the budget lasts;
+- a first example of each new intent: the model knows none of a *new*
+  cluster's texts (mostly unlike the reference), so how unsure it was of
+  each says little. Such a cluster's share is split into as many parts
+  (k-means again), and each part gives its most typical text; a familiar
+  cluster gives its least confident texts;
 - new content first: clusters are numbered by that worth, and the file
   lists them in that order, least confident first within each. A new intent
   gets its first examples at the top of the list, so they come back
@@ -58,7 +63,7 @@ MAX_CANDIDATES = 4000
 REFERENCE_ROWS = 500  # reference texts embedded to tell new clusters from familiar ones
 NEIGHBOURS = 5  # as the drift check's embedding novelty: similarity to the nearest reference texts
 NEW_QUANTILE = 0.05  # a cluster is new when its median similarity is below this quantile of the reference's own
-MAX_CLUSTERS = 32
+MAX_CLUSTERS = 64
 
 
 class LabelPolicy(StrictModel):
@@ -138,8 +143,8 @@ def candidates(store: ObjectStore, model_name: str, since: datetime, until: date
 
 
 def cluster_count(budget: int, candidates: int) -> int:
-    """k for a request: about the square root of the budget, at least 2, never more than the candidates."""
-    return max(1, min(candidates, MAX_CLUSTERS, max(2, round(math.sqrt(budget)))))
+    """k for a request: half the budget (at most ``MAX_CLUSTERS``), at least 2, never more than the candidates."""
+    return max(1, min(candidates, MAX_CLUSTERS, max(2, budget // 2)))
 
 
 def kmeans(vectors: np.ndarray, k: int, seed: int = 0, iterations: int = 30) -> np.ndarray:
@@ -178,6 +183,27 @@ def kmeans(vectors: np.ndarray, k: int, seed: int = 0, iterations: int = 30) -> 
 def _nearest_mean(similarity: np.ndarray, k: int) -> np.ndarray:
     k = max(1, min(k, similarity.shape[1]))
     return -np.partition(-similarity, k - 1, axis=1)[:, :k].mean(axis=1)
+
+
+def _spread(members: pd.DataFrame, vectors: np.ndarray, count: int, seed: int) -> pd.DataFrame:
+    """``count`` texts of a new cluster, one from each of ``count`` parts of it: each part's most typical text.
+
+    The model knows none of a new cluster's texts, so the least sure of them
+    say little; what the update needs is a first example of each intent in
+    it, and the parts of the cluster stand for those intents.
+    """
+    if count <= 0:
+        return members.head(0)
+    parts = kmeans(vectors, min(count, len(members)), seed)
+    typical = np.zeros(len(members))
+    for part in np.unique(parts):
+        inside = parts == part
+        centre = vectors[inside].sum(axis=0)
+        typical[inside] = vectors[inside] @ (centre / max(float(np.linalg.norm(centre)), 1e-12))
+    ranked = members.assign(part=parts, typical=typical).sort_values(["part", "typical", "request_id"],
+                                                                      ascending=[True, False, True], kind="stable")
+    firsts = ranked.groupby("part", sort=True).head(1)
+    return firsts.sort_values(["confidence", "request_id"], kind="stable").drop(columns=["part", "typical"])
 
 
 def allocate(weights: np.ndarray, sizes: np.ndarray, budget: int) -> np.ndarray:
@@ -245,8 +271,11 @@ def choose(rows: pd.DataFrame, vectors: np.ndarray, reference: np.ndarray | None
     frame = rows.assign(cluster=[cluster_of[a] for a in assign], unlike=unlike).reset_index(drop=True)
     picks = []
     for row in table.itertuples():
-        members = frame[frame["cluster"] == row.cluster].sort_values(["confidence", "request_id"], kind="stable")
-        picks.append(members.head(int(row.picked)))
+        members = frame[frame["cluster"] == row.cluster]
+        if row.new:
+            picks.append(_spread(members, vectors[members.index.to_numpy()], int(row.picked), seed))
+        else:
+            picks.append(members.sort_values(["confidence", "request_id"], kind="stable").head(int(row.picked)))
     chosen = pd.concat(picks, ignore_index=True) if picks else frame.head(0)
     return Choice(chosen[REQUEST_COLUMNS].reset_index(drop=True),
                   table[["cluster", "size", "picked", "uncertainty", "similarity", "unlike", "new"]],
@@ -328,7 +357,9 @@ def why_markdown(result: LabelRequest, pool: Candidates, choice: Choice, referen
              "like its nearest reference texts than 95% of the reference's own texts are (a cluster mostly of such "
              "texts is *new*), and that counts too. Clusters are numbered from the one whose texts are worth most "
              "(unsure, far, unlike) and listed in that order, least confident first, so new content is labelled "
-             f"first: {result.unlike_reference} of the {result.requested} texts are unlike the reference.",
+             f"first: {result.unlike_reference} of the {result.requested} texts are unlike the reference. A new "
+             "cluster's share is split into as many parts of it, each giving its most typical text: a first "
+             "example of each intent in it; a familiar cluster gives its least confident texts.",
              "",
              "| cluster | new | candidates | unlike reference | picked | mean confidence | similarity to reference "
              "| first texts |",
