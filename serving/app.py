@@ -292,7 +292,6 @@ class Server:
         log.info("stopped: %d request-log rows written in %d parts", self.request_log.rows_logged,
                  self.request_log.parts_written)
 
-
     def _restore_threads(self) -> None:
         """Torch's and BLAS's thread counts as they were before ``start``; once."""
         if self._threads_before:

@@ -552,11 +552,7 @@ def keep_states(store, model_name: str, adapter_dir: Path, built: CascadeBuild) 
 
     if store is None or built.states is None or not built.state_texts:
         return 0
-    try:
-        return EncoderStates.of(store, model_name, adapter_dir).save(built.state_texts, built.states)
-    except Exception:  # noqa: BLE001
-        log.exception("encoder states of %s not kept", model_name)
-        return 0
+    return EncoderStates.of(store, model_name, adapter_dir).keep(built.state_texts, built.states)
 
 
 def serve_reference(store, model_name: str, version: int, cascade: CascadeModel, answers: Answers | None = None,

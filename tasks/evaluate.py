@@ -174,7 +174,7 @@ def served_probabilities(models: dict[str, object], adapter_dirs: dict[str, Path
                      for set_name, frame in sets.items()}
     if store is not None and model_name:
         for encoder, (seen, states) in computed.items():
-            _save_states(EncoderStates(store, model_name, encoder=encoder), seen, states)
+            EncoderStates(store, model_name, encoder=encoder).keep(seen, states)
     return dict(reversed(list(out.items())))
 
 
@@ -191,13 +191,6 @@ def _load_states(states) -> dict[str, np.ndarray]:
     except Exception:  # noqa: BLE001 - a cache: a miss costs the pass
         log.exception("encoder states %s not read", states.encoder)
         return {}
-
-
-def _save_states(states, texts: list[str], values: np.ndarray) -> None:
-    try:
-        states.save(texts, values)
-    except Exception:  # noqa: BLE001 - a cache: the next evaluation runs the pass instead
-        log.exception("encoder states %s not kept", states.encoder)
 
 
 @contextmanager

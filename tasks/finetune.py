@@ -8,7 +8,6 @@ from the base model.
 
 from __future__ import annotations
 
-import logging
 import math
 import tempfile
 from collections.abc import Sequence
@@ -28,8 +27,6 @@ from refit.data import per_label_sample, stratified_sample, text_hash, text_hash
 from refit.runtime.encoder_states import EncoderStates
 from refit.errors import RefitError
 from refit.policy import StrictModel, load_policy
-
-log = logging.getLogger(__name__)
 
 FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of forward + backward
 
@@ -370,26 +367,13 @@ def train_adapter(frame: pd.DataFrame, recipe: Recipe, rates: Rates, *, labels: 
             stats = modeling.train(model, tokenizer, texts, targets, epochs=recipe.epochs,
                                    learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, seed=seed,
                                    on_step=on_step)
-        if states is not None and stats.computed_states:
-            _keep_states(states, texts, stats.computed_states)
+        if states is not None and stats.computed_states:  # the encoder did not change: the cascade reads them
+            rows = sorted(stats.computed_states)
+            states.keep([texts[i] for i in rows], np.stack([stats.computed_states[i] for i in rows]))
     out = Path(tempfile.mkdtemp(prefix="refit-adapter-"))
     modeling.save_model(model, out)
     return Trained(out, TrainingCost.from_meter(meter, rates, stats.examples_seen, stats.tokens_seen),
                    stats.steps, stats.final_loss, stats.reused_states)
-
-
-def _keep_states(states: EncoderStates, texts: list[str], computed: dict) -> None:
-    """The encoder states a head-only update computed (rows no kept state covered), kept beside the champion's.
-
-    The encoder did not change, so the new version's cascade (its teacher
-    pass over the pool and recent traffic) and later updates read them
-    instead of running those texts' pass again.
-    """
-    rows = sorted(computed)
-    try:
-        states.save([texts[i] for i in rows], np.stack([computed[i] for i in rows]))
-    except Exception:  # noqa: BLE001 - a cache: the next pass over these texts computes them
-        log.exception("encoder states of %d new rows not kept", len(rows))
 
 
 def count_tokens(texts: list[str], tokenizer=None) -> int:

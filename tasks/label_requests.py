@@ -40,7 +40,6 @@ page saying what was picked and why. ``label_usd`` in
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone

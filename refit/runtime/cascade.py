@@ -3,8 +3,9 @@
 In each micro-batch the student scores every text; only the texts whose
 student margin (the gap between its two likeliest labels) is below the
 calibrated threshold go to the champion's forward pass. Every answer says
-which tier gave it (``served_by``). The student is a linear model over TF-IDF word and character n-grams and the
-mean of the champion's own input embeddings over each text's word pieces
+which tier gave it (``served_by``). The student is a linear model over
+TF-IDF word and character n-grams and the mean of the champion's own input
+embeddings over each text's word pieces
 (``WordVectors``), distilled from the champion (``tasks/cascade.py`` builds,
 calibrates and gates it).
 

@@ -144,6 +144,15 @@ class EncoderStates:
         self._prune()
         return len(self._decode(written))
 
+    def keep(self, texts: Sequence[str], states: np.ndarray) -> int:
+        """``save``, for callers to whom this is a cache: a failure is logged, never raised; returns the rows kept
+        (0 when it failed). It costs the next pass over these texts its forward pass, nothing else."""
+        try:
+            return self.save(texts, states)
+        except Exception:  # noqa: BLE001 - a cache
+            log.exception("encoder states %s not kept", self.encoder)
+            return 0
+
     def _merged(self, data: bytes | None, texts: Sequence[str], states: np.ndarray) -> bytes:
         width = states.shape[1] if states.ndim == 2 else 0
         kept = {k: v for k, v in self._decode(data).items() if v.shape == (width,)}

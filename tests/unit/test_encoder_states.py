@@ -296,3 +296,15 @@ def test_a_head_update_keeps_the_states_it_computed_for_its_new_rows(adapter, ro
     np.testing.assert_allclose(out.probabilities, new.probabilities_of(texts), atol=1e-4)
     served = new.probabilities_and_states(texts[160:])[1]
     np.testing.assert_allclose(out.states[160:], served, atol=modeling.STATE_TOLERANCE * float(np.abs(served).max()))
+
+
+def test_keep_is_a_cache_write_a_failure_is_logged_not_raised(tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the store's root should be")
+    states = EncoderStates(LocalStore(blocked), "m", encoder="e")
+    with pytest.raises(Exception):
+        states.save(["a text"], np.zeros((1, 4), np.float32))
+    with caplog.at_level(logging.ERROR):
+        assert states.keep(["a text"], np.zeros((1, 4), np.float32)) == 0
+    assert "encoder states e not kept" in caplog.text
+    assert EncoderStates(LocalStore(tmp_path / "ok"), "m", encoder="e").keep(["a text"], np.ones((1, 4))) == 1
