@@ -100,6 +100,10 @@ class UpdatePolicy(StrictModel):
                                       "when it is their nearest label (sentence embeddings against each "
                                       "label's mean) by at least this much cosine; None: never.")
     pseudo_labels_per_label: int = Field(20, ge=0, description="The most unlabelled texts one new label takes.")
+    young_label_rows: int = Field(
+        0, ge=0, description="A label the champion learned from fewer labelled rows than this is still young: an "
+                             "update with new rows of it trains it as it trains a new label (per-label replay, "
+                             "distillation, the head rung's least steps, pseudo-labels); 0: never.")
     max_label_mix_shift: float | None = Field(
         None, gt=0, le=1, description="Delayed labels whose mix is this far (total variation) from the model's "
                                       "predictions on the same requests are refused whole; None: not checked.")
@@ -176,7 +180,9 @@ class UpdateData:
     ``training``: the new rows left after the fresh holdout, plus replay.
     ``sets``: ``fresh`` (the holdout) and ``golden`` (the regression suite).
     ``labels``: the champion's labels plus ``learned``, the new ones this
-    update teaches (its head grows by them).
+    update teaches (its head grows by them). ``young``: labels the champion
+    knows from a few rows that this update has new rows of; they train as
+    new labels do, without growing the head.
     """
 
     training: TrainingSet
@@ -187,6 +193,12 @@ class UpdateData:
     train_rows: pd.DataFrame | None = None  # the labelled rows left to train on after the holdout
     seed: int = 0
     pseudo_cost: TrainingCost | None = None  # the pass that gave unlabelled texts their labels
+    young: tuple[str, ...] = ()
+
+    @property
+    def teaching(self) -> list[str]:
+        """The labels this update teaches from a few rows: the new ones, then the young ones."""
+        return list(self.learned) + [label for label in self.young if label not in self.learned]
 
     @property
     def fresh(self) -> pd.DataFrame:
@@ -195,11 +207,12 @@ class UpdateData:
     def recipe(self, recipe: Recipe, policy: UpdatePolicy) -> Recipe:
         """The rung as this update runs it: a warm rung that grows the head also distils toward the champion.
 
-        Its head rung also trains at least ``new_label_min_steps`` steps: on a
-        few dozen rows five epochs are a handful of steps, too few to move a
-        new label's row far, and each step costs one cached vector per row.
+        So does one that teaches a young label. Its head rung also trains at
+        least ``new_label_min_steps`` steps: on a few dozen rows five epochs
+        are a handful of steps, too few to move a new label's row far, and
+        each step costs one cached vector per row.
         """
-        if not self.learned or recipe.start != "warm":
+        if not self.teaching or recipe.start != "warm":
             return recipe
         update: dict = {"distill_weight": max(recipe.distill_weight, policy.new_label_distill_weight)}
         if recipe.frozen_layers == modeling.POLICY_DEPTH and policy.new_label_min_steps:
@@ -234,11 +247,27 @@ def prepare_update(new: pd.DataFrame, pool: pd.DataFrame, golden: pd.DataFrame, 
         train_rows = train_rows[~text_keys(train_rows["text"]).isin(set(text_keys(earlier["text"])))]
     sets = {"fresh": fresh, "golden": golden}
     eval_texts = text_hashes(pd.concat([fresh["text"], golden["text"]]))
-    replay_ratio = policy.new_label_replay_ratio if learned else policy.replay_ratio
-    training = assemble(train_rows, pool, eval_texts, replay_ratio, seed, per_label=bool(learned),
+    young = young_labels(train_rows, pool, known_labels, policy.young_label_rows)
+    teaching = bool(learned) or bool(young)
+    replay_ratio = policy.new_label_replay_ratio if teaching else policy.replay_ratio
+    training = assemble(train_rows, pool, eval_texts, replay_ratio, seed, per_label=teaching,
                         min_replay=policy.min_replay_rows)
     return UpdateData(training, sets, eval_texts, list(known_labels) + [l for l in learned if l not in known_labels],
-                      list(learned), train_rows, seed)
+                      list(learned), train_rows, seed, young=young)
+
+
+def young_labels(rows: pd.DataFrame, pool: pd.DataFrame, known_labels: list[str], below: int) -> tuple[str, ...]:
+    """Labels of ``rows`` the champion knows from fewer than ``below`` labelled rows of its ``pool``.
+
+    A known label with no row in the pool (an adopted model's) learned
+    elsewhere, from rows refit never saw: it is not young.
+    """
+    if below <= 0 or rows.empty or pool.empty:
+        return ()
+    counts = pool.drop_duplicates("text")["label"].value_counts()
+    known = set(known_labels)
+    return tuple(label for label in dict.fromkeys(rows["label"])
+                 if label in known and 0 < counts.get(label, 0) < below)
 
 
 def pseudo_labels(champion_dir: Path, labelled: pd.DataFrame, unlabelled: Sequence[str], learned: Sequence[str],
@@ -295,12 +324,12 @@ def add_pseudo_labels(data: UpdateData, pool: pd.DataFrame, champion_dir: Path, 
 
     import torch
 
-    if (policy.pseudo_label_margin is None or not data.learned or data.train_rows is None
+    if (policy.pseudo_label_margin is None or not data.teaching or data.train_rows is None
             or not len(unlabelled)):
         return data
     labelled = data.training.frame[data.training.frame["origin"] != "pseudo"][["text", "label"]]
     with Meter(on_gpu=torch.cuda.is_available()) as meter:
-        found = pseudo_labels(champion_dir, labelled, unlabelled, data.learned, data.eval_texts,
+        found = pseudo_labels(champion_dir, labelled, unlabelled, data.teaching, data.eval_texts,
                               policy.pseudo_label_margin, policy.pseudo_labels_per_label)
     cost = TrainingCost.from_meter(meter, rates, len(labelled) + len(unlabelled), 0)
     if found.empty:

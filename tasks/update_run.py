@@ -160,7 +160,7 @@ def update_run(ctx, start: UpdateStart, labelled: Labelled, learnable: Learnable
             "ladder": " -> ".join(r.name for r in start.policy.ladder), "reason": reason or kind,
             "replay_ratio": start.policy.replay_ratio, "new_rows": training.new_rows,
             "replay_rows": training.replay_rows, "fresh_rows": len(data.fresh), "golden_rows": golden.rows,
-            "golden_version": golden.version, "new_labels": len(data.learned),
+            "golden_version": golden.version, "new_labels": len(data.learned), "young_labels": len(data.young),
             "new_label_rows_waiting": admitted.waiting, "new_label_rows_from_earlier": admitted.from_earlier,
             "duplicates_dropped": training.duplicates_dropped, "leaked_dropped": training.leaked_dropped,
             "train_fingerprint": training.fingerprint})

@@ -173,6 +173,39 @@ def test_the_head_rung_of_an_update_that_grows_the_head_takes_enough_steps():
     assert plain.recipe(head, policy) == head
 
 
+def test_a_label_learned_from_a_handful_of_rows_trains_as_a_new_one(champion):
+    policy, _ = load_update_policy()
+    young = policy.young_label_rows
+    assert young > 1
+    # The champion learned "crypto" from fewer rows than young_label_rows, "balance" and "transfer" from plenty.
+    pool = pd.concat([trickle({}, 40).drop(columns="timestamp").assign(text=lambda f: "old " + f["text"]),
+                      pd.DataFrame({"text": CRYPTO[:young - 1], "label": "crypto"})], ignore_index=True)
+    new = pd.concat([pd.DataFrame({"text": CRYPTO[young - 1:], "label": "crypto"}), trickle({}, 60)],
+                    ignore_index=True)
+    new = new.assign(timestamp=pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(len(new)), unit="min"))
+    golden = trickle({}, 4).assign(text=lambda f: "gold " + f["text"])
+    data = prepare_update(new, pool, golden, KNOWN + ["crypto"], [], policy, "w")
+    assert data.young == ("crypto",) and data.learned == [] and data.teaching == ["crypto"]
+    head = policy.ladder[0]
+    steps = data.recipe(head, policy).epochs * -(-len(data.training.frame) // head.batch_size)
+    assert steps >= policy.new_label_min_steps
+    assert data.recipe(head, policy).distill_weight >= policy.new_label_distill_weight
+    # Its look-alikes in unlabelled traffic are lent its label, as a new label's are; the head does not grow.
+    traffic = ["crypto wallet fees", "buy more ether", "sell half of my bitcoin", "how much money do i have"]
+    lent = add_pseudo_labels(data, pool, champion, traffic, policy.model_copy(update={"pseudo_label_margin": 0.0}),
+                             RATES)
+    assert lent.training.pseudo_rows > 0
+    assert set(lent.training.frame.loc[lent.training.frame["origin"] == "pseudo", "label"]) == {"crypto"}
+    assert lent.labels == KNOWN + ["crypto"]
+    # With as many rows as young_label_rows it is simply known; 0 switches young labels off.
+    grown = pd.concat([pool, pd.DataFrame({"text": ["one more crypto row"], "label": "crypto"})], ignore_index=True)
+    assert prepare_update(new, grown, golden, KNOWN + ["crypto"], [], policy, "w").young == ()
+    # A label the pool has no row of was learned elsewhere (an adopted model's): not young either.
+    assert prepare_update(new, pool[pool["label"] != "crypto"], golden, KNOWN + ["crypto"], [], policy, "w").young == ()
+    off = policy.model_copy(update={"young_label_rows": 0})
+    assert prepare_update(new, pool, golden, KNOWN + ["crypto"], [], off, "w").recipe(head, policy) == head
+
+
 def test_pseudo_rows_count_with_new_rows_and_never_repeat_evaluation_texts():
     new = pd.DataFrame({"text": ["n1", "n2"], "label": ["crypto", "crypto"]})
     pseudo = pd.DataFrame({"text": ["p1", "P1 ", "n1", "fresh text"], "label": ["crypto"] * 4})
