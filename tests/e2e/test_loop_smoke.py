@@ -41,7 +41,8 @@ def test_the_loop_closes_on_the_tiny_scenario(tmp_path, data_dir):
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(result["mlflow_tracking_uri"])
+    # The demo's own registry, whatever registry URI an earlier test in this process left set.
+    client = MlflowClient(result["mlflow_tracking_uri"], registry_uri=result["mlflow_tracking_uri"])
     champion = client.get_model_version_by_alias("intent-classifier", "champion")
     assert int(champion.version) == result["champion_after"]
     assert champion.tags["refit.parent_version"] == str(result["champion_before"])
