@@ -320,6 +320,7 @@ def test_int_list_option():
         _int_list("200,lots", "--sizes")
 
 
+@pytest.mark.e2e  # trains a champion and embeds thousands of texts: the slow tier's, not the default one's
 def test_bench_drift_prints_one_json_object_last(tmp_path, data_dir):
     proc = refit("bench", "drift", "--json", "--pairs", "2", "--sizes", "500", "--families", "within",
                  "--gradual", "10", "--scale", "2000,4000", "--baseline-pairs", "1", timeout=900)
