@@ -85,19 +85,20 @@ class UpdatePolicy(StrictModel):
     golden_max_per_label: int = Field(
         ge=1, description="Cap per label of the golden suite as fresh holdouts join it (oldest dropped first).")
     new_label_replay_ratio: float = Field(
-        ge=0, description="Replay rows per new row in an update that grows the head: the old labels' regions "
+        ge=0, description="Replay rows per new row in an update that teaches new or young labels: old regions "
                           "need more defending when new classes compete for them.")
-    # An update that grows the head also replays every label alike (refit.data.per_label_sample), not in
-    # proportion to the pool: labels learned in earlier shifts have few rows there and were being forgotten.
+    # An update that teaches new or young labels also replays every label alike (refit.data.per_label_sample),
+    # not in proportion to the pool: labels learned in earlier shifts have few rows there and were being forgotten.
     new_label_distill_weight: float = Field(
-        ge=0, le=1, description="In an update that grows the head, the least weight of the champion's own soft "
-                                "outputs on replay rows (warm rungs).")
+        ge=0, le=1, description="In an update that teaches new or young labels, the least weight of the "
+                                "champion's soft outputs on replay rows (warm rungs).")
     new_label_min_steps: int = Field(
-        0, ge=0, description="In an update that grows the head, the head rung (every layer frozen) trains at "
-                             "least this many steps, in more epochs: a few rows are otherwise a few steps.")
+        0, ge=0, description="In an update that teaches new or young labels, the head rung (all layers frozen) "
+                             "trains at least this many steps, in more epochs: a few rows are otherwise a few "
+                             "steps.")
     pseudo_label_margin: float | None = Field(
-        None, ge=0, le=2, description="Unlabelled texts of the update's traffic join training under a new label "
-                                      "when it is their nearest label (sentence embeddings against each "
+        None, ge=0, le=2, description="Unlabelled texts of the update's traffic join training under a new or "
+                                      "young label when it is their nearest label (sentence embeddings against each "
                                       "label's mean) by at least this much cosine; None: never.")
     pseudo_labels_per_label: int = Field(20, ge=0, description="The most unlabelled texts one new label takes.")
     young_label_rows: int = Field(
@@ -205,7 +206,7 @@ class UpdateData:
         return self.sets["fresh"]
 
     def recipe(self, recipe: Recipe, policy: UpdatePolicy) -> Recipe:
-        """The rung as this update runs it: a warm rung that grows the head also distils toward the champion.
+        """The rung as this update runs it: a warm rung that teaches new or young labels also distils.
 
         So does one that teaches a young label. Its head rung also trains at
         least ``new_label_min_steps`` steps: on a few dozen rows five epochs
@@ -312,10 +313,11 @@ def pseudo_labels(champion_dir: Path, labelled: pd.DataFrame, unlabelled: Sequen
 
 def add_pseudo_labels(data: UpdateData, pool: pd.DataFrame, champion_dir: Path, unlabelled: Sequence[str],
                       policy: UpdatePolicy, rates: Rates) -> UpdateData:
-    """``data`` with unlabelled texts of the update's traffic trained under the new labels they clearly are.
+    """``data`` with unlabelled texts of the update's traffic trained under the new or young labels they clearly are.
 
-    Only in an update that grows the head, and only where the policy sets
-    ``pseudo_label_margin``: a new label with a few labelled rows then trains
+    Only in an update that teaches new or young labels
+    (``UpdateData.teaching``), and only where the policy sets
+    ``pseudo_label_margin``: such a label with a few labelled rows then trains
     on the texts nearest to them as well (:func:`pseudo_labels`). The replay
     grows with them. The pass is metered: ``pseudo_cost`` is part of the
     update's cost. Fresh and golden texts are never given a label.
