@@ -101,10 +101,10 @@ def fit_student(texts: Sequence[str], teacher: np.ndarray, labels: Sequence[str]
 
     from refit.distill import fit_soft_logistic, soft_targets
 
-    fitted = tuple(v.fit(list(texts)) for v in vectorizers())
+    fitted = vectorizers()
+    features = hstack([v.fit_transform(list(texts)) for v in fitted], format="csr")  # each text analysed once
     words = WordVectors.of(getattr(champion, "model", None), getattr(champion, "tokenizer", None), WORD_SCALE)
     student = Student(tuple(labels), fitted, np.zeros((len(labels), 0)), np.zeros(len(labels)), words)
-    features = hstack([v.transform(list(texts)) for v in fitted], format="csr")
     taught, weights, biases = fit_soft_logistic(features, soft_targets(teacher, top_k), c,
                                                 dense=student.dense(texts))
     coef = np.zeros((len(labels), weights.shape[1]), dtype=np.float32)
@@ -298,9 +298,10 @@ def measure(champion, cascade: CascadeModel, sets: dict[str, pd.DataFrame], cost
     """Champion alone and the cascade, side by side on one thread (``tasks.evaluate``'s meters).
 
     Cost and latency are measured in turns on the same sample, as served.
-    The cascade answers every judged text as served; the champion's
-    accuracies are those of ``evaluation`` where it judged this champion on
-    these sets (``judged_figures``), else those of its own pass.
+    The cascade answers every judged text as served; where ``evaluation``
+    judged this champion on these sets (``judged_figures``), the champion's
+    accuracies are the evaluation's, and so are its answers to the texts the
+    student escalates (``CascadeModel.answers_given``); else it runs again.
     """
     from refit.processes import available_cpus
     from tasks.evaluate import cpu_seconds_per_1k, latency_ms
@@ -312,7 +313,8 @@ def measure(champion, cascade: CascadeModel, sets: dict[str, pd.DataFrame], cost
     judged = judged_figures(evaluation, champion, adapter_dir, sets, cpu[CHAMPION], latency[CHAMPION][1])
     before = judged or figures(champion, sets, cpu[CHAMPION], latency[CHAMPION][1],
                                served_answers(champion, sets, workers))
-    answers = served_answers(cascade, sets, workers)
+    answers = (served_answers(cascade, sets, workers) if judged is None else  # the champion's answers are known
+               {name: cascade.answers_given(frame["text"].tolist(), evaluation.answers) for name, frame in sets.items()})
     return Measured(before, figures(cascade, sets, cpu["cascade"], latency["cascade"][1], answers), answers,
                     judged is not None)
 

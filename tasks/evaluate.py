@@ -34,7 +34,11 @@ from refit import modeling
 from refit.cost import Meter, Rates
 
 log = logging.getLogger("refit.evaluate")
+# Texts of a cost sample. A cascade's needs its escalated share's own texts (``tier_sample``) and judges a ratio of
+# 0.5; the gate's pair takes turns on the same texts, so which texts were drawn cancels out of the ratio it judges
+# (1.5), and fewer measure it as well.
 COST_SAMPLE_ROWS = 256
+PAIR_COST_SAMPLE_ROWS = 128
 LATENCY_SAMPLE_ROWS = 48
 COST_REPEATS = 3
 LATENCY_REPEATS = 2  # requests per text; its fastest counts
@@ -346,7 +350,7 @@ def score_models(adapter_dirs: dict[str, Path], sets: dict[str, pd.DataFrame], r
     (``served_probabilities``); without them each encoder still runs once.
     """
     models = load_served_models(adapter_dirs)
-    cpu = cpu_seconds_per_1k(models, _sample_texts(sets, COST_SAMPLE_ROWS))
+    cpu = cpu_seconds_per_1k(models, _sample_texts(sets, PAIR_COST_SAMPLE_ROWS))
     latency = latency_ms(models, _sample_texts(sets, LATENCY_SAMPLE_ROWS))
     probabilities = served_probabilities(models, adapter_dirs, sets, store, model_name)
     digests = {set_name: set_digest(frame) for set_name, frame in sets.items()}

@@ -317,6 +317,24 @@ class CascadeModel:
         return labels, confidence, served_by
 
 
+    def answers_given(self, texts: Sequence[str], champion_answers: dict[str, tuple[str, float]]
+                      ) -> tuple[list[str], np.ndarray, list[str]]:
+        """What ``predict_tiers`` answers, where this champion's answer to every text is known already.
+
+        ``champion_answers``: text -> (label, confidence), as this champion
+        answered when served (an evaluation of the same adapter on the same
+        runtime). The student runs; the texts it escalates take the known
+        answer instead of the champion's pass. Meters nothing.
+        """
+        labels, confidence, score = self.student.answer(texts)
+        labels, confidence = list(labels), np.array(confidence, dtype=np.float32)
+        served_by = [STUDENT] * len(texts)
+        for i in np.flatnonzero(score < self.threshold).tolist():
+            labels[i], confidence[i] = champion_answers[texts[i]]
+            served_by[i] = CHAMPION
+        return labels, confidence, served_by
+
+
 def served_by_champion(texts: Sequence[str]) -> list[str]:
     return [CHAMPION] * len(texts)
 

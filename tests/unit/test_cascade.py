@@ -95,19 +95,22 @@ def _evaluation_of(champion, sets, adapter_dir):
     """What ``tasks.evaluate.score_models`` records for ``champion`` on ``sets``: accuracies and what it scored."""
     from tasks.evaluate import Evaluation, SliceMetrics, adapter_digest, set_digest
 
-    slices, groups = {}, {}
+    slices, groups, answers = {}, {}, {}
     for name, frame in sets.items():
-        correct = np.array([p == t for p, t in zip(champion.predict(frame["text"].tolist())[0], frame["label"])])
+        predicted, confidence = champion.predict(frame["text"].tolist())
+        answers |= {text: (label, float(p)) for text, label, p in zip(frame["text"], predicted, confidence)}
+        correct = np.array([p == t for p, t in zip(predicted, frame["label"])])
         slices[name] = SliceMetrics(len(frame), float(correct.mean()), 0.0, 0.0)
         for group, rows in frame.groupby("group").indices.items():
             groups[f"{name}/{group}"] = SliceMetrics(len(rows), float(correct[rows].mean()), 0.0, 0.0)
     return Evaluation(slices, 1.0, 0.0, groups=groups, runtime=champion.runtime,
                       adapter_digest=adapter_digest(adapter_dir),
-                      set_digests={name: set_digest(frame) for name, frame in sets.items()})
+                      set_digests={name: set_digest(frame) for name, frame in sets.items()}, answers=answers)
 
 
 def test_the_champion_side_is_its_evaluation_and_the_cascade_is_judged_as_served(tmp_path):
-    """The judging sets cost the champion only the texts the cascade escalates; its figures are the evaluation's."""
+    """The judging sets cost the champion no pass: its figures, and its answers where the student escalates, are
+    the evaluation's; the cascade's answers are what it answers as served."""
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"the champion's weights")
@@ -129,9 +132,12 @@ def test_the_champion_side_is_its_evaluation_and_the_cascade_is_judged_as_served
     assert built.champion.groups == {g: (m.rows, m.accuracy) for g, m in evaluation.groups.items()}
     labels, _, tiers = built.answers["golden"]
     escalated = [t for t, tier in zip(golden["text"], tiers) if tier == CHAMPION]
-    assert escalated and [t for t in champion.seen if t in judged] == escalated
+    assert escalated and not [t for t in champion.seen if t in judged]
     cascade_alone = CascadeModel(champion, built.cascade.student, built.cascade.threshold)
-    assert built.answers["golden"][0] == cascade_alone.predict_tiers(golden["text"].tolist())[0] == labels
+    served = cascade_alone.predict_tiers(golden["text"].tolist())
+    assert [t for t in champion.seen if t in judged] == escalated  # as served, the escalated texts reach it
+    assert (labels, tiers) == (served[0], served[2])
+    np.testing.assert_allclose(built.answers["golden"][1], served[1], rtol=1e-6)
     measured = build(champion, pool, [], {"golden": golden}, rules, cost_texts=others[:30], latency_texts=others[:3])
     assert not measured.champion_from_evaluation  # no evaluation given: the champion's own pass, the same figures
     assert (measured.champion.accuracy, measured.champion.groups) == (built.champion.accuracy, built.champion.groups)
