@@ -140,7 +140,12 @@ def update(labels: Annotated[Optional[str], typer.Option(
     if gate and (Path(gate).suffix in (".yaml", ".yml") or "/" in gate):
         os.environ["REFIT_GATE_POLICY"] = str(Path(gate).resolve())  # the operator pins a file; runs name policies
         gate = None
-    _prepare(store, model_name)
+    settings = _prepare(store, model_name)
+    if labels and settings.label_sources:
+        # Refused at once, before the flow is loaded; the flow checks again (on a Prefect server, its inbox too).
+        from refit.labels import check_source
+
+        check_source(labels, settings.allowed_label_sources())
     from flows.update import update as flow_fn
 
     result = _run_flow(flow_fn, labels_path=labels, window_start=window_start,
