@@ -20,11 +20,8 @@ COLUMNS = ["text", "label", "split", "group"]
 OOS = "oos"
 
 
-def load_clinc150(directory: Path) -> pd.DataFrame:
-    """CLINC150 as published (``data_full.json`` and ``domains.json``).
-
-    Out-of-scope queries keep the label ``oos`` and form their own group.
-    """
+def clinc150_files(directory: Path) -> tuple[Path, Path]:
+    """CLINC150's data and domain files in ``directory``; a RefitError names what is missing."""
     directory = Path(directory)
     data_file, domain_file = directory / "data_full.json", directory / "domains.json"
     if not directory.is_dir():
@@ -32,6 +29,15 @@ def load_clinc150(directory: Path) -> pd.DataFrame:
     for needed in (data_file, domain_file):
         if not needed.is_file():
             raise RefitError(f"data directory {directory} has no {needed.name}")
+    return data_file, domain_file
+
+
+def load_clinc150(directory: Path) -> pd.DataFrame:
+    """CLINC150 as published (``data_full.json`` and ``domains.json``).
+
+    Out-of-scope queries keep the label ``oos`` and form their own group.
+    """
+    data_file, domain_file = clinc150_files(directory)
     raw = json.loads(data_file.read_text())
     domains = json.loads(domain_file.read_text())
     group_of = {label: domain for domain, labels in domains.items() for label in labels}
@@ -64,11 +70,16 @@ def load_hub_clinc(config: str = "plus") -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read CSV, Parquet, JSON or JSON lines by extension."""
+def existing_file(path: Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise RefitError(f"data file {path} does not exist")
+    return path
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read CSV, Parquet, JSON or JSON lines by extension."""
+    path = existing_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":

@@ -30,17 +30,17 @@ class StrictModel(BaseModel):
 M = TypeVar("M", bound=StrictModel)
 
 
-def resolve(name_or_path: str | Path, directory: Path = POLICY_DIR) -> Path:
-    """A shipped file by name (``gate`` → ``refit/policies/gate.yaml``) or a path."""
+def resolve(name_or_path: str | Path, directory: Path = POLICY_DIR, kind: str = "policy") -> Path:
+    """A shipped file by name (``gate`` → ``refit/policies/gate.yaml``) or a path; errors call it ``kind``."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise RefitError(f"policy file {path} does not exist")
+            raise RefitError(f"{kind} file {path} does not exist")
         return path
     shipped = directory / f"{name_or_path}.yaml"
     if not shipped.is_file():
         known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
-        raise RefitError(f"no policy named {name_or_path!r} in {directory} (known: {known})")
+        raise RefitError(f"no {kind} named {name_or_path!r} in {directory} (known: {known})")
     return shipped
 
 

@@ -130,8 +130,16 @@ class Scenario(StrictModel):
 
 
 def load_scenario(name_or_path: str | Path) -> tuple[Scenario, Path]:
-    path = resolve(name_or_path, SCENARIO_DIR)
+    path = resolve(name_or_path, SCENARIO_DIR, "scenario")
     return load_yaml_model(Scenario, path), path
+
+
+def check_source(source: Source, data_dir: Path) -> None:
+    """Raise the error ``load_source`` would for a data set that is not there, without reading it."""
+    if source.kind == "clinc150":
+        data.clinc150_files(Path(source.path) if source.path else data_dir)
+    elif source.kind == "file" and source.path:
+        data.existing_file(Path(source.path))
 
 
 def load_source(source: Source, data_dir: Path) -> pd.DataFrame:

@@ -16,6 +16,13 @@ from refit.cli.common import JsonOption, ModelNameOption, StoreOption, _emit, _p
 
 
 
+def _check_scenario(scenario: str, settings) -> None:
+    """A scenario that does not load, or whose data is not there, is named at once: before the flow starts."""
+    from refit.scenario import check_source, load_scenario
+
+    check_source(load_scenario(scenario)[0].source, settings.data_dir)
+
+
 @app.command()
 def demo(store: StoreOption = None, scenario: Annotated[Optional[str], typer.Option(help="Scenario name or YAML path.")] = None,
          model_name: ModelNameOption = None, as_json: JsonOption = False) -> None:
@@ -24,6 +31,7 @@ def demo(store: StoreOption = None, scenario: Annotated[Optional[str], typer.Opt
     Example: refit demo --json
     """
     settings = _prepare(store, model_name)
+    _check_scenario(scenario or settings.scenario, settings)
     from flows.demo import demo as demo_flow
 
     result = _run_flow(demo_flow, scenario=scenario)
@@ -48,7 +56,8 @@ def bootstrap(store: StoreOption = None, scenario: Annotated[Optional[str], type
 
     Example: refit bootstrap --scenario clinc-shift
     """
-    _prepare(store, model_name)
+    settings = _prepare(store, model_name)
+    _check_scenario(scenario or settings.scenario, settings)
     from flows.bootstrap import bootstrap as flow_fn
 
     _emit(_run_flow(flow_fn, scenario=scenario), as_json, "Bootstrap")

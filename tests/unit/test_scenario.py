@@ -243,3 +243,24 @@ def test_a_user_csv_with_groups_and_several_shifts_builds(tmp_path, clinc):
         new = set(shift.window.loc[shift.window["group"].isin(shift.groups), "label"])
         assert new and not new & set(d.labels)
     assert all(len(s.window) == 300 and len(s.external) > 0 for s in d.shifts)
+
+
+def test_a_missing_scenario_or_data_set_is_named_before_anything_is_read(tmp_path, data_dir):
+    """What the demo and bootstrap commands check before their flow starts: the loader's own errors, early."""
+    with pytest.raises(RefitError, match="no scenario named 'nope'"):
+        scenario.load_scenario("nope")
+    with pytest.raises(RefitError, match="scenario file .* does not exist"):
+        scenario.load_scenario(tmp_path / "nope.yaml")
+    spec, _ = scenario.load_scenario("clinc-shift-small")
+    scenario.check_source(spec.source, data_dir)  # there: nothing raised
+    with pytest.raises(RefitError, match=f"data directory {tmp_path / 'nowhere'} does not exist"):
+        scenario.check_source(spec.source, tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "data_full.json").write_text("{}")
+    with pytest.raises(RefitError, match="has no domains.json"):
+        scenario.check_source(spec.source, tmp_path / "half")
+    table = scenario.Source(kind="file", path=str(tmp_path / "intents.csv"))
+    with pytest.raises(RefitError, match="intents.csv does not exist"):
+        scenario.check_source(table, data_dir)
+    pd.DataFrame({"text": ["hi"], "label": ["greet"]}).to_csv(tmp_path / "intents.csv", index=False)
+    scenario.check_source(table, data_dir)
