@@ -71,6 +71,7 @@ def load_hub_clinc(config: str = "plus") -> pd.DataFrame:
 
 
 def existing_file(path: Path) -> Path:
+    """``path``, if it is a file; a RefitError naming it if not."""
     path = Path(path)
     if not path.is_file():
         raise RefitError(f"data file {path} does not exist")

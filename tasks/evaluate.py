@@ -34,9 +34,9 @@ from refit import modeling
 from refit.cost import Meter, Rates
 
 log = logging.getLogger("refit.evaluate")
-# Texts of a cost sample. A cascade's needs its escalated share's own texts (``tier_sample``) and judges a ratio of
-# 0.5; the gate's pair takes turns on the same texts, so which texts were drawn cancels out of the ratio it judges
-# (1.5), and fewer measure it as well.
+# Texts of a cost sample. A cascade's judges a ratio of 0.5 and needs each tier's texts in proportion
+# (``tier_sample``). The gate's pair judges a ratio of 1.5, and its two models take turns on the same texts, so
+# which texts were drawn cancels out of that ratio; it takes half as many.
 COST_SAMPLE_ROWS = 256
 PAIR_COST_SAMPLE_ROWS = 128
 LATENCY_SAMPLE_ROWS = 48

@@ -316,7 +316,6 @@ class CascadeModel:
             self.guard.observe(len(texts), len(texts) - len(escalated))
         return labels, confidence, served_by
 
-
     def answers_given(self, texts: Sequence[str], champion_answers: dict[str, tuple[str, float]]
                       ) -> tuple[list[str], np.ndarray, list[str]]:
         """What ``predict_tiers`` answers, where this champion's answer to every text is known already.
