@@ -150,8 +150,7 @@ def update(labels: Annotated[Optional[str], typer.Option(
         os.environ["REFIT_GATE_POLICY"] = str(Path(gate).resolve())  # the operator pins a file; runs name policies
         gate = None
     settings = _prepare(store, model_name)
-    if labels and settings.label_sources:
-        # Refused at once, before the flow is loaded; the flow checks again (on a Prefect server, its inbox too).
+    if labels:  # refused at once where REFIT_LABEL_SOURCES rules it out; the flow checks again (a server's inbox too)
         from refit.labels import check_source
 
         check_source(labels, settings.allowed_label_sources())

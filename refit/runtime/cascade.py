@@ -301,15 +301,10 @@ class CascadeModel:
             self.stats.record(len(texts), 0, 0.0, time.process_time() - start)
             return list(labels), confidence, served_by_champion(texts)
         start = time.process_time()
-        labels, confidence, score = self.student.answer(texts)
-        labels, confidence = list(labels), np.asarray(confidence, dtype=np.float32)
-        escalated = np.flatnonzero(score < self.threshold).tolist()
+        labels, confidence, escalated = self._student_first(texts)
         student_cpu = time.process_time() - start
-        served_by = [STUDENT] * len(texts)
-        if escalated:
-            champion_labels, champion_conf = self.champion.predict([texts[i] for i in escalated], **more)
-            for row, i in enumerate(escalated):
-                labels[i], confidence[i], served_by[i] = champion_labels[row], champion_conf[row], CHAMPION
+        champion = self.champion.predict([texts[i] for i in escalated], **more) if escalated else ([], [])
+        served_by = _escalated_to(labels, confidence, escalated, *champion)
         self.stats.record(len(texts), len(texts) - len(escalated), student_cpu,
                           time.process_time() - start - student_cpu)
         if self.guard is not None:
@@ -325,13 +320,24 @@ class CascadeModel:
         runtime). The student runs; the texts it escalates take the known
         answer instead of the champion's pass. Meters nothing.
         """
-        labels, confidence, score = self.student.answer(texts)
-        labels, confidence = list(labels), np.array(confidence, dtype=np.float32)
-        served_by = [STUDENT] * len(texts)
-        for i in np.flatnonzero(score < self.threshold).tolist():
-            labels[i], confidence[i] = champion_answers[texts[i]]
-            served_by[i] = CHAMPION
+        labels, confidence, escalated = self._student_first(texts)
+        known = [champion_answers[texts[i]] for i in escalated]
+        served_by = _escalated_to(labels, confidence, escalated, [k[0] for k in known], [k[1] for k in known])
         return labels, confidence, served_by
+
+    def _student_first(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, list[int]]:
+        """The student's label and confidence for each text, and the positions it leaves to the champion."""
+        labels, confidence, score = self.student.answer(texts)
+        return list(labels), np.array(confidence, dtype=np.float32), np.flatnonzero(score < self.threshold).tolist()
+
+
+def _escalated_to(labels: list[str], confidence: np.ndarray, escalated: list[int], champion_labels: Sequence[str],
+                  champion_confidence: Sequence[float]) -> list[str]:
+    """Put the champion's answers (in ``escalated`` order) in place of the student's; returns each text's tier."""
+    served_by = [STUDENT] * len(labels)
+    for row, i in enumerate(escalated):
+        labels[i], confidence[i], served_by[i] = champion_labels[row], champion_confidence[row], CHAMPION
+    return served_by
 
 
 def served_by_champion(texts: Sequence[str]) -> list[str]:
